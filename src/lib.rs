@@ -1,0 +1,10 @@
+//! insights-enricher: waits, durably through Kafka, for FinBox DeviceConnect
+//! insights and Credeau SMS extraction per onboarded user, and publishes them
+//! as events for decision engines.
+
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod providers;
+pub mod salt;
+pub mod simulator;

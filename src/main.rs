@@ -1,0 +1,125 @@
+//! The `insights-enricher` command line: the service, the provider
+//! simulator, and operator tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use insights_enricher::config::Settings;
+use insights_enricher::{logging, salt, simulator};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "insights-enricher", version, about)]
+struct Cli {
+    /// TOML configuration file, applied over the built-in defaults
+    /// (see config/default.toml); INSIGHTS__SECTION__KEY variables win over it.
+    #[arg(long, global = true, env = "INSIGHTS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: consume onboarded users, poll the providers, publish insights.
+    Run,
+    /// Run the provider simulator (FinBox and Credeau on one local HTTP server).
+    Simulate(simulator::SimulateArgs),
+    /// Print the FinBox salt for a customer id (and nothing else).
+    Salt {
+        #[arg(long)]
+        customer_id: String,
+        /// The SERVER_HASH FinBox shared at integration.
+        #[arg(long, env = "FINBOX_SERVER_HASH", hide_env_values = true)]
+        server_hash: String,
+    },
+    /// Load and validate the configuration; print it with secrets redacted.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Salt {
+            customer_id,
+            server_hash,
+        } => {
+            println!("{}", salt::finbox_salt(&customer_id, &server_hash));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
+            Ok(settings) => {
+                print!("{}", settings.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Simulate(args) => {
+            logging::init(insights_enricher::config::LogFormat::Text, "info");
+            block_on(async move {
+                let shutdown = shutdown_on_signal();
+                simulator::run(args, shutdown).await
+            })
+        }
+        Command::Run => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init(settings.log.format, &settings.log.level);
+            eprintln!("error: the pipeline is not built yet");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,265 @@
+//! Prometheus metrics: one registry per process, every metric the service
+//! exports, named after Prometheus conventions (base units, `_total` for
+//! counters, bounded label values only: never a user id).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All metrics of one process. Cheap to clone handles out of; share it in an
+/// `Arc`.
+pub struct Metrics {
+    pub registry: Registry,
+    // providers
+    pub provider_requests: IntCounterVec,
+    pub provider_request_duration: HistogramVec,
+    pub provider_retries: IntCounterVec,
+    pub rate_limiter_wait: HistogramVec,
+    pub provider_healthy: IntGaugeVec,
+    // pipeline
+    pub events_consumed: IntCounterVec,
+    pub tasks_scheduled: IntCounterVec,
+    pub tasks_due: IntCounterVec,
+    pub tasks_forwarded: IntCounterVec,
+    pub poll_lateness: Histogram,
+    pub users_waiting: IntGauge,
+    pub published: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub transactions: IntCounterVec,
+    pub batch_size: Histogram,
+    pub onboarding_to_combined: Histogram,
+    pub assigned_partitions: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub loop_iterations: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("static metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("static metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    // The `expect`s above only fire on a malformed static definition or a
+    // duplicate registration, both programming errors caught by any test
+    // that builds a `Metrics`.
+    pub fn new() -> Metrics {
+        let registry =
+            Registry::new_custom(Some("insights".into()), None).expect("static registry prefix");
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = registry.register(Box::new(pc));
+        }
+        let latency = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let m = Metrics {
+            provider_requests: counter_vec(
+                &registry,
+                "provider_requests_total",
+                "HTTP requests to a provider, by outcome and HTTP status (\"none\" when no response).",
+                &["provider", "outcome", "http_status"],
+            ),
+            provider_request_duration: histogram_vec(
+                &registry,
+                "provider_request_duration_seconds",
+                "Latency of one HTTP request to a provider.",
+                &["provider"],
+                latency.clone(),
+            ),
+            provider_retries: counter_vec(
+                &registry,
+                "provider_retries_total",
+                "In-process retries of a provider call, by reason.",
+                &["provider", "reason"],
+            ),
+            rate_limiter_wait: histogram_vec(
+                &registry,
+                "rate_limiter_wait_seconds",
+                "Time a request waited for the client-side rate limiter.",
+                &["provider"],
+                vec![0.0, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+            ),
+            provider_healthy: gauge_vec(
+                &registry,
+                "provider_healthy",
+                "0 after the provider rejected our credentials or IP (401/403), 1 otherwise.",
+                &["provider"],
+            ),
+            events_consumed: counter_vec(
+                &registry,
+                "events_consumed_total",
+                "Records consumed, by topic kind (input, delay) and result.",
+                &["topic", "result"],
+            ),
+            tasks_scheduled: counter_vec(
+                &registry,
+                "tasks_scheduled_total",
+                "Task records written to a delay tier.",
+                &["tier"],
+            ),
+            tasks_due: counter_vec(
+                &registry,
+                "tasks_due_total",
+                "Task records read back from a delay tier at or after their due time.",
+                &["tier"],
+            ),
+            tasks_forwarded: counter_vec(
+                &registry,
+                "tasks_forwarded_total",
+                "Task records read back before their due time and sent on to a shorter tier.",
+                &["tier"],
+            ),
+            poll_lateness: histogram(
+                &registry,
+                "poll_lateness_seconds",
+                "How long after its due time a task was processed.",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0],
+            ),
+            users_waiting: IntGauge::new(
+                "users_waiting",
+                "Users with a task record scheduled by this process and not yet final (approximate: counts tasks written minus tasks finished since start).",
+            )
+            .expect("static metric definition"),
+            published: counter_vec(
+                &registry,
+                "published_total",
+                "Records published (committed in a transaction), by topic kind.",
+                &["topic"],
+            ),
+            dead_letters: counter_vec(
+                &registry,
+                "dead_letters_total",
+                "Records sent to the dead-letter topic, by stage and reason.",
+                &["stage", "reason"],
+            ),
+            transactions: counter_vec(
+                &registry,
+                "transactions_total",
+                "Kafka transactions, by result (committed, aborted).",
+                &["result"],
+            ),
+            batch_size: histogram(
+                &registry,
+                "batch_records",
+                "Records consumed per transaction.",
+                vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+            ),
+            onboarding_to_combined: histogram(
+                &registry,
+                "onboarding_to_combined_seconds",
+                "Time from the onboarding timestamp to the combined insights event.",
+                vec![
+                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0,
+                    21600.0, 86400.0,
+                ],
+            ),
+            assigned_partitions: IntGauge::new(
+                "assigned_partitions",
+                "Partitions of the input topic assigned to this process.",
+            )
+            .expect("static metric definition"),
+            consumer_lag: gauge_vec(
+                &registry,
+                "consumer_lag_records",
+                "Consumer lag per topic and partition, from librdkafka statistics.",
+                &["topic", "partition"],
+            ),
+            loop_iterations: IntCounter::new(
+                "consume_loop_iterations_total",
+                "Iterations of the consume loop (liveness follows this).",
+            )
+            .expect("static metric definition"),
+            build_info: gauge_vec(
+                &registry,
+                "build_info",
+                "Build information; the value is always 1.",
+                &["version"],
+            ),
+            registry,
+        };
+        for g in [
+            Box::new(m.users_waiting.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.assigned_partitions.clone()),
+            Box::new(m.loop_iterations.clone()),
+        ] {
+            m.registry.register(g).expect("metric registered once");
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for p in ["finbox", "credeau"] {
+            m.provider_healthy.with_label_values(&[p]).set(1);
+        }
+        m
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_metrics() {
+        let m = Metrics::new();
+        m.provider_requests
+            .with_label_values(&["finbox", "complete", "200"])
+            .inc();
+        let text = m.render();
+        assert!(text.contains("insights_provider_requests_total{http_status=\"200\",outcome=\"complete\",provider=\"finbox\"} 1"), "{text}");
+        assert!(text.contains("insights_build_info"));
+    }
+}

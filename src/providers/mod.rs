@@ -1,0 +1,190 @@
+//! The two provider APIs as the rest of the service sees them: typed answers,
+//! typed errors, and the traits the pipeline calls. The HTTP clients live in
+//! the submodules; every response maps to exactly one variant here.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Which provider a poll, an error or a metric is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Finbox,
+    Credeau,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 2] = [Provider::Finbox, Provider::Credeau];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Finbox => "finbox",
+            Provider::Credeau => "credeau",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One FinBox predictor. The set depends on version and contract, so it is
+/// kept open: any name, any JSON value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Predictor {
+    pub name: String,
+    pub value: serde_json::Value,
+}
+
+/// A completed FinBox featurization.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FinboxInsights {
+    pub request_id: Option<String>,
+    /// Raw provider timestamps (`YYYY-MM-DDThh:mm:ss:mil`), kept verbatim.
+    pub date_requested: Option<String>,
+    pub date_processed: Option<String>,
+    pub predictors: Vec<Predictor>,
+}
+
+/// What a FinBox call answered, once it answered something meaningful.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FinboxAnswer {
+    /// 202 `in_progress`; the message may suggest a wait ("try again in 10 Seconds").
+    InProgress { suggested_wait: Option<Duration> },
+    /// 200 `complete`.
+    Complete(FinboxInsights),
+    /// 200 `no_data`: processing finished, the device gave nothing.
+    NoData { request_id: Option<String> },
+    /// 200 `not_found`: the SDK may not have synced yet.
+    NotFound,
+}
+
+/// Credeau's extracted SMS. Each entry is kept whole (unknown fields too).
+/// Holds SMS bodies: never log it, never put it in an error.
+#[derive(Clone, PartialEq, Default)]
+pub struct SmsExtraction {
+    pub entries: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl std::fmt::Debug for SmsExtraction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SmsExtraction {{ {} entries }}", self.entries.len())
+    }
+}
+
+/// What a Credeau call answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredeauAnswer {
+    /// 200 with a non-empty `extracted_sms_data`.
+    Data(SmsExtraction),
+    /// 200 with an empty array: not synced yet (or the sync failed).
+    Empty,
+}
+
+/// Why a call failed. The split between retryable and not follows
+/// `providers.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderErrorKind {
+    /// 400 (FinBox "Missing Key ...").
+    BadRequest,
+    /// 401 (Credeau wrong credentials).
+    Unauthorized,
+    /// 403 (wrong key, IP not whitelisted, wrong path).
+    Forbidden,
+    /// 422 (Credeau FastAPI validation `detail`).
+    Unprocessable,
+    /// Any other 4xx that is not retryable (404, 405, 413, ...).
+    UnexpectedStatus,
+    /// 429.
+    RateLimited,
+    /// 5xx.
+    ServerError,
+    /// The request or response did not complete in time.
+    Timeout,
+    /// Connection refused, reset, dropped mid-response, TLS failure.
+    Connection,
+    /// A body that is not what the document says (not JSON, truncated,
+    /// wrong shape, unknown status).
+    InvalidBody,
+    /// The response exceeded the configured size cap.
+    TooLarge,
+}
+
+impl ProviderErrorKind {
+    /// Whether waiting and asking again can help.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ProviderErrorKind::RateLimited
+                | ProviderErrorKind::ServerError
+                | ProviderErrorKind::Timeout
+                | ProviderErrorKind::Connection
+                | ProviderErrorKind::InvalidBody
+        )
+    }
+
+    /// Answers that mean our own credentials or network setup are wrong:
+    /// they are counted and alerted on, since every user will fail alike.
+    pub fn is_credential_problem(self) -> bool {
+        matches!(
+            self,
+            ProviderErrorKind::Unauthorized | ProviderErrorKind::Forbidden
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderErrorKind::BadRequest => "bad_request",
+            ProviderErrorKind::Unauthorized => "unauthorized",
+            ProviderErrorKind::Forbidden => "forbidden",
+            ProviderErrorKind::Unprocessable => "unprocessable",
+            ProviderErrorKind::UnexpectedStatus => "unexpected_status",
+            ProviderErrorKind::RateLimited => "rate_limited",
+            ProviderErrorKind::ServerError => "server_error",
+            ProviderErrorKind::Timeout => "timeout",
+            ProviderErrorKind::Connection => "connection",
+            ProviderErrorKind::InvalidBody => "invalid_body",
+            ProviderErrorKind::TooLarge => "too_large",
+        }
+    }
+}
+
+/// A failed call, after the in-process retries the provider documents.
+/// `message` is safe to log: it never holds secrets, salts or SMS bodies.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{provider} {kind}{status}: {message}", kind = kind.as_str(), status = http_status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+pub struct ProviderError {
+    pub provider: Provider,
+    pub kind: ProviderErrorKind,
+    pub http_status: Option<u16>,
+    pub message: String,
+    /// The provider's own request id, when it sent one (support tickets).
+    pub provider_request_id: Option<String>,
+    /// A `Retry-After` the provider sent with its last answer.
+    pub retry_after: Option<Duration>,
+    /// How many HTTP requests this call made (1 + in-process retries).
+    pub attempts: u32,
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+}
+
+/// The FinBox Insights API, as the pipeline calls it.
+#[async_trait]
+pub trait FinboxApi: Send + Sync {
+    async fn fetch_predictors(&self, customer_id: &str) -> Result<FinboxAnswer, ProviderError>;
+}
+
+/// The Credeau SMS extraction API, as the pipeline calls it.
+#[async_trait]
+pub trait CredeauApi: Send + Sync {
+    async fn fetch_sms(&self, user_id: &str) -> Result<CredeauAnswer, ProviderError>;
+}
