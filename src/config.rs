@@ -472,12 +472,14 @@ impl Settings {
         if k.security_protocol.uses_sasl() {
             match k.sasl_mechanism.as_str() {
                 "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
-                other => return Err(ConfigError::invalid(
-                    "kafka.sasl_mechanism",
-                    format!(
+                other => {
+                    return Err(ConfigError::invalid(
+                        "kafka.sasl_mechanism",
+                        format!(
                         "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL, got {other:?}"
                     ),
-                )),
+                    ))
+                }
             }
             non_empty("kafka.sasl_username", &k.sasl_username)?;
             if !k.sasl_password.is_set() {
@@ -876,7 +878,7 @@ mod tests {
     fn defaults_with_required_secrets_load() {
         let s = Settings::load_from(None, base_env()).unwrap();
         assert_eq!(s.finbox.poll_interval, Duration::from_secs(10));
-        assert_eq!(s.schedule.delay_tiers.len(), 5);
+        assert_eq!(s.schedule.delay_tiers.len(), 9);
         assert_eq!(s.finbox.api_key.expose(), "fb-key");
         assert_eq!(
             s.finbox.endpoint(),

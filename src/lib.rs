@@ -3,8 +3,10 @@
 //! as events for decision engines.
 
 pub mod config;
+pub mod core;
 pub mod logging;
 pub mod metrics;
 pub mod providers;
 pub mod salt;
 pub mod simulator;
+pub mod task;

@@ -1,0 +1,235 @@
+//! The pure decision core: from (task, what a provider just answered, now,
+//! policy) to what happens next. No I/O, no clocks: the Kafka loop feeds it
+//! and carries out its decisions, and property tests cover its state space.
+
+pub mod tiers;
+
+use crate::config::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
+use crate::providers::{
+    CredeauAnswer, FinboxAnswer, FinboxInsights, Provider, ProviderError, SmsExtraction,
+};
+use crate::task::{
+    Done, LastError, Millis, OnboardedUser, Outcome, ProviderTrack, SourceRef, Task, TASK_VERSION,
+};
+
+/// The polling policies of both providers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policies {
+    pub finbox: PollPolicy,
+    pub credeau: PollPolicy,
+}
+
+impl Policies {
+    pub fn get(&self, p: Provider) -> &PollPolicy {
+        match p {
+            Provider::Finbox => &self.finbox,
+            Provider::Credeau => &self.credeau,
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The smallest spacing allowed between two polls of a provider.
+fn min_interval_ms(p: Provider, policy: &PollPolicy) -> i64 {
+    let floor = match p {
+        Provider::Finbox => ms(FINBOX_MIN_POLL_INTERVAL),
+        Provider::Credeau => 1_000,
+    };
+    ms(policy.poll_interval).max(floor)
+}
+
+/// A new task for an onboarded user read from the input topic.
+pub fn start(user: OnboardedUser, origin: SourceRef, now: Millis, policies: &Policies) -> Task {
+    let track = |p: Provider| {
+        let policy = policies.get(p);
+        ProviderTrack::pending(
+            user.onboarded_at.saturating_add(ms(policy.initial_delay)),
+            min_interval_ms(p, policy),
+        )
+    };
+    let mut task = Task {
+        v: TASK_VERSION,
+        finbox: track(Provider::Finbox),
+        credeau: track(Provider::Credeau),
+        user,
+        origin,
+        created_at: now,
+        due_at: now,
+        replay_of: None,
+    };
+    task.refresh_due();
+    task
+}
+
+/// What one provider answered during one poll.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Finbox(Result<FinboxAnswer, ProviderError>),
+    Credeau(Result<CredeauAnswer, ProviderError>),
+}
+
+impl Answer {
+    pub fn provider(&self) -> Provider {
+        match self {
+            Answer::Finbox(_) => Provider::Finbox,
+            Answer::Credeau(_) => Provider::Credeau,
+        }
+    }
+}
+
+/// Why a provider ended as `failed` and must be dead-lettered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderFailure {
+    pub provider: Provider,
+    pub error: ProviderError,
+    /// True when the deadline passed while the provider kept failing
+    /// (exhausted retries), false for an answer that is never retryable.
+    pub exhausted: bool,
+}
+
+/// The effects of applying one answer.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub finbox_insights: Option<FinboxInsights>,
+    pub sms: Option<SmsExtraction>,
+    pub failure: Option<ProviderFailure>,
+}
+
+/// Applies one provider's answer to the task at `now`. Terminal providers
+/// are never changed (an answer for one is ignored).
+pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) -> Effects {
+    let provider = answer.provider();
+    let policy = policies.get(provider).clone();
+    let deadline_at = task.user.onboarded_at.saturating_add(ms(policy.deadline));
+    let mut effects = Effects::default();
+    let track = task.track_mut(provider);
+    if track.is_done() {
+        return effects;
+    }
+    track.polls = track.polls.saturating_add(1);
+    track.first_poll_at.get_or_insert(now);
+
+    let finish = |track: &mut ProviderTrack, outcome: Outcome, items: Option<u32>| {
+        track.done = Some(Done {
+            outcome,
+            at: now,
+            items,
+        });
+    };
+
+    match answer {
+        Answer::Finbox(Ok(FinboxAnswer::Complete(insights))) => {
+            track.last_error = None;
+            let n = u32::try_from(insights.predictors.len()).unwrap_or(u32::MAX);
+            finish(track, Outcome::Complete, Some(n));
+            effects.finbox_insights = Some(insights);
+        }
+        Answer::Finbox(Ok(FinboxAnswer::NoData { .. })) => {
+            track.last_error = None;
+            finish(track, Outcome::NoData, Some(0));
+        }
+        Answer::Finbox(Ok(FinboxAnswer::NotFound)) => {
+            track.last_error = None;
+            let since = *track.not_found_since.get_or_insert(now);
+            let grace = policy.not_found_grace.map(ms).unwrap_or(0);
+            if now.saturating_sub(since) >= grace {
+                finish(track, Outcome::NotFound, None);
+            } else {
+                schedule(provider, track, &policy, now, 0, deadline_at);
+            }
+        }
+        Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait })) => {
+            track.last_error = None;
+            track.not_found_since = None;
+            let hint = suggested_wait.map(ms).unwrap_or(0);
+            schedule(provider, track, &policy, now, hint, deadline_at);
+        }
+        Answer::Credeau(Ok(CredeauAnswer::Data(sms))) => {
+            track.last_error = None;
+            let n = u32::try_from(sms.entries.len()).unwrap_or(u32::MAX);
+            finish(track, Outcome::Complete, Some(n));
+            effects.sms = Some(sms);
+        }
+        Answer::Credeau(Ok(CredeauAnswer::Empty)) => {
+            track.last_error = None;
+            schedule(provider, track, &policy, now, 0, deadline_at);
+        }
+        Answer::Finbox(Err(error)) | Answer::Credeau(Err(error)) => {
+            track.last_error = Some(LastError {
+                kind: error.kind,
+                http_status: error.http_status,
+                message: error.message.clone(),
+                provider_request_id: error.provider_request_id.clone(),
+            });
+            if error.is_retryable() {
+                let hint = error.retry_after.map(ms).unwrap_or(0);
+                schedule(provider, track, &policy, now, hint, deadline_at);
+                if track.outcome() == Some(Outcome::Failed) {
+                    effects.failure = Some(ProviderFailure {
+                        provider,
+                        error,
+                        exhausted: true,
+                    });
+                }
+            } else {
+                finish(track, Outcome::Failed, None);
+                effects.failure = Some(ProviderFailure {
+                    provider,
+                    error,
+                    exhausted: false,
+                });
+            }
+        }
+    }
+    task.refresh_due();
+    effects
+}
+
+/// Schedules the next poll no sooner than the current spacing (and `hint`),
+/// grows the spacing, and ends the provider when the deadline has passed:
+/// `failed` if it was still failing, `not_found` if FinBox still did not
+/// know the user, `timed_out` otherwise. The last poll happens at the
+/// deadline itself.
+fn schedule(
+    provider: Provider,
+    track: &mut ProviderTrack,
+    policy: &PollPolicy,
+    now: Millis,
+    hint_ms: i64,
+    deadline_at: Millis,
+) {
+    if now >= deadline_at {
+        let outcome = if track.last_error.is_some() {
+            Outcome::Failed
+        } else if track.not_found_since.is_some() {
+            Outcome::NotFound
+        } else {
+            Outcome::TimedOut
+        };
+        track.done = Some(Done {
+            outcome,
+            at: now,
+            items: None,
+        });
+        return;
+    }
+    let floor = min_interval_ms(provider, policy);
+    let interval = track.interval_ms.max(floor);
+    let wait = interval.max(hint_ms.min(ms(policy.max_poll_interval).max(floor)));
+    // Never poll before the floor, but do make a last poll at the deadline
+    // rather than giving up early.
+    let next = now.saturating_add(wait);
+    track.next_poll_at = if next > deadline_at {
+        deadline_at.max(now.saturating_add(floor))
+    } else {
+        next
+    };
+    let grown = (interval as f64 * policy.backoff_multiplier).round() as i64;
+    track.interval_ms = grown.clamp(floor, ms(policy.max_poll_interval).max(floor));
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+//! Unit and property tests of the decision core.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::providers::{Predictor, ProviderErrorKind};
+
+fn policies() -> Policies {
+    Policies {
+        finbox: PollPolicy {
+            initial_delay: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(120),
+            backoff_multiplier: 1.5,
+            deadline: Duration::from_secs(6 * 3600),
+            not_found_grace: Some(Duration::from_secs(1800)),
+        },
+        credeau: PollPolicy {
+            initial_delay: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(15),
+            max_poll_interval: Duration::from_secs(300),
+            backoff_multiplier: 2.0,
+            deadline: Duration::from_secs(6 * 3600),
+            not_found_grace: None,
+        },
+    }
+}
+
+fn user() -> OnboardedUser {
+    OnboardedUser {
+        event_id: "e".into(),
+        user_id: "u".into(),
+        finbox_customer_id: "u".into(),
+        credeau_user_id: "u".into(),
+        onboarded_at: 1_000_000,
+    }
+}
+
+fn origin() -> SourceRef {
+    SourceRef {
+        topic: "in".into(),
+        partition: 0,
+        offset: 0,
+    }
+}
+
+fn err(kind: ProviderErrorKind, status: Option<u16>) -> ProviderError {
+    ProviderError {
+        provider: Provider::Finbox,
+        kind,
+        http_status: status,
+        message: "m".into(),
+        provider_request_id: None,
+        retry_after: None,
+        attempts: 3,
+    }
+}
+
+#[test]
+fn first_polls_are_due_after_the_initial_delay() {
+    let t = start(user(), origin(), 1_000_500, &policies());
+    assert_eq!(t.finbox.next_poll_at, 1_030_000);
+    assert_eq!(t.credeau.next_poll_at, 1_030_000);
+    assert_eq!(t.due_at, 1_030_000);
+}
+
+#[test]
+fn finbox_complete_is_terminal_and_published() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let insights = FinboxInsights {
+        predictors: vec![Predictor {
+            name: "a".into(),
+            value: 1.into(),
+        }],
+        ..Default::default()
+    };
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::Complete(insights.clone()))),
+        1_030_000,
+        &p,
+    );
+    assert_eq!(fx.finbox_insights, Some(insights));
+    assert_eq!(t.finbox.outcome(), Some(Outcome::Complete));
+    assert_eq!(t.due_at, t.credeau.next_poll_at);
+}
+
+#[test]
+fn not_found_is_retried_until_the_grace_period_ends() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let mut now = 1_030_000;
+    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    assert!(!t.finbox.is_done());
+    now += 1_800_000 - 1;
+    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    assert!(!t.finbox.is_done());
+    now += 1;
+    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    assert_eq!(t.finbox.outcome(), Some(Outcome::NotFound));
+}
+
+#[test]
+fn in_progress_resets_the_not_found_streak() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+        1_030_000,
+        &p,
+    );
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::InProgress {
+            suggested_wait: None,
+        })),
+        1_040_000,
+        &p,
+    );
+    assert_eq!(t.finbox.not_found_since, None);
+}
+
+#[test]
+fn non_retryable_error_fails_the_provider_and_asks_for_a_dead_letter() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::Forbidden, Some(403)))),
+        1_030_000,
+        &p,
+    );
+    let f = fx.failure.expect("dead letter requested");
+    assert!(!f.exhausted);
+    assert_eq!(t.finbox.outcome(), Some(Outcome::Failed));
+}
+
+#[test]
+fn retryable_errors_past_the_deadline_fail_as_exhausted() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let deadline = 1_000_000 + 6 * 3_600_000;
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::ServerError, Some(503)))),
+        deadline - 5_000,
+        &p,
+    );
+    assert!(fx.failure.is_none());
+    assert_eq!(t.finbox.next_poll_at, deadline + 5_000);
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::ServerError, Some(503)))),
+        deadline + 5_000,
+        &p,
+    );
+    assert!(fx.failure.expect("exhausted").exhausted);
+    assert_eq!(t.finbox.outcome(), Some(Outcome::Failed));
+}
+
+#[test]
+fn credeau_empty_until_the_deadline_times_out_without_a_dead_letter() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let deadline = 1_000_000 + 6 * 3_600_000;
+    let fx = apply(
+        &mut t,
+        Answer::Credeau(Ok(CredeauAnswer::Empty)),
+        deadline,
+        &p,
+    );
+    assert!(fx.failure.is_none());
+    assert_eq!(t.credeau.outcome(), Some(Outcome::TimedOut));
+}
+
+#[test]
+fn retry_after_longer_than_the_spacing_is_honoured() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let mut e = err(ProviderErrorKind::RateLimited, Some(429));
+    e.retry_after = Some(Duration::from_secs(45));
+    apply(&mut t, Answer::Finbox(Err(e)), 1_030_000, &p);
+    assert_eq!(t.finbox.next_poll_at, 1_075_000);
+}
+
+fn arb_finbox() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        Just(Answer::Finbox(Ok(FinboxAnswer::NotFound))),
+        (0u64..120).prop_map(|s| Answer::Finbox(Ok(FinboxAnswer::InProgress {
+            suggested_wait: Some(Duration::from_secs(s))
+        }))),
+        Just(Answer::Finbox(Ok(FinboxAnswer::NoData {
+            request_id: None
+        }))),
+        Just(Answer::Finbox(Ok(FinboxAnswer::Complete(
+            FinboxInsights::default()
+        )))),
+        (0u64..90).prop_map(|s| {
+            let mut e = err(ProviderErrorKind::ServerError, Some(500));
+            e.retry_after = Some(Duration::from_secs(s));
+            Answer::Finbox(Err(e))
+        }),
+        Just(Answer::Finbox(Err(err(
+            ProviderErrorKind::BadRequest,
+            Some(400)
+        )))),
+    ]
+}
+
+fn arb_credeau() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        4 => Just(Answer::Credeau(Ok(CredeauAnswer::Empty))),
+        1 => Just(Answer::Credeau(Ok(CredeauAnswer::Data(SmsExtraction::default())))),
+        2 => (0u64..90).prop_map(|s| {
+            let mut e = err(ProviderErrorKind::RateLimited, Some(429));
+            e.provider = Provider::Credeau;
+            e.retry_after = Some(Duration::from_secs(s));
+            Answer::Credeau(Err(e))
+        }),
+        1 => Just(Answer::Credeau(Err(err(ProviderErrorKind::Unauthorized, Some(401))))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Drives a task the way the loop does (poll each provider when due,
+    /// with random lateness and answers) and checks the invariants after
+    /// every step.
+    #[test]
+    fn polling_invariants_hold_for_any_answer_sequence(
+        steps in proptest::collection::vec((arb_finbox(), arb_credeau(), 0i64..5_000), 1..200),
+        mult in 1.0f64..3.0,
+    ) {
+        let mut p = policies();
+        p.finbox.backoff_multiplier = mult;
+        p.finbox.deadline = Duration::from_secs(3600);
+        p.credeau.deadline = Duration::from_secs(1800);
+        let mut t = start(user(), origin(), 0, &p);
+        let deadline = |pr: Provider| 1_000_000 + i64::try_from(p.get(pr).deadline.as_millis()).unwrap();
+        for (fa, ca, late) in steps {
+            if t.is_done() { break; }
+            let now = t.due_at + late;
+            for (answer, pr) in [(fa, Provider::Finbox), (ca, Provider::Credeau)] {
+                let before = t.track(pr).clone();
+                if before.is_done() || before.next_poll_at > now {
+                    continue;
+                }
+                prop_assert!(now >= before.next_poll_at, "polled early");
+                let fx = apply(&mut t, answer, now, &p);
+                let after = t.track(pr);
+                if let Some(done) = &after.done {
+                    prop_assert_eq!(done.at, now);
+                    if done.outcome == Outcome::Failed {
+                        prop_assert!(fx.failure.is_some());
+                    }
+                } else {
+                    let floor = if pr == Provider::Finbox { 10_000 } else { 15_000 };
+                    prop_assert!(after.next_poll_at - now >= floor,
+                        "{pr} next poll {} ms after the last", after.next_poll_at - now);
+                    prop_assert!(after.next_poll_at <= (now + floor).max(deadline(pr)),
+                        "scheduled past the deadline for no reason");
+                    prop_assert!(after.interval_ms >= floor);
+                    prop_assert!(after.interval_ms <= i64::try_from(p.get(pr).max_poll_interval.as_millis()).unwrap());
+                    prop_assert!(now < deadline(pr));
+                }
+            }
+            // Terminal providers never change again.
+            let snapshot = t.clone();
+            for pr in Provider::ALL {
+                if snapshot.track(pr).is_done() {
+                    let again = match pr {
+                        Provider::Finbox => Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+                        Provider::Credeau => Answer::Credeau(Ok(CredeauAnswer::Empty)),
+                    };
+                    let mut probe = snapshot.clone();
+                    apply(&mut probe, again, now + 1, &p);
+                    prop_assert_eq!(probe.track(pr), snapshot.track(pr));
+                }
+            }
+        }
+    }
+
+    /// Whatever happens, a task reaches a final state by each provider's
+    /// deadline plus one poll.
+    #[test]
+    fn every_task_ends(finbox_empty in any::<bool>()) {
+        let p = policies();
+        let mut t = start(user(), origin(), 0, &p);
+        let mut polls = 0;
+        while !t.is_done() {
+            let now = t.due_at;
+            for pr in t.due_providers(now) {
+                let a = match (pr, finbox_empty) {
+                    (Provider::Finbox, true) => Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait: None })),
+                    (Provider::Finbox, false) => Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+                    (Provider::Credeau, _) => Answer::Credeau(Ok(CredeauAnswer::Empty)),
+                };
+                apply(&mut t, a, now, &p);
+                polls += 1;
+            }
+            prop_assert!(polls < 10_000);
+        }
+        let expected = if finbox_empty { Outcome::TimedOut } else { Outcome::NotFound };
+        prop_assert_eq!(t.finbox.outcome(), Some(expected));
+        prop_assert_eq!(t.credeau.outcome(), Some(Outcome::TimedOut));
+    }
+}
