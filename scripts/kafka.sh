@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# A real Apache Kafka broker (KRaft, single node) for tests and local runs,
+# resolved from Maven Central with the pom in scripts/kafka/ and cached under
+# ~/.cache/insights-enricher/kafka/<version>/libs.
+#
+#   scripts/kafka.sh fetch                      resolve the jars (once)
+#   scripts/kafka.sh start --dir DIR [--port N] start a broker, print host:port
+#   scripts/kafka.sh stop --dir DIR             SIGTERM, then SIGKILL if needed
+#   scripts/kafka.sh restart --dir DIR          same ports, same data
+#   scripts/kafka.sh status --dir DIR           exit 0 when the broker runs
+#
+# DIR holds server.properties, data/, broker.log, bootstrap (host:port) and pid.
+# Environment: KAFKA_START_TIMEOUT (seconds, default 90), KAFKA_HEAP_MAX
+# (default 768m), INSIGHTS_CACHE (default ~/.cache/insights-enricher).
+set -euo pipefail
+
+KAFKA_VERSION="3.9.1"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+POM="$HERE/kafka/pom.xml"
+TEMPLATE="$HERE/kafka/server.properties.template"
+LOG4J="$HERE/kafka/log4j.properties"
+CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
+KAFKA_HOME="$CACHE/kafka/$KAFKA_VERSION"
+LIBS="$KAFKA_HOME/libs"
+START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
+HEAP_MAX="${KAFKA_HEAP_MAX:-768m}"
+
+log() { echo "kafka.sh: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+usage() {
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------- fetch
+
+fetch() {
+    local stamp="$KAFKA_HOME/.pom.sha256" want
+    want="$(sha256sum "$POM" | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$LIBS" ]]; then
+        return
+    fi
+    command -v java >/dev/null || die "java (17 or newer) is required"
+    command -v mvn >/dev/null || die "maven (mvn) is required to resolve Kafka"
+    mkdir -p "$KAFKA_HOME"
+    # Several checkouts on one machine may fetch at once: one resolves, the
+    # others wait and then find the stamp.
+    exec 9>"$KAFKA_HOME/.lock"
+    flock 9
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$LIBS" ]]; then
+        exec 9>&-
+        return
+    fi
+    log "resolving Apache Kafka $KAFKA_VERSION from Maven Central"
+    local staging="$KAFKA_HOME/libs.partial"
+    rm -rf "$staging"
+    if ! mvn -B --no-transfer-progress -Dstyle.color=never \
+        -f "$POM" -Dmaven.repo.local="$CACHE/m2" \
+        dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$staging" >"$KAFKA_HOME/fetch.log" 2>&1; then
+        exec 9>&-
+        tail -n 40 "$KAFKA_HOME/fetch.log" >&2
+        die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION"
+    fi
+    [[ -f "$staging/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka_2.13 jar missing after resolution"
+    rm -rf "$LIBS"
+    mv "$staging" "$LIBS"
+    echo "$want" >"$stamp"
+    exec 9>&-
+}
+
+# ---------------------------------------------------------------- helpers
+
+free_port() {
+    if command -v python3 >/dev/null; then
+        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+        return
+    fi
+    # Without python: probe random high ports until nothing answers.
+    local port
+    for _ in $(seq 1 200); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    die "no free TCP port found"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+java_opts() {
+    # Small heap and a single-threaded collector: the machine is shared and
+    # tests never push throughput. C1-only compilation starts faster.
+    echo "-Xms128m -Xmx$HEAP_MAX -XX:+UseSerialGC -XX:TieredStopAtLevel=1" \
+        "-Djava.awt.headless=true -Dlog4j.configuration=file:$LOG4J"
+}
+
+run_java() {
+    # shellcheck disable=SC2046 # the options are meant to split into words
+    java $(java_opts) -cp "$LIBS/*" "$@"
+}
+
+# The pid file is only trusted when that pid is still our broker for this
+# directory, so a recycled pid is never signalled.
+broker_pid() {
+    local dir="$1" pid
+    [[ -f "$dir/pid" ]] || return 1
+    pid="$(cat "$dir/pid")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    [[ -r "/proc/$pid/cmdline" ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "kafka.Kafka $dir/server.properties" || return 1
+    echo "$pid"
+}
+
+prop() { sed -n "s/^$1=//p" "$2" | head -n1; }
+
+write_properties() {
+    local dir="$1" port="$2" cport="$3"
+    sed -e "s|@PORT@|$port|g" \
+        -e "s|@CONTROLLER_PORT@|$cport|g" \
+        -e "s|@DATA_DIR@|$dir/data|g" \
+        "$TEMPLATE" >"$dir/server.properties"
+}
+
+random_cluster_id() {
+    # A Kafka cluster id is 16 random bytes in unpadded URL-safe base64.
+    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+}
+
+fail_start() {
+    local dir="$1" offset="$2" reason="$3" pid
+    log "error: $reason"
+    log "---- tail of $dir/broker.log ----"
+    tail -c "+$((offset + 1))" "$dir/broker.log" 2>/dev/null | tail -n 60 >&2 || true
+    log "----"
+    if [[ -f "$dir/pid" ]]; then
+        kill -KILL "$(cat "$dir/pid")" 2>/dev/null || true
+    fi
+    rm -f "$dir/pid"
+    exit 1
+}
+
+# A metadata round trip through Kafka's own admin tooling: proves the broker
+# answers requests on the advertised listener, not just that a port is open.
+metadata_ok() {
+    local bootstrap="$1"
+    timeout 45 java -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -Dlog4j.configuration="file:$LOG4J" -cp "$LIBS/*" \
+        org.apache.kafka.tools.TopicCommand --bootstrap-server "$bootstrap" --list \
+        >/dev/null 2>&1
+}
+
+# ---------------------------------------------------------------- commands
+
+start() {
+    local dir="$1" port="$2"
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+    fetch
+    local pid
+    if pid="$(broker_pid "$dir")"; then
+        log "broker already running in $dir (pid $pid)"
+        cat "$dir/bootstrap"
+        return
+    fi
+
+    # A directory that ran a broker before keeps its ports (and data), which
+    # is what restart needs; --port overrides the client port.
+    local cport
+    if [[ -f "$dir/server.properties" ]]; then
+        cport="$(prop controller.quorum.voters "$dir/server.properties" | sed 's/.*://')"
+        if [[ -z "$port" ]]; then
+            port="$(prop listeners "$dir/server.properties" | sed 's|PLAINTEXT://127.0.0.1:\([0-9]*\),.*|\1|')"
+        fi
+    fi
+    [[ -n "$port" ]] || port="$(free_port)"
+    [[ -n "${cport:-}" && "$cport" != "$port" ]] || cport="$(free_port)"
+    while [[ "$cport" == "$port" ]]; do cport="$(free_port)"; done
+    write_properties "$dir" "$port" "$cport"
+
+    if port_open "$port"; then
+        die "port $port is already in use"
+    fi
+
+    if [[ ! -f "$dir/data/meta.properties" ]]; then
+        mkdir -p "$dir/data"
+        if ! run_java -Xmx256m kafka.tools.StorageTool format \
+            -t "$(random_cluster_id)" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
+            cat "$dir/format.log" >&2
+            die "formatting the KRaft storage in $dir/data failed"
+        fi
+    fi
+
+    touch "$dir/broker.log"
+    local offset
+    offset="$(stat -c %s "$dir/broker.log")"
+    echo "==== kafka.sh start $(date -u +%FT%TZ) port=$port controller=$cport ====" >>"$dir/broker.log"
+    # Detached from our stdin/stdout so `$(kafka.sh start ...)` returns.
+    # shellcheck disable=SC2046
+    nohup java $(java_opts) -Dkafka.logs.dir="$dir/logs" -cp "$LIBS/*" \
+        kafka.Kafka "$dir/server.properties" >>"$dir/broker.log" 2>&1 </dev/null &
+    local started=$!
+    echo "$started" >"$dir/pid"
+    echo "127.0.0.1:$port" >"$dir/bootstrap"
+
+    local began=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
+    local phase="port"
+    while ((SECONDS < deadline)); do
+        # Our own child, so kill -0 is enough here; the command line may still
+        # be nohup's for a moment.
+        kill -0 "$started" 2>/dev/null || fail_start "$dir" "$offset" "broker process exited during startup"
+        case "$phase" in
+        port)
+            if port_open "$port" &&
+                tail -c "+$((offset + 1))" "$dir/broker.log" | grep -q "Kafka Server started"; then
+                phase="metadata"
+                continue
+            fi
+            ;;
+        metadata)
+            if metadata_ok "127.0.0.1:$port"; then
+                log "broker ready on 127.0.0.1:$port after $((SECONDS - began))s (pid $(cat "$dir/pid"), log $dir/broker.log)"
+                echo "127.0.0.1:$port"
+                return
+            fi
+            ;;
+        esac
+        sleep 0.5
+    done
+    fail_start "$dir" "$offset" "broker did not become ready within ${START_TIMEOUT}s (phase: $phase)"
+}
+
+stop() {
+    local dir="$1" pid
+    [[ -d "$dir" ]] || return 0
+    dir="$(cd "$dir" && pwd)"
+    if ! pid="$(broker_pid "$dir")"; then
+        rm -f "$dir/pid"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+        sleep 0.2
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "broker (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
+    rm -f "$dir/pid"
+}
+
+status() {
+    local dir="$1" pid
+    [[ -d "$dir" ]] || die "no such directory: $dir"
+    dir="$(cd "$dir" && pwd)"
+    if pid="$(broker_pid "$dir")"; then
+        echo "running pid=$pid bootstrap=$(cat "$dir/bootstrap")"
+    else
+        echo "stopped"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------- main
+
+cmd="${1:-}"
+[[ -n "$cmd" ]] || usage
+shift
+dir=""
+port=""
+while (($#)); do
+    case "$1" in
+    --dir)
+        dir="${2:?--dir needs a value}"
+        shift 2
+        ;;
+    --port)
+        port="${2:?--port needs a value}"
+        [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number"
+        shift 2
+        ;;
+    *) usage ;;
+    esac
+done
+
+case "$cmd" in
+fetch)
+    fetch
+    echo "$LIBS"
+    ;;
+start)
+    [[ -n "$dir" ]] || usage
+    start "$dir" "$port"
+    ;;
+stop)
+    [[ -n "$dir" ]] || usage
+    stop "$dir"
+    ;;
+restart)
+    [[ -n "$dir" ]] || usage
+    [[ -f "$dir/server.properties" ]] || die "$dir has never run a broker"
+    stop "$dir"
+    start "$dir" "$port"
+    ;;
+status)
+    [[ -n "$dir" ]] || usage
+    status "$dir"
+    ;;
+*) usage ;;
+esac
