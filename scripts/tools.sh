@@ -12,7 +12,7 @@ HELM_VERSION="v3.19.0"
 PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
 # Pinned so a cold machine resolves exactly what was tested here.
 PY_REQUIREMENTS=(
-    "confluent-kafka==2.16.1"
+    "confluent-kafka[schemaregistry]==2.15.0"
     "fastavro==1.13.1"
     "requests==2.34.2"
     "pytest==9.2.0"
