@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# Tests the Helm chart offline: lint, render several value sets, validate the
+# manifests against the Kubernetes schemas, prove that bad values are
+# rejected with a clear message, and run the binary's check-config on the
+# config.toml each value set renders. Prints "N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CHART=helm/insights-enricher
+VALUES=tests/helm
+# A version both helm's renderer and kubernetes-validate's schemas cover.
+K8S_VERSION=1.31.0
+CACHE="${HOME}/.cache/insights-enricher"
+HELM_VERSION=v3.19.0
+
+# Tools: from scripts/tools.sh when it provides them (it prints the tool's
+# path), else installed here into the same cache paths.
+tool() {
+    local name=$1 path=""
+    if [[ -x scripts/tools.sh ]]; then
+        path=$(scripts/tools.sh "$name" 2>/dev/null | tail -n1) || path=""
+    fi
+    if [[ -n "$path" && -x "$path" ]]; then
+        echo "$path"
+        return
+    fi
+    case "$name" in
+        helm)
+            if [[ ! -x "$CACHE/bin/helm" ]]; then
+                echo "installing helm $HELM_VERSION into $CACHE/bin" >&2
+                GOBIN="$CACHE/bin" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" \
+                    go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+            fi
+            echo "$CACHE/bin/helm"
+            ;;
+        python)
+            if [[ ! -x "$CACHE/venv/bin/python" ]]; then
+                echo "creating $CACHE/venv" >&2
+                python3 -m venv "$CACHE/venv" >&2
+            fi
+            if ! "$CACHE/venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+                "$CACHE/venv/bin/pip" install --quiet --cache-dir "$CACHE/pip" kubernetes-validate >&2
+            fi
+            echo "$CACHE/venv/bin/python"
+            ;;
+    esac
+}
+
+HELM=$(tool helm)
+PY=$(tool python)
+# promtool comes only from scripts/tools.sh (Debian's prometheus package).
+PROMTOOL=$(tool promtool || true)
+if ! "$PY" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+    "$PY" -m pip install --quiet --cache-dir "$CACHE/pip" kubernetes-validate
+fi
+
+BIN=target/debug/insights-enricher
+if [[ ! -x "$BIN" ]]; then
+    cargo build --bin insights-enricher
+fi
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+passed=0
+failed=0
+
+pass() { passed=$((passed + 1)); echo "  ok   $*"; }
+fail() { failed=$((failed + 1)); echo "  FAIL $*"; }
+
+# Runs one of check_rendered.py's subcommands and adds its counts.
+py_checks() {
+    local log="$OUT/py.log" counts
+    "$PY" "$VALUES/check_rendered.py" "$@" >"$log" 2>&1 || true
+    grep -E '^  (ok|FAIL) ' "$log" | grep -v '^  ok ' || true
+    counts=$(grep -Eo '^  \([0-9]+ ok, [0-9]+ failed\)$' "$log" | tail -n1 || true)
+    if [[ -z "$counts" ]]; then
+        cat "$log"
+        fail "check_rendered.py $1 did not finish"
+        return
+    fi
+    local ok bad
+    ok=$(sed -E 's/.*\(([0-9]+) ok.*/\1/' <<<"$counts")
+    bad=$(sed -E 's/.*, ([0-9]+) failed.*/\1/' <<<"$counts")
+    passed=$((passed + ok))
+    failed=$((failed + bad))
+    echo "  $1 ${*:2:1}: $ok ok, $bad failed"
+}
+
+echo "== values.schema.json against config/default.toml"
+py_checks schema-drift "$CHART/values.schema.json" config/default.toml
+
+# name -> values file ("" = chart defaults) and what check-config must say.
+# The defaults carry no secrets: the binary must refuse to start and say why.
+declare -A SETS=(
+    [default]=""
+    [minimal]="$VALUES/minimal.yaml"
+    [everything-on]="$VALUES/everything-on.yaml"
+    [keda]="$VALUES/keda.yaml"
+)
+declare -A EXPECT_CONFIG=(
+    [default]="fail:finbox.api_key_file"
+    [minimal]="ok"
+    [everything-on]="ok"
+    [keda]="ok"
+)
+
+for set in default minimal everything-on keda; do
+    file=${SETS[$set]}
+    args=()
+    [[ -n "$file" ]] && args=(-f "$file")
+    echo "== value set: $set"
+    if "$HELM" lint --strict "$CHART" "${args[@]}" >"$OUT/lint.log" 2>&1; then
+        pass "helm lint --strict ($set)"
+    else
+        cat "$OUT/lint.log"
+        fail "helm lint --strict ($set)"
+    fi
+    rendered="$OUT/$set.yaml"
+    if "$HELM" template insights-enricher "$CHART" --namespace lending \
+        --kube-version "$K8S_VERSION" "${args[@]}" >"$rendered" 2>"$OUT/template.log"; then
+        pass "helm template ($set)"
+    else
+        cat "$OUT/template.log"
+        fail "helm template ($set)"
+        continue
+    fi
+    py_checks validate "$rendered" "$K8S_VERSION"
+    py_checks check-config "$rendered" "$BIN" "${EXPECT_CONFIG[$set]}"
+done
+
+echo "== kinds each switch adds"
+expect_kinds() {
+    local set=$1
+    shift
+    for kind in "$@"; do
+        if grep -q "^kind: $kind\$" "$OUT/$set.yaml"; then
+            pass "$set renders a $kind"
+        else
+            fail "$set renders a $kind"
+        fi
+    done
+}
+expect_kinds everything-on ServiceMonitor PrometheusRule PodDisruptionBudget \
+    HorizontalPodAutoscaler NetworkPolicy
+expect_kinds keda ScaledObject
+if grep -q '^kind: HorizontalPodAutoscaler$' "$OUT/keda.yaml" ||
+    grep -q '^kind: ScaledObject$' "$OUT/everything-on.yaml"; then
+    fail "HPA and ScaledObject never render together"
+else
+    pass "HPA and ScaledObject never render together"
+fi
+if grep -q 'grafana_dashboard: "1"' "$OUT/everything-on.yaml"; then
+    pass "everything-on renders the Grafana dashboard ConfigMap"
+else
+    fail "everything-on renders the Grafana dashboard ConfigMap"
+fi
+for secret in fake-finbox-key fake-server-hash fake-credeau-token fake-sasl-password; do
+    if sed -n '/^kind: ConfigMap$/,/^---$/p' "$OUT/everything-on.yaml" | grep -q "$secret"; then
+        fail "secret value $secret kept out of every ConfigMap"
+    else
+        pass "secret value $secret kept out of every ConfigMap"
+    fi
+done
+if [[ "$(grep -c '^kind: Secret$' "$OUT/keda.yaml" || true)" == 0 ]]; then
+    pass "with existingSecret the chart creates no Secret"
+else
+    fail "with existingSecret the chart creates no Secret"
+fi
+
+echo "== config changes roll the pods"
+checksum() { grep -m1 'checksum/config:' "$1" | awk '{print $2}'; }
+"$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" \
+    -f "$VALUES/minimal.yaml" --set config.schedule.max_in_flight=64 >"$OUT/changed.yaml"
+if [[ "$(checksum "$OUT/minimal.yaml")" != "$(checksum "$OUT/changed.yaml")" ]]; then
+    pass "checksum/config changes with the config"
+else
+    fail "checksum/config changes with the config"
+fi
+
+echo "== alert rules"
+if [[ -n "$PROMTOOL" && -x "$PROMTOOL" ]]; then
+    mkdir -p "$OUT/rules"
+    "$HELM" template insights-enricher "$CHART" --namespace lending --kube-version "$K8S_VERSION" \
+        -f "$VALUES/minimal.yaml" --set prometheusRule.enabled=true >"$OUT/rules/rendered.yaml"
+    "$PY" -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule"]
+yaml.safe_dump(docs[0]["spec"], open(sys.argv[2], "w"))
+' "$OUT/rules/rendered.yaml" "$OUT/rules/rules.yaml"
+    cp "$VALUES/alerts-test.yaml" "$OUT/rules/"
+    if (cd "$OUT/rules" && "$PROMTOOL" check rules rules.yaml) >"$OUT/promtool.log" 2>&1; then
+        pass "promtool check rules: the PrometheusRule's expressions parse"
+    else
+        cat "$OUT/promtool.log"
+        fail "promtool check rules"
+    fi
+    if (cd "$OUT/rules" && "$PROMTOOL" test rules alerts-test.yaml) >"$OUT/promtool.log" 2>&1; then
+        pass "promtool test rules: alerts fire on the series in tests/helm/alerts-test.yaml, and only there"
+    else
+        cat "$OUT/promtool.log"
+        fail "promtool test rules"
+    fi
+else
+    fail "promtool unavailable (scripts/tools.sh promtool)"
+fi
+
+echo "== invalid values are rejected"
+# file in tests/helm/invalid -> text the error must contain
+declare -A INVALID=(
+    [replica-count-string]="at '/replicaCount': got string, want integer"
+    [unknown-top-level-key]="additional properties 'replicaCont' not allowed"
+    [unknown-config-key]="additional properties 'bootstrap_server' not allowed"
+    [hpa-and-keda]="autoscaling.enabled and keda.enabled are mutually exclusive"
+    [grace-period-too-short]="terminationGracePeriodSeconds (20) must be longer than config.shutdown.timeout (30s = 30s)"
+    [secret-in-config]="at '/config/finbox': additional properties 'api_key' not allowed"
+    [tls-without-tls-protocol]="kafkaTls.enabled needs config.kafka.security_protocol ssl or sasl_ssl"
+)
+for name in $(printf '%s\n' "${!INVALID[@]}" | sort); do
+    want=${INVALID[$name]}
+    if "$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" \
+        -f "$VALUES/minimal.yaml" -f "$VALUES/invalid/$name.yaml" >/dev/null 2>"$OUT/err.log"; then
+        fail "$name: rendered, but must be rejected"
+    elif grep -qF -- "$want" "$OUT/err.log"; then
+        pass "$name rejected: $want"
+    else
+        cat "$OUT/err.log"
+        fail "$name rejected, but without: $want"
+    fi
+done
+
+# The templates refuse secrets in the ConfigMap even when the schema is
+# skipped.
+if "$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" --skip-schema-validation \
+    -f "$VALUES/minimal.yaml" -f "$VALUES/invalid/secret-in-config.yaml" >/dev/null 2>"$OUT/err.log"; then
+    fail "secret-in-config without the schema: rendered, but must be rejected"
+elif grep -qF "config.finbox.api_key must not be set" "$OUT/err.log"; then
+    pass "secret-in-config rejected by the templates too: config.finbox.api_key must not be set"
+else
+    cat "$OUT/err.log"
+    fail "secret-in-config without the schema rejected, but without the expected message"
+fi
+
+echo
+echo "helm: $passed passed, $failed failed"
+[[ "$failed" == 0 ]]
