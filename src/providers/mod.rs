@@ -7,6 +7,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod credeau;
+pub mod finbox;
+pub mod http;
+pub mod ratelimit;
+pub mod retry;
+
+pub use credeau::CredeauClient;
+pub use finbox::FinboxClient;
+pub use http::ClientBuildError;
+pub use ratelimit::RateLimiter;
+pub use retry::RetryPolicy;
+
 /// Which provider a poll, an error or a metric is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

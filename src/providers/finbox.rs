@@ -1,0 +1,475 @@
+//! The FinBox DeviceConnect Insights client: builds the signed request
+//! (API key header, salted body), maps every documented answer to a
+//! [`FinboxAnswer`] or a [`ProviderError`], and retries 429/5xx/transport
+//! failures after the documented 2 s and 5 s.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use serde_json::{Map, Value};
+
+use super::http::{
+    self, error, json_error_summary, non_json_summary, parse_retry_after, read_capped, scrub,
+    truncate, AnswerOutcome, Attempt, ClientBuildError, ClientOptions, RetryContext,
+    MAX_MESSAGE_CHARS,
+};
+use super::ratelimit::RateLimiter;
+use super::retry::RetryPolicy;
+use super::ProviderErrorKind as Kind;
+use super::{FinboxAnswer, FinboxApi, FinboxInsights, Predictor, Provider, ProviderError};
+use crate::config::{FinboxSettings, Secret};
+use crate::metrics::Metrics;
+
+const PROVIDER: Provider = Provider::Finbox;
+
+/// The FinBox client. One per process; cheap to share in an `Arc`.
+pub struct FinboxClient {
+    http: reqwest::Client,
+    endpoint: String,
+    api_key: HeaderValue,
+    api_key_secret: Secret,
+    server_hash: Secret,
+    version: i64,
+    max_response_bytes: usize,
+    policy: RetryPolicy,
+    limiter: Arc<RateLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for FinboxClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FinboxClient")
+            .field("endpoint", &self.endpoint)
+            .field("version", &self.version)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FinboxClient {
+    pub fn new(
+        settings: &FinboxSettings,
+        limiter: Arc<RateLimiter>,
+        metrics: Arc<Metrics>,
+    ) -> Result<FinboxClient, ClientBuildError> {
+        let http = http::build_client(&ClientOptions {
+            provider: PROVIDER,
+            base_url: &settings.base_url,
+            connect_timeout: settings.connect_timeout,
+            request_timeout: settings.request_timeout,
+            ca_bundle: &settings.ca_bundle,
+        })?;
+        Ok(FinboxClient {
+            http,
+            endpoint: settings.endpoint(),
+            api_key: http::secret_header("finbox.api_key", settings.api_key.expose())?,
+            api_key_secret: settings.api_key.clone(),
+            server_hash: settings.server_hash.clone(),
+            version: settings.predictors_version,
+            max_response_bytes: settings.max_response_bytes,
+            policy: retry_policy(settings),
+            limiter,
+            metrics,
+        })
+    }
+
+    /// The retry policy in force (the configured delays).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    async fn attempt(&self, customer_id: &str, salt: &str) -> Attempt<FinboxAnswer> {
+        let body = serde_json::json!({
+            "customer_id": customer_id,
+            "version": self.version,
+            "salt": salt,
+        });
+        let sent = self
+            .http
+            .post(&self.endpoint)
+            .header("x-api-key", self.api_key.clone())
+            .json(&body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt {
+                    http_status: None,
+                    result: Err(http::transport_error(PROVIDER, e, None)),
+                }
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = parse_retry_after(response.headers(), SystemTime::now());
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let result = match read_capped(PROVIDER, response, self.max_response_bytes).await {
+            Ok(bytes) => map_response(status, content_type.as_deref(), &bytes),
+            Err(e) => Err(e),
+        };
+        let secrets = [
+            self.api_key_secret.expose(),
+            self.server_hash.expose(),
+            salt,
+        ];
+        Attempt {
+            http_status: Some(status),
+            result: result.map_err(|mut e| {
+                e.retry_after = retry_after;
+                e.message = scrub(&e.message, &secrets);
+                e
+            }),
+        }
+    }
+}
+
+/// The documented policy from settings: one retry per configured delay.
+pub fn retry_policy(settings: &FinboxSettings) -> RetryPolicy {
+    RetryPolicy::Fixed {
+        delays: settings.retry_delays.clone(),
+        max_wait: settings.retry_max_wait,
+    }
+}
+
+#[async_trait]
+impl FinboxApi for FinboxClient {
+    async fn fetch_predictors(&self, customer_id: &str) -> Result<FinboxAnswer, ProviderError> {
+        let salt = crate::salt::finbox_salt(customer_id, self.server_hash.expose());
+        let ctx = RetryContext {
+            provider: PROVIDER,
+            policy: &self.policy,
+            limiter: &self.limiter,
+            metrics: &self.metrics,
+        };
+        http::with_retries(ctx, |_| self.attempt(customer_id, &salt)).await
+    }
+}
+
+impl AnswerOutcome for FinboxAnswer {
+    fn outcome(&self) -> &'static str {
+        match self {
+            FinboxAnswer::InProgress { .. } => "in_progress",
+            FinboxAnswer::Complete(_) => "complete",
+            FinboxAnswer::NoData { .. } => "no_data",
+            FinboxAnswer::NotFound => "not_found",
+        }
+    }
+}
+
+/// Maps one FinBox response (status, content type, body) to an answer or an
+/// error, as the table in `providers.md` says. Pure, so every row is unit
+/// tested.
+pub fn map_response(
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<FinboxAnswer, ProviderError> {
+    let parsed = serde_json::from_slice::<Value>(body);
+    let object = match &parsed {
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
+    };
+    if (200..300).contains(&status) {
+        let Some(obj) = object else {
+            let why = match &parsed {
+                Err(e) => json_error_summary(e),
+                Ok(_) if body.is_empty() => "empty body".to_string(),
+                Ok(_) => "JSON that is not an object".to_string(),
+            };
+            let why = if parsed.is_err() && !looks_like_json(content_type) {
+                non_json_summary(content_type, body)
+            } else {
+                why
+            };
+            return Err(error(PROVIDER, Kind::InvalidBody, Some(status), why));
+        };
+        return map_success(status, obj);
+    }
+    let message = match object {
+        Some(obj) => match text_field(obj, "message").or_else(|| text_field(obj, "error")) {
+            Some(m) => truncate(&m, MAX_MESSAGE_CHARS),
+            None => "no message".to_string(),
+        },
+        None => non_json_summary(content_type, body),
+    };
+    let kind = match status {
+        400 => Kind::BadRequest,
+        401 => Kind::Unauthorized,
+        403 => Kind::Forbidden,
+        408 => Kind::Timeout,
+        429 => Kind::RateLimited,
+        500..=599 => Kind::ServerError,
+        _ => Kind::UnexpectedStatus,
+    };
+    let mut err = error(PROVIDER, kind, Some(status), message);
+    err.provider_request_id = object.and_then(|o| text_field(o, "request_id"));
+    Err(err)
+}
+
+fn looks_like_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+}
+
+fn map_success(status: u16, obj: &Map<String, Value>) -> Result<FinboxAnswer, ProviderError> {
+    let invalid = |why: String| error(PROVIDER, Kind::InvalidBody, Some(status), why);
+    let request_id = text_field(obj, "request_id");
+    let state = match obj.get("status") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(invalid("`status` is not a string".into())),
+        None => return Err(invalid("no `status` key".into())),
+    };
+    match state {
+        "in_progress" => Ok(FinboxAnswer::InProgress {
+            suggested_wait: text_field(obj, "message")
+                .as_deref()
+                .and_then(parse_suggested_wait),
+        }),
+        "complete" => Ok(FinboxAnswer::Complete(FinboxInsights {
+            request_id,
+            date_requested: text_field(obj, "date_requested"),
+            date_processed: text_field(obj, "date_processed"),
+            predictors: predictors(obj.get("data")).map_err(invalid)?,
+        })),
+        "no_data" => Ok(FinboxAnswer::NoData { request_id }),
+        "not_found" => Ok(FinboxAnswer::NotFound),
+        other => Err(invalid(format!("unknown status {:?}", truncate(other, 40)))),
+    }
+}
+
+/// `data` as predictors: null or absent is none; each entry needs a string
+/// `name`; its `value` may be any JSON (absent = null); extra keys are
+/// ignored.
+fn predictors(data: Option<&Value>) -> Result<Vec<Predictor>, String> {
+    let entries = match data {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err("`data` is not a list".into()),
+    };
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| match entry.get("name") {
+            Some(Value::String(name)) => Ok(Predictor {
+                name: name.clone(),
+                value: entry.get("value").cloned().unwrap_or(Value::Null),
+            }),
+            _ => Err(format!("`data[{i}]` has no string `name`")),
+        })
+        .collect()
+}
+
+/// A string field; numbers are accepted as text, anything else is absent.
+fn text_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The wait suggested by an in-progress message such as "Featurization in
+/// Progress, please try again in 10 Seconds": the first number followed by
+/// a time unit (or written with one, like "10s").
+pub fn parse_suggested_wait(message: &str) -> Option<Duration> {
+    let lower = message.to_ascii_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '(' | ')' | '!'))
+        .map(|w| w.trim_end_matches('.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    for (i, word) in words.iter().enumerate() {
+        if let Ok(n) = word.parse::<f64>() {
+            if !(n.is_finite() && n >= 0.0) {
+                continue;
+            }
+            let unit = match words.get(i + 1).copied() {
+                Some("ms" | "millisecond" | "milliseconds") => 0.001,
+                Some("s" | "sec" | "secs" | "second" | "seconds") => 1.0,
+                Some("m" | "min" | "mins" | "minute" | "minutes") => 60.0,
+                Some("h" | "hr" | "hrs" | "hour" | "hours") => 3600.0,
+                _ => continue,
+            };
+            return Duration::try_from_secs_f64(n * unit).ok();
+        }
+        if word.starts_with(|c: char| c.is_ascii_digit()) {
+            if let Ok(d) = humantime::parse_duration(word) {
+                return Some(d);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(status: u16, body: Value) -> Result<FinboxAnswer, ProviderError> {
+        map_response(
+            status,
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        )
+    }
+
+    fn kind(status: u16, body: Value) -> Kind {
+        map(status, body).unwrap_err().kind
+    }
+
+    #[test]
+    fn in_progress_202_carries_the_suggested_wait() {
+        let a = map(
+            202,
+            json!({"customer_id": "c", "request_id": "r", "date_requested": "2019-01-03T06:37:44:003",
+                   "status": "in_progress", "message": "Featurization in Progress, please try again in 10 Seconds"}),
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            FinboxAnswer::InProgress {
+                suggested_wait: Some(Duration::from_secs(10))
+            }
+        );
+    }
+
+    #[test]
+    fn complete_keeps_open_predictors_and_raw_timestamps() {
+        let a = map(
+            200,
+            json!({"request_id": "abcd", "date_requested": "2019-01-03T06:37:44:003",
+                   "date_processed": "2018-12-12T01:01:57:221", "status": "complete",
+                   "message": "data processed successfully", "brand_new_key": {"x": 1},
+                   "data": [{"name": "n1", "value": 1.5}, {"name": "s", "value": "x", "extra": true},
+                            {"name": "b", "value": false}, {"name": "nul", "value": null}, {"name": "absent"}]}),
+        )
+        .unwrap();
+        let FinboxAnswer::Complete(ins) = a else {
+            panic!("not complete: {a:?}")
+        };
+        assert_eq!(ins.request_id.as_deref(), Some("abcd"));
+        assert_eq!(
+            ins.date_processed.as_deref(),
+            Some("2018-12-12T01:01:57:221")
+        );
+        let values: Vec<_> = ins
+            .predictors
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.clone()))
+            .collect();
+        assert_eq!(
+            values,
+            vec![
+                ("n1", json!(1.5)),
+                ("s", json!("x")),
+                ("b", json!(false)),
+                ("nul", Value::Null),
+                ("absent", Value::Null)
+            ]
+        );
+    }
+
+    #[test]
+    fn no_data_and_not_found_tolerate_missing_keys() {
+        assert_eq!(
+            map(
+                200,
+                json!({"status": "no_data", "data": null, "request_id": "r1"})
+            )
+            .unwrap(),
+            FinboxAnswer::NoData {
+                request_id: Some("r1".into())
+            }
+        );
+        assert_eq!(
+            map(200, json!({"status": "not_found", "date_processed": null})).unwrap(),
+            FinboxAnswer::NotFound
+        );
+    }
+
+    #[test]
+    fn error_statuses_map_to_their_kinds_with_the_providers_message() {
+        let e = map(
+            400,
+            json!({"status": "error", "message": "Missing Key version", "request_id": "q"}),
+        )
+        .unwrap_err();
+        assert_eq!((e.kind, e.http_status), (Kind::BadRequest, Some(400)));
+        assert_eq!(e.message, "Missing Key version");
+        assert_eq!(e.provider_request_id.as_deref(), Some("q"));
+        assert_eq!(
+            kind(
+                403,
+                json!({"status": "error", "message": "Incorrect API Key"})
+            ),
+            Kind::Forbidden
+        );
+        assert_eq!(
+            kind(
+                429,
+                json!({"status": "error", "message": "Rate limit exceeded"})
+            ),
+            Kind::RateLimited
+        );
+        assert_eq!(kind(500, json!({"status": "error"})), Kind::ServerError);
+        assert_eq!(kind(503, json!({})), Kind::ServerError);
+        assert_eq!(kind(404, json!({})), Kind::UnexpectedStatus);
+        assert_eq!(kind(408, json!({})), Kind::Timeout);
+    }
+
+    #[test]
+    fn unknown_status_non_json_and_truncated_bodies_are_invalid() {
+        assert_eq!(kind(200, json!({"status": "queued"})), Kind::InvalidBody);
+        assert_eq!(
+            kind(200, json!({"message": "no status"})),
+            Kind::InvalidBody
+        );
+        assert_eq!(
+            kind(200, json!({"status": "complete", "data": {"a": 1}})),
+            Kind::InvalidBody
+        );
+        assert_eq!(
+            kind(200, json!({"status": "complete", "data": [{"value": 1}]})),
+            Kind::InvalidBody
+        );
+        let html =
+            map_response(200, Some("text/html"), b"<html><title>Hi</title></html>").unwrap_err();
+        assert_eq!(html.kind, Kind::InvalidBody);
+        assert!(html.message.contains("text/html"), "{}", html.message);
+        let cut = map_response(200, Some("application/json"), br#"{"status": "comp"#).unwrap_err();
+        assert_eq!(cut.kind, Kind::InvalidBody);
+        assert!(cut.message.starts_with("truncated JSON"), "{}", cut.message);
+    }
+
+    #[test]
+    fn proxy_html_502_is_a_retryable_server_error() {
+        let e = map_response(
+            502,
+            Some("text/html"),
+            b"<html><head><title>502 Bad Gateway</title></head></html>",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, Kind::ServerError);
+        assert!(e.is_retryable());
+        assert!(e.message.contains("502 Bad Gateway"), "{}", e.message);
+    }
+
+    #[test]
+    fn suggested_wait_reads_number_and_unit() {
+        let p = parse_suggested_wait;
+        assert_eq!(
+            p("please try again in 10 Seconds"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(p("retry in 2 minutes."), Some(Duration::from_secs(120)));
+        assert_eq!(p("retry in 30s"), Some(Duration::from_secs(30)));
+        assert_eq!(p("Featurization in Progress"), None);
+        assert_eq!(p("version 2 of 3"), None);
+    }
+}

@@ -1,0 +1,492 @@
+//! What both provider clients share: building a pooled reqwest client from
+//! settings, reading a response body under a size cap, turning transport
+//! failures and provider bodies into safe error text, parsing `Retry-After`,
+//! and the retry loop (rate-limit permit, attempt, metrics, log, back off).
+
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+use super::ratelimit::RateLimiter;
+use super::retry::{random_jitter, RetryPolicy};
+use super::{Provider, ProviderError, ProviderErrorKind};
+use crate::metrics::Metrics;
+
+/// Provider messages are at most 200 characters by contract; anything
+/// longer is cut so an odd body cannot flood logs or DLQ headers.
+pub(crate) const MAX_MESSAGE_CHARS: usize = 300;
+
+/// Why a provider client could not be built (bad settings, unreadable CA).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("{key}: {reason}")]
+    InvalidBaseUrl { key: String, reason: String },
+    #[error("{key}: cannot read CA bundle {path}: {source}")]
+    CaBundleUnreadable {
+        key: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: CA bundle {path} holds no usable PEM certificate")]
+    CaBundleInvalid { key: String, path: String },
+    /// The secret is not a valid HTTP header value (its value is not shown).
+    #[error("{key}: not a valid HTTP header value")]
+    InvalidHeaderValue { key: String },
+    #[error("cannot build the HTTP client for {provider}: {source}")]
+    Build {
+        provider: Provider,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// Connection settings common to both providers.
+pub(crate) struct ClientOptions<'a> {
+    pub provider: Provider,
+    pub base_url: &'a str,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub ca_bundle: &'a str,
+}
+
+/// One pooled client per provider. HTTPS only, unless the base URL is
+/// explicitly `http://` (the local simulator).
+pub(crate) fn build_client(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientBuildError> {
+    let section = opts.provider.as_str();
+    let url = url::Url::parse(opts.base_url).map_err(|e| ClientBuildError::InvalidBaseUrl {
+        key: format!("{section}.base_url"),
+        reason: format!("not a URL ({e})"),
+    })?;
+    let https = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        other => {
+            return Err(ClientBuildError::InvalidBaseUrl {
+                key: format!("{section}.base_url"),
+                reason: format!(
+                    "scheme must be https (or http for a local simulator), got {other}"
+                ),
+            })
+        }
+    };
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .timeout(opts.request_timeout)
+        // A redirect would resend our API key or token to wherever it
+        // points (reqwest strips only standard credential headers), and
+        // neither provider documents one: a 3xx is an unexpected answer.
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(https)
+        .user_agent(concat!("insights-enricher/", env!("CARGO_PKG_VERSION")));
+    if !opts.ca_bundle.is_empty() {
+        let key = format!("{section}.ca_bundle");
+        let pem = std::fs::read(opts.ca_bundle).map_err(|source| {
+            ClientBuildError::CaBundleUnreadable {
+                key: key.clone(),
+                path: opts.ca_bundle.to_string(),
+                source,
+            }
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default();
+        if certs.is_empty() {
+            return Err(ClientBuildError::CaBundleInvalid {
+                key,
+                path: opts.ca_bundle.to_string(),
+            });
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|source| ClientBuildError::Build {
+        provider: opts.provider,
+        source,
+    })
+}
+
+/// A secret as a header value that HTTP debugging output hides.
+pub(crate) fn secret_header(key: &str, value: &str) -> Result<HeaderValue, ClientBuildError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| ClientBuildError::InvalidHeaderValue {
+        key: key.to_string(),
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// A provider error with only the per-attempt parts filled; the retry loop
+/// fills `attempts`.
+pub(crate) fn error(
+    provider: Provider,
+    kind: ProviderErrorKind,
+    http_status: Option<u16>,
+    message: impl Into<String>,
+) -> ProviderError {
+    ProviderError {
+        provider,
+        kind,
+        http_status,
+        message: message.into(),
+        provider_request_id: None,
+        retry_after: None,
+        attempts: 1,
+    }
+}
+
+/// A transport failure: timeouts are `Timeout`, everything else (refused,
+/// reset, closed mid-body, TLS) is `Connection`. The text is reqwest's and
+/// its causes', without the URL; it never holds request headers or bodies.
+pub(crate) fn transport_error(
+    provider: Provider,
+    err: reqwest::Error,
+    http_status: Option<u16>,
+) -> ProviderError {
+    let kind = if err.is_timeout() {
+        ProviderErrorKind::Timeout
+    } else {
+        ProviderErrorKind::Connection
+    };
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    error(
+        provider,
+        kind,
+        http_status,
+        truncate(&text, MAX_MESSAGE_CHARS),
+    )
+}
+
+/// Reads the whole body, refusing (without buffering further) as soon as it
+/// would exceed `max_bytes`.
+pub(crate) async fn read_capped(
+    provider: Provider,
+    mut response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<Bytes, ProviderError> {
+    let status = Some(response.status().as_u16());
+    let too_large = || {
+        error(
+            provider,
+            ProviderErrorKind::TooLarge,
+            status,
+            format!("response body exceeds the {max_bytes}-byte limit"),
+        )
+    };
+    let announced = response.content_length();
+    if announced.is_some_and(|len| len > max_bytes as u64) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(announced.map_or(8 * 1024, |n| n as usize));
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max_bytes {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => return Err(transport_error(provider, e, status)),
+        }
+    }
+}
+
+/// `Retry-After` as a wait from `now`: delta-seconds (fractions tolerated)
+/// or an HTTP-date (a date in the past means "now").
+pub(crate) fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let raw = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = raw.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = raw.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let at = httpdate::parse_http_date(raw).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// At most `max` characters, marked when cut.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// A description of a JSON parse failure that never quotes the input
+/// (serde's own messages may quote a value, and values can be SMS bodies).
+pub(crate) fn json_error_summary(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Eof => "truncated JSON",
+        Category::Syntax => "malformed JSON",
+        Category::Data => "JSON of an unexpected shape",
+        Category::Io => "unreadable JSON",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
+/// A short description of a body that is not the JSON we expected: its
+/// content type, size, and an HTML page's title.
+pub(crate) fn non_json_summary(content_type: Option<&str>, body: &[u8]) -> String {
+    let ct = content_type.unwrap_or("no content type");
+    let mut text = format!("non-JSON body ({ct}, {} bytes", body.len());
+    if let Some(title) = html_title(body) {
+        text.push_str(&format!(", title {:?}", truncate(&title, 80)));
+    }
+    text.push(')');
+    text
+}
+
+fn html_title(body: &[u8]) -> Option<String> {
+    let head = &body[..body.len().min(4096)];
+    let text = String::from_utf8_lossy(head);
+    let lower = text.to_ascii_lowercase();
+    let start = lower.find("<title>")? + "<title>".len();
+    let end = start + lower[start..].find("</title>")?;
+    Some(text[start..end].trim().to_string())
+}
+
+/// Replaces any occurrence of our secrets in provider-supplied text, in case
+/// a provider or proxy echoes a header or the request back.
+pub(crate) fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        if out.contains(*s) {
+            out = out.replace(*s, "<redacted>");
+        }
+    }
+    out
+}
+
+/// One HTTP attempt's result, with the status it came with (for metrics).
+pub(crate) struct Attempt<T> {
+    pub http_status: Option<u16>,
+    pub result: Result<T, ProviderError>,
+}
+
+/// What the retry loop needs to label an answer in metrics.
+pub(crate) trait AnswerOutcome {
+    fn outcome(&self) -> &'static str;
+}
+
+/// The only place a retry waits, so the policy's delays are all there is.
+pub(crate) async fn sleep_before_retry(delay: Duration) {
+    tokio::time::sleep(delay).await;
+}
+
+/// The parts of a client the retry loop uses.
+pub(crate) struct RetryContext<'a> {
+    pub provider: Provider,
+    pub policy: &'a RetryPolicy,
+    pub limiter: &'a RateLimiter,
+    pub metrics: &'a Metrics,
+}
+
+/// Runs `attempt` (numbered from 1) until it succeeds, fails for good, or
+/// the policy's retries are used up. Every attempt takes a rate-limit
+/// permit; a 429 also slows the limiter down.
+pub(crate) async fn with_retries<T, F, Fut>(
+    ctx: RetryContext<'_>,
+    mut attempt: F,
+) -> Result<T, ProviderError>
+where
+    T: AnswerOutcome,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let provider = ctx.provider.as_str();
+    let mut retry = 0u32;
+    loop {
+        let number = retry + 1;
+        ctx.limiter.acquire().await;
+        let started = Instant::now();
+        let Attempt {
+            http_status,
+            result,
+        } = attempt(number).await;
+        let latency = started.elapsed();
+        let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
+        let outcome = match &result {
+            Ok(answer) => answer.outcome(),
+            Err(e) => e.kind.as_str(),
+        };
+        ctx.metrics
+            .provider_requests
+            .with_label_values(&[provider, outcome, &status_label])
+            .inc();
+        ctx.metrics
+            .provider_request_duration
+            .with_label_values(&[provider])
+            .observe(latency.as_secs_f64());
+        tracing::debug!(
+            provider,
+            status = %status_label,
+            outcome,
+            attempt = number,
+            latency_ms = latency.as_millis() as u64,
+            "provider request"
+        );
+        let mut err = match result {
+            Ok(answer) => {
+                ctx.metrics
+                    .provider_healthy
+                    .with_label_values(&[provider])
+                    .set(1);
+                return Ok(answer);
+            }
+            Err(e) => e,
+        };
+        err.attempts = number;
+        if err.kind.is_credential_problem() {
+            ctx.metrics
+                .provider_healthy
+                .with_label_values(&[provider])
+                .set(0);
+            tracing::warn!(
+                provider,
+                status = %status_label,
+                provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
+                error = %err,
+                "provider rejected our credentials or address"
+            );
+        }
+        if err.kind == ProviderErrorKind::RateLimited {
+            ctx.limiter.note_rate_limited();
+        }
+        let delay = if err.is_retryable() {
+            ctx.policy
+                .delay_with_retry_after(retry, random_jitter(), err.retry_after)
+        } else {
+            None
+        };
+        let Some(delay) = delay else {
+            return Err(err);
+        };
+        ctx.metrics
+            .provider_retries
+            .with_label_values(&[provider, err.kind.as_str()])
+            .inc();
+        tracing::debug!(
+            provider,
+            reason = err.kind.as_str(),
+            attempt = number,
+            delay_ms = delay.as_millis() as u64,
+            "retrying provider request"
+        );
+        sleep_before_retry(delay).await;
+        retry += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_accepts_delta_seconds_and_http_dates() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let p = |v: &str| parse_retry_after(&headers(v), now);
+        assert_eq!(p("7"), Some(Duration::from_secs(7)));
+        assert_eq!(p(" 0 "), Some(Duration::ZERO));
+        assert_eq!(p("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            p("Sun, 06 Nov 1994 08:50:07 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        // RFC 850 form, which HTTP still requires recipients to accept.
+        assert_eq!(
+            p("Sunday, 06-Nov-94 08:49:47 GMT"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(p("Sun, 06 Nov 1994 08:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(p("soon"), None);
+        assert_eq!(p("-3"), None);
+        assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn truncate_cuts_on_character_boundaries() {
+        assert_eq!(truncate("héllo wörld", 5), "héllo...");
+        assert_eq!(truncate(" short ", 50), "short");
+    }
+
+    #[test]
+    fn json_error_summary_never_quotes_the_input() {
+        let e = serde_json::from_str::<Vec<u32>>(r#"["secret sms text"]"#).unwrap_err();
+        let s = json_error_summary(&e);
+        assert!(!s.contains("secret"), "{s}");
+        assert!(s.contains("unexpected shape"), "{s}");
+        let e = serde_json::from_str::<serde_json::Value>(r#"{"a": "#).unwrap_err();
+        assert!(json_error_summary(&e).starts_with("truncated JSON"));
+    }
+
+    #[test]
+    fn non_json_summary_names_type_size_and_title() {
+        let body = b"<html><head><title>502 Bad Gateway</title></head></html>";
+        let s = non_json_summary(Some("text/html"), body);
+        assert_eq!(
+            s,
+            format!(
+                "non-JSON body (text/html, {} bytes, title \"502 Bad Gateway\")",
+                body.len()
+            )
+        );
+    }
+
+    #[test]
+    fn scrub_removes_echoed_secrets() {
+        assert_eq!(
+            scrub("bad key sk-12345 given", &["sk-12345", ""]),
+            "bad key <redacted> given"
+        );
+    }
+
+    #[test]
+    fn non_https_schemes_other_than_http_are_refused() {
+        let opts = ClientOptions {
+            provider: Provider::Finbox,
+            base_url: "ftp://example.com",
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            ca_bundle: "",
+        };
+        let e = build_client(&opts).unwrap_err().to_string();
+        assert!(e.contains("finbox.base_url"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_bundle_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let path = path.display().to_string();
+        let opts = ClientOptions {
+            provider: Provider::Credeau,
+            base_url: "https://example.com",
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            ca_bundle: &path,
+        };
+        let e = build_client(&opts).unwrap_err().to_string();
+        assert!(e.contains("credeau.ca_bundle"), "{e}");
+    }
+}
