@@ -192,6 +192,8 @@ pub struct EncodingSettings {
     pub input: InputEncoding,
     pub output: OutputEncoding,
     pub schema_registry_url: String,
+    /// Input records larger than this are dead-lettered unparsed.
+    pub max_input_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -566,6 +568,12 @@ impl Settings {
             ));
         }
         let _ = needs_registry;
+        if e.max_input_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "encoding.max_input_bytes",
+                "must be at least 1024",
+            ));
+        }
 
         let s = &self.schedule;
         if s.delay_tiers.is_empty() {

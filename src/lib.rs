@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod core;
+pub mod events;
 pub mod logging;
 pub mod metrics;
 pub mod providers;

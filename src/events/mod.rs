@@ -1,0 +1,65 @@
+//! The event contract with the outside world: decoding "user onboarded"
+//! input events and building the three output events (FinBox predictors,
+//! SMS extraction, insights ready), in JSON or in Avro with a
+//! Confluent-compatible schema registry. The schemas themselves live in
+//! `schemas/` and the contract for consumers in `docs/events.md`.
+
+pub mod avro;
+pub mod input;
+pub mod output;
+pub mod registry;
+mod sms;
+pub mod timestamps;
+
+pub use input::{DecodeError, InputDecoder, UserOnboarded, DEFAULT_MAX_INPUT_BYTES};
+pub use output::{EncodeError, OutputEncoder};
+pub use registry::{RegistryClient, RegistryError};
+
+/// How much of a record may be quoted in an error message.
+const QUOTED_PREFIX_BYTES: usize = 32;
+/// Library error texts are cut to this length before they reach ours.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// The first bytes of a value, escaped so the result is printable ASCII;
+/// the only part of a record an error message may carry.
+pub(crate) fn escaped_prefix(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(QUOTED_PREFIX_BYTES)];
+    let mut s = cut.escape_ascii().to_string();
+    if bytes.len() > cut.len() {
+        s.push_str("...");
+    }
+    s
+}
+
+/// Bounds a third-party error text, which may describe the offending value.
+pub(crate) fn truncate_message(msg: &str) -> String {
+    match msg.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((at, _)) => format!("{}...", &msg[..at]),
+        None => msg.to_string(),
+    }
+}
+
+/// The `<topic>-value` subject naming (Confluent's TopicNameStrategy).
+pub fn value_subject(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_prefix_is_short_and_escaped() {
+        let s = escaped_prefix(&[b'a'; 100]);
+        assert_eq!(s, format!("{}...", "a".repeat(32)));
+        assert_eq!(escaped_prefix(b"\x00\xff\"x"), "\\x00\\xff\\\"x");
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(500);
+        let cut = truncate_message(&long);
+        assert_eq!(cut.chars().count(), MAX_MESSAGE_CHARS + 3);
+        assert_eq!(truncate_message("short"), "short");
+    }
+}

@@ -1,0 +1,406 @@
+//! The SMS extraction event: mapping Credeau's open-ended entries onto the
+//! typed `SmsEntry` record (unknown or oddly typed fields go to `extra` as
+//! JSON text, never dropped), and splitting the entries into numbered parts
+//! so every encoded value fits the producer's size limit.
+//!
+//! Each entry is encoded once into one shared buffer; a part is then the
+//! header plus a contiguous run of those bytes. The header is sized with
+//! its integers at their widest, so a part never exceeds the limit whatever
+//! numbers it ends up carrying.
+
+use serde_json::{Map, Value};
+
+use super::avro::{self, put_bool, put_bytes, put_double, put_int, put_long, put_str};
+use super::output::EncodeError;
+use crate::task::Millis;
+
+type Entry = Map<String, Value>;
+
+pub(crate) struct SmsHeader<'a> {
+    pub event_id: &'a str,
+    pub user_id: &'a str,
+    pub credeau_user_id: &'a str,
+    pub onboarded_at: Millis,
+    pub fetched_at: Millis,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Bool,
+    Double,
+}
+
+/// The typed `SmsEntry` fields in schema order: (Credeau's key, kind).
+/// Credeau's `_id` is published as `id`.
+const TYPED: [(&str, Kind); 25] = [
+    ("_id", Kind::Str),
+    ("sms_id", Kind::Str),
+    ("sms_sender", Kind::Str),
+    ("sms_inbox_date", Kind::Str),
+    ("sms_body", Kind::Str),
+    ("created_at", Kind::Str),
+    ("created_date", Kind::Str),
+    ("template_hash", Kind::Str),
+    ("is_classified", Kind::Bool),
+    ("is_extracted", Kind::Bool),
+    ("account_last_digits", Kind::Str),
+    ("transaction", Kind::Double),
+    ("transaction_party", Kind::Str),
+    ("sms_sub_type", Kind::Str),
+    ("sms_type", Kind::Str),
+    ("sender_name", Kind::Str),
+    ("sender_type", Kind::Str),
+    ("sms_nlp_tag", Kind::Str),
+    ("unique_pan", Kind::Str),
+    ("is_transactional", Kind::Bool),
+    ("transaction_type", Kind::Str),
+    ("acc_number_nlp", Kind::Str),
+    ("transaction_nlp", Kind::Double),
+    ("unique_pan_nlp", Kind::Str),
+    ("request_id", Kind::Str),
+];
+
+/// Index into [`TYPED`]; a `match` rather than a scan, since it runs for
+/// every field of every entry.
+fn typed_slot(key: &str) -> Option<usize> {
+    match key {
+        "_id" => Some(0),
+        "sms_id" => Some(1),
+        "sms_sender" => Some(2),
+        "sms_inbox_date" => Some(3),
+        "sms_body" => Some(4),
+        "created_at" => Some(5),
+        "created_date" => Some(6),
+        "template_hash" => Some(7),
+        "is_classified" => Some(8),
+        "is_extracted" => Some(9),
+        "account_last_digits" => Some(10),
+        "transaction" => Some(11),
+        "transaction_party" => Some(12),
+        "sms_sub_type" => Some(13),
+        "sms_type" => Some(14),
+        "sender_name" => Some(15),
+        "sender_type" => Some(16),
+        "sms_nlp_tag" => Some(17),
+        "unique_pan" => Some(18),
+        "is_transactional" => Some(19),
+        "transaction_type" => Some(20),
+        "acc_number_nlp" => Some(21),
+        "transaction_nlp" => Some(22),
+        "unique_pan_nlp" => Some(23),
+        "request_id" => Some(24),
+        _ => None,
+    }
+}
+
+fn fits(kind: Kind, v: &Value) -> bool {
+    match kind {
+        Kind::Str => v.is_string(),
+        Kind::Bool => v.is_boolean(),
+        Kind::Double => v.is_number(),
+    }
+}
+
+/// Appends one `SmsEntry` datum. `extras` and `scratch` are reused across
+/// entries to avoid an allocation per entry.
+fn put_entry<'e>(
+    buf: &mut Vec<u8>,
+    entry: &'e Entry,
+    extras: &mut Vec<(&'e str, &'e Value)>,
+    scratch: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let mut slots: [Option<&Value>; TYPED.len()] = [None; TYPED.len()];
+    extras.clear();
+    for (k, v) in entry {
+        match typed_slot(k) {
+            Some(i) if v.is_null() => slots[i] = None,
+            Some(i) if fits(TYPED[i].1, v) => slots[i] = Some(v),
+            _ => extras.push((k, v)),
+        }
+    }
+    for (slot, (_, kind)) in slots.iter().zip(TYPED) {
+        let Some(v) = slot else {
+            put_long(buf, 0);
+            continue;
+        };
+        put_long(buf, 1);
+        match kind {
+            Kind::Str => put_str(buf, v.as_str().unwrap_or_default()),
+            Kind::Bool => put_bool(buf, v.as_bool().unwrap_or_default()),
+            Kind::Double => put_double(buf, v.as_f64().unwrap_or_default()),
+        }
+    }
+    if !extras.is_empty() {
+        put_long(buf, avro::len_i64(extras.len()));
+        for (k, v) in extras.iter() {
+            put_str(buf, k);
+            scratch.clear();
+            serde_json::to_writer(&mut *scratch, v)?;
+            put_bytes(buf, scratch);
+        }
+    }
+    put_long(buf, 0);
+    Ok(())
+}
+
+/// Entries encoded back to back, with the end offset of each.
+struct EncodedEntries {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl EncodedEntries {
+    fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        start..self.ends[i]
+    }
+}
+
+/// Groups entries into parts of at most `budget` bytes each, given the
+/// per-entry cost (`sep` extra bytes per entry for separators). Returns the
+/// index ranges of the parts.
+fn plan_parts(
+    enc: &EncodedEntries,
+    sep: usize,
+    budget: usize,
+    max: usize,
+) -> Result<Vec<std::ops::Range<usize>>, EncodeError> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    for i in 0..enc.ends.len() {
+        let size = enc.range(i).len() + sep;
+        if size > budget {
+            return Err(EncodeError::TooLarge {
+                entry: Some(i),
+                size,
+                max,
+            });
+        }
+        if used + size > budget {
+            parts.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += size;
+    }
+    parts.push(start..enc.ends.len());
+    Ok(parts)
+}
+
+fn budget(overhead: usize, max: usize) -> Result<usize, EncodeError> {
+    max.checked_sub(overhead)
+        .filter(|b| *b > 0)
+        .ok_or(EncodeError::TooLarge {
+            entry: None,
+            size: overhead,
+            max,
+        })
+}
+
+fn count_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+pub(crate) fn encode_avro(
+    h: &SmsHeader<'_>,
+    entries: &[Entry],
+    schema_id: u32,
+    max: usize,
+) -> Result<Vec<Vec<u8>>, EncodeError> {
+    let mut enc = EncodedEntries {
+        bytes: Vec::with_capacity(entries.len() * 1024),
+        ends: Vec::with_capacity(entries.len()),
+    };
+    let (mut extras, mut scratch) = (Vec::new(), Vec::new());
+    for e in entries {
+        put_entry(&mut enc.bytes, e, &mut extras, &mut scratch)?;
+        enc.ends.push(enc.bytes.len());
+    }
+    let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {
+        avro::put_wire_header(buf, schema_id);
+        put_str(buf, h.event_id);
+        put_str(buf, h.user_id);
+        put_str(buf, h.credeau_user_id);
+        put_long(buf, h.onboarded_at);
+        put_long(buf, h.fetched_at);
+        put_int(buf, part);
+        put_int(buf, parts);
+        put_int(buf, total);
+    };
+    let mut widest = Vec::new();
+    put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
+    // Plus the array's block count and its terminating zero.
+    let overhead = widest.len() + avro::MAX_LONG_LEN + 1;
+    let plan = plan_parts(&enc, 0, budget(overhead, max)?, max)?;
+    let parts = count_i32(plan.len());
+    let total = count_i32(entries.len());
+    let mut out = Vec::with_capacity(plan.len());
+    for (n, range) in plan.into_iter().enumerate() {
+        let bytes = span(&enc, &range);
+        let mut buf = Vec::with_capacity(overhead + bytes.len());
+        put_header(&mut buf, count_i32(n + 1), parts, total);
+        if !range.is_empty() {
+            put_long(&mut buf, avro::len_i64(range.len()));
+            buf.extend_from_slice(bytes);
+        }
+        put_long(&mut buf, 0);
+        out.push(buf);
+    }
+    Ok(out)
+}
+
+pub(crate) fn encode_json(
+    h: &SmsHeader<'_>,
+    entries: &[Entry],
+    max: usize,
+) -> Result<Vec<Vec<u8>>, EncodeError> {
+    let mut enc = EncodedEntries {
+        bytes: Vec::with_capacity(entries.len() * 1024),
+        ends: Vec::with_capacity(entries.len()),
+    };
+    for e in entries {
+        serde_json::to_writer(&mut enc.bytes, e)?;
+        enc.ends.push(enc.bytes.len());
+    }
+    let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {
+        // Field by field rather than through a struct, so the entries can
+        // be appended afterwards as already-encoded bytes.
+        let fields: [(&str, &dyn erased::Field); 8] = [
+            ("event_id", &h.event_id),
+            ("user_id", &h.user_id),
+            ("credeau_user_id", &h.credeau_user_id),
+            ("onboarded_at", &h.onboarded_at),
+            ("fetched_at", &h.fetched_at),
+            ("part", &part),
+            ("parts", &parts),
+            ("total_sms", &total),
+        ];
+        buf.push(b'{');
+        for (name, value) in fields {
+            buf.push(b'"');
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\":");
+            value.write_json(buf);
+            buf.push(b',');
+        }
+        buf.extend_from_slice(b"\"entries\":[");
+    };
+    let mut widest = Vec::new();
+    put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
+    let overhead = widest.len() + b"]}".len();
+    // Each entry costs its bytes plus at most one separating comma.
+    let plan = plan_parts(&enc, 1, budget(overhead, max)?, max)?;
+    let parts = count_i32(plan.len());
+    let total = count_i32(entries.len());
+    let mut out = Vec::with_capacity(plan.len());
+    for (n, range) in plan.into_iter().enumerate() {
+        let mut buf = Vec::with_capacity(overhead + span(&enc, &range).len() + range.len());
+        put_header(&mut buf, count_i32(n + 1), parts, total);
+        for (k, i) in range.enumerate() {
+            if k > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(&enc.bytes[enc.range(i)]);
+        }
+        buf.extend_from_slice(b"]}");
+        out.push(buf);
+    }
+    Ok(out)
+}
+
+/// The encoded bytes of a contiguous run of entries.
+fn span<'b>(enc: &'b EncodedEntries, range: &std::ops::Range<usize>) -> &'b [u8] {
+    if range.is_empty() {
+        return &[];
+    }
+    &enc.bytes[enc.range(range.start).start..enc.ends[range.end - 1]]
+}
+
+/// The two kinds of header value, written as JSON without a fallible
+/// serializer call.
+mod erased {
+    pub trait Field {
+        fn write_json(&self, buf: &mut Vec<u8>);
+    }
+    impl Field for &str {
+        fn write_json(&self, buf: &mut Vec<u8>) {
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, self);
+        }
+    }
+    impl Field for i64 {
+        fn write_json(&self, buf: &mut Vec<u8>) {
+            buf.extend_from_slice(self.to_string().as_bytes());
+        }
+    }
+    impl Field for i32 {
+        fn write_json(&self, buf: &mut Vec<u8>) {
+            buf.extend_from_slice(self.to_string().as_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc_of(sizes: &[usize]) -> EncodedEntries {
+        let mut ends = Vec::new();
+        let mut at = 0;
+        for s in sizes {
+            at += s;
+            ends.push(at);
+        }
+        EncodedEntries {
+            bytes: vec![0; at],
+            ends,
+        }
+    }
+
+    #[test]
+    fn slot_lookup_agrees_with_the_typed_table() {
+        for (i, (k, _)) in TYPED.iter().enumerate() {
+            assert_eq!(typed_slot(k), Some(i), "{k}");
+        }
+        assert_eq!(typed_slot("id"), None);
+    }
+
+    #[test]
+    fn parts_are_filled_greedily_in_order() {
+        let plan = plan_parts(&enc_of(&[4, 4, 4, 9, 1]), 0, 10, 100).unwrap();
+        assert_eq!(plan, vec![0..2, 2..3, 3..5]);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_is_too_large() {
+        let err = plan_parts(&enc_of(&[4, 11]), 0, 10, 100).unwrap_err();
+        assert!(matches!(
+            err,
+            EncodeError::TooLarge {
+                entry: Some(1),
+                size: 11,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn no_entries_give_one_empty_part() {
+        assert_eq!(plan_parts(&enc_of(&[]), 1, 10, 100).unwrap(), vec![0..0]);
+    }
+
+    #[test]
+    fn typed_fields_with_unexpected_types_go_to_extra() {
+        let entry: Entry = serde_json::from_value(serde_json::json!({
+            "_id": "a", "transaction": "eighty", "is_extracted": true, "new_field": [1]
+        }))
+        .unwrap();
+        let (mut extras, mut scratch, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+        put_entry(&mut buf, &entry, &mut extras, &mut scratch).unwrap();
+        let mut keys: Vec<&str> = extras.iter().map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, vec!["new_field", "transaction"]);
+    }
+}
