@@ -1088,3 +1088,18 @@ async fn shutdown_stops_the_listener() {
     running.shutdown().await.expect("clean shutdown");
     assert!(reqwest::Client::new().get(&url).send().await.is_err());
 }
+
+#[test]
+fn example_scenario_files_load_and_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/scenarios");
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(dir).expect("examples/scenarios exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            insights_enricher::simulator::load_scenarios(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            loaded += 1;
+        }
+    }
+    assert!(loaded >= 3, "only {loaded} example files");
+}

@@ -16,7 +16,7 @@ use super::faults::{self, Dice};
 use super::respond;
 use super::sms::{self, SmsEntry, SmsRequest};
 use super::stats::Channel;
-use super::Sim;
+use super::{Gate, Sim};
 use crate::providers::Provider;
 
 /// Credeau's documented limit on `user_id`.
@@ -59,30 +59,30 @@ struct Accepted {
 pub async fn fetch(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
     let now = sim.clock.now_ms();
     match gatekeep(&sim, &headers, &body) {
-        Ok(accepted) => serve(sim, accepted, now).await,
-        Err(resp) => sim.finish(Channel::Credeau, resp),
+        Gate::Pass(accepted) => serve(sim, accepted, now).await,
+        Gate::Answer(resp) => sim.finish(Channel::Credeau, resp),
     }
 }
 
-fn gatekeep(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Result<Accepted, Response> {
+fn gatekeep(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Gate<Accepted> {
     let client_id = {
         let creds = sim.credentials();
         if creds.credeau_ip_blocked {
-            return Err(respond::forbidden_html());
+            return Gate::Answer(respond::forbidden_html());
         }
         let client = headers.get("x-client-id").map(|v| v.as_bytes());
         let token = headers.get("x-auth-token").map(|v| v.as_bytes());
         if client != Some(creds.credeau_client_id.as_bytes())
             || token != Some(creds.credeau_auth_token.as_bytes())
         {
-            return Err(unauthorized());
+            return Gate::Answer(unauthorized());
         }
         creds.credeau_client_id.clone()
     };
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
-            return Err(unprocessable(vec![json!({
+            return Gate::Answer(unprocessable(vec![json!({
                 "type": "json_invalid",
                 "loc": ["body", e.column().saturating_sub(1)],
                 "msg": "JSON decode error",
@@ -92,7 +92,7 @@ fn gatekeep(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Result<Accepted, Res
         }
     };
     let Some(fields) = parsed.as_object() else {
-        return Err(unprocessable(vec![json!({
+        return Gate::Answer(unprocessable(vec![json!({
             "type": "model_attributes_type",
             "loc": ["body"],
             "msg": "Input should be a valid dictionary or object to extract fields from",
@@ -101,17 +101,17 @@ fn gatekeep(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Result<Accepted, Res
     };
     if let Some(body_client) = fields.get("client_id").and_then(Value::as_str) {
         if body_client != client_id {
-            return Err(unauthorized());
+            return Gate::Answer(unauthorized());
         }
     }
     let detail = validate(fields, &parsed);
     if !detail.is_empty() {
-        return Err(unprocessable(detail));
+        return Gate::Answer(unprocessable(detail));
     }
     if let Err(wait) = sim.credeau_limit.check() {
-        return Err(rate_limited(Some(respond::retry_after_secs(wait))));
+        return Gate::Answer(rate_limited(Some(respond::retry_after_secs(wait))));
     }
-    Ok(Accepted {
+    Gate::Pass(Accepted {
         user_id: fields
             .get("user_id")
             .and_then(Value::as_str)

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use rand::Rng as _;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::faults::{self, Dice};
@@ -17,7 +18,7 @@ use super::respond::{self, finbox_timestamp};
 use super::scenario::{FinboxOutcome, FinboxScenario};
 use super::stats::Channel;
 use super::users::Ticket;
-use super::Sim;
+use super::{Gate, Sim};
 use crate::providers::Provider;
 
 const IN_PROGRESS_MESSAGE: &str = "Featurization in Progress, please try again in 10 Seconds";
@@ -35,8 +36,51 @@ pub async fn staging(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Byte
     handle(sim, false, headers, body).await
 }
 
+/// A FinBox answer, keys in the document's order. The outer `Option` of
+/// `date_processed`/`data` says whether the key is present at all (the
+/// document's examples leave them out in some cases and null them in others).
+#[derive(Serialize)]
+struct FinboxBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    date_requested: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    date_processed: Option<Option<String>>,
+    status: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Option<Vec<Value>>>,
+}
+
+#[derive(Serialize)]
+struct BadRequestBody<'a> {
+    customer_id: Option<&'a str>,
+    request_id: String,
+    date_requested: String,
+    status: &'static str,
+    message: String,
+}
+
+fn body_response(status: StatusCode, body: &FinboxBody<'_>) -> Response {
+    respond::json_bytes(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
-    respond::json(status, &json!({"status": "error", "message": message}))
+    body_response(
+        status,
+        &FinboxBody {
+            customer_id: None,
+            request_id: None,
+            date_requested: None,
+            date_processed: None,
+            status: "error",
+            message,
+            data: None,
+        },
+    )
 }
 
 /// A request that passed every check.
@@ -48,8 +92,8 @@ struct Accepted {
 async fn handle(sim: Arc<Sim>, whitelisted: bool, headers: HeaderMap, body: Bytes) -> Response {
     let now = sim.clock.now_ms();
     match gatekeep(&sim, whitelisted, &headers, &body, now) {
-        Ok(accepted) => serve(sim, accepted, now).await,
-        Err(resp) => sim.finish(Channel::Finbox, resp),
+        Gate::Pass(accepted) => serve(sim, accepted, now).await,
+        Gate::Answer(resp) => sim.finish(Channel::Finbox, resp),
     }
 }
 
@@ -59,35 +103,37 @@ fn gatekeep(
     headers: &HeaderMap,
     body: &[u8],
     now: u64,
-) -> Result<Accepted, Response> {
+) -> Gate<Accepted> {
     let server_hash = {
         let creds = sim.credentials();
         if whitelisted && creds.finbox_ip_blocked {
-            return Err(error(StatusCode::FORBIDDEN, "IP address not whitelisted"));
+            return Gate::Answer(error(StatusCode::FORBIDDEN, "IP address not whitelisted"));
         }
         let key = headers.get("x-api-key").map(|v| v.as_bytes());
         if key != Some(creds.finbox_api_key.as_bytes()) {
-            return Err(error(StatusCode::FORBIDDEN, "Incorrect API Key"));
+            return Gate::Answer(error(StatusCode::FORBIDDEN, "Incorrect API Key"));
         }
         creds.finbox_server_hash.clone()
     };
     let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let customer_id = parsed.get("customer_id").and_then(Value::as_str);
     let bad_request = |message: String| {
-        respond::json(
+        // The seed's 400 example always carries customer_id (null when absent).
+        let body = BadRequestBody {
+            customer_id,
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            date_requested: finbox_timestamp(now),
+            status: "error",
+            message,
+        };
+        respond::json_bytes(
             StatusCode::BAD_REQUEST,
-            &json!({
-                "customer_id": customer_id,
-                "request_id": uuid::Uuid::new_v4().simple().to_string(),
-                "date_requested": finbox_timestamp(now),
-                "status": "error",
-                "message": message,
-            }),
+            serde_json::to_vec(&body).unwrap_or_default(),
         )
     };
     for key in ["customer_id", "version", "salt"] {
         if parsed.get(key).is_none_or(Value::is_null) {
-            return Err(bad_request(format!("Missing Key {key}")));
+            return Gate::Answer(bad_request(format!("Missing Key {key}")));
         }
     }
     let (Some(customer_id), Some(version), Some(salt)) = (
@@ -102,15 +148,15 @@ fn gatekeep(
         } else {
             "salt"
         };
-        return Err(bad_request(format!("Invalid value for Key {key}")));
+        return Gate::Answer(bad_request(format!("Invalid value for Key {key}")));
     };
     if salt != crate::salt::finbox_salt(customer_id, &server_hash) {
-        return Err(error(StatusCode::FORBIDDEN, "Incorrect salt"));
+        return Gate::Answer(error(StatusCode::FORBIDDEN, "Incorrect salt"));
     }
     if sim.finbox_limit.check().is_err() {
-        return Err(error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded"));
+        return Gate::Answer(error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded"));
     }
-    Ok(Accepted {
+    Gate::Pass(Accepted {
         customer_id: customer_id.to_owned(),
         version,
     })
@@ -171,37 +217,43 @@ fn answer(
     let not_found_until = u64::try_from(scenario.not_found_for.as_millis()).unwrap_or(u64::MAX);
     let cid = req.customer_id.as_str();
     let date_requested = finbox_timestamp(now);
-    let (status, value) = if scenario.outcome == FinboxOutcome::NotFound
-        || elapsed < not_found_until
-    {
-        let v = json!({
-            "customer_id": cid, "request_id": request_id, "date_requested": date_requested,
-            "date_processed": null, "status": "not_found", "message": "User not found", "data": null,
-        });
-        (StatusCode::OK, v)
-    } else if now < ready_at {
-        let v = json!({
-            "customer_id": cid, "request_id": request_id, "date_requested": date_requested,
-            "status": "in_progress", "message": IN_PROGRESS_MESSAGE,
-        });
-        (StatusCode::ACCEPTED, v)
-    } else if scenario.outcome == FinboxOutcome::NoData {
-        let v = json!({
-            "customer_id": cid, "request_id": request_id, "date_requested": date_requested,
-            "date_processed": finbox_timestamp(ready_at), "status": "no_data",
-            "message": "No data available for user", "data": null,
-        });
-        (StatusCode::OK, v)
-    } else {
-        let v = json!({
-            "customer_id": cid, "request_id": request_id, "date_requested": date_requested,
-            "date_processed": finbox_timestamp(ready_at), "status": "complete",
-            "message": "data processed successfully",
-            "data": predictors(sim.seed, cid, req.version, scenario.predictors),
-        });
-        (StatusCode::OK, v)
+    let mut body = FinboxBody {
+        customer_id: Some(cid),
+        request_id: Some(request_id.to_owned()),
+        date_requested: Some(date_requested),
+        date_processed: None,
+        status: "complete",
+        message: "data processed successfully",
+        data: None,
     };
-    (status, serde_json::to_vec(&value).unwrap_or_default())
+    let status = if scenario.outcome == FinboxOutcome::NotFound || elapsed < not_found_until {
+        body.date_processed = Some(None);
+        body.status = "not_found";
+        body.message = "User not found";
+        body.data = Some(None);
+        StatusCode::OK
+    } else if now < ready_at {
+        body.status = "in_progress";
+        body.message = IN_PROGRESS_MESSAGE;
+        StatusCode::ACCEPTED
+    } else if scenario.outcome == FinboxOutcome::NoData {
+        body.date_processed = Some(Some(finbox_timestamp(ready_at)));
+        body.status = "no_data";
+        body.message = "No data available for user";
+        body.data = Some(None);
+        StatusCode::OK
+    } else {
+        body.date_processed = Some(Some(finbox_timestamp(ready_at)));
+        body.data = Some(Some(predictors(
+            sim.seed,
+            cid,
+            req.version,
+            scenario.predictors,
+        )));
+        StatusCode::OK
+    };
+    // Plain strings and JSON values: serialization cannot fail.
+    (status, serde_json::to_vec(&body).unwrap_or_default())
 }
 
 /// What a predictor's value looks like.

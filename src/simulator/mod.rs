@@ -265,6 +265,13 @@ impl Sim {
     }
 }
 
+/// The outcome of a provider's checks (credentials, payload, rate limit):
+/// either the request goes on to the user's scenario, or it is answered now.
+pub(crate) enum Gate<T> {
+    Pass(T),
+    Answer(Response),
+}
+
 /// Every path that is not an API answers like Credeau's front proxy does.
 async fn wrong_path(axum::extract::State(sim): axum::extract::State<Arc<Sim>>) -> Response {
     sim.finish(Channel::Other, respond::forbidden_html())
