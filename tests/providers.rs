@@ -500,3 +500,88 @@ fn documented_defaults_give_two_then_five_seconds() {
     let centres: Vec<_> = (0..3).map(|n| c.delay(n, 0.0).unwrap()).collect();
     assert_eq!(centres, [1, 2, 4].map(Duration::from_secs).to_vec());
 }
+
+#[tokio::test]
+async fn an_endless_body_without_length_is_refused_while_streaming() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A server that answers 200 with a chunked body that never ends: only a
+    // cap enforced while streaming can stop the client.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 16 * 1024, "x".repeat(16 * 1024));
+                while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let mut s = settings(&format!("http://{addr}"));
+    s.finbox.max_response_bytes = 100_000;
+    let f = finbox(&s, Arc::new(Metrics::new()));
+    let started = Instant::now();
+    let err = f.client.fetch_predictors("u-endless").await.unwrap_err();
+    assert_eq!(
+        (err.kind, err.http_status, err.attempts),
+        (Kind::TooLarge, Some(200), 1)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn debug_and_warn_logs_never_hold_secrets_or_salts() {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Thread-local: the test runtime runs every task on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let sim = simulator(&[(
+        "u-log",
+        faults(Faults {
+            server_error_first: 1,
+            ..Faults::default()
+        }),
+    )])
+    .await;
+    let f = finbox(&settings(&sim.base_url()), Arc::new(Metrics::new()));
+    f.client.fetch_predictors("u-log").await.unwrap();
+    let mut wrong = settings(&sim.base_url());
+    wrong.finbox.api_key = insights_enricher::config::Secret::new("wrong-key-789");
+    let bad = finbox(&wrong, Arc::new(Metrics::new()));
+    bad.client.fetch_predictors("u-log").await.unwrap_err();
+
+    let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("provider request"), "{logs}");
+    assert!(logs.contains("retrying provider request"), "{logs}");
+    assert!(logs.contains("WARN"), "{logs}");
+    let salt = insights_enricher::salt::finbox_salt("u-log", SERVER_HASH);
+    for secret in [API_KEY, SERVER_HASH, "wrong-key-789", salt.as_str()] {
+        assert!(!logs.contains(secret), "{secret} in logs:\n{logs}");
+    }
+}

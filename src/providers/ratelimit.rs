@@ -357,6 +357,31 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn raising_the_rate_releases_tasks_already_waiting() {
+        let limiter = Arc::new(RateLimiter::new(
+            Provider::Credeau,
+            1,
+            Arc::new(Metrics::new()),
+        ));
+        limiter.acquire().await;
+        let waiter = {
+            let limiter = Arc::clone(&limiter);
+            tokio::spawn(async move { limiter.acquire().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "at 1/min the second permit is a minute away"
+        );
+        limiter.set_rate_per_minute(60_000);
+        let waited = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("released after the rate change")
+            .unwrap();
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn real_time_limit_holds_across_concurrent_tasks() {
         let metrics = Arc::new(Metrics::new());
