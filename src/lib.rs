@@ -4,9 +4,11 @@
 
 pub mod config;
 pub mod core;
+pub mod dlq;
 pub mod events;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod providers;
 pub mod salt;
 pub mod simulator;

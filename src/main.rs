@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use insights_enricher::config::Settings;
-use insights_enricher::{logging, salt, simulator};
+use insights_enricher::{dlq, logging, pipeline, salt, simulator};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -36,6 +36,9 @@ enum Command {
     },
     /// Load and validate the configuration; print it with secrets redacted.
     CheckConfig,
+    /// Dead-letter tools: inspect and replay.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,21 @@ fn main() -> ExitCode {
                 simulator::run(args, shutdown).await
             })
         }
+        Command::Dlq(cmd) => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init(settings.log.format, "warn");
+            block_on(async move {
+                let out = dlq::run(&settings, cmd).await?;
+                print!("{out}");
+                Ok(())
+            })
+        }
         Command::Run => {
             let settings = match Settings::load(cli.config.as_deref()) {
                 Ok(s) => s,
@@ -74,8 +92,10 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(settings.log.format, &settings.log.level);
-            eprintln!("error: the pipeline is not built yet");
-            ExitCode::FAILURE
+            block_on(async move {
+                let shutdown = shutdown_on_signal();
+                pipeline::run(settings, shutdown).await
+            })
         }
     }
 }

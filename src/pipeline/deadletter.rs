@@ -1,0 +1,307 @@
+//! Dead letters: the record that failed plus headers saying what failed,
+//! where and why, and the guard that stops the service instead of
+//! dead-lettering a whole topic after a bad deploy or a revoked key.
+
+use std::collections::VecDeque;
+
+use crate::config::DeadLetterSettings;
+use crate::providers::Provider;
+use crate::task::Millis;
+
+/// Header names on dead-letter records (documented in docs/events.md and the
+/// AsyncAPI document; `dlq replay` reads them).
+pub mod headers {
+    pub const ORIGINAL_TOPIC: &str = "dlq.original.topic";
+    pub const ORIGINAL_PARTITION: &str = "dlq.original.partition";
+    pub const ORIGINAL_OFFSET: &str = "dlq.original.offset";
+    pub const ORIGINAL_TIMESTAMP: &str = "dlq.original.timestamp";
+    pub const STAGE: &str = "dlq.stage";
+    pub const ERROR_CLASS: &str = "dlq.error.class";
+    pub const ERROR_MESSAGE: &str = "dlq.error.message";
+    pub const ATTEMPTS: &str = "dlq.attempts";
+    pub const PROVIDER: &str = "dlq.provider";
+    pub const HTTP_STATUS: &str = "dlq.http.status";
+    pub const PROVIDER_REQUEST_ID: &str = "dlq.provider.request_id";
+    pub const FAILED_AT: &str = "dlq.failed_at";
+    pub const USER_ID: &str = "dlq.user_id";
+    pub const EVENT_ID: &str = "dlq.event_id";
+    /// What `dlq replay` sends the record back as: `input` (the value is the
+    /// original input event) or `task` (the value is a task record).
+    pub const REPLAY_TARGET: &str = "dlq.replay.target";
+    /// Set on records sent back by `dlq replay`: `<dlq topic>/<partition>/<offset>`.
+    pub const REPLAYED_FROM: &str = "dlq.replayed.from";
+}
+
+/// Where in the pipeline a record failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Decoding or validating an input event.
+    Decode,
+    /// Decoding a task record from a delay topic.
+    TaskDecode,
+    /// A provider answer that ended the provider as failed.
+    Poll(Provider),
+    /// Encoding an output that cannot be published.
+    Publish,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::TaskDecode => "task_decode",
+            Stage::Poll(Provider::Finbox) => "poll_finbox",
+            Stage::Poll(Provider::Credeau) => "poll_credeau",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// One dead letter, before it becomes a Kafka record.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub stage: Stage,
+    /// Stable, low-cardinality label (`malformed_json`, `forbidden`, ...).
+    pub reason: String,
+    /// Human-readable detail: never secrets or SMS bodies.
+    pub message: String,
+    pub original_topic: String,
+    pub original_partition: i32,
+    pub original_offset: i64,
+    pub original_timestamp: Option<Millis>,
+    pub attempts: u32,
+    pub provider: Option<Provider>,
+    pub http_status: Option<u16>,
+    pub provider_request_id: Option<String>,
+    pub user_id: Option<String>,
+    pub event_id: Option<String>,
+    pub replay_target: &'static str,
+    pub failed_at: Millis,
+    /// Headers of the original record, kept (prefixed names are ours).
+    pub original_headers: Vec<(String, Vec<u8>)>,
+}
+
+impl DeadLetter {
+    /// The headers to attach, in a stable order.
+    pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut h: Vec<(String, Vec<u8>)> = self
+            .original_headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("dlq."))
+            .cloned()
+            .collect();
+        let mut put = |k: &str, v: String| h.push((k.to_string(), v.into_bytes()));
+        put(headers::ORIGINAL_TOPIC, self.original_topic.clone());
+        put(
+            headers::ORIGINAL_PARTITION,
+            self.original_partition.to_string(),
+        );
+        put(headers::ORIGINAL_OFFSET, self.original_offset.to_string());
+        if let Some(ts) = self.original_timestamp {
+            put(headers::ORIGINAL_TIMESTAMP, ts.to_string());
+        }
+        put(headers::STAGE, self.stage.as_str().to_string());
+        put(headers::ERROR_CLASS, self.reason.clone());
+        put(headers::ERROR_MESSAGE, truncate(&self.message, 1024));
+        put(headers::ATTEMPTS, self.attempts.to_string());
+        if let Some(p) = self.provider {
+            put(headers::PROVIDER, p.as_str().to_string());
+        }
+        if let Some(s) = self.http_status {
+            put(headers::HTTP_STATUS, s.to_string());
+        }
+        if let Some(r) = &self.provider_request_id {
+            put(headers::PROVIDER_REQUEST_ID, r.clone());
+        }
+        if let Some(u) = &self.user_id {
+            put(headers::USER_ID, u.clone());
+        }
+        if let Some(e) = &self.event_id {
+            put(headers::EVENT_ID, e.clone());
+        }
+        put(headers::REPLAY_TARGET, self.replay_target.to_string());
+        put(headers::FAILED_AT, self.failed_at.to_string());
+        h
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Stops the pipeline when too much goes to the dead-letter topic: more
+/// than `max_ratio` of the last `window` records (once the window is full),
+/// or `max_consecutive` in a row. A tripped guard aborts the batch, so the
+/// records are not dead-lettered and are processed again after the cause is
+/// fixed.
+#[derive(Debug)]
+pub struct DeadLetterGuard {
+    settings: DeadLetterSettings,
+    recent: VecDeque<bool>,
+    dead_in_window: usize,
+    consecutive: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GuardTripped {
+    #[error("{count} consecutive records were dead-lettered (dead_letter.max_consecutive = {limit}); stopping instead of dead-lettering the whole topic. Last reason: {reason}")]
+    Consecutive {
+        count: usize,
+        limit: usize,
+        reason: String,
+    },
+    #[error("{dead} of the last {window} records were dead-lettered (dead_letter.max_ratio = {ratio}); stopping instead of dead-lettering the whole topic. Last reason: {reason}")]
+    Ratio {
+        dead: usize,
+        window: usize,
+        ratio: f64,
+        reason: String,
+    },
+}
+
+impl DeadLetterGuard {
+    pub fn new(settings: DeadLetterSettings) -> DeadLetterGuard {
+        DeadLetterGuard {
+            recent: VecDeque::with_capacity(settings.window),
+            settings,
+            dead_in_window: 0,
+            consecutive: 0,
+        }
+    }
+
+    /// Records one processed record. `dead` says whether it was
+    /// dead-lettered (with `reason`).
+    pub fn observe(&mut self, dead: bool, reason: &str) -> Result<(), GuardTripped> {
+        if self.recent.len() == self.settings.window {
+            if let Some(true) = self.recent.pop_front() {
+                self.dead_in_window -= 1;
+            }
+        }
+        self.recent.push_back(dead);
+        if dead {
+            self.dead_in_window += 1;
+            self.consecutive += 1;
+        } else {
+            self.consecutive = 0;
+        }
+        if self.consecutive >= self.settings.max_consecutive {
+            return Err(GuardTripped::Consecutive {
+                count: self.consecutive,
+                limit: self.settings.max_consecutive,
+                reason: reason.to_string(),
+            });
+        }
+        if self.recent.len() == self.settings.window
+            && self.dead_in_window as f64 > self.settings.max_ratio * self.settings.window as f64
+        {
+            return Err(GuardTripped::Ratio {
+                dead: self.dead_in_window,
+                window: self.settings.window,
+                ratio: self.settings.max_ratio,
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A snapshot to restore when a batch is aborted.
+    pub fn snapshot(&self) -> (VecDeque<bool>, usize, usize) {
+        (self.recent.clone(), self.dead_in_window, self.consecutive)
+    }
+
+    pub fn restore(&mut self, s: (VecDeque<bool>, usize, usize)) {
+        self.recent = s.0;
+        self.dead_in_window = s.1;
+        self.consecutive = s.2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(window: usize, ratio: f64, consecutive: usize) -> DeadLetterGuard {
+        DeadLetterGuard::new(DeadLetterSettings {
+            max_ratio: ratio,
+            window,
+            max_consecutive: consecutive,
+        })
+    }
+
+    #[test]
+    fn consecutive_dead_letters_trip_the_guard() {
+        let mut g = guard(100, 0.9, 3);
+        assert!(g.observe(true, "x").is_ok());
+        assert!(g.observe(true, "x").is_ok());
+        assert!(matches!(
+            g.observe(true, "forbidden"),
+            Err(GuardTripped::Consecutive { count: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn a_good_record_resets_the_consecutive_count() {
+        let mut g = guard(100, 0.9, 3);
+        for _ in 0..10 {
+            assert!(g.observe(true, "x").is_ok());
+            assert!(g.observe(true, "x").is_ok());
+            assert!(g.observe(false, "").is_ok());
+        }
+    }
+
+    #[test]
+    fn ratio_applies_only_over_a_full_window() {
+        let mut g = guard(10, 0.5, 100);
+        for i in 0..9 {
+            assert!(g.observe(i % 3 != 0, "x").is_ok(), "record {i}");
+        }
+        assert!(matches!(
+            g.observe(true, "x"),
+            Err(GuardTripped::Ratio { dead: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn headers_name_origin_stage_and_reason() {
+        let d = DeadLetter {
+            key: None,
+            value: None,
+            stage: Stage::Poll(Provider::Credeau),
+            reason: "unauthorized".into(),
+            message: "m".repeat(2000),
+            original_topic: "t".into(),
+            original_partition: 3,
+            original_offset: 42,
+            original_timestamp: Some(7),
+            attempts: 1,
+            provider: Some(Provider::Credeau),
+            http_status: Some(401),
+            provider_request_id: Some("rid".into()),
+            user_id: Some("u".into()),
+            event_id: Some("e".into()),
+            replay_target: "task",
+            failed_at: 9,
+            original_headers: vec![("trace".into(), b"1".to_vec())],
+        };
+        let h = d.headers();
+        let get = |k: &str| {
+            h.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(get(headers::ORIGINAL_OFFSET).as_deref(), Some("42"));
+        assert_eq!(get(headers::STAGE).as_deref(), Some("poll_credeau"));
+        assert_eq!(get(headers::HTTP_STATUS).as_deref(), Some("401"));
+        assert_eq!(get("trace").as_deref(), Some("1"));
+        assert!(get(headers::ERROR_MESSAGE).unwrap().len() < 1100);
+    }
+}

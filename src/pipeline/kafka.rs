@@ -1,0 +1,186 @@
+//! Kafka clients for the pipeline: librdkafka configuration from settings
+//! (security included), the consumer context that tracks assignment and
+//! statistics, and the transactional producer.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+
+use crate::config::KafkaSettings;
+use crate::metrics::Metrics;
+
+/// Settings shared by every client: brokers and security. Secrets are set
+/// here and nowhere else.
+pub fn base_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("security.protocol", k.security_protocol.as_librdkafka())
+        .set_log_level(RDKafkaLogLevel::Warning);
+    if k.security_protocol.uses_sasl() {
+        c.set("sasl.mechanism", &k.sasl_mechanism)
+            .set("sasl.username", &k.sasl_username)
+            .set("sasl.password", k.sasl_password.expose());
+    }
+    if k.security_protocol.uses_tls() {
+        if !k.ssl_ca_location.is_empty() {
+            c.set("ssl.ca.location", &k.ssl_ca_location);
+        }
+        if !k.ssl_certificate_location.is_empty() {
+            c.set("ssl.certificate.location", &k.ssl_certificate_location)
+                .set("ssl.key.location", &k.ssl_key_location);
+        }
+        if k.ssl_key_password.is_set() {
+            c.set("ssl.key.password", k.ssl_key_password.expose());
+        }
+    }
+    for (key, value) in &k.extra {
+        c.set(key, value);
+    }
+    c
+}
+
+/// What the consumer context learned during the last poll: partitions
+/// revoked (the loop drops their records and pause state) and the current
+/// assignment.
+#[derive(Default)]
+pub struct AssignmentState {
+    pub revoked: Vec<(String, i32)>,
+    pub assigned: HashSet<(String, i32)>,
+    /// Bumped on every assignment change, so the loop can react once.
+    pub generation: u64,
+}
+
+/// Consumer context: rebalance bookkeeping, statistics to metrics, broker
+/// reachability for readiness.
+pub struct PipelineContext {
+    pub metrics: Arc<Metrics>,
+    pub assignment: Mutex<AssignmentState>,
+    pub broker_up: AtomicBool,
+    pub joined: AtomicBool,
+    /// Topics whose lag counts as "users waiting" (the delay tiers).
+    pub delay_topics: HashSet<String>,
+}
+
+impl PipelineContext {
+    pub fn new(metrics: Arc<Metrics>, delay_topics: HashSet<String>) -> PipelineContext {
+        PipelineContext {
+            metrics,
+            assignment: Mutex::new(AssignmentState::default()),
+            broker_up: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            delay_topics,
+        }
+    }
+
+    fn with_assignment<R>(&self, f: impl FnOnce(&mut AssignmentState) -> R) -> R {
+        let mut guard = self
+            .assignment
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+
+    /// Takes the partitions revoked since the last call.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        self.with_assignment(|a| std::mem::take(&mut a.revoked))
+    }
+
+    pub fn assigned(&self) -> (u64, HashSet<(String, i32)>) {
+        self.with_assignment(|a| (a.generation, a.assigned.clone()))
+    }
+}
+
+impl ClientContext for PipelineContext {
+    fn stats(&self, stats: Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.broker_up.store(up, Ordering::Relaxed);
+        let mut waiting = 0i64;
+        for (topic, t) in &stats.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 || !p.desired {
+                    continue;
+                }
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                let position = [p.app_offset, p.committed_offset, p.lo_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0)
+                    .unwrap_or(end);
+                let lag = (end - position).max(0);
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &id.to_string()])
+                    .set(lag);
+                if self.delay_topics.contains(topic) {
+                    waiting += lag;
+                }
+            }
+        }
+        self.metrics.users_waiting.set(waiting);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.broker_up.store(false, Ordering::Relaxed);
+        }
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for PipelineContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            tracing::info!(partitions = revoked.len(), "partitions revoked");
+            for (t, p) in &revoked {
+                let _ = self
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[t.as_str(), &p.to_string()]);
+            }
+            self.with_assignment(|a| {
+                for tp in &revoked {
+                    a.assigned.remove(tp);
+                }
+                a.revoked.extend(revoked);
+                a.generation += 1;
+            });
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let added: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = added.len(), "partitions assigned");
+                self.with_assignment(|a| {
+                    a.assigned.extend(added);
+                    a.generation += 1;
+                });
+                self.joined.store(true, Ordering::Relaxed);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}

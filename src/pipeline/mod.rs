@@ -1,0 +1,275 @@
+//! `insights-enricher run`: wires configuration, the provider clients, the
+//! event codecs, the Kafka clients, the health server and the consume loop,
+//! and shuts them down in order.
+
+pub mod consume;
+pub mod deadletter;
+pub mod health;
+pub mod kafka;
+pub mod topics;
+pub mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OutputEncoding, Settings};
+use crate::core::tiers::DelayTiers;
+use crate::core::Policies;
+use crate::events::{InputDecoder, OutputEncoder, RegistryClient};
+use crate::metrics::Metrics;
+use crate::providers::credeau::CredeauClient;
+use crate::providers::finbox::FinboxClient;
+use crate::providers::ratelimit::RateLimiter;
+use crate::providers::Provider;
+
+use self::consume::{ConsumeLoop, LoopSettings};
+use self::deadletter::DeadLetterGuard;
+use self::health::Health;
+use self::kafka::{base_config, PipelineContext};
+use self::worker::{OutputTopics, SourceKind, Worker};
+
+/// The transactional.id of this instance: the prefix plus the pod (or host)
+/// name. KIP-447 fences zombies through the consumer group generation, so
+/// the id need not follow partitions; keeping it stable across restarts of
+/// the same pod lets a restarted process abort its predecessor's open
+/// transaction at once (init_transactions) instead of every read_committed
+/// consumer waiting for the transaction timeout. Two live processes must
+/// never share an id: pod names are unique; on one host, give each process
+/// its own `kafka.transactional_id_prefix`.
+fn transactional_id(prefix: &str) -> String {
+    let instance = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "local".to_string());
+    format!("{prefix}-{instance}")
+}
+
+/// Runs the service until `shutdown` is cancelled (SIGTERM) or a fatal
+/// error. Returns an error naming what failed.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(settings.server.stall_timeout));
+    let server_stop = CancellationToken::new();
+    let (server, server_addr) = health::serve(
+        &settings.server.listen,
+        metrics.clone(),
+        health.clone(),
+        server_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
+    tracing::info!(listen = %server_addr, "metrics and health server up");
+
+    let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
+    let k = &settings.kafka;
+
+    if settings.topics.create {
+        let admin: AdminClient<DefaultClientContext> = base_config(k)
+            .create()
+            .context("kafka: cannot create admin client")?;
+        topics::create_topics(&admin, &settings, &tiers)
+            .await
+            .context("topics.create")?;
+    }
+    let probe: BaseConsumer = base_config(k)
+        .create()
+        .context("kafka: cannot create client")?;
+    let total_partitions = {
+        let s = settings.clone();
+        let t = tiers.clone();
+        tokio::task::spawn_blocking(move || {
+            topics::check_topics(&probe, &s, &t, Duration::from_secs(30))
+        })
+        .await
+        .context("topic check task")?
+        .context("kafka topics")?
+    };
+
+    let registry = if settings.encoding.schema_registry_url.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            RegistryClient::new(&settings.encoding.schema_registry_url)
+                .context("encoding.schema_registry_url")?,
+        ))
+    };
+    let decoder = Arc::new(InputDecoder::new(settings.encoding.input, registry.clone()));
+    let encoder = Arc::new(
+        OutputEncoder::new(
+            settings.encoding.output,
+            if settings.encoding.output == OutputEncoding::Avro {
+                registry.clone()
+            } else {
+                None
+            },
+            &settings.topics,
+        )
+        .await
+        .context("output schemas")?,
+    );
+
+    let finbox_limit = Arc::new(RateLimiter::new(
+        Provider::Finbox,
+        settings.finbox.rate_limit_per_minute,
+        metrics.clone(),
+    ));
+    let credeau_limit = Arc::new(RateLimiter::new(
+        Provider::Credeau,
+        settings.credeau.rate_limit_per_minute,
+        metrics.clone(),
+    ));
+    let finbox = Arc::new(
+        FinboxClient::new(&settings.finbox, finbox_limit.clone(), metrics.clone())
+            .context("finbox client")?,
+    );
+    let credeau = Arc::new(
+        CredeauClient::new(&settings.credeau, credeau_limit.clone(), metrics.clone())
+            .context("credeau client")?,
+    );
+
+    let tier_topics = tiers.topics(&settings.topics.delay_prefix);
+    let mut topic_kinds: HashMap<String, SourceKind> = HashMap::new();
+    topic_kinds.insert(settings.topics.input.clone(), SourceKind::Input);
+    for (i, t) in tier_topics.iter().enumerate() {
+        topic_kinds.insert(t.clone(), SourceKind::Tier(i));
+    }
+
+    let ctx = PipelineContext::new(
+        metrics.clone(),
+        tier_topics.iter().cloned().collect::<HashSet<_>>(),
+    );
+    let consumer: StreamConsumer<PipelineContext> = base_config(k)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "session.timeout.ms",
+            k.session_timeout.as_millis().to_string(),
+        )
+        .set("max.poll.interval.ms", "300000")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false")
+        .create_with_context(ctx)
+        .context("kafka: cannot create consumer")?;
+    let consumer = Arc::new(consumer);
+    let subscribe: Vec<&str> = topic_kinds.keys().map(String::as_str).collect();
+    consumer
+        .subscribe(&subscribe)
+        .context("kafka: cannot subscribe")?;
+
+    let producer: FutureProducer = base_config(k)
+        .set(
+            "transactional.id",
+            transactional_id(&k.transactional_id_prefix),
+        )
+        .set(
+            "transaction.timeout.ms",
+            k.transaction_timeout.as_millis().to_string(),
+        )
+        .set("enable.idempotence", "true")
+        .set("compression.type", "zstd")
+        .set("linger.ms", "5")
+        .set(
+            "message.max.bytes",
+            (settings.topics.max_message_bytes + 64 * 1024).to_string(),
+        )
+        .create()
+        .context("kafka: cannot create producer")?;
+    {
+        let p = producer.clone();
+        let timeout = k.transaction_timeout;
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+            .await
+            .context("init_transactions task")?
+            .context(
+                "kafka: init_transactions (is the broker reachable and are the credentials right?)",
+            )?;
+    }
+
+    let worker = Arc::new(Worker {
+        finbox,
+        credeau,
+        decoder,
+        encoder,
+        policies: Policies {
+            finbox: settings.finbox.poll_policy(),
+            credeau: settings.credeau.poll_policy(),
+        },
+        tiers: tiers.clone(),
+        topics: OutputTopics {
+            finbox_predictors: settings.topics.finbox_predictors.clone(),
+            sms_extraction: settings.topics.sms_extraction.clone(),
+            combined: settings.topics.combined.clone(),
+            dead_letter: settings.topics.dead_letter.clone(),
+            tiers: tier_topics.clone(),
+        },
+        max_message_bytes: settings.topics.max_message_bytes,
+        metrics: metrics.clone(),
+    });
+
+    let finbox_total = settings.finbox.rate_limit_per_minute;
+    let credeau_total = settings.credeau.rate_limit_per_minute;
+    let on_share = Box::new(move |share: f64| {
+        let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
+        finbox_limit.set_rate_per_minute(part(finbox_total));
+        credeau_limit.set_rate_per_minute(part(credeau_total));
+    });
+
+    let shutdown_timeout = settings.shutdown.timeout;
+    let mut consume_loop = ConsumeLoop::new(
+        consumer.clone(),
+        producer.clone(),
+        worker,
+        LoopSettings {
+            max_batch: settings.schedule.max_batch,
+            batch_linger: settings.schedule.batch_linger,
+            max_in_flight: settings.schedule.max_in_flight,
+            transaction_timeout: k.transaction_timeout,
+            drain_timeout: shutdown_timeout.mul_f64(0.6),
+        },
+        topic_kinds,
+        DeadLetterGuard::new(settings.dead_letter.clone()),
+        health.clone(),
+        metrics.clone(),
+        on_share,
+        total_partitions,
+    );
+    tracing::info!(
+        input = %settings.topics.input,
+        tiers = tier_topics.len(),
+        total_partitions,
+        "pipeline started"
+    );
+
+    let result = consume_loop.run(shutdown.clone()).await;
+    health.set_stopping();
+    drop(consume_loop);
+
+    // Leaving the group can block for up to session.timeout.ms: do it off
+    // the runtime, within the shutdown bound.
+    let close = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+        let _ = producer.flush(Duration::from_secs(5));
+        drop(producer);
+    });
+    if tokio::time::timeout(shutdown_timeout.mul_f64(0.3), close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the Kafka clients took too long; exiting anyway");
+    }
+    server_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    result.map_err(anyhow::Error::from)
+}

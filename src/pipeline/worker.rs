@@ -1,0 +1,527 @@
+//! Processing one consumed record into the records to produce for it: the
+//! shell around the pure core. It polls the providers (concurrently for one
+//! user), applies their answers, and builds the next task record, the output
+//! events and the dead letters. It never touches Kafka itself: the loop
+//! produces what it returns, inside the batch's transaction.
+
+use std::sync::Arc;
+
+use crate::core::tiers::DelayTiers;
+use crate::core::{self, Answer, Effects, Policies};
+use crate::events::{DecodeError, InputDecoder, OutputEncoder};
+use crate::metrics::Metrics;
+use crate::pipeline::deadletter::{DeadLetter, Stage};
+use crate::providers::{CredeauApi, FinboxApi, Provider};
+use crate::task::{LastError, Millis, Outcome, SourceRef, Task, TaskDecodeError};
+
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Where a consumed record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Input,
+    Tier(usize),
+}
+
+/// A consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub kind: SourceKind,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<Millis>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// What kind of record an output is, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    FinboxPredictors,
+    SmsExtraction,
+    InsightsReady,
+    Delay(usize),
+    DeadLetter,
+}
+
+impl OutKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            OutKind::FinboxPredictors => "finbox_predictors",
+            OutKind::SmsExtraction => "sms_extraction",
+            OutKind::InsightsReady => "insights_ready",
+            OutKind::Delay(_) => "delay",
+            OutKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub kind: OutKind,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Everything one consumed record leads to.
+#[derive(Debug, Default)]
+pub struct Processed {
+    pub outputs: Vec<OutRecord>,
+    /// The dead-letter reasons among the outputs (for the guard and metrics).
+    pub dead_letters: Vec<(Stage, String)>,
+    /// Onboarding-to-combined latency to observe once committed (seconds).
+    pub combined_latency: Option<f64>,
+}
+
+/// A failure that is not the record's fault (the schema registry is down):
+/// the batch is retried instead of dead-lettering anything.
+#[derive(Debug, thiserror::Error)]
+#[error("transient failure: {0}")]
+pub struct Transient(pub String);
+
+/// The work to do for one consumed record, decided by the loop.
+#[derive(Debug)]
+pub enum Job {
+    /// An onboarded event from the input topic.
+    Input(Incoming),
+    /// A task that is due now.
+    Due(Incoming, Task),
+    /// A task that came back before its due time: send it on.
+    Forward(Incoming, Task, usize),
+    /// A delay-topic record that is not a task.
+    PoisonTask(Incoming, TaskDecodeError),
+}
+
+/// Topic names the worker writes to.
+#[derive(Debug, Clone)]
+pub struct OutputTopics {
+    pub finbox_predictors: String,
+    pub sms_extraction: String,
+    pub combined: String,
+    pub dead_letter: String,
+    pub tiers: Vec<String>,
+}
+
+pub struct Worker {
+    pub finbox: Arc<dyn FinboxApi>,
+    pub credeau: Arc<dyn CredeauApi>,
+    pub decoder: Arc<InputDecoder>,
+    pub encoder: Arc<OutputEncoder>,
+    pub policies: Policies,
+    pub tiers: DelayTiers,
+    pub topics: OutputTopics,
+    pub max_message_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Header naming the kind of event on output topics.
+pub const EVENT_TYPE_HEADER: &str = "insights.event_type";
+
+impl Worker {
+    pub async fn process(&self, job: Job) -> Result<Processed, Transient> {
+        let mut out = Processed::default();
+        match job {
+            Job::Input(rec) => match self.decoder.decode(rec.value.as_deref()).await {
+                Ok(event) => {
+                    let now = now_ms();
+                    let origin = SourceRef {
+                        topic: rec.topic.clone(),
+                        partition: rec.partition,
+                        offset: rec.offset,
+                    };
+                    let task = core::start(event.into_user(), origin, now, &self.policies);
+                    self.metrics
+                        .events_consumed
+                        .with_label_values(&["input", "accepted"])
+                        .inc();
+                    self.advance(task, &rec, now, &mut out).await;
+                }
+                Err(e) if e.is_transient() => return Err(Transient(e.to_string())),
+                Err(e) => {
+                    self.metrics
+                        .events_consumed
+                        .with_label_values(&["input", "dead_lettered"])
+                        .inc();
+                    tracing::warn!(
+                        topic = %rec.topic, partition = rec.partition, offset = rec.offset,
+                        reason = e.reason(), error = %e, "input event dead-lettered"
+                    );
+                    self.dead_letter_input(&rec, Stage::Decode, e.reason(), &e, &mut out);
+                }
+            },
+            Job::Due(rec, task) => {
+                let now = now_ms();
+                if let SourceKind::Tier(t) = rec.kind {
+                    self.metrics
+                        .tasks_due
+                        .with_label_values(&[&self.tiers.label(t)])
+                        .inc();
+                }
+                self.metrics
+                    .poll_lateness
+                    .observe((now - task.due_at).max(0) as f64 / 1000.0);
+                self.metrics
+                    .events_consumed
+                    .with_label_values(&["delay", "due"])
+                    .inc();
+                self.advance(task, &rec, now, &mut out).await;
+            }
+            Job::Forward(rec, task, tier) => {
+                if let SourceKind::Tier(from) = rec.kind {
+                    self.metrics
+                        .tasks_forwarded
+                        .with_label_values(&[&self.tiers.label(from)])
+                        .inc();
+                }
+                self.metrics
+                    .events_consumed
+                    .with_label_values(&["delay", "forwarded"])
+                    .inc();
+                out.outputs.push(self.delay_record(&task, tier));
+            }
+            Job::PoisonTask(rec, e) => {
+                self.metrics
+                    .events_consumed
+                    .with_label_values(&["delay", "dead_lettered"])
+                    .inc();
+                tracing::warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %e, "task record dead-lettered");
+                self.dead_letter_input(&rec, Stage::TaskDecode, "invalid_task", &e, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Polls whatever is due for this task, applies the answers, and emits
+    /// the outputs plus the next task record (or the combined event).
+    async fn advance(&self, mut task: Task, rec: &Incoming, now: Millis, out: &mut Processed) {
+        let due = task.due_providers(now);
+        if !due.is_empty() {
+            let poll_finbox = due.contains(&Provider::Finbox);
+            let poll_credeau = due.contains(&Provider::Credeau);
+            let finbox_id = task.user.finbox_customer_id.clone();
+            let credeau_id = task.user.credeau_user_id.clone();
+            let (fa, ca) = tokio::join!(
+                async {
+                    if poll_finbox {
+                        Some(self.finbox.fetch_predictors(&finbox_id).await)
+                    } else {
+                        None
+                    }
+                },
+                async {
+                    if poll_credeau {
+                        Some(self.credeau.fetch_sms(&credeau_id).await)
+                    } else {
+                        None
+                    }
+                }
+            );
+            let answered_at = now_ms();
+            if let Some(a) = fa {
+                let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
+                self.effects(&mut task, fx, rec, answered_at, out);
+            }
+            if let Some(a) = ca {
+                let fx = core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
+                self.effects(&mut task, fx, rec, answered_at, out);
+            }
+        }
+        let now = now_ms();
+        if task.is_done() {
+            match self.encoder.insights_ready(&task, now) {
+                Ok(value) => {
+                    out.outputs.push(self.output(
+                        OutKind::InsightsReady,
+                        &self.topics.combined,
+                        &task,
+                        value,
+                        vec![],
+                    ));
+                    out.combined_latency =
+                        Some((now - task.user.onboarded_at).max(0) as f64 / 1000.0);
+                }
+                Err(e) => {
+                    // The combined event is built from our own task state; if
+                    // it cannot be encoded the task itself is dead-lettered so
+                    // nothing is lost silently.
+                    self.dead_letter_task(
+                        &task,
+                        rec,
+                        Stage::Publish,
+                        "encode_failed",
+                        &e.to_string(),
+                        None,
+                        out,
+                    );
+                }
+            }
+        } else {
+            let tier = self.tiers.route(task.due_at - now);
+            self.metrics
+                .tasks_scheduled
+                .with_label_values(&[&self.tiers.label(tier)])
+                .inc();
+            out.outputs.push(self.delay_record(&task, tier));
+        }
+    }
+
+    fn effects(
+        &self,
+        task: &mut Task,
+        fx: Effects,
+        rec: &Incoming,
+        now: Millis,
+        out: &mut Processed,
+    ) {
+        if let Some(insights) = fx.finbox_insights {
+            match self.encoder.finbox_predictors(task, &insights, now) {
+                Ok(value) => out.outputs.push(self.output(
+                    OutKind::FinboxPredictors,
+                    &self.topics.finbox_predictors,
+                    task,
+                    value,
+                    vec![],
+                )),
+                Err(e) => self.fail_publish(task, Provider::Finbox, rec, &e.to_string(), out),
+            }
+        }
+        if let Some(sms) = fx.sms {
+            match self
+                .encoder
+                .sms_extraction(task, &sms, now, self.max_message_bytes)
+            {
+                Ok(parts) => {
+                    let n = parts.len();
+                    for (i, value) in parts.into_iter().enumerate() {
+                        let headers = vec![
+                            (
+                                "insights.part".to_string(),
+                                (i + 1).to_string().into_bytes(),
+                            ),
+                            ("insights.parts".to_string(), n.to_string().into_bytes()),
+                        ];
+                        out.outputs.push(self.output(
+                            OutKind::SmsExtraction,
+                            &self.topics.sms_extraction,
+                            task,
+                            value,
+                            headers,
+                        ));
+                    }
+                }
+                Err(e) => self.fail_publish(task, Provider::Credeau, rec, &e.to_string(), out),
+            }
+        }
+        if let Some(f) = fx.failure {
+            let reason = if f.exhausted {
+                "exhausted".to_string()
+            } else {
+                f.error.kind.as_str().to_string()
+            };
+            tracing::warn!(
+                provider = %f.provider, reason = %reason, http_status = ?f.error.http_status,
+                provider_request_id = ?f.error.provider_request_id,
+                error = %f.error, "provider failed for a user; dead-lettered"
+            );
+            let stage = Stage::Poll(f.provider);
+            self.dead_letter_task(
+                task,
+                rec,
+                stage,
+                &reason,
+                &f.error.to_string(),
+                Some(&f.error),
+                out,
+            );
+        }
+    }
+
+    /// An output that cannot be encoded (an SMS entry larger than a record):
+    /// the provider ends as failed and the task is dead-lettered.
+    fn fail_publish(
+        &self,
+        task: &mut Task,
+        p: Provider,
+        rec: &Incoming,
+        msg: &str,
+        out: &mut Processed,
+    ) {
+        let now = now_ms();
+        let track = task.track_mut(p);
+        track.done = Some(crate::task::Done {
+            outcome: Outcome::Failed,
+            at: now,
+            items: None,
+        });
+        track.last_error = Some(LastError {
+            kind: crate::providers::ProviderErrorKind::TooLarge,
+            http_status: None,
+            message: msg.to_string(),
+            provider_request_id: None,
+        });
+        tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered");
+        self.dead_letter_task(task, rec, Stage::Publish, "too_large", msg, None, out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dead_letter_task(
+        &self,
+        task: &Task,
+        rec: &Incoming,
+        stage: Stage,
+        reason: &str,
+        message: &str,
+        error: Option<&crate::providers::ProviderError>,
+        out: &mut Processed,
+    ) {
+        let dl = DeadLetter {
+            key: Some(task.user.user_id.as_bytes().to_vec()),
+            value: Some(task.encode()),
+            stage,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            original_topic: rec.topic.clone(),
+            original_partition: rec.partition,
+            original_offset: rec.offset,
+            original_timestamp: rec.timestamp,
+            attempts: error.map(|e| e.attempts).unwrap_or(1),
+            provider: error.map(|e| e.provider),
+            http_status: error.and_then(|e| e.http_status),
+            provider_request_id: error.and_then(|e| e.provider_request_id.clone()),
+            user_id: Some(task.user.user_id.clone()),
+            event_id: Some(task.user.event_id.clone()),
+            replay_target: "task",
+            failed_at: now_ms(),
+            original_headers: vec![],
+        };
+        self.push_dead_letter(dl, out);
+    }
+
+    fn dead_letter_input(
+        &self,
+        rec: &Incoming,
+        stage: Stage,
+        reason: &str,
+        error: &dyn std::fmt::Display,
+        out: &mut Processed,
+    ) {
+        let dl = DeadLetter {
+            key: rec.key.clone(),
+            value: rec.value.clone(),
+            stage,
+            reason: reason.to_string(),
+            message: error.to_string(),
+            original_topic: rec.topic.clone(),
+            original_partition: rec.partition,
+            original_offset: rec.offset,
+            original_timestamp: rec.timestamp,
+            attempts: 1,
+            provider: None,
+            http_status: None,
+            provider_request_id: None,
+            user_id: None,
+            event_id: None,
+            replay_target: if stage == Stage::Decode {
+                "input"
+            } else {
+                "none"
+            },
+            failed_at: now_ms(),
+            original_headers: rec.headers.clone(),
+        };
+        self.push_dead_letter(dl, out);
+    }
+
+    fn push_dead_letter(&self, dl: DeadLetter, out: &mut Processed) {
+        out.dead_letters.push((dl.stage, dl.reason.clone()));
+        out.outputs.push(OutRecord {
+            kind: OutKind::DeadLetter,
+            topic: self.topics.dead_letter.clone(),
+            key: dl.key.clone(),
+            headers: dl.headers(),
+            value: dl.value,
+        });
+    }
+
+    fn delay_record(&self, task: &Task, tier: usize) -> OutRecord {
+        OutRecord {
+            kind: OutKind::Delay(tier),
+            topic: self.topics.tiers[tier.min(self.topics.tiers.len() - 1)].clone(),
+            key: Some(task.user.user_id.as_bytes().to_vec()),
+            value: Some(task.encode()),
+            headers: vec![],
+        }
+    }
+
+    fn output(
+        &self,
+        kind: OutKind,
+        topic: &str,
+        task: &Task,
+        value: Vec<u8>,
+        mut headers: Vec<(String, Vec<u8>)>,
+    ) -> OutRecord {
+        headers.push((
+            EVENT_TYPE_HEADER.to_string(),
+            kind.label().as_bytes().to_vec(),
+        ));
+        headers.push((
+            "insights.event_id".to_string(),
+            task.user.event_id.as_bytes().to_vec(),
+        ));
+        OutRecord {
+            kind,
+            topic: topic.to_string(),
+            key: Some(task.user.user_id.as_bytes().to_vec()),
+            value: Some(value),
+            headers,
+        }
+    }
+}
+
+/// Decides what to do with a record from a delay tier (synchronously, in the
+/// consume loop): hold its partition, forward it, or process it.
+pub enum TierDecision {
+    Hold { resume_at: Millis },
+    Job(Box<Job>),
+}
+
+pub fn classify_tier_record(
+    tiers: &DelayTiers,
+    tier: usize,
+    rec: Incoming,
+    now: Millis,
+) -> TierDecision {
+    let task = match rec.value.as_deref().map(Task::decode) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return TierDecision::Job(Box::new(Job::PoisonTask(rec, e))),
+        None => {
+            return TierDecision::Job(Box::new(Job::PoisonTask(
+                rec,
+                TaskDecodeError::Malformed("empty value".into()),
+            )))
+        }
+    };
+    let written = rec.timestamp.unwrap_or(now);
+    match tiers.on_read(tier, written, task.due_at, now) {
+        core::tiers::ReadAction::Process => TierDecision::Job(Box::new(Job::Due(rec, task))),
+        core::tiers::ReadAction::Forward { tier } => {
+            TierDecision::Job(Box::new(Job::Forward(rec, task, tier)))
+        }
+        core::tiers::ReadAction::NotYet { resume_at }
+        | core::tiers::ReadAction::Hold { resume_at } => TierDecision::Hold { resume_at },
+    }
+}
+
+impl From<DecodeError> for Transient {
+    fn from(e: DecodeError) -> Self {
+        Transient(e.to_string())
+    }
+}

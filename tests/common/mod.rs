@@ -1,0 +1,317 @@
+//! Test harness shared by the Kafka integration tests: the one broker of the
+//! test run (started by scripts/test.sh, address in KAFKA_BOOTSTRAP), unique
+//! topic and group names per test, the service binary as a child process,
+//! and an independent reader (Python's confluent-kafka, read_committed).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
+        panic!(
+            "KAFKA_BOOTSTRAP is not set: run the tests with ./scripts/test.sh, or start a broker \
+             with `scripts/kafka.sh start --dir /tmp/k` and export KAFKA_BOOTSTRAP"
+        )
+    })
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// The topic names of one test's pipeline.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+    pub input: String,
+    pub finbox: String,
+    pub sms: String,
+    pub combined: String,
+    pub dlq: String,
+    pub delay_prefix: String,
+}
+
+impl Topics {
+    pub fn new(test: &str) -> Topics {
+        let p = unique(test);
+        Topics {
+            input: format!("{p}.onboarded"),
+            finbox: format!("{p}.finbox"),
+            sms: format!("{p}.sms"),
+            combined: format!("{p}.ready"),
+            dlq: format!("{p}.dlq"),
+            delay_prefix: format!("{p}.delay"),
+            prefix: p,
+        }
+    }
+
+    /// Environment for the service using these topics.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("INSIGHTS__TOPICS__INPUT".into(), self.input.clone()),
+            (
+                "INSIGHTS__TOPICS__FINBOX_PREDICTORS".into(),
+                self.finbox.clone(),
+            ),
+            ("INSIGHTS__TOPICS__SMS_EXTRACTION".into(), self.sms.clone()),
+            ("INSIGHTS__TOPICS__COMBINED".into(), self.combined.clone()),
+            ("INSIGHTS__TOPICS__DEAD_LETTER".into(), self.dlq.clone()),
+            (
+                "INSIGHTS__TOPICS__DELAY_PREFIX".into(),
+                self.delay_prefix.clone(),
+            ),
+        ]
+    }
+}
+
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin client")
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1))
+        .set("max.message.bytes", "16777216");
+    let r = admin()
+        .create_topics([&t], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    for x in r {
+        if let Err((n, code)) = x {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                panic!("create {n}: {code}");
+            }
+        }
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("message.max.bytes", "16777216")
+        .set("compression.type", "zstd")
+        .create()
+        .expect("producer")
+}
+
+pub async fn produce(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
+    produce_with_headers(p, topic, key, value, &[]).await
+}
+
+pub async fn produce_with_headers(
+    p: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) {
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    p.send(rec, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+/// A JSON onboarding event.
+pub fn onboarded_json(event_id: &str, user_id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "event_id": event_id,
+        "user_id": user_id,
+        "onboarded_at": chrono::Utc::now().timestamp_millis(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Settings common to service processes in tests: fast polling, small tiers.
+pub fn service_env(topics: &Topics, group: &str, sim_url: &str) -> Vec<(String, String)> {
+    let mut env = topics.env();
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    env.extend([
+        kv("INSIGHTS__KAFKA__BOOTSTRAP_SERVERS", &bootstrap()),
+        kv("INSIGHTS__KAFKA__GROUP_ID", group),
+        kv("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
+        kv("INSIGHTS__TOPICS__CREATE", "true"),
+        kv("INSIGHTS__TOPICS__PARTITIONS", "3"),
+        kv("INSIGHTS__SCHEDULE__DELAY_TIERS", "1s,2s,5s,10s"),
+        kv("INSIGHTS__SCHEDULE__BATCH_LINGER", "50ms"),
+        kv("INSIGHTS__FINBOX__BASE_URL", sim_url),
+        kv("INSIGHTS__FINBOX__API_KEY", "sim-finbox-key"),
+        kv("INSIGHTS__FINBOX__SERVER_HASH", "sim-server-hash"),
+        kv("INSIGHTS__FINBOX__INITIAL_DELAY", "0s"),
+        kv("INSIGHTS__FINBOX__POLL_INTERVAL", "10s"),
+        kv("INSIGHTS__FINBOX__MAX_POLL_INTERVAL", "10s"),
+        kv("INSIGHTS__FINBOX__NOT_FOUND_GRACE", "15s"),
+        kv("INSIGHTS__FINBOX__DEADLINE", "25s"),
+        kv("INSIGHTS__FINBOX__RETRY_DELAYS", "100ms,200ms"),
+        kv("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", "60000"),
+        kv("INSIGHTS__CREDEAU__BASE_URL", sim_url),
+        kv("INSIGHTS__CREDEAU__CLIENT_ID", "sim-client"),
+        kv("INSIGHTS__CREDEAU__AUTH_TOKEN", "sim-token"),
+        kv("INSIGHTS__CREDEAU__INITIAL_DELAY", "0s"),
+        kv("INSIGHTS__CREDEAU__POLL_INTERVAL", "2s"),
+        kv("INSIGHTS__CREDEAU__MAX_POLL_INTERVAL", "4s"),
+        kv("INSIGHTS__CREDEAU__DEADLINE", "20s"),
+        kv("INSIGHTS__CREDEAU__RETRY_BASE", "100ms"),
+        kv("INSIGHTS__CREDEAU__RETRY_CAP", "400ms"),
+        kv("INSIGHTS__CREDEAU__RATE_LIMIT_PER_MINUTE", "60000"),
+        kv("INSIGHTS__SERVER__LISTEN", "127.0.0.1:0"),
+        kv("INSIGHTS__SHUTDOWN__TIMEOUT", "10s"),
+        kv("INSIGHTS__LOG__LEVEL", "info"),
+    ]);
+    env
+}
+
+/// A service process started from the built binary.
+pub struct Service {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn start(env: &[(String, String)], log: &Path) -> Service {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_insights-enricher"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Service {
+            child: cmd.spawn().expect("spawn service"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `bound`; returns how long it took.
+    pub fn terminate(&mut self, bound: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let pid = self.child.id() as i32;
+        // SAFETY-free: `kill` the command, not libc.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        while started.elapsed() < bound {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One record as read by the independent reader.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReadRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    #[serde(default)]
+    pub headers: HashMap<String, Option<String>>,
+    pub value: serde_json::Value,
+}
+
+pub fn python() -> String {
+    std::env::var("INSIGHTS_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Reads a whole topic with Python's confluent-kafka (read_committed),
+/// waiting until `expect` records are there or `idle` passes with none new.
+pub fn read_topic(topic: &str, expect: Option<usize>, idle: Duration) -> Vec<ReadRecord> {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/python/read_topic.py"))
+        .arg("--bootstrap")
+        .arg(bootstrap())
+        .arg("--topic")
+        .arg(topic)
+        .arg("--idle")
+        .arg(format!("{}", idle.as_secs_f64()));
+    if let Some(n) = expect {
+        cmd.arg("--expect").arg(n.to_string());
+    }
+    if let Ok(url) = std::env::var("TEST_SCHEMA_REGISTRY") {
+        cmd.arg("--registry").arg(url);
+    }
+    let out = cmd.output().expect("run read_topic.py");
+    assert!(
+        out.status.success(),
+        "read_topic.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect()
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub async fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

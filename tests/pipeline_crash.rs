@@ -1,0 +1,204 @@
+//! Crash safety against the real broker: the service is SIGKILLed at random
+//! moments during a run of 2,000 users and restarted each time; a broker is
+//! restarted mid-run; two instances share a group and one is killed. In
+//! every case each user ends with exactly one combined event and no
+//! provider event is duplicated.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use insights_enricher::simulator::{self, RunningSimulator, SimulatorConfig};
+use rand::Rng;
+use serde_json::json;
+
+async fn simulator_with_mix() -> RunningSimulator {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    let scenarios = json!({
+        "default": {"finbox": {"predictors": 8}, "credeau": {"sms_count": 3}},
+        "prefixes": {
+            "slow-": {"finbox": {"ready_after": "10s", "predictors": 8}, "credeau": {"ready_after": "4s", "sms_count": 3}}
+        }
+    });
+    let r = reqwest::Client::new()
+        .put(format!("{}/admin/scenarios", sim.base_url()))
+        .json(&scenarios)
+        .send()
+        .await
+        .expect("admin");
+    assert!(r.status().is_success());
+    sim
+}
+
+async fn produce_users(topic: &str, n: usize) -> Vec<String> {
+    let p = producer();
+    let mut events = Vec::with_capacity(n);
+    let mut futures = Vec::new();
+    for i in 0..n {
+        let prefix = if i % 4 == 0 { "slow-" } else { "fast-" };
+        let user = format!("{prefix}{i}-{}", unique("u"));
+        let ev = format!("ev-{user}");
+        let value = onboarded_json(&ev, &user);
+        events.push(ev);
+        let p = p.clone();
+        let topic = topic.to_string();
+        futures.push(async move { produce(&p, &topic, Some(user.as_bytes()), Some(&value)).await });
+    }
+    futures::future::join_all(futures).await;
+    events
+}
+
+/// Checks the three output topics: exactly one combined event per user,
+/// one FinBox and one SMS event per user (all scenarios complete).
+fn assert_exactly_once(topics: &Topics, events: &[String], context: &str) {
+    let n = events.len();
+    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(120));
+    let combined = if combined.len() >= n {
+        read_topic(&topics.combined, None, Duration::from_secs(3))
+    } else {
+        combined
+    };
+    let count = |recs: &[ReadRecord]| {
+        let mut m: HashMap<String, usize> = HashMap::new();
+        for r in recs {
+            *m.entry(r.value["event_id"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+        m
+    };
+    let c = count(&combined);
+    let missing: Vec<_> = events
+        .iter()
+        .filter(|e| !c.contains_key(*e))
+        .take(5)
+        .collect();
+    let dups: Vec<_> = c.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{context}: users without a combined event (first 5): {missing:?}"
+    );
+    assert!(
+        dups.is_empty(),
+        "{context}: duplicate combined events: {dups:?}"
+    );
+    assert_eq!(combined.len(), n, "{context}: combined events");
+    for r in &combined {
+        assert_eq!(
+            r.value["finbox"]["outcome"], "complete",
+            "{context}: {}",
+            r.value
+        );
+        assert_eq!(
+            r.value["credeau"]["outcome"], "complete",
+            "{context}: {}",
+            r.value
+        );
+    }
+    for (topic, what) in [(&topics.finbox, "finbox"), (&topics.sms, "sms")] {
+        let recs = read_topic(topic, Some(n), Duration::from_secs(5));
+        let m = count(&recs);
+        let dups: Vec<_> = m.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(
+            dups.is_empty(),
+            "{context}: duplicate {what} events: {dups:?}"
+        );
+        assert_eq!(recs.len(), n, "{context}: {what} events");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("crash");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = service_env(&topics, &unique("g"), &sim.base_url());
+    let log = dir.path().join("service.log");
+    let mut service = Service::start(&env, &log);
+    let events = produce_users(&topics.input, 2000).await;
+    let mut rng = rand::rng();
+    for kill in 0..4 {
+        let wait = rng.random_range(1_500..5_000);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        service.kill();
+        eprintln!("kill {kill} after {wait} ms");
+        service = Service::start(&env, &log);
+    }
+    assert_exactly_once(&topics, &events, "after 4 SIGKILLs");
+    drop(service);
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_survive_one_being_killed() {
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("pair");
+    create_topic(&topics.input, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g");
+    let mut env_a = service_env(&topics, &group, &sim.base_url());
+    env_a.push((
+        "INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX".into(),
+        unique("a"),
+    ));
+    let mut env_b = service_env(&topics, &group, &sim.base_url());
+    env_b.push((
+        "INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX".into(),
+        unique("b"),
+    ));
+    let mut a = Service::start(&env_a, &dir.path().join("a.log"));
+    let _b = Service::start(&env_b, &dir.path().join("b.log"));
+    let events = produce_users(&topics.input, 1000).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    a.kill();
+    assert_exactly_once(&topics, &events, "one of two instances killed");
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_within_the_bound_and_the_next_start_resumes() {
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("term");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = service_env(&topics, &unique("g"), &sim.base_url());
+    let log = dir.path().join("service.log");
+    let mut service = Service::start(&env, &log);
+    let events = produce_users(&topics.input, 500).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let started = Instant::now();
+    let took = service.terminate(Duration::from_secs(20));
+    let took = took.unwrap_or_else(|| panic!("no exit within 20 s; log:\n{}", service.log_text()));
+    // The configured bound is 10 s (INSIGHTS__SHUTDOWN__TIMEOUT).
+    assert!(took <= Duration::from_secs(10), "shutdown took {took:?}");
+    eprintln!("SIGTERM to exit: {:?}", started.elapsed());
+    let _service = Service::start(&env, &log);
+    assert_exactly_once(&topics, &events, "after SIGTERM and restart");
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
+    let Ok(kafka_dir) = std::env::var("KAFKA_DIR") else {
+        panic!("KAFKA_DIR is not set: run the tests with ./scripts/test.sh");
+    };
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("brk");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = service_env(&topics, &unique("g"), &sim.base_url());
+    let _service = Service::start(&env, &dir.path().join("service.log"));
+    let events = produce_users(&topics.input, 1000).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let status = std::process::Command::new(repo_root().join("scripts/kafka.sh"))
+        .args(["restart", "--dir", &kafka_dir])
+        .status()
+        .expect("kafka.sh restart");
+    assert!(status.success(), "broker restart failed");
+    assert_exactly_once(&topics, &events, "after a broker restart");
+    let _ = sim.shutdown().await;
+}

@@ -1,0 +1,175 @@
+//! End to end against the real broker and the simulator over HTTP: users
+//! with mixed scenarios each yield exactly the expected records, read back
+//! by an independent client (Python's confluent-kafka, read_committed).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use insights_enricher::simulator::{self, SimulatorConfig};
+use serde_json::json;
+
+/// Scenario prefixes, and what each user of that prefix must end with:
+/// (finbox outcome, credeau outcome, finbox records, sms records).
+const CASES: &[(&str, &str, &str, usize, usize)] = &[
+    ("now-", "complete", "complete", 1, 1),
+    ("later-", "complete", "complete", 1, 1),
+    ("nodata-", "no_data", "timed_out", 0, 0),
+    ("nf-", "complete", "complete", 1, 1),
+    ("never-", "not_found", "timed_out", 0, 0),
+    ("storm-", "complete", "complete", 1, 1),
+    ("burst-", "complete", "complete", 1, 1),
+];
+
+fn scenarios() -> serde_json::Value {
+    json!({
+        "default": {},
+        "prefixes": {
+            "now-": {"finbox": {"ready_after": "0s", "predictors": 12}, "credeau": {"ready_after": "0s", "sms_count": 5}},
+            "later-": {"finbox": {"ready_after": "8s"}, "credeau": {"ready_after": "3s", "sms_count": 3}},
+            "nodata-": {"finbox": {"outcome": "no_data"}, "credeau": {"sms_count": 0}},
+            "nf-": {"finbox": {"not_found_for": "4s", "ready_after": "5s"}, "credeau": {"sms_count": 2, "ready_after": "0s"}},
+            "never-": {"finbox": {"outcome": "not_found"}, "credeau": {"sms_count": 0}},
+            "storm-": {"finbox": {"faults": {"server_error_first": 4}}, "credeau": {"sms_count": 2, "faults": {"server_error_first": 2}}},
+            "burst-": {"finbox": {"faults": {"rate_limit_first": 3}}, "credeau": {"sms_count": 2, "faults": {"rate_limit_first": 3, "retry_after_secs": 1}}}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/admin/scenarios", sim.base_url()))
+        .json(&scenarios())
+        .send()
+        .await
+        .expect("admin");
+    assert!(r.status().is_success(), "{}", r.status());
+
+    let topics = Topics::new("e2e");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    // "nf-" users: FinBox answers not_found for 4 s, inside the 15 s grace.
+    env.push(("INSIGHTS__CREDEAU__DEADLINE".into(), "12s".into()));
+    let mut service = Service::start(&env, &dir.path().join("service.log"));
+
+    let p = producer();
+    let per_case = 4;
+    let mut expected: HashMap<String, (&str, &str, usize, usize)> = HashMap::new();
+    for (prefix, fo, co, nf, ns) in CASES {
+        for i in 0..per_case {
+            let user = format!("{prefix}{i}-{}", unique("u"));
+            let event = format!("ev-{user}");
+            produce(
+                &p,
+                &topics.input,
+                Some(user.as_bytes()),
+                Some(&onboarded_json(&event, &user)),
+            )
+            .await;
+            expected.insert(event, (*fo, *co, *nf, *ns));
+        }
+    }
+    let users = expected.len();
+
+    let combined = read_topic(&topics.combined, Some(users), Duration::from_secs(90));
+    // Wait a little longer for anything that should not be there.
+    let combined_again = read_topic(&topics.combined, None, Duration::from_secs(3));
+    assert_eq!(
+        combined_again.len(),
+        users,
+        "combined events: {} for {users} users; log:\n{}",
+        combined_again.len(),
+        service.log_text()
+    );
+    let mut seen = HashMap::new();
+    for r in &combined {
+        let ev = r.value["event_id"].as_str().expect("event_id").to_string();
+        let (fo, co, _, _) = expected
+            .get(&ev)
+            .unwrap_or_else(|| panic!("unexpected event {ev}"));
+        assert_eq!(r.value["finbox"]["outcome"], *fo, "{ev}: {}", r.value);
+        assert_eq!(r.value["credeau"]["outcome"], *co, "{ev}: {}", r.value);
+        assert_eq!(r.key.as_deref(), r.value["user_id"].as_str());
+        *seen.entry(ev).or_insert(0) += 1;
+    }
+    assert!(seen.values().all(|n| *n == 1), "duplicate combined events");
+    assert_eq!(seen.len(), users);
+
+    let want_finbox: usize = expected.values().map(|e| e.2).sum();
+    let want_sms: usize = expected.values().map(|e| e.3).sum();
+    let finbox = read_topic(&topics.finbox, Some(want_finbox), Duration::from_secs(5));
+    let sms = read_topic(&topics.sms, Some(want_sms), Duration::from_secs(5));
+    assert_eq!(finbox.len(), want_finbox, "finbox predictor events");
+    assert_eq!(sms.len(), want_sms, "sms events");
+    for r in &finbox {
+        let ev = r.value["event_id"].as_str().unwrap();
+        assert_eq!(expected[ev].2, 1, "finbox event for {ev}");
+        assert!(r.value["predictors"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()));
+    }
+    for r in &sms {
+        let ev = r.value["event_id"].as_str().unwrap();
+        assert_eq!(expected[ev].3, 1, "sms event for {ev}");
+        assert!(r.value["entries"].as_array().is_some_and(|a| !a.is_empty()));
+    }
+    let dlq = read_topic(&topics.dlq, None, Duration::from_secs(2));
+    assert!(dlq.is_empty(), "unexpected dead letters: {dlq:?}");
+
+    let took = service.terminate(Duration::from_secs(15));
+    assert!(took.is_some(), "service did not stop on SIGTERM");
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_dead_letter_the_provider_and_still_give_a_final_answer() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    let topics = Topics::new("badcred");
+    create_topic(&topics.input, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    env.push(("INSIGHTS__CREDEAU__AUTH_TOKEN".into(), "wrong-token".into()));
+    let _service = Service::start(&env, &dir.path().join("service.log"));
+    let p = producer();
+    let n = 5;
+    for i in 0..n {
+        let user = format!("cred-{i}-{}", unique("u"));
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+    }
+    let dlq = read_topic(&topics.dlq, Some(n), Duration::from_secs(60));
+    assert_eq!(dlq.len(), n);
+    for r in &dlq {
+        let h = |k: &str| r.headers.get(k).cloned().flatten().unwrap_or_default();
+        assert_eq!(h("dlq.stage"), "poll_credeau");
+        assert_eq!(h("dlq.error.class"), "unauthorized");
+        assert_eq!(h("dlq.http.status"), "401");
+        assert_eq!(h("dlq.provider"), "credeau");
+        assert!(!h("dlq.provider.request_id").is_empty());
+        assert!(!h("dlq.original.topic").is_empty());
+        assert!(!format!("{r:?}").contains("wrong-token"));
+    }
+    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(60));
+    assert_eq!(combined.len(), n);
+    for r in &combined {
+        assert_eq!(r.value["credeau"]["outcome"], "failed");
+        assert_eq!(r.value["credeau"]["http_status"], 401);
+        assert_eq!(r.value["finbox"]["outcome"], "complete");
+    }
+    let _ = sim.shutdown().await;
+}

@@ -1,0 +1,157 @@
+//! Poison records: each lands in the dead-letter topic with its reason and
+//! the records after it are processed.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use insights_enricher::simulator::{self, SimulatorConfig};
+
+/// The schema registry stand-in (tests/python/registry.py) on a free port.
+struct Registry {
+    child: Child,
+    url: String,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/python/registry.py"))
+            .args(["--port", "0", "--port-file"])
+            .arg(&port_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start registry");
+        for _ in 0..100 {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                if !p.trim().is_empty() {
+                    return Registry {
+                        child,
+                        url: format!("http://127.0.0.1:{}", p.trim()),
+                    };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("registry did not start");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn register(url: &str, subject: &str, schema: &str) -> u32 {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({ "schema": schema }))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("register response");
+    r["id"].as_u64().expect("id") as u32
+}
+
+fn wire(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(datum);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_poison_record_is_dead_lettered_with_its_reason_and_the_pipeline_moves_on() {
+    let registry = Registry::start();
+    let schema = std::fs::read_to_string(repo_root().join("schemas/user_onboarded.avsc")).unwrap();
+    let topics = Topics::new("poison");
+    let id = register(&registry.url, &format!("{}-value", topics.input), &schema).await;
+
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    // One partition, so "the records after it" is well defined.
+    create_topic(&topics.input, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    env.push((
+        "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL".into(),
+        registry.url.clone(),
+    ));
+    let service = Service::start(&env, &dir.path().join("service.log"));
+
+    let p = producer();
+    let good = |n: &str| {
+        let user = format!("good-{n}-{}", unique("u"));
+        (user.clone(), onboarded_json(&format!("ev-{user}"), &user))
+    };
+    let (u1, g1) = good("1");
+    produce(&p, &topics.input, Some(u1.as_bytes()), Some(&g1)).await;
+    let long_user = "x".repeat(65);
+    let poisons: Vec<(&str, Option<Vec<u8>>)> = vec![
+        (
+            "malformed_json",
+            Some(b"{\"event_id\": \"e\", \"user_id\": ".to_vec()),
+        ),
+        (
+            "invalid_avro",
+            Some(wire(id, &[0xff, 0xff, 0xff, 0xff, 0x01])),
+        ),
+        ("unknown_schema_id", Some(wire(987_654, &[2, b'a']))),
+        (
+            "invalid_field",
+            Some(br#"{"event_id":"e-missing","onboarded_at":1}"#.to_vec()),
+        ),
+        (
+            "invalid_field",
+            Some(
+                format!(r#"{{"event_id":"e-long","user_id":"{long_user}","onboarded_at":1}}"#)
+                    .into_bytes(),
+            ),
+        ),
+        ("not_utf8", Some(vec![b'{', 0xc3, 0x28, b'}'])),
+        ("empty", None),
+        ("invalid_field", Some(vec![b'a'; 2 * 1024 * 1024])),
+    ];
+    for (_, value) in &poisons {
+        produce(&p, &topics.input, Some(b"poison"), value.as_deref()).await;
+    }
+    let (u2, g2) = good("2");
+    produce(&p, &topics.input, Some(u2.as_bytes()), Some(&g2)).await;
+
+    let dlq = read_topic(&topics.dlq, Some(poisons.len()), Duration::from_secs(60));
+    assert_eq!(dlq.len(), poisons.len(), "log:\n{}", service.log_text());
+    let mut sorted = dlq.clone();
+    sorted.sort_by_key(|r| r.offset);
+    for (r, (reason, _)) in sorted.iter().zip(&poisons) {
+        let h = |k: &str| r.headers.get(k).cloned().flatten().unwrap_or_default();
+        assert_eq!(h("dlq.error.class"), *reason, "headers {:?}", r.headers);
+        assert_eq!(h("dlq.stage"), "decode");
+        assert_eq!(h("dlq.original.topic"), topics.input);
+        assert!(!h("dlq.original.offset").is_empty());
+        assert!(!h("dlq.original.timestamp").is_empty());
+        assert!(!h("dlq.error.message").is_empty());
+        assert_eq!(h("dlq.replay.target"), "input");
+    }
+    let combined = read_topic(&topics.combined, Some(2), Duration::from_secs(60));
+    let users: Vec<_> = combined
+        .iter()
+        .filter_map(|r| r.value["user_id"].as_str())
+        .collect();
+    assert!(
+        users.contains(&u1.as_str()) && users.contains(&u2.as_str()),
+        "{users:?}"
+    );
+    let _ = sim.shutdown().await;
+}
