@@ -2,8 +2,168 @@
 # The whole test suite, from nothing: builds, installs the tools it needs
 # (cached under ~/.cache/insights-enricher), starts one local Apache Kafka
 # broker for the run, runs every test, stops the broker.
-set -euo pipefail
+#
+# Stages: cargo fmt --check, cargo clippy -D warnings, tools + broker,
+# cargo build --all-targets, cargo test --all-targets, pytest tests/python,
+# scripts/helm-test.sh (when present). A failing stage does not hide the
+# others (only a failed build or broker skips what needs them); the run ends
+# with a summary and exits non-zero when anything failed.
+#
+# Environment read: TEST_THREADS (cargo test threads, default 2),
+# KAFKA_START_TIMEOUT (seconds, default 90). Exported to the tests:
+# KAFKA_BOOTSTRAP, KAFKA_DIR, INSIGHTS_PYTHON, HELM, PROMTOOL.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+
+CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
+mkdir -p "$CACHE"
+# Two test binaries' worth of Kafka clients and service instances is what a
+# 2-core machine sustains; tests use unique topics and groups, so they may
+# overlap.
+TEST_THREADS="${TEST_THREADS:-2}"
+# Python must not leave bytecode in the repository.
+export PYTHONPYCACHEPREFIX="$CACHE/pycache"
+
+LOGS="$(mktemp -d "${TMPDIR:-/tmp}/insights-test-logs.XXXXXX")"
+declare -a STAGES=() RESULTS=() TIMES=()
+FAILED=0
+TESTS_PASSED=0
+TESTS_FAILED=0
+
+KAFKA_DIR=""
+cleanup() {
+    if [[ -n "$KAFKA_DIR" ]]; then
+        scripts/kafka.sh stop --dir "$KAFKA_DIR" >/dev/null 2>&1 || true
+        rm -rf "$KAFKA_DIR"
+    fi
+    rm -rf "$LOGS"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+banner() { printf '\n==== %s ====\n' "$*"; }
+
+# run_stage NAME COMMAND...: runs a stage, keeps its output in a log for the
+# counts, and records pass/fail and duration.
+run_stage() {
+    local name="$1" start=$SECONDS rc
+    shift
+    banner "$name: $*"
+    "$@" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    record "$name" "$rc" $((SECONDS - start))
+    return "$rc"
+}
+
+record() {
+    STAGES+=("$1")
+    TIMES+=("$3")
+    if [[ "$2" == 0 ]]; then
+        RESULTS+=("ok")
+    else
+        RESULTS+=("FAILED (exit $2)")
+        FAILED=1
+    fi
+}
+
+skip() {
+    STAGES+=("$1")
+    TIMES+=(0)
+    RESULTS+=("skipped: $2")
+    FAILED=1
+}
+
+# Adds up the per-binary "test result: ... N passed; M failed" lines.
+count_cargo() {
+    local p f
+    read -r p f < <(awk '/^test result:/ {
+            for (i = 1; i < NF; i++) {
+                if ($(i + 1) ~ /^passed/) p += $i
+                if ($(i + 1) ~ /^failed/) f += $i
+            }
+        } END { print p + 0, f + 0 }' "$1")
+    TESTS_PASSED=$((TESTS_PASSED + p))
+    TESTS_FAILED=$((TESTS_FAILED + f))
+}
+
+# Reads a closing "N passed, M failed" style line (pytest, helm-test.sh).
+count_summary() {
+    local line p f e
+    line=$(grep -E '[0-9]+ (passed|failed)' "$1" | tail -n1)
+    p=$(grep -oE '[0-9]+ passed' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+    f=$(grep -oE '[0-9]+ failed' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+    e=$(grep -oE '[0-9]+ errors?' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+    TESTS_PASSED=$((TESTS_PASSED + ${p:-0}))
+    TESTS_FAILED=$((TESTS_FAILED + ${f:-0} + ${e:-0}))
+}
+
+TOTAL_START=$SECONDS
+
+run_stage fmt cargo fmt --all -- --check
+run_stage clippy cargo clippy --all-targets -- -D warnings
+
+# ---- tools and the broker
+tools_ok=1
+banner "tools: Kafka jars, Python venv, helm, promtool"
+start=$SECONDS
+{
+    scripts/kafka.sh fetch >/dev/null &&
+        INSIGHTS_PYTHON="$(scripts/tools.sh python)" &&
+        HELM="$(scripts/tools.sh helm)" &&
+        PROMTOOL="$(scripts/tools.sh promtool)"
+} || tools_ok=0
+record tools $((1 - tools_ok)) $((SECONDS - start))
+export INSIGHTS_PYTHON="${INSIGHTS_PYTHON:-}" HELM="${HELM:-}" PROMTOOL="${PROMTOOL:-}"
+
+broker_ok=0
+if ((tools_ok)); then
+    banner "kafka: starting one broker for the run"
+    start=$SECONDS
+    KAFKA_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-kafka.XXXXXX")"
+    if KAFKA_BOOTSTRAP="$(scripts/kafka.sh start --dir "$KAFKA_DIR")"; then
+        broker_ok=1
+        export KAFKA_BOOTSTRAP KAFKA_DIR
+        echo "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP KAFKA_DIR=$KAFKA_DIR"
+    fi
+    record kafka $((1 - broker_ok)) $((SECONDS - start))
+else
+    skip kafka "tools failed"
+fi
+
+# ---- Rust
+build_ok=0
+run_stage build cargo build --all-targets && build_ok=1
+if ((build_ok && broker_ok)); then
+    run_stage cargo-test cargo test --all-targets --no-fail-fast -- --test-threads="$TEST_THREADS"
+    count_cargo "$LOGS/cargo-test.log"
+else
+    skip cargo-test "needs a build and a broker"
+fi
+
+# ---- Python
+if ((broker_ok)); then
+    run_stage pytest "$INSIGHTS_PYTHON" -m pytest -q -c tests/python/pytest.ini --rootdir tests/python tests/python
+    count_summary "$LOGS/pytest.log"
+else
+    skip pytest "needs the broker"
+fi
+
+# ---- Helm chart
+if [[ -x scripts/helm-test.sh ]]; then
+    run_stage helm-test scripts/helm-test.sh
+    count_summary "$LOGS/helm-test.log"
+fi
+
+banner "summary"
+for i in "${!STAGES[@]}"; do
+    printf '  %-11s %-28s %5ss\n' "${STAGES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+done
+printf '  total time: %ss\n' $((SECONDS - TOTAL_START))
+if ((FAILED)); then
+    echo "  RESULT: FAILED"
+else
+    echo "  RESULT: all stages passed"
+fi
+echo "tests: $TESTS_PASSED passed, $TESTS_FAILED failed"
+exit "$FAILED"

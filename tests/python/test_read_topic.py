@@ -166,9 +166,38 @@ def test_reading_stops_at_expect_and_reports_a_shortfall(
     assert {r["partition"] for r in records} == {0, 1}
 
     code, records, stderr = run_reader(bootstrap, topic, "--expect", "9", "--idle", "2")
-    assert code == 3
+    assert code == 0
     assert len(records) == 6
     assert "expected 9 records" in stderr
+
+    code, records, stderr = run_reader(
+        bootstrap, topic, "--expect", "9", "--idle", "2", "--strict"
+    )
+    assert code == 3
+    assert len(records) == 6
+
+
+def test_keys_stay_text_even_when_they_look_like_json_and_topic_may_be_a_flag(
+    bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    topic = new_topic()
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, key=b"12345", value=b"{}")
+    producer.produce(topic, key=b"\xff", value=b"{}")
+    producer.produce(topic, value=b"{}")
+    assert producer.flush(30) == 0
+
+    done = subprocess.run(
+        [sys.executable, str(READ_TOPIC), "--topic", topic, "--bootstrap", bootstrap,
+         "--expect", "3", "--idle", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    keys = [json.loads(line)["key"] for line in done.stdout.splitlines()]
+    assert keys == ["12345", {"base64": "/w=="}, None]
 
 
 def test_tombstones_binary_values_and_multi_megabyte_records_round_trip(
