@@ -8,6 +8,8 @@
 #   scripts/kafka.sh stop --dir DIR             SIGTERM, then SIGKILL if needed
 #   scripts/kafka.sh restart --dir DIR          same ports, same data
 #   scripts/kafka.sh status --dir DIR           exit 0 when the broker runs
+#   scripts/kafka.sh tool CLASS [ARGS...]       run a Kafka CLI class, e.g.
+#       kafka.admin.ConfigCommand (kafka-configs), org.apache.kafka.tools.TopicCommand
 #
 # DIR holds server.properties, data/, broker.log, bootstrap (host:port) and pid.
 # Environment: KAFKA_START_TIMEOUT (seconds, default 90), KAFKA_HEAP_MAX
@@ -19,6 +21,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 POM="$HERE/kafka/pom.xml"
 TEMPLATE="$HERE/kafka/server.properties.template"
 LOG4J="$HERE/kafka/log4j.properties"
+TOOLS_LOG4J="$HERE/kafka/tools-log4j.properties"
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 KAFKA_HOME="$CACHE/kafka/$KAFKA_VERSION"
 LIBS="$KAFKA_HOME/libs"
@@ -96,15 +99,16 @@ free_port() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 java_opts() {
-    # Small heap and a single-threaded collector: the machine is shared and
-    # tests never push throughput. C1-only compilation starts faster.
-    echo "-Xms128m -Xmx$HEAP_MAX -XX:+UseSerialGC -XX:TieredStopAtLevel=1" \
+    # Small heap and a single-threaded collector: the machine has two cores
+    # shared with the build and the tests.
+    echo "-Xms128m -Xmx$HEAP_MAX -XX:+UseSerialGC" \
         "-Djava.awt.headless=true -Dlog4j.configuration=file:$LOG4J"
 }
 
-run_java() {
-    # shellcheck disable=SC2046 # the options are meant to split into words
-    java $(java_opts) -cp "$LIBS/*" "$@"
+# Short-lived tools: C1-only compilation starts faster and they do little work.
+run_tool() {
+    java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -Dlog4j.configuration="file:$TOOLS_LOG4J" -cp "$LIBS/*" "$@"
 }
 
 # The pid file is only trusted when that pid is still our broker for this
@@ -152,7 +156,7 @@ fail_start() {
 metadata_ok() {
     local bootstrap="$1"
     timeout 45 java -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-        -Dlog4j.configuration="file:$LOG4J" -cp "$LIBS/*" \
+        -Dlog4j.configuration="file:$TOOLS_LOG4J" -cp "$LIBS/*" \
         org.apache.kafka.tools.TopicCommand --bootstrap-server "$bootstrap" --list \
         >/dev/null 2>&1
 }
@@ -191,7 +195,7 @@ start() {
 
     if [[ ! -f "$dir/data/meta.properties" ]]; then
         mkdir -p "$dir/data"
-        if ! run_java -Xmx256m kafka.tools.StorageTool format \
+        if ! run_tool kafka.tools.StorageTool format \
             -t "$(random_cluster_id)" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
             cat "$dir/format.log" >&2
             die "formatting the KRaft storage in $dir/data failed"
@@ -275,6 +279,12 @@ status() {
 cmd="${1:-}"
 [[ -n "$cmd" ]] || usage
 shift
+if [[ "$cmd" == "tool" ]]; then
+    (($#)) || usage
+    fetch
+    run_tool "$@"
+    exit
+fi
 dir=""
 port=""
 while (($#)); do
