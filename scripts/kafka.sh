@@ -123,6 +123,14 @@ broker_pid() {
     echo "$pid"
 }
 
+# Alive and not a zombie: a broker that died during startup stays a zombie
+# child of this script until it exits, and kill -0 would still succeed.
+alive() {
+    local state
+    state="$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\).*/\1/p' "/proc/$1/stat" 2>/dev/null)" || return 1
+    [[ -n "$state" && "$state" != "Z" ]]
+}
+
 prop() { sed -n "s/^$1=//p" "$2" | head -n1; }
 
 write_properties() {
@@ -217,9 +225,9 @@ start() {
     local began=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
     local phase="port"
     while ((SECONDS < deadline)); do
-        # Our own child, so kill -0 is enough here; the command line may still
-        # be nohup's for a moment.
-        kill -0 "$started" 2>/dev/null || fail_start "$dir" "$offset" "broker process exited during startup"
+        # By pid, not broker_pid: the command line may still be nohup's for a
+        # moment.
+        alive "$started" || fail_start "$dir" "$offset" "broker process exited during startup"
         case "$phase" in
         port)
             if port_open "$port" &&
@@ -250,14 +258,17 @@ stop() {
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
+    # broker_pid rather than kill -0: an exited broker whose parent has not
+    # reaped it yet is a zombie with an empty command line, and is stopped.
     local deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+    while broker_pid "$dir" >/dev/null && ((SECONDS < deadline)); do
         sleep 0.2
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if broker_pid "$dir" >/dev/null; then
         log "broker (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s, killing it"
         kill -KILL "$pid" 2>/dev/null || true
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        deadline=$((SECONDS + 10))
+        while broker_pid "$dir" >/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
     fi
     rm -f "$dir/pid"
 }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -65,3 +67,22 @@ def test_start_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"port {port} is already in use" in result.stderr
     assert not (tmp_path / "b" / "pid").exists()
+
+
+def test_a_broker_that_cannot_start_fails_fast_and_shows_its_log(tmp_path: Path) -> None:
+    env = {**os.environ, "KAFKA_HEAP_MAX": "1k"}
+    began = time.monotonic()
+    result = subprocess.run(
+        [str(KAFKA), "start", "--dir", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "broker process exited during startup" in result.stderr
+    # The JVM's own complaint, copied from broker.log.
+    assert "heap size" in result.stderr
+    assert time.monotonic() - began < 60
+    assert not (tmp_path / "bad" / "pid").exists()
