@@ -153,6 +153,8 @@ pub struct KafkaSettings {
     pub transaction_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
     pub extra: std::collections::BTreeMap<String, String>,
 }
 
@@ -522,6 +524,12 @@ impl Settings {
         }
         positive("kafka.transaction_timeout", k.transaction_timeout)?;
         positive("kafka.session_timeout", k.session_timeout)?;
+        if k.max_poll_interval < k.session_timeout {
+            return Err(ConfigError::invalid(
+                "kafka.max_poll_interval",
+                "must be at least kafka.session_timeout",
+            ));
+        }
 
         let t = &self.topics;
         let names = [

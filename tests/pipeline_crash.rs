@@ -31,7 +31,24 @@ async fn simulator_with_mix() -> RunningSimulator {
         .await
         .expect("admin");
     assert!(r.status().is_success());
+    // Throughput, not the providers' limits, is under test here.
+    let r = reqwest::Client::new()
+        .put(format!("{}/admin/limits", sim.base_url()))
+        .json(&json!({"finbox_per_minute": 0, "credeau_per_minute": 0}))
+        .send()
+        .await
+        .expect("admin");
+    assert!(r.status().is_success());
     sim
+}
+
+/// The service settings for these tests: long deadlines, since a backlog
+/// of thousands of users outlives the short ones the other tests use.
+fn crash_env(topics: &Topics, group: &str, sim: &RunningSimulator) -> Vec<(String, String)> {
+    let mut env = service_env(topics, group, &sim.base_url());
+    env.push(("INSIGHTS__FINBOX__DEADLINE".into(), "10m".into()));
+    env.push(("INSIGHTS__CREDEAU__DEADLINE".into(), "10m".into()));
+    env
 }
 
 async fn produce_users(topic: &str, n: usize) -> Vec<String> {
@@ -116,8 +133,13 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let topics = Topics::new("crash");
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let env = service_env(&topics, &unique("g"), &sim.base_url());
-    let log = dir.path().join("service.log");
+    let mut env = crash_env(&topics, &unique("g"), &sim);
+    if let Ok(d) = std::env::var("TEST_KAFKA_DEBUG") {
+        env.push(("INSIGHTS__KAFKA__EXTRA__DEBUG".into(), d));
+    }
+    let log = std::env::var("TEST_SERVICE_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("service.log"));
     let mut service = Service::start(&env, &log);
     let events = produce_users(&topics.input, 2000).await;
     let mut rng = rand::rng();
@@ -128,7 +150,16 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         eprintln!("kill {kill} after {wait} ms");
         service = Service::start(&env, &log);
     }
-    assert_exactly_once(&topics, &events, "after 4 SIGKILLs");
+    let log = service.log_text();
+    let check =
+        std::panic::catch_unwind(|| assert_exactly_once(&topics, &events, "after 4 SIGKILLs"));
+    if check.is_err() {
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        panic!(
+            "log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     drop(service);
     let _ = sim.shutdown().await;
 }
@@ -140,12 +171,12 @@ async fn two_instances_in_one_group_survive_one_being_killed() {
     create_topic(&topics.input, 4).await;
     let dir = tempfile::tempdir().unwrap();
     let group = unique("g");
-    let mut env_a = service_env(&topics, &group, &sim.base_url());
+    let mut env_a = crash_env(&topics, &group, &sim);
     env_a.push((
         "INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX".into(),
         unique("a"),
     ));
-    let mut env_b = service_env(&topics, &group, &sim.base_url());
+    let mut env_b = crash_env(&topics, &group, &sim);
     env_b.push((
         "INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX".into(),
         unique("b"),
@@ -165,7 +196,7 @@ async fn sigterm_finishes_within_the_bound_and_the_next_start_resumes() {
     let topics = Topics::new("term");
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let env = service_env(&topics, &unique("g"), &sim.base_url());
+    let env = crash_env(&topics, &unique("g"), &sim);
     let log = dir.path().join("service.log");
     let mut service = Service::start(&env, &log);
     let events = produce_users(&topics.input, 500).await;
@@ -190,7 +221,7 @@ async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
     let topics = Topics::new("brk");
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let env = service_env(&topics, &unique("g"), &sim.base_url());
+    let env = crash_env(&topics, &unique("g"), &sim);
     let _service = Service::start(&env, &dir.path().join("service.log"));
     let events = produce_users(&topics.input, 1000).await;
     tokio::time::sleep(Duration::from_millis(3_000)).await;

@@ -42,6 +42,10 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
     for (key, value) in &k.extra {
         c.set(key, value);
     }
+    if k.extra.contains_key("debug") {
+        // librdkafka's debug contexts are only logged at debug level.
+        c.set_log_level(RDKafkaLogLevel::Debug);
+    }
     c
 }
 

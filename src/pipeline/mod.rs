@@ -100,7 +100,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 .context("encoding.schema_registry_url")?,
         ))
     };
-    let decoder = Arc::new(InputDecoder::new(settings.encoding.input, registry.clone()));
+    let decoder = Arc::new(
+        InputDecoder::new(settings.encoding.input, registry.clone())
+            .with_max_input_bytes(settings.encoding.max_input_bytes),
+    );
     let encoder = Arc::new(
         OutputEncoder::new(
             settings.encoding.output,
@@ -156,7 +159,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             "session.timeout.ms",
             k.session_timeout.as_millis().to_string(),
         )
-        .set("max.poll.interval.ms", "300000")
+        .set(
+            "max.poll.interval.ms",
+            k.max_poll_interval.as_millis().to_string(),
+        )
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
         .create_with_context(ctx)
