@@ -23,6 +23,7 @@ RUN mkdir -p src \
  && rm -rf src
 
 COPY config ./config
+COPY schemas ./schemas
 COPY src ./src
 # The placeholder build left newer artifacts for the package's own crate;
 # touching the sources makes cargo rebuild it from the real code.
