@@ -254,6 +254,16 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "---- last lines of {} ----\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -315,4 +325,19 @@ pub async fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The metrics/health address a service logged at start (JSON log format).
+pub async fn service_addr(service: &Service, timeout: Duration) -> Option<String> {
+    eventually(timeout, || {
+        service.log_text().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            if v["message"] == "metrics and health server up" {
+                v["listen"].as_str().map(str::to_string)
+            } else {
+                None
+            }
+        })
+    })
+    .await
 }

@@ -1,0 +1,370 @@
+//! Metrics and health of a running service: `/metrics` after an end-to-end
+//! run passes `promtool check metrics` and its counters moved as the run
+//! implies (read with a Prometheus text-format parser); `/healthz` fails
+//! when the consume loop stalls; `/readyz` stays up while the providers
+//! fail.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use insights_enricher::simulator::{self, SimulatorConfig};
+use serde_json::json;
+
+async fn put_scenarios(base: &str, scenarios: serde_json::Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{base}/admin/scenarios"))
+        .json(&scenarios)
+        .send()
+        .await
+        .expect("admin");
+    assert!(r.status().is_success());
+}
+
+fn json_logs(env: &mut Vec<(String, String)>) {
+    env.push(("INSIGHTS__LOG__FORMAT".into(), "json".into()));
+}
+
+/// Sums the samples of a metric whose labels include all of `labels`.
+fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map(|b| b.count).unwrap_or(0.0),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    put_scenarios(
+        &sim.base_url(),
+        json!({"default": {"finbox": {"predictors": 5}, "credeau": {"sms_count": 2}},
+               "prefixes": {"bad-": {"credeau": {"sms_count": 2, "faults": {"server_error_first": 1}}}}}),
+    )
+    .await;
+    let topics = Topics::new("metrics");
+    create_topic(&topics.input, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    json_logs(&mut env);
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let addr = service_addr(&service, Duration::from_secs(30))
+        .await
+        .expect("service address");
+
+    let p = producer();
+    let n = 12;
+    for i in 0..n {
+        let user = format!(
+            "{}{i}-{}",
+            if i % 3 == 0 { "bad-" } else { "ok-" },
+            unique("u")
+        );
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+    }
+    produce(&p, &topics.input, Some(b"poison"), Some(b"not json")).await;
+    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(60));
+    assert_eq!(combined.len(), n);
+    let _ = read_topic(&topics.dlq, Some(1), Duration::from_secs(30));
+
+    // Counters are updated after the commit that made the records visible;
+    // give the loop a moment, then scrape.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .unwrap();
+
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &text).unwrap();
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("run {promtool}: {e} (set PROMTOOL; scripts/tools.sh promtool)")
+        });
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text format");
+    let m = |name: &str, labels: &[(&str, &str)]| sum(&scrape, name, labels);
+    let n = n as f64;
+    assert_eq!(
+        m(
+            "insights_events_consumed_total",
+            &[("topic", "input"), ("result", "accepted")]
+        ),
+        n
+    );
+    assert_eq!(
+        m(
+            "insights_events_consumed_total",
+            &[("topic", "input"), ("result", "dead_lettered")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m("insights_published_total", &[("topic", "insights_ready")]),
+        n
+    );
+    assert_eq!(
+        m(
+            "insights_published_total",
+            &[("topic", "finbox_predictors")]
+        ),
+        n
+    );
+    assert_eq!(
+        m("insights_published_total", &[("topic", "sms_extraction")]),
+        n
+    );
+    assert_eq!(
+        m(
+            "insights_dead_letters_total",
+            &[("stage", "decode"), ("reason", "malformed_json")]
+        ),
+        1.0
+    );
+    // Every user: one FinBox answer; Credeau: one answer, plus one 5xx for
+    // the "bad-" third of them, retried in process.
+    assert_eq!(
+        m(
+            "insights_provider_requests_total",
+            &[("provider", "finbox"), ("http_status", "200")]
+        ),
+        n
+    );
+    assert_eq!(
+        m(
+            "insights_provider_requests_total",
+            &[("provider", "credeau"), ("http_status", "200")]
+        ),
+        n
+    );
+    assert_eq!(
+        m(
+            "insights_provider_requests_total",
+            &[("provider", "credeau"), ("http_status", "503")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        m(
+            "insights_provider_retries_total",
+            &[("provider", "credeau")]
+        ),
+        4.0
+    );
+    assert!(m("insights_transactions_total", &[("result", "committed")]) >= 1.0);
+    assert_eq!(
+        m("insights_transactions_total", &[("result", "aborted")]),
+        0.0
+    );
+    assert_eq!(m("insights_onboarding_to_combined_seconds_count", &[]), n);
+    assert_eq!(
+        m(
+            "insights_provider_request_duration_seconds_count",
+            &[("provider", "finbox")]
+        ),
+        n
+    );
+    assert_eq!(
+        m("insights_provider_healthy", &[("provider", "finbox")]),
+        1.0
+    );
+    assert_eq!(m("insights_build_info", &[]), 1.0);
+    assert!(m("insights_consume_loop_iterations_total", &[]) > 0.0);
+    // No user id ever becomes a label value.
+    assert!(!text.contains("ok-0-"), "a user id leaked into a label");
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_within_the_bound_when_the_loop_stalls() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    // FinBox answers after 12 s; the request timeout is longer, so the batch
+    // (and the loop) is stuck in that call.
+    put_scenarios(
+        &sim.base_url(),
+        json!({"default": {"finbox": {"faults": {"latency": "12s"}}}}),
+    )
+    .await;
+    let topics = Topics::new("stall");
+    create_topic(&topics.input, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    json_logs(&mut env);
+    env.push(("INSIGHTS__SERVER__STALL_TIMEOUT".into(), "3s".into()));
+    env.push(("INSIGHTS__FINBOX__REQUEST_TIMEOUT".into(), "30s".into()));
+    env.push(("INSIGHTS__KAFKA__MAX_POLL_INTERVAL".into(), "60s".into()));
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let addr = service_addr(&service, Duration::from_secs(30))
+        .await
+        .expect("address");
+    let http = reqwest::Client::new();
+    let healthz = |addr: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://{addr}/healthz"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    // Healthy while idle.
+    for _ in 0..10 {
+        assert_eq!(
+            healthz(addr.clone()).await,
+            200,
+            "log:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let user = unique("stall");
+    produce(
+        &producer(),
+        &topics.input,
+        Some(user.as_bytes()),
+        Some(&onboarded_json("ev-stall", &user)),
+    )
+    .await;
+    let produced = Instant::now();
+    let mut failed_after = None;
+    while produced.elapsed() < Duration::from_secs(11) {
+        if healthz(addr.clone()).await == 503 {
+            failed_after = Some(produced.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed_after = failed_after
+        .unwrap_or_else(|| panic!("/healthz never failed; log:\n{}", service.log_text()));
+    // Bound: the stall timeout (3 s) plus the time to fetch the record and
+    // the polling interval of this test.
+    assert!(
+        failed_after <= Duration::from_secs(7),
+        "failed only after {failed_after:?}"
+    );
+    // Once the call returns, the loop makes progress again.
+    let mut healthy_again = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if healthz(addr.clone()).await == 200 {
+            healthy_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(healthy_again, "/healthz did not recover");
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_stays_up_while_the_providers_fail() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    put_scenarios(
+        &sim.base_url(),
+        json!({"default": {"finbox": {"faults": {"server_error_ratio": 1.0}}, "credeau": {"faults": {"server_error_ratio": 1.0}}}}),
+    )
+    .await;
+    let topics = Topics::new("ready");
+    create_topic(&topics.input, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    json_logs(&mut env);
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let addr = service_addr(&service, Duration::from_secs(30))
+        .await
+        .expect("address");
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        let addr = addr.clone();
+        async move {
+            http.get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let start = Instant::now();
+    while status("/readyz").await != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never ready; log:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let p = producer();
+    for i in 0..5 {
+        let user = format!("fail-{i}-{}", unique("u"));
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+    }
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        *seen.entry(status("/readyz").await).or_default() += 1;
+        assert_eq!(status("/healthz").await, 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "readyz answers: {seen:?}"
+    );
+    // The providers really were failing meanwhile.
+    let stats: serde_json::Value = reqwest::get(format!("{}/admin/stats", sim.base_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fives: u64 = ["500", "502", "503"]
+        .iter()
+        .filter_map(|s| stats["finbox"]["by_status"][s].as_u64())
+        .sum();
+    assert!(fives > 0, "no 5xx served: {stats}");
+    let _ = sim.shutdown().await;
+}
