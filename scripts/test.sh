@@ -13,7 +13,7 @@
 # KAFKA_START_TIMEOUT (seconds, default 90). Exported to the tests:
 # KAFKA_BOOTSTRAP, KAFKA_DIR, INSIGHTS_PYTHON, HELM, PROMTOOL.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 mkdir -p "$CACHE"
@@ -31,6 +31,7 @@ TESTS_PASSED=0
 TESTS_FAILED=0
 
 KAFKA_DIR=""
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() {
     if [[ -n "$KAFKA_DIR" ]]; then
         scripts/kafka.sh stop --dir "$KAFKA_DIR" >/dev/null 2>&1 || true
