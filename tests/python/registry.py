@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -140,7 +139,7 @@ class Store:
                     409,
                     409,
                     "Schema being registered is incompatible with an earlier schema for subject "
-                    f"\"{subject}\", details: {messages}",
+                    f'"{subject}", details: {messages}',
                 )
             if known is None:
                 known = len(self.texts) + 1

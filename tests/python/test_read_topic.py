@@ -170,9 +170,7 @@ def test_reading_stops_at_expect_and_reports_a_shortfall(
     assert len(records) == 6
     assert "expected 9 records" in stderr
 
-    code, records, stderr = run_reader(
-        bootstrap, topic, "--expect", "9", "--idle", "2", "--strict"
-    )
+    code, records, stderr = run_reader(bootstrap, topic, "--expect", "9", "--idle", "2", "--strict")
     assert code == 3
     assert len(records) == 6
 
@@ -188,8 +186,18 @@ def test_keys_stay_text_even_when_they_look_like_json_and_topic_may_be_a_flag(
     assert producer.flush(30) == 0
 
     done = subprocess.run(
-        [sys.executable, str(READ_TOPIC), "--topic", topic, "--bootstrap", bootstrap,
-         "--expect", "3", "--idle", "30"],
+        [
+            sys.executable,
+            str(READ_TOPIC),
+            "--topic",
+            topic,
+            "--bootstrap",
+            bootstrap,
+            "--expect",
+            "3",
+            "--idle",
+            "30",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
