@@ -131,6 +131,20 @@ impl Filter {
     }
 }
 
+/// A client context that keeps librdkafka's end-of-partition notices (which
+/// this reader asks for to know when it is done) out of the log.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// Reads a whole topic (to its end as of now) without a consumer group.
 pub fn read_all(
     settings: &Settings,
@@ -139,12 +153,12 @@ pub fn read_all(
     start_offset: Option<i64>,
     since: Option<i64>,
 ) -> Result<Vec<DlqRecord>, ReadError> {
-    let consumer: BaseConsumer = base_config(&settings.kafka)
+    let consumer: BaseConsumer<QuietEof> = base_config(&settings.kafka)
         .set("group.id", "insights-enricher-dlq-tool")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create()?;
+        .create_with_context(QuietEof)?;
     let timeout = Duration::from_secs(15);
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = md

@@ -2,7 +2,7 @@
 //! (security included), the consumer context that tracks assignment and
 //! statistics, and the transactional producer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -69,6 +69,9 @@ pub struct PipelineContext {
     pub joined: AtomicBool,
     /// Topics whose lag counts as "users waiting" (the delay tiers).
     pub delay_topics: HashSet<String>,
+    /// The next offset this process committed per partition (transactional
+    /// commits bypass the consumer, so its own statistics do not know them).
+    committed: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl PipelineContext {
@@ -79,7 +82,14 @@ impl PipelineContext {
             broker_up: AtomicBool::new(false),
             joined: AtomicBool::new(false),
             delay_topics,
+            committed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records offsets committed in a transaction (next offset to read).
+    pub fn record_committed(&self, offsets: impl IntoIterator<Item = ((String, i32), i64)>) {
+        let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        c.extend(offsets);
     }
 
     fn with_assignment<R>(&self, f: impl FnOnce(&mut AssignmentState) -> R) -> R {
@@ -104,6 +114,11 @@ impl ClientContext for PipelineContext {
     fn stats(&self, stats: Statistics) {
         let up = stats.brokers.values().any(|b| b.state == "UP");
         self.broker_up.store(up, Ordering::Relaxed);
+        let committed = self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut waiting = 0i64;
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
@@ -115,7 +130,8 @@ impl ClientContext for PipelineContext {
                 } else {
                     p.hi_offset
                 };
-                let position = [p.app_offset, p.committed_offset, p.lo_offset]
+                let ours = committed.get(&(topic.clone(), *id)).copied();
+                let position = [ours.unwrap_or(-1), p.committed_offset, p.lo_offset]
                     .into_iter()
                     .find(|o| *o >= 0)
                     .unwrap_or(end);
@@ -152,6 +168,12 @@ impl ConsumerContext for PipelineContext {
                 .map(|e| (e.topic().to_string(), e.partition()))
                 .collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked");
+            {
+                let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+                for tp in &revoked {
+                    c.remove(tp);
+                }
+            }
             for (t, p) in &revoked {
                 let _ = self
                     .metrics
