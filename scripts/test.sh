@@ -136,8 +136,13 @@ fi
 build_ok=0
 run_stage build cargo build --all-targets && build_ok=1
 if ((build_ok && broker_ok)); then
-    run_stage cargo-test cargo test --all-targets --no-fail-fast -- --test-threads="$TEST_THREADS"
+    run_stage cargo-test cargo test --all-targets --no-fail-fast -- --test-threads="$TEST_THREADS" \
+        --skip a_broker_restart_mid_run
     count_cargo "$LOGS/cargo-test.log"
+    # This test restarts the shared broker, so it runs alone, after the rest.
+    run_stage broker-restart cargo test --test pipeline_crash -- --exact \
+        a_broker_restart_mid_run_loses_and_duplicates_nothing
+    count_cargo "$LOGS/broker-restart.log"
 else
     skip cargo-test "needs a build and a broker"
 fi
