@@ -348,10 +348,13 @@ impl ConsumeLoop {
         for p in &processed {
             let reason = p
                 .dead_letters
-                .first()
+                .iter()
+                .chain(&p.failures)
                 .map(|(_, r)| r.as_str())
+                .next()
                 .unwrap_or("");
-            if let Err(tripped) = self.guard.observe(!p.dead_letters.is_empty(), reason) {
+            let dead = !p.dead_letters.is_empty() || !p.failures.is_empty();
+            if let Err(tripped) = self.guard.observe(dead, reason) {
                 self.guard.restore(snapshot);
                 tracing::error!(error = %tripped, "dead-letter guard tripped; stopping without committing the batch");
                 self.rewind(&offsets);

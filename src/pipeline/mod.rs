@@ -44,10 +44,14 @@ use self::worker::{OutputTopics, SourceKind, Worker};
 /// consumer waiting for the transaction timeout. Two live processes must
 /// never share an id: pod names are unique; on one host, give each process
 /// its own `kafka.transactional_id_prefix`.
+/// Without a pod or host name, a random suffix keeps two processes apart
+/// (a restart then waits for the transaction timeout instead).
 fn transactional_id(prefix: &str) -> String {
     let instance = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "local".to_string());
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
     format!("{prefix}-{instance}")
 }
 
@@ -84,8 +88,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let total_partitions = {
         let s = settings.clone();
         let t = tiers.clone();
+        // Right after creating topics a broker's metadata may not list them
+        // yet: retry briefly before calling a topic missing.
+        let patience = if settings.topics.create {
+            Duration::from_secs(20)
+        } else {
+            Duration::ZERO
+        };
         tokio::task::spawn_blocking(move || {
-            topics::check_topics(&probe, &s, &t, Duration::from_secs(30))
+            let started = std::time::Instant::now();
+            loop {
+                match topics::check_topics(&probe, &s, &t, Duration::from_secs(30)) {
+                    Err(topics::TopicError::Missing(_)) if started.elapsed() < patience => {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    other => return other,
+                }
+            }
         })
         .await
         .context("topic check task")?

@@ -74,8 +74,13 @@ pub struct OutRecord {
 #[derive(Debug, Default)]
 pub struct Processed {
     pub outputs: Vec<OutRecord>,
-    /// The dead-letter reasons among the outputs (for the guard and metrics).
+    /// The dead-letter reasons among the outputs (for metrics).
     pub dead_letters: Vec<(Stage, String)>,
+    /// Providers that ended `failed` while processing this record. Their
+    /// dead letter is written when the user's task finishes (so it holds the
+    /// final state and a replay re-asks only the failed provider), but the
+    /// guard counts them at once.
+    pub failures: Vec<(Stage, String)>,
     /// Onboarding-to-combined latency to observe once committed (seconds).
     pub combined_latency: Option<f64>,
 }
@@ -235,6 +240,7 @@ impl Worker {
         }
         let now = now_ms();
         if task.is_done() {
+            self.dead_letter_failed_providers(&task, rec, out);
             match self.encoder.insights_ready(&task, now) {
                 Ok(value) => {
                     out.outputs.push(self.output(
@@ -328,18 +334,51 @@ impl Worker {
             tracing::warn!(
                 provider = %f.provider, reason = %reason, http_status = ?f.error.http_status,
                 provider_request_id = ?f.error.provider_request_id,
-                error = %f.error, "provider failed for a user; dead-lettered"
+                error = %f.error, "provider failed for a user; dead-lettered when the user's task ends"
             );
-            let stage = Stage::Poll(f.provider);
-            self.dead_letter_task(
-                task,
-                rec,
+            out.failures.push((Stage::Poll(f.provider), reason));
+        }
+    }
+
+    /// One dead letter per provider that ended `failed`, written with the
+    /// task's final state.
+    fn dead_letter_failed_providers(&self, task: &Task, rec: &Incoming, out: &mut Processed) {
+        for p in Provider::ALL {
+            let track = task.track(p);
+            if track.outcome() != Some(Outcome::Failed) {
+                continue;
+            }
+            let Some(err) = &track.last_error else {
+                continue;
+            };
+            let (stage, reason) = if err.kind == crate::providers::ProviderErrorKind::TooLarge {
+                (Stage::Publish, "too_large".to_string())
+            } else if err.kind.is_retryable() {
+                (Stage::Poll(p), "exhausted".to_string())
+            } else {
+                (Stage::Poll(p), err.kind.as_str().to_string())
+            };
+            let dl = DeadLetter {
+                key: Some(task.user.user_id.as_bytes().to_vec()),
+                value: Some(task.encode()),
                 stage,
-                &reason,
-                &f.error.to_string(),
-                Some(&f.error),
-                out,
-            );
+                reason,
+                message: err.message.clone(),
+                original_topic: rec.topic.clone(),
+                original_partition: rec.partition,
+                original_offset: rec.offset,
+                original_timestamp: rec.timestamp,
+                attempts: track.polls,
+                provider: Some(p),
+                http_status: err.http_status,
+                provider_request_id: err.provider_request_id.clone(),
+                user_id: Some(task.user.user_id.clone()),
+                event_id: Some(task.user.event_id.clone()),
+                replay_target: "task",
+                failed_at: now_ms(),
+                original_headers: vec![],
+            };
+            self.push_dead_letter(dl, out);
         }
     }
 
@@ -366,8 +405,9 @@ impl Worker {
             message: msg.to_string(),
             provider_request_id: None,
         });
-        tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered");
-        self.dead_letter_task(task, rec, Stage::Publish, "too_large", msg, None, out);
+        tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered when the user's task ends");
+        let _ = rec;
+        out.failures.push((Stage::Publish, "too_large".to_string()));
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -159,6 +159,11 @@ pub fn service_env(topics: &Topics, group: &str, sim_url: &str) -> Vec<(String, 
     let mut env = topics.env();
     let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
     env.extend([
+        // Services of different tests must never share a transactional.id
+        // (they would fence each other); a restarted service of one test
+        // must keep its own (so it aborts its predecessor's transaction).
+        kv("INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX", &topics.prefix),
+        kv("HOSTNAME", "test"),
         kv("INSIGHTS__KAFKA__BOOTSTRAP_SERVERS", &bootstrap()),
         kv("INSIGHTS__KAFKA__GROUP_ID", group),
         kv("INSIGHTS__KAFKA__SESSION_TIMEOUT", "6s"),
