@@ -1,0 +1,358 @@
+//! `dlq inspect` and `dlq replay` (the binary, configured like the service)
+//! against the real broker: a rotated FinBox key dead-letters users, the
+//! operator inspects, fixes the key, dry-runs, replays once (the users
+//! complete, Credeau is not asked again), and a second replay sends nothing.
+//! A poison input record replays to the input topic and is dead-lettered
+//! again.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use insights_enricher::simulator::{self, SimulatorConfig};
+use serde_json::{json, Value};
+
+/// Secrets of the test configuration: none may appear in the tools' output.
+const SECRETS: &[&str] = &["sim-finbox-key", "sim-server-hash", "sim-token"];
+
+/// Runs `insights-enricher dlq ARGS` with the service's environment; returns
+/// (stdout, stderr) after asserting it succeeded and printed no secret.
+fn dlq_cli(env: &[(String, String)], args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
+        .arg("dlq")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run dlq tool");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "dlq {args:?} failed ({}): {stderr}\n{stdout}",
+        out.status
+    );
+    for s in SECRETS {
+        assert!(
+            !stdout.contains(s) && !stderr.contains(s),
+            "dlq {args:?} printed the secret {s:?}"
+        );
+    }
+    (stdout, stderr)
+}
+
+fn dlq_json(env: &[(String, String)], args: &[&str]) -> Value {
+    let (stdout, _) = dlq_cli(env, args);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("dlq {args:?}: {e}: {stdout}"))
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v.as_object()
+        .expect("count map")
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().expect("count")))
+        .collect()
+}
+
+fn map(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+}
+
+fn header(r: &ReadRecord, k: &str) -> Option<String> {
+    r.headers.get(k).cloned().flatten()
+}
+
+/// How many requests the simulator has seen from one user, per provider.
+async fn sim_requests(http: &reqwest::Client, base: &str, user: &str) -> (u64, u64) {
+    let v: Value = http
+        .get(format!("{base}/admin/users/{user}"))
+        .send()
+        .await
+        .expect("admin users")
+        .json()
+        .await
+        .expect("admin users json");
+    let n = |p: &str| v[p]["requests"].as_u64().unwrap_or(0);
+    (n("finbox"), n("credeau"))
+}
+
+async fn set_finbox_key(http: &reqwest::Client, base: &str, key: &str) {
+    let r = http
+        .put(format!("{base}/admin/credentials"))
+        .json(&json!({ "finbox_api_key": key }))
+        .send()
+        .await
+        .expect("admin credentials");
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+/// Record counts of the topics a replay could write to.
+fn topic_counts(
+    topics: &Topics,
+    ledger: &str,
+    shortest_tier: &str,
+) -> HashMap<&'static str, usize> {
+    let idle = Duration::from_secs(2);
+    HashMap::from([
+        ("input", read_topic(&topics.input, None, idle).len()),
+        ("tier", read_topic(shortest_tier, None, idle).len()),
+        ("ledger", read_topic(ledger, None, idle).len()),
+        ("finbox", read_topic(&topics.finbox, None, idle).len()),
+        ("sms", read_topic(&topics.sms, None, idle).len()),
+        ("combined", read_topic(&topics.combined, None, idle).len()),
+        ("dlq", read_topic(&topics.dlq, None, idle).len()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_and_replay_recover_users_after_a_finbox_key_rotation_exactly_once() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    let base = sim.base_url();
+    let http = reqwest::Client::new();
+    // The simulator now expects another key than the service sends: every
+    // FinBox poll answers 403 "Incorrect API Key".
+    set_finbox_key(&http, &base, "rotated").await;
+
+    let topics = Topics::new("dlqtools");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &base);
+    // Credeau is polled at once and completes on its first poll; FinBox is
+    // first polled 3 s later, so each dead-lettered task already holds
+    // Credeau's final state. A task dead-lettered while Credeau was still
+    // pending carries that pending state, and replaying it would poll Credeau
+    // again: the worker writes the dead letter at the moment FinBox fails.
+    env.push(("INSIGHTS__FINBOX__INITIAL_DELAY".into(), "3s".into()));
+    let service = Service::start(&env, &dir.path().join("service.log"));
+
+    let p = producer();
+    let n = 3;
+    let mut users = Vec::new();
+    for i in 0..n {
+        let user = format!("rot-{i}-{}", unique("u"));
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+        users.push(user);
+    }
+    let poison = b"{\"event_id\": \"e-poison\", \"user_id\": ".to_vec();
+    produce(&p, &topics.input, Some(b"poison"), Some(&poison)).await;
+
+    // Every user ends with a combined event saying FinBox failed (403).
+    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(60));
+    assert_eq!(combined.len(), n, "log:\n{}", service.log_text());
+    for r in &combined {
+        assert_eq!(r.value["finbox"]["outcome"], "failed", "{}", r.value);
+        assert_eq!(r.value["finbox"]["error_kind"], "forbidden", "{}", r.value);
+        assert_eq!(r.value["finbox"]["http_status"], 403, "{}", r.value);
+        assert_eq!(r.value["credeau"]["outcome"], "complete", "{}", r.value);
+        assert!(r.value["replay_of"].is_null());
+    }
+    let dlq = read_topic(&topics.dlq, Some(n + 1), Duration::from_secs(30));
+    assert_eq!(dlq.len(), n + 1, "dead letters: {dlq:?}");
+    let sms_before = read_topic(&topics.sms, Some(n), Duration::from_secs(10));
+    assert_eq!(sms_before.len(), n, "one SMS extraction per user");
+
+    // inspect: the counts, and nothing secret.
+    let all = dlq_json(&env, &["inspect", "--json"]);
+    let s = &all["summary"];
+    assert_eq!(s["total"], n + 1, "{all}");
+    let nu = n as u64;
+    assert_eq!(
+        counts(&s["by_reason"]),
+        map(&[("forbidden", nu), ("malformed_json", 1)])
+    );
+    assert_eq!(counts(&s["by_provider"]), map(&[("finbox", nu), ("-", 1)]));
+    assert_eq!(counts(&s["by_http_status"]), map(&[("403", nu), ("-", 1)]));
+    assert_eq!(
+        counts(&s["by_stage"]),
+        map(&[("poll_finbox", nu), ("decode", 1)])
+    );
+    let records = all["records"].as_array().expect("records");
+    assert_eq!(records.len(), n + 1);
+    for r in records {
+        let h = &r["headers"];
+        if h["dlq.error.class"] == "forbidden" {
+            let user = r["key"].as_str().expect("key");
+            assert!(users.iter().any(|u| u == user), "{r}");
+            assert_eq!(h["dlq.user_id"], user);
+            assert_eq!(h["dlq.replay.target"], "task");
+            assert_eq!(r["value"]["finbox"], "failed", "{r}");
+            assert_eq!(r["value"]["credeau"], "complete", "{r}");
+        } else {
+            assert_eq!(h["dlq.stage"], "decode");
+            assert_eq!(h["dlq.replay.target"], "input");
+            assert_eq!(r["value"]["bytes"], poison.len());
+        }
+    }
+    let filtered = dlq_json(&env, &["inspect", "--json", "--reason", "forbidden"]);
+    assert_eq!(filtered["summary"]["total"], n);
+    let (text, _) = dlq_cli(&env, &["inspect", "--provider", "finbox"]);
+    assert!(text.starts_with(&format!("dead letters: {n}\n")), "{text}");
+
+    let credeau_before: Vec<u64> = {
+        let mut v = Vec::new();
+        for u in &users {
+            v.push(sim_requests(&http, &base, u).await.1);
+        }
+        v
+    };
+    assert!(credeau_before.iter().all(|c| *c >= 1), "{credeau_before:?}");
+    // The simulator logs a user's requests only once they pass the key
+    // check: none of the 403s is on record.
+    for u in &users {
+        assert_eq!(sim_requests(&http, &base, u).await.0, 0, "{u}");
+    }
+
+    // The operator fixes the key, then dry-runs: nothing is sent.
+    set_finbox_key(&http, &base, "sim-finbox-key").await;
+    let ledger = format!("{}.replayed", topics.dlq);
+    let shortest_tier = format!("{}.1s", topics.delay_prefix);
+    let dry = dlq_json(
+        &env,
+        &["replay", "--dry-run", "--reason", "forbidden", "--json"],
+    );
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["selected"], n);
+    assert_eq!(dry["sent"], 0);
+    assert_eq!(dry["items"].as_array().map(Vec::len), Some(n), "{dry}");
+    for item in dry["items"].as_array().unwrap() {
+        assert_eq!(item["destination"], shortest_tier.as_str(), "{item}");
+    }
+    let before = topic_counts(&topics, &ledger, &shortest_tier);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_dry = topic_counts(&topics, &ledger, &shortest_tier);
+    assert_eq!(after_dry, before, "a dry run changed a topic");
+    assert_eq!(after_dry["ledger"], 0);
+
+    // The replay: every forbidden dead letter once.
+    let report = dlq_json(&env, &["replay", "--reason", "forbidden", "--json"]);
+    assert_eq!(report["sent"], n, "{report}");
+    assert_eq!(report["already_replayed"], 0);
+    assert_eq!(report["not_replayable"], 0);
+
+    let finbox = read_topic(&topics.finbox, Some(n), Duration::from_secs(60));
+    assert_eq!(finbox.len(), n, "log:\n{}", service.log_text());
+    let combined = read_topic(&topics.combined, Some(2 * n), Duration::from_secs(60));
+    assert_eq!(combined.len(), 2 * n);
+    let replayed: Vec<&ReadRecord> = combined
+        .iter()
+        .filter(|r| !r.value["replay_of"].is_null())
+        .collect();
+    assert_eq!(replayed.len(), n);
+    let dlq_ids: Vec<String> = dlq
+        .iter()
+        .filter(|r| header(r, "dlq.error.class").as_deref() == Some("forbidden"))
+        .map(|r| format!("{}/{}/{}", topics.dlq, r.partition, r.offset))
+        .collect();
+    for r in &replayed {
+        let user = r.value["user_id"].as_str().unwrap();
+        assert!(users.iter().any(|u| u == user));
+        assert_eq!(r.value["event_id"], format!("ev-{user}"));
+        assert_eq!(r.value["finbox"]["outcome"], "complete", "{}", r.value);
+        assert_eq!(r.value["credeau"]["outcome"], "complete", "{}", r.value);
+        let of = r.value["replay_of"].as_str().unwrap();
+        assert!(dlq_ids.iter().any(|d| d == of), "{of} not in {dlq_ids:?}");
+    }
+    for r in &finbox {
+        assert!(users.iter().any(|u| Some(u.as_str()) == r.key.as_deref()));
+        assert!(r.value["predictors"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()));
+    }
+    // Credeau was final in every replayed task: not asked again, no second
+    // SMS extraction.
+    for (u, before) in users.iter().zip(&credeau_before) {
+        let (finbox_requests, credeau_now) = sim_requests(&http, &base, u).await;
+        assert_eq!(credeau_now, *before, "Credeau polled again for {u}");
+        assert_eq!(
+            finbox_requests, 1,
+            "{u}: FinBox answered once after the fix"
+        );
+    }
+    assert_eq!(
+        read_topic(&topics.sms, None, Duration::from_secs(2)).len(),
+        n
+    );
+    assert_eq!(read_topic(&ledger, None, Duration::from_secs(2)).len(), n);
+
+    // The same replay again sends nothing, and no further result appears.
+    let again = dlq_json(&env, &["replay", "--reason", "forbidden", "--json"]);
+    assert_eq!(again["sent"], 0, "{again}");
+    assert_eq!(again["already_replayed"], n);
+    let (text, _) = dlq_cli(&env, &["replay", "--reason", "forbidden"]);
+    assert!(
+        text.contains(&format!("selected {n}, sent 0, already replayed {n}")),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        read_topic(&topics.combined, None, Duration::from_secs(2)).len(),
+        2 * n
+    );
+    assert_eq!(
+        read_topic(&topics.finbox, None, Duration::from_secs(2)).len(),
+        n
+    );
+
+    // The poison record: decode stage, replayed to the input topic with its
+    // origin in `dlq.replayed.from`, and dead-lettered again there.
+    let decode = dlq_json(&env, &["inspect", "--json", "--stage", "decode"]);
+    assert_eq!(decode["summary"]["total"], 1, "{decode}");
+    let poison_dl = &decode["records"][0];
+    let poison_id = format!(
+        "{}/{}/{}",
+        topics.dlq, poison_dl["partition"], poison_dl["offset"]
+    );
+    let report = dlq_json(&env, &["replay", "--reason", "malformed_json", "--json"]);
+    assert_eq!(report["sent"], 1, "{report}");
+    assert_eq!(report["items"][0]["destination"], topics.input.as_str());
+    let input = read_topic(&topics.input, Some(n + 2), Duration::from_secs(30));
+    let back: Vec<&ReadRecord> = input
+        .iter()
+        .filter(|r| header(r, "dlq.replayed.from").is_some())
+        .collect();
+    assert_eq!(back.len(), 1, "{input:?}");
+    assert_eq!(
+        header(back[0], "dlq.replayed.from").as_deref(),
+        Some(poison_id.as_str())
+    );
+    assert_eq!(back[0].key.as_deref(), Some("poison"));
+    assert_eq!(
+        back[0].value,
+        Value::String(String::from_utf8(poison.clone()).unwrap())
+    );
+    let dlq = read_topic(&topics.dlq, Some(n + 2), Duration::from_secs(30));
+    let again: Vec<&ReadRecord> = dlq
+        .iter()
+        .filter(|r| {
+            header(r, "dlq.original.offset") == Some(back[0].offset.to_string())
+                && header(r, "dlq.original.partition") == Some(back[0].partition.to_string())
+        })
+        .collect();
+    assert_eq!(again.len(), 1, "{dlq:?}");
+    assert_eq!(
+        header(again[0], "dlq.error.class").as_deref(),
+        Some("malformed_json")
+    );
+    assert_eq!(
+        header(again[0], "dlq.original.topic").as_deref(),
+        Some(topics.input.as_str())
+    );
+
+    let log = service.log_text();
+    for s in SECRETS {
+        assert!(!log.contains(s), "service log holds {s:?}");
+    }
+    let _ = sim.shutdown().await;
+}
