@@ -781,6 +781,9 @@ fn task_decoder_survives_arbitrary_and_mutated_records() {
 
 // ---------------------------------------------------------------- large inputs
 
+/// One decoder applied to one input; true when it accepted it.
+type Run<'a> = Box<dyn Fn() -> bool + 'a>;
+
 /// Inputs of several megabytes, benign and hostile: each decoder returns
 /// within the time bound, holding heap in proportion to the input.
 #[test]
@@ -828,7 +831,7 @@ fn multi_megabyte_inputs_complete_within_time_and_heap_bounds() {
     ];
     let mut figures = Figures::default();
     for (name, input) in &inputs {
-        let runs: [(&str, Box<dyn Fn() -> bool>); 5] = [
+        let runs: [(&str, Run<'_>); 5] = [
             (
                 "json input",
                 Box::new(|| rt.block_on(json_decoder.decode(Some(input))).is_ok()),
