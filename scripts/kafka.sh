@@ -4,7 +4,8 @@
 # ~/.cache/insights-enricher/kafka/<version>/libs.
 #
 #   scripts/kafka.sh fetch                      resolve the jars (once)
-#   scripts/kafka.sh start --dir DIR [--port N] start a broker, print host:port
+#   scripts/kafka.sh start --dir DIR [--port N] [--sasl-ssl]
+#                                               start a broker, print host:port
 #   scripts/kafka.sh stop --dir DIR             SIGTERM, then SIGKILL if needed
 #   scripts/kafka.sh restart --dir DIR          same ports, same data
 #   scripts/kafka.sh status --dir DIR           exit 0 when the broker runs
@@ -12,6 +13,12 @@
 #       kafka.admin.ConfigCommand (kafka-configs), org.apache.kafka.tools.TopicCommand
 #
 # DIR holds server.properties, data/, broker.log, bootstrap (host:port) and pid.
+# --sasl-ssl adds a second listener (TLS + SASL: SCRAM-SHA-512, SCRAM-SHA-256
+# and PLAIN) next to the plaintext one: a CA and a broker certificate are
+# generated with openssl, user "insights" gets a random password, and DIR
+# also holds ca.pem, sasl_ssl_bootstrap (host:port), sasl_username and
+# sasl_password (mode 600). A directory started once with --sasl-ssl keeps
+# the listener, its port and its users across restart.
 # Environment: KAFKA_START_TIMEOUT (seconds, default 90), KAFKA_HEAP_MAX
 # (default 768m), INSIGHTS_CACHE (default ~/.cache/insights-enricher).
 set -euo pipefail
@@ -36,7 +43,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -169,10 +176,90 @@ metadata_ok() {
         >/dev/null 2>&1
 }
 
+# ---------------------------------------------------------------- sasl_ssl
+
+SASL_USER="insights"
+
+# A CA and a broker certificate for 127.0.0.1/localhost (librdkafka checks
+# the host name), packed as a PKCS#12 keystore for the broker. Generated
+# once per directory, so a restart keeps what clients already trust.
+make_certificates() {
+    local tls="$1/tls"
+    [[ -f "$tls/broker.p12" && -f "$1/ca.pem" ]] && return
+    command -v openssl >/dev/null || die "openssl is required for --sasl-ssl"
+    mkdir -p "$tls"
+    (
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -days 30 -sha256 \
+            -subj "/CN=insights-enricher test CA" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout "$tls/ca.key" -out "$tls/ca.pem"
+        openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" \
+            -keyout "$tls/broker.key" -out "$tls/broker.csr"
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+            "extendedKeyUsage=serverAuth" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" >"$tls/broker.ext"
+        openssl x509 -req -in "$tls/broker.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+            -CAcreateserial -days 30 -sha256 -extfile "$tls/broker.ext" -out "$tls/broker.pem"
+        head -c 24 /dev/urandom | base64 | tr -d '=+/\n' >"$tls/keystore_password"
+        openssl pkcs12 -export -in "$tls/broker.pem" -inkey "$tls/broker.key" \
+            -certfile "$tls/ca.pem" -name broker -out "$tls/broker.p12" \
+            -passout "file:$tls/keystore_password"
+    ) >"$1/tls.log" 2>&1 || {
+        cat "$1/tls.log" >&2
+        die "generating the TLS certificates in $tls failed"
+    }
+    cp "$tls/ca.pem" "$1/ca.pem"
+    chmod 644 "$1/ca.pem"
+}
+
+# The SASL user and its password, generated once per directory.
+make_sasl_user() {
+    local dir="$1"
+    [[ -s "$dir/sasl_password" ]] && return
+    (
+        umask 077
+        # Letters and digits only: the password goes into JAAS and SCRAM
+        # arguments, where quotes, commas and brackets are syntax.
+        head -c 48 /dev/urandom | base64 | tr -d '=+/\n' | head -c 32 >"$dir/sasl_password"
+    )
+    echo "$SASL_USER" >"$dir/sasl_username"
+}
+
+# Adds the SASL_SSL listener to DIR/server.properties. The plaintext
+# listener stays the inter-broker one, so the readiness check and the admin
+# tools keep working without credentials.
+write_sasl_properties() {
+    local dir="$1" sport="$2" password keystore_password
+    password="$(cat "$dir/sasl_password")"
+    keystore_password="$(cat "$dir/tls/keystore_password")"
+    local props="$dir/server.properties"
+    sed -i \
+        -e "s|^listeners=\(.*\)$|listeners=\1,SASL_SSL://127.0.0.1:$sport|" \
+        -e "s|^advertised.listeners=\(.*\)$|advertised.listeners=\1,SASL_SSL://127.0.0.1:$sport|" \
+        -e "s|^listener.security.protocol.map=\(.*\)$|listener.security.protocol.map=\1,SASL_SSL:SASL_SSL|" \
+        "$props"
+    chmod 600 "$props"
+    cat >>"$props" <<EOF
+
+# ---- added by kafka.sh --sasl-ssl
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER="$password";
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$dir/tls/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password=$keystore_password
+listener.name.sasl_ssl.ssl.key.password=$keystore_password
+EOF
+}
+
+
 # ---------------------------------------------------------------- commands
 
 start() {
-    local dir="$1" port="$2"
+    local dir="$1" port="$2" sasl="$3"
     mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
     fetch
@@ -181,6 +268,15 @@ start() {
         log "broker already running in $dir (pid $pid)"
         cat "$dir/bootstrap"
         return
+    fi
+    # Once a directory has the SASL_SSL listener, it keeps it (and its port).
+    local sport=""
+    if [[ -f "$dir/sasl_ssl_bootstrap" ]]; then
+        sasl=1
+        sport="$(sed 's/.*://' "$dir/sasl_ssl_bootstrap")"
+    fi
+    if [[ -n "$sasl" && -f "$dir/data/meta.properties" && ! -f "$dir/sasl_ssl_bootstrap" ]]; then
+        die "$dir was formatted without --sasl-ssl (no SCRAM users); use a fresh directory"
     fi
 
     # A directory that ran a broker before keeps its ports (and data), which
@@ -196,14 +292,30 @@ start() {
     [[ -n "${cport:-}" && "$cport" != "$port" ]] || cport="$(free_port)"
     while [[ "$cport" == "$port" ]]; do cport="$(free_port)"; done
     write_properties "$dir" "$port" "$cport"
+    local scram=()
+    if [[ -n "$sasl" ]]; then
+        [[ -n "$sport" ]] || sport="$(free_port)"
+        while [[ "$sport" == "$port" || "$sport" == "$cport" ]]; do sport="$(free_port)"; done
+        make_certificates "$dir"
+        make_sasl_user "$dir"
+        write_sasl_properties "$dir" "$sport"
+        local password
+        password="$(cat "$dir/sasl_password")"
+        scram=(--add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$password]"
+            --add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$password]")
+    fi
 
     if port_open "$port"; then
         die "port $port is already in use"
     fi
+    if [[ -n "$sport" ]] && port_open "$sport"; then
+        die "port $sport (SASL_SSL) is already in use"
+    fi
 
     if [[ ! -f "$dir/data/meta.properties" ]]; then
         mkdir -p "$dir/data"
-        if ! run_tool kafka.tools.StorageTool format \
+        # SCRAM users are written into the metadata log at format time.
+        if ! run_tool kafka.tools.StorageTool format "${scram[@]}" \
             -t "$(random_cluster_id)" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
             cat "$dir/format.log" >&2
             die "formatting the KRaft storage in $dir/data failed"
@@ -221,6 +333,7 @@ start() {
     local started=$!
     echo "$started" >"$dir/pid"
     echo "127.0.0.1:$port" >"$dir/bootstrap"
+    [[ -z "$sport" ]] || echo "127.0.0.1:$sport" >"$dir/sasl_ssl_bootstrap"
 
     local began=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
     local phase="port"
@@ -230,7 +343,7 @@ start() {
         alive "$started" || fail_start "$dir" "$offset" "broker process exited during startup"
         case "$phase" in
         port)
-            if port_open "$port" &&
+            if port_open "$port" && { [[ -z "$sport" ]] || port_open "$sport"; } &&
                 tail -c "+$((offset + 1))" "$dir/broker.log" | grep -q "Kafka Server started"; then
                 phase="metadata"
                 continue
@@ -238,6 +351,7 @@ start() {
             ;;
         metadata)
             if metadata_ok "127.0.0.1:$port"; then
+                [[ -z "$sport" ]] || log "SASL_SSL listener on 127.0.0.1:$sport (CA $dir/ca.pem, user $SASL_USER)"
                 log "broker ready on 127.0.0.1:$port after $((SECONDS - began))s (pid $(cat "$dir/pid"), log $dir/broker.log)"
                 echo "127.0.0.1:$port"
                 return
@@ -298,6 +412,7 @@ if [[ "$cmd" == "tool" ]]; then
 fi
 dir=""
 port=""
+sasl=""
 while (($#)); do
     case "$1" in
     --dir)
@@ -308,6 +423,10 @@ while (($#)); do
         port="${2:?--port needs a value}"
         [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number"
         shift 2
+        ;;
+    --sasl-ssl)
+        sasl=1
+        shift
         ;;
     *) usage ;;
     esac
@@ -320,7 +439,7 @@ fetch)
     ;;
 start)
     [[ -n "$dir" ]] || usage
-    start "$dir" "$port"
+    start "$dir" "$port" "$sasl"
     ;;
 stop)
     [[ -n "$dir" ]] || usage
@@ -330,7 +449,7 @@ restart)
     [[ -n "$dir" ]] || usage
     [[ -f "$dir/server.properties" ]] || die "$dir has never run a broker"
     stop "$dir"
-    start "$dir" "$port"
+    start "$dir" "$port" "$sasl"
     ;;
 status)
     [[ -n "$dir" ]] || usage

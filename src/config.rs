@@ -411,6 +411,7 @@ impl Settings {
                     format!("file {} does not exist", path.display()),
                 ));
             }
+            check_toml_syntax(path)?;
             builder = builder.add_source(
                 config::File::from(path.to_path_buf())
                     .format(config::FileFormat::Toml)
@@ -804,6 +805,33 @@ fn read_secret_file(key: &str, secret: &mut Secret, file: &str) -> Result<(), Co
     }
     *secret = Secret::new(value);
     Ok(())
+}
+
+/// Parses the file once on our side so a syntax error is reported by line
+/// and column only: the TOML library's own report quotes the offending
+/// line, which may hold a secret (`api_key = "abc` without its quote).
+fn check_toml_syntax(path: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::invalid("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
+    let Err(e) = toml::from_str::<toml::Table>(&text) else {
+        return Ok(());
+    };
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+        format!(" at line {line}, column {column}")
+    });
+    Err(ConfigError::invalid(
+        "--config",
+        format!(
+            "{} is not valid TOML{}: {}",
+            path.display(),
+            at.unwrap_or_default(),
+            e.message()
+        ),
+    ))
 }
 
 fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {

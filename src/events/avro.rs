@@ -83,10 +83,15 @@ pub struct SchemaError {
 }
 
 /// apache-avro trusts length prefixes up to 512 MiB by default, so a few
-/// garbage bytes could make it reserve gigabytes (arrays reserve
-/// `count * size_of::<Value>()`). No input we accept is near this size, and
-/// our own outputs hold no single string or array this long.
-pub const AVRO_MAX_ALLOCATION_BYTES: usize = 16 * 1024 * 1024;
+/// garbage bytes could make it reserve gigabytes. The cap applies to string
+/// and bytes lengths and also to the item count an array or map block
+/// declares, which is reserved up front: a map entry takes about 80 bytes
+/// and the table rounds up to a power of two, so a 10-byte record naming a
+/// writer schema with a map could hold over 1 GiB at a 16 MiB cap (found by
+/// tests/fuzz_decoders.rs). At 64 Ki a hostile count costs about 10 MiB.
+/// Input events carry ids of at most 128 characters, and neither they nor
+/// our own outputs hold a single string or list this long.
+pub const AVRO_MAX_ALLOCATION_BYTES: usize = 64 * 1024;
 
 /// Lowers apache-avro's process-wide allocation cap before any untrusted
 /// datum is decoded (the library lets it be set once).

@@ -5,11 +5,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
 use crate::config::KafkaSettings;
@@ -47,6 +49,89 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
         c.set_log_level(RDKafkaLogLevel::Debug);
     }
     c
+}
+
+/// Why the brokers could not be reached with the configured security
+/// settings. The texts are librdkafka's reasons, which name the mechanism
+/// and the user at most, never a password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("kafka SASL authentication failed (kafka.sasl_mechanism, kafka.sasl_username, kafka.sasl_password): {0}")]
+    Authentication(String),
+    #[error("kafka TLS handshake failed (kafka.ssl_ca_location, kafka.security_protocol): {0}")]
+    Tls(String),
+    #[error("kafka brokers not reachable within {timeout:?} (kafka.bootstrap_servers): {reason}")]
+    Unreachable { timeout: Duration, reason: String },
+    #[error("kafka client: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// Records the first authentication or TLS failure librdkafka reports while
+/// the probe is polled.
+#[derive(Default)]
+struct ProbeContext {
+    failure: Mutex<Option<(RDKafkaErrorCode, String)>>,
+    last: Mutex<Option<String>>,
+}
+
+impl ClientContext for ProbeContext {
+    // librdkafka's own log lines repeat what `error` receives.
+    fn log(&self, _level: RDKafkaLogLevel, _fac: &str, _message: &str) {}
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(reason.to_string());
+        }
+        if let Some(code @ (RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) = code {
+            if let Ok(mut failure) = self.failure.lock() {
+                failure.get_or_insert((code, reason.to_string()));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// Connects once with the configured brokers and security settings before
+/// anything else uses them, so wrong credentials or an untrusted broker
+/// certificate stop the service at start with a message that says so,
+/// instead of a generic metadata timeout. Blocking: call it off the async
+/// runtime.
+pub fn check_connection(k: &KafkaSettings, timeout: Duration) -> Result<(), ConnectError> {
+    let mut config = base_config(k);
+    // A consumer needs a group id to be created; the probe never joins it.
+    config.set("group.id", format!("{}-probe", k.group_id));
+    let probe: BaseConsumer<ProbeContext> = config.create_with_context(ProbeContext::default())?;
+    let started = Instant::now();
+    loop {
+        let _ = probe.poll(Duration::from_millis(200));
+        if let Ok(failure) = probe.context().failure.lock() {
+            match failure.as_ref() {
+                Some((RDKafkaErrorCode::Authentication, reason)) => {
+                    return Err(ConnectError::Authentication(reason.clone()))
+                }
+                Some((_, reason)) => return Err(ConnectError::Tls(reason.clone())),
+                None => {}
+            }
+        }
+        if probe
+            .fetch_metadata(None, Duration::from_millis(500))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            let reason = probe
+                .context()
+                .last
+                .lock()
+                .ok()
+                .and_then(|l| l.clone())
+                .unwrap_or_else(|| "no answer".to_string());
+            return Err(ConnectError::Unreachable { timeout, reason });
+        }
+    }
 }
 
 /// What the consumer context learned during the last poll: partitions

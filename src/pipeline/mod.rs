@@ -74,6 +74,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
     let k = &settings.kafka;
 
+    let probe_settings = k.clone();
+    tokio::task::spawn_blocking(move || {
+        kafka::check_connection(&probe_settings, Duration::from_secs(30))
+    })
+    .await
+    .context("kafka connection check task")??;
+
     if settings.topics.create {
         let admin: AdminClient<DefaultClientContext> = base_config(k)
             .create()
