@@ -1,0 +1,97 @@
+//! Scenario 2, memory: resident memory of the service holding 1k, 100k and
+//! 1M users that wait on providers not due for an hour, so each user is one
+//! task record in a long delay tier and no HTTP call is made.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use super::kafka::{self, set_env, Names};
+use super::procs::Service;
+use super::{round, secs, Ctx, Report};
+
+/// The default delay tiers, which the bench leaves in force.
+const TIERS: [&str; 9] = ["1s", "5s", "10s", "30s", "1m", "5m", "10m", "30m", "1h"];
+
+pub async fn run(ctx: &Ctx) -> Result<Report> {
+    let sizes = ctx.sizes("MEMORY_USERS", &[200, 2_000], &[1_000, 100_000, 1_000_000]);
+    let mut r = Report::default();
+    let mut rss_all = Vec::new();
+    for n in sizes {
+        let names = Names::new("mem");
+        kafka::create_topics(&[&names.input]).await?;
+        let input = names.input.clone();
+        let at = kafka::now_ms();
+        tokio::task::spawn_blocking(move || {
+            kafka::produce_all(
+                &input,
+                (0..n).map(|i| {
+                    let id = format!("m-{i}");
+                    let v = kafka::onboarded(&id, at);
+                    (id, v)
+                }),
+            )
+        })
+        .await??;
+        // No provider is called: nothing listens here.
+        let mut env = names.service_env("http://127.0.0.1:9")?;
+        set_env(&mut env, "INSIGHTS__FINBOX__INITIAL_DELAY", "1h");
+        set_env(&mut env, "INSIGHTS__CREDEAU__INITIAL_DELAY", "1h");
+        let mut svc = Service::start(&env, &ctx.log(&format!("memory-{n}")))?;
+        svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
+        let start = Instant::now();
+        let mut last = (0i64, Instant::now());
+        loop {
+            svc.proc.check_alive()?;
+            let done = kafka::committed_total(&names.input, &names.group)?;
+            if done >= n as i64 {
+                break;
+            }
+            if done != last.0 {
+                last = (done, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(90) {
+                bail!("memory {n}: input stuck at {done} of {n}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let intake = start.elapsed();
+        // Let the 1h tier be read back and held before sampling.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rss, hwm) = svc.proc.memory()?;
+        // A wait a little under 1h lands in the 30m tier.
+        let mut tasks = 0i64;
+        for tier in TIERS {
+            tasks += kafka::end_offsets(&names.delay_topic(tier))?
+                .values()
+                .sum::<i64>();
+        }
+        // Every user waits as one task record; offsets also count one
+        // transaction marker per partition written and transaction.
+        if tasks < n as i64 {
+            bail!("memory {n}: {tasks} delay-tier offsets for {n} users");
+        }
+        svc.proc.kill();
+        let mb = |b: u64| round(b as f64 / 1048576.0, 1);
+        r.fig(&format!("users_{n}_rss_mb"), mb(rss));
+        r.fig(&format!("users_{n}_hwm_mb"), mb(hwm));
+        r.fig(&format!("users_{n}_intake_s"), secs(intake));
+        r.fig(
+            &format!("users_{n}_intake_users_per_s"),
+            round(n as f64 / intake.as_secs_f64(), 0),
+        );
+        r.fig(&format!("users_{n}_delay_offsets"), tasks);
+        rss_all.push((rss, hwm));
+    }
+    let max = rss_all.iter().map(|x| x.1).max().unwrap_or(0) as f64;
+    let min = rss_all.iter().map(|x| x.0).min().unwrap_or(0) as f64;
+    let spread = if min > 0.0 { max / min - 1.0 } else { 0.0 };
+    r.fig("spread_max_hwm_over_min_rss", round(spread, 3));
+    if !ctx.smoke {
+        r.goal("memory within 10 % across sizes", spread <= 0.10);
+        r.goal(
+            "memory under 150 MB",
+            rss_all.iter().all(|x| x.1 < 150 * 1048576),
+        );
+    }
+    Ok(r)
+}

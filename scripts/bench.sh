@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The pipeline benchmark (benches/pipeline.rs; figures explained in
+# docs/benchmarks.md): starts its own local Kafka broker, builds the release
+# binary and the bench, runs the scenarios and prints a table of figures.
+#
+#   scripts/bench.sh [--smoke] [--out FILE] [--perf FILE] [scenario...]
+#
+# Scenarios: throughput memory ratelimit timeliness recovery (default: all).
+#   --smoke      tiny sizes, no timing goals (what the test suite runs)
+#   --out FILE   also write the figures as JSON to FILE
+#   --perf FILE  `perf record -g` the service during the throughput run
+#                into FILE (then: perf report --stdio -i FILE)
+# Sizes can be changed with BENCH_* variables (docs/benchmarks.md), e.g.
+# BENCH_MEMORY_USERS=1000,100000. Child logs go to BENCH_LOG_DIR (default: a
+# fresh directory under /tmp, printed at start). Exits non-zero when a
+# scenario produced wrong counts or failed to run; goals not met are listed
+# but do not fail the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="--full"
+out=""
+perf=""
+declare -a scenarios=()
+while (($#)); do
+    case "$1" in
+    --smoke) mode="--smoke" ;;
+    --out)
+        out="$(realpath -m "$2")"
+        shift
+        ;;
+    --perf)
+        perf="$(realpath -m "$2")"
+        shift
+        ;;
+    -h | --help)
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    -*)
+        echo "bench.sh: unknown option $1" >&2
+        exit 2
+        ;;
+    *) scenarios+=("$1") ;;
+    esac
+    shift
+done
+
+KAFKA_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-bench-kafka.XXXXXX")"
+cleanup() {
+    scripts/kafka.sh stop --dir "$KAFKA_DIR" >/dev/null 2>&1 || true
+    rm -rf "$KAFKA_DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "bench.sh: building (release)" >&2
+cargo build --release --bin insights-enricher
+cargo bench --bench pipeline --no-run
+
+KAFKA_BOOTSTRAP="$(scripts/kafka.sh start --dir "$KAFKA_DIR")"
+export KAFKA_BOOTSTRAP
+export BENCH_SERVICE_BIN="$PWD/target/release/insights-enricher"
+if [[ -n "$perf" ]]; then
+    export BENCH_PERF_DATA="$perf"
+fi
+
+echo "bench.sh: broker $KAFKA_BOOTSTRAP; machine: $(nproc) cores; $(uptime)" >&2
+args=("$mode")
+if [[ -n "$out" ]]; then
+    args+=(--out "$out")
+fi
+cargo bench --bench pipeline -- "${args[@]}" "${scenarios[@]}"
