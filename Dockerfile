@@ -16,6 +16,8 @@ WORKDIR /build
 # Dependencies first, against placeholder sources, so a source-only change
 # reuses this layer instead of rebuilding librdkafka and every crate.
 COPY Cargo.toml Cargo.lock ./
+# The manifest names the benchmark target; its source must exist to build.
+COPY benches ./benches
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
