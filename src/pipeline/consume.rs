@@ -421,11 +421,12 @@ impl ConsumeLoop {
     async fn abort(&self) -> Result<(), LoopError> {
         let producer = self.producer.clone();
         let timeout = self.settings.transaction_timeout;
-        let r = tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(LoopError::Fatal(format!("abort failed: {e}"))),
-            Err(e) => Err(LoopError::Fatal(format!("abort task failed: {e}"))),
+        match blocking(timeout, move || producer.abort_transaction(timeout)).await {
+            Ok(()) => Ok(()),
+            Err(CommitError::Timeout(d)) => Err(LoopError::TransactionTimeout(d)),
+            Err(CommitError::Abortable(e)) | Err(CommitError::Fatal(e)) => {
+                Err(LoopError::Fatal(format!("abort failed: {e}")))
+            }
         }
     }
 

@@ -275,9 +275,15 @@ impl ConsumerContext for PipelineContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // A partition this process paused (holding a record not yet
+                // due) and that comes back to it in a later rebalance must
+                // not stay paused: the loop forgot it when it was revoked.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, "resume of newly assigned partitions failed");
+                }
                 let added: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
