@@ -65,6 +65,11 @@ fn real_main() -> Result<()> {
             "--smoke" => forced_smoke = true,
             "--bench" | "--full" => full = true,
             "--out" => out = args.next().map(PathBuf::from),
+            // Test-runner options that take a value (`cargo test -- --skip X`
+            // reaches every target, this one included): not scenario names.
+            "--skip" | "--test-threads" | "--format" | "--color" => {
+                let _ = args.next();
+            }
             // Flags cargo's test and bench runners pass; nothing to do.
             s if s.starts_with("--") => {}
             s => chosen.push(s.to_string()),
