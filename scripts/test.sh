@@ -5,7 +5,7 @@
 #
 # Stages: cargo fmt --check, cargo clippy -D warnings, tools + broker,
 # cargo build --all-targets, cargo test --all-targets, pytest tests/python,
-# scripts/helm-test.sh (when present). A failing stage does not hide the
+# scripts/asyncapi-check.sh, scripts/helm-test.sh (when present). A failing stage does not hide the
 # others (only a failed build or broker skips what needs them); the run ends
 # with a summary and exits non-zero when anything failed.
 #
@@ -154,6 +154,10 @@ if ((broker_ok)); then
 else
     skip pytest "needs the broker"
 fi
+
+# ---- Event contract (AsyncAPI document, parsed with @asyncapi/parser)
+run_stage asyncapi scripts/asyncapi-check.sh
+count_summary "$LOGS/asyncapi.log"
 
 # ---- Helm chart
 if [[ -x scripts/helm-test.sh ]]; then
