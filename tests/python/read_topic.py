@@ -151,10 +151,17 @@ def read_topic(
     schemas = SchemaCache(registry)
     records: list[dict[str, Any]] = []
     try:
-        metadata = consumer.list_topics(topic, timeout=15)
-        meta = metadata.topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise KafkaException(meta.error if meta else f"topic {topic} not found")
+        # The service may not have created the topic yet when a test starts
+        # reading: wait for it as long as the caller waits for records.
+        appear_by = time.monotonic() + max(idle, 15.0)
+        while True:
+            metadata = consumer.list_topics(topic, timeout=15)
+            meta = metadata.topics.get(topic)
+            if meta is not None and meta.error is None and meta.partitions:
+                break
+            if time.monotonic() >= appear_by:
+                raise KafkaException(meta.error if meta else f"topic {topic} not found")
+            time.sleep(0.5)
         consumer.assign(
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
         )
