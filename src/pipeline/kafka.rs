@@ -105,7 +105,16 @@ pub fn check_connection(k: &KafkaSettings, timeout: Duration) -> Result<(), Conn
     let probe: BaseConsumer<ProbeContext> = config.create_with_context(ProbeContext::default())?;
     let started = Instant::now();
     loop {
-        let _ = probe.poll(Duration::from_millis(200));
+        // Metadata first: a healthy cluster answers at once and start-up
+        // is not delayed. Polling then serves the error events that say
+        // why it did not.
+        if probe
+            .fetch_metadata(None, Duration::from_millis(500))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let _ = probe.poll(Duration::from_millis(100));
         if let Ok(failure) = probe.context().failure.lock() {
             match failure.as_ref() {
                 Some((RDKafkaErrorCode::Authentication, reason)) => {
@@ -114,12 +123,6 @@ pub fn check_connection(k: &KafkaSettings, timeout: Duration) -> Result<(), Conn
                 Some((_, reason)) => return Err(ConnectError::Tls(reason.clone())),
                 None => {}
             }
-        }
-        if probe
-            .fetch_metadata(None, Duration::from_millis(500))
-            .is_ok()
-        {
-            return Ok(());
         }
         if started.elapsed() >= timeout {
             let reason = probe
