@@ -123,12 +123,9 @@ async fn dlq_inspect_and_replay_recover_users_after_a_finbox_key_rotation_exactl
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = service_env(&topics, &unique("g"), &base);
-    // Credeau is polled at once and completes on its first poll; FinBox is
-    // first polled 3 s later, so each dead-lettered task already holds
-    // Credeau's final state. A task dead-lettered while Credeau was still
-    // pending carries that pending state, and replaying it would poll Credeau
-    // again: the worker writes the dead letter at the moment FinBox fails.
-    env.push(("INSIGHTS__FINBOX__INITIAL_DELAY".into(), "3s".into()));
+    // Both providers are polled at once, in the same round: the dead letter
+    // is written when the task ends, so it holds Credeau's final state and
+    // the replay must not ask Credeau again (checked below).
     let service = Service::start(&env, &dir.path().join("service.log"));
 
     let p = producer();
