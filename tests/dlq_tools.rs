@@ -122,7 +122,7 @@ async fn dlq_inspect_and_replay_recover_users_after_a_finbox_key_rotation_exactl
     let topics = Topics::new("dlqtools");
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut env = service_env(&topics, &unique("g"), &base);
+    let env = service_env(&topics, &unique("g"), &base);
     // Both providers are polled at once, in the same round: the dead letter
     // is written when the task ends, so it holds Credeau's final state and
     // the replay must not ask Credeau again (checked below).

@@ -3,52 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use insights_enricher::simulator::{self, SimulatorConfig};
-
-/// The schema registry stand-in (tests/python/registry.py) on a free port.
-struct Registry {
-    child: Child,
-    url: String,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let mut child = Command::new(python())
-            .arg(repo_root().join("tests/python/registry.py"))
-            .args(["--port", "0", "--port-file"])
-            .arg(&port_file)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start registry");
-        for _ in 0..100 {
-            if let Ok(p) = std::fs::read_to_string(&port_file) {
-                if !p.trim().is_empty() {
-                    return Registry {
-                        child,
-                        url: format!("http://127.0.0.1:{}", p.trim()),
-                    };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("registry did not start");
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn register(url: &str, subject: &str, schema: &str) -> u32 {
     let r: serde_json::Value = reqwest::Client::new()

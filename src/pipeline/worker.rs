@@ -257,15 +257,14 @@ impl Worker {
                     // The combined event is built from our own task state; if
                     // it cannot be encoded the task itself is dead-lettered so
                     // nothing is lost silently.
-                    self.dead_letter_task(
+                    let dl = task_dead_letter(
                         &task,
                         rec,
                         Stage::Publish,
                         "encode_failed",
                         &e.to_string(),
-                        None,
-                        out,
                     );
+                    self.push_dead_letter(dl, out);
                 }
             }
         } else {
@@ -358,26 +357,11 @@ impl Worker {
             } else {
                 (Stage::Poll(p), err.kind.as_str().to_string())
             };
-            let dl = DeadLetter {
-                key: Some(task.user.user_id.as_bytes().to_vec()),
-                value: Some(task.encode()),
-                stage,
-                reason,
-                message: err.message.clone(),
-                original_topic: rec.topic.clone(),
-                original_partition: rec.partition,
-                original_offset: rec.offset,
-                original_timestamp: rec.timestamp,
-                attempts: track.polls,
-                provider: Some(p),
-                http_status: err.http_status,
-                provider_request_id: err.provider_request_id.clone(),
-                user_id: Some(task.user.user_id.clone()),
-                event_id: Some(task.user.event_id.clone()),
-                replay_target: "task",
-                failed_at: now_ms(),
-                original_headers: vec![],
-            };
+            let mut dl = task_dead_letter(task, rec, stage, &reason, &err.message);
+            dl.attempts = track.polls;
+            dl.provider = Some(p);
+            dl.http_status = err.http_status;
+            dl.provider_request_id = err.provider_request_id.clone();
             self.push_dead_letter(dl, out);
         }
     }
@@ -408,40 +392,6 @@ impl Worker {
         tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered when the user's task ends");
         let _ = rec;
         out.failures.push((Stage::Publish, "too_large".to_string()));
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn dead_letter_task(
-        &self,
-        task: &Task,
-        rec: &Incoming,
-        stage: Stage,
-        reason: &str,
-        message: &str,
-        error: Option<&crate::providers::ProviderError>,
-        out: &mut Processed,
-    ) {
-        let dl = DeadLetter {
-            key: Some(task.user.user_id.as_bytes().to_vec()),
-            value: Some(task.encode()),
-            stage,
-            reason: reason.to_string(),
-            message: message.to_string(),
-            original_topic: rec.topic.clone(),
-            original_partition: rec.partition,
-            original_offset: rec.offset,
-            original_timestamp: rec.timestamp,
-            attempts: error.map(|e| e.attempts).unwrap_or(1),
-            provider: error.map(|e| e.provider),
-            http_status: error.and_then(|e| e.http_status),
-            provider_request_id: error.and_then(|e| e.provider_request_id.clone()),
-            user_id: Some(task.user.user_id.clone()),
-            event_id: Some(task.user.event_id.clone()),
-            replay_target: "task",
-            failed_at: now_ms(),
-            original_headers: vec![],
-        };
-        self.push_dead_letter(dl, out);
     }
 
     fn dead_letter_input(
@@ -523,6 +473,36 @@ impl Worker {
             value: Some(value),
             headers,
         }
+    }
+}
+
+/// A dead letter whose value is the task record (replayed as a task).
+fn task_dead_letter(
+    task: &Task,
+    rec: &Incoming,
+    stage: Stage,
+    reason: &str,
+    message: &str,
+) -> DeadLetter {
+    DeadLetter {
+        key: Some(task.user.user_id.as_bytes().to_vec()),
+        value: Some(task.encode()),
+        stage,
+        reason: reason.to_string(),
+        message: message.to_string(),
+        original_topic: rec.topic.clone(),
+        original_partition: rec.partition,
+        original_offset: rec.offset,
+        original_timestamp: rec.timestamp,
+        attempts: 1,
+        provider: None,
+        http_status: None,
+        provider_request_id: None,
+        user_id: Some(task.user.user_id.clone()),
+        event_id: Some(task.user.event_id.clone()),
+        replay_target: "task",
+        failed_at: now_ms(),
+        original_headers: vec![],
     }
 }
 
