@@ -14,7 +14,7 @@ use super::{round, secs, Ctx, Report};
 const TIERS: [&str; 9] = ["1s", "5s", "10s", "30s", "1m", "5m", "10m", "30m", "1h"];
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
-    let sizes = ctx.sizes("MEMORY_USERS", &[200, 2_000], &[1_000, 100_000, 1_000_000]);
+    let sizes = ctx.sizes("MEMORY_USERS", &[200, 1_000], &[1_000, 100_000, 1_000_000]);
     let mut r = Report::default();
     let mut rss_all = Vec::new();
     for n in sizes {
