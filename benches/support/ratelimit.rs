@@ -56,7 +56,7 @@ async fn phase(
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(LIMIT_PER_MINUTE as u32, 0).await?;
     let names = Names::new(&format!("rl{instances}"));
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let mut services = Vec::new();
     for i in 0..instances {
         let mut env = names.service_env(&sim.url)?;

@@ -49,7 +49,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("tput");
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let env = names.service_env(&sim.url)?;
     let mut svc = Service::start(&env, &ctx.log("throughput-service"))?;
     svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;

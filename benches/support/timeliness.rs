@@ -44,7 +44,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sim = Simulator::start(&json!({ "prefixes": prefixes }), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("timely");
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let mut env = names.service_env(&sim.url)?;
     for (k, v) in [
         ("INSIGHTS__FINBOX__INITIAL_DELAY", "2m"),
