@@ -116,6 +116,24 @@ fn client(extra: &[(&str, &str)]) -> Result<ClientConfig> {
     Ok(c)
 }
 
+/// The delay tiers the bench leaves in force (the defaults).
+pub const TIERS: [&str; 9] = ["1s", "5s", "10s", "30s", "1m", "5m", "10m", "30m", "1h"];
+
+/// Creates every topic of a run before the service starts, as production
+/// provisions them; the service's own creation then finds them there.
+pub async fn create_run_topics(names: &Names) -> Result<()> {
+    let p = &names.prefix;
+    let mut all = vec![
+        names.input.clone(),
+        names.combined.clone(),
+        format!("{p}.finbox"),
+        format!("{p}.sms"),
+        format!("{p}.dlq"),
+    ];
+    all.extend(TIERS.iter().map(|t| names.delay_topic(t)));
+    create_topics(&all.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 pub async fn create_topics(names: &[&str]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = client(&[])?.create()?;
     let topics: Vec<NewTopic<'_>> = names
@@ -293,10 +311,23 @@ pub fn end_offsets(topic: &str) -> Result<HashMap<i32, i64>> {
     let consumer: BaseConsumer = client(&[("group.id", &unique("bench-meta"))])?.create()?;
     let mut out = HashMap::new();
     for p in 0..PARTITIONS {
-        let (_, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        let (_, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
         out.insert(p, hi);
     }
     Ok(out)
+}
+
+/// [`end_offsets`], retried a few times: a busy broker may time out.
+pub fn end_offsets_retrying(topic: &str) -> Result<HashMap<i32, i64>> {
+    let mut last = None;
+    for _ in 0..5 {
+        match end_offsets(topic) {
+            Ok(o) => return Ok(o),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("end offsets of {topic}")))
 }
 
 /// Records of `topic` the group has committed past (sum over partitions).
@@ -306,7 +337,7 @@ pub fn committed_total(topic: &str, group: &str) -> Result<i64> {
     for p in 0..PARTITIONS {
         tpl.add_partition(topic, p);
     }
-    let got = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
     Ok(got
         .elements()
         .iter()
@@ -337,12 +368,25 @@ pub fn baseline_loop(
         ("auto.offset.reset", "earliest"),
     ])?
     .create()?;
-    let producer: ThreadedProducer<DefaultProducerContext> = client(&[
-        ("transactional.id", &unique("bench-baseline")),
-        ("linger.ms", "5"),
-    ])?
-    .create()?;
-    producer.init_transactions(Duration::from_secs(30))?;
+    // A broker started moments ago may not have its transaction coordinator
+    // loaded yet ("not coordinator"): retry with a fresh producer.
+    let mut attempt = 0;
+    let producer: ThreadedProducer<DefaultProducerContext> = loop {
+        let p: ThreadedProducer<DefaultProducerContext> = client(&[
+            ("transactional.id", &unique("bench-baseline")),
+            ("linger.ms", "5"),
+        ])?
+        .create()?;
+        match p.init_transactions(Duration::from_secs(30)) {
+            Ok(()) => break p,
+            Err(e) if attempt < 10 => {
+                attempt += 1;
+                eprintln!("baseline: init_transactions failed ({e}), retrying");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     consumer.subscribe(&[input])?;
     let mut processed = 0u64;
     while !stop.load(Ordering::Relaxed) {

@@ -173,6 +173,28 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Sum of the samples of one Prometheus series whose line contains
+    /// `label` (e.g. `provider="finbox"`), from /metrics.
+    pub async fn counter(&self, http: &reqwest::Client, name: &str, label: &str) -> Result<f64> {
+        let text = http
+            .get(format!("{}/metrics", self.health_url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                    && l.contains(label)
+            })
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum())
+    }
+}
+
 /// The provider simulator as a child process, so its CPU is not the bench's.
 pub struct Simulator {
     pub proc: Proc,

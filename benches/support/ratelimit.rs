@@ -24,7 +24,11 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig("backlog_users", backlog);
     r.fig("window_s", window.as_secs());
     for instances in [1usize, 2] {
-        let (share, r429, served) = phase(ctx, instances, backlog, warmup, window).await?;
+        let (share, r429, served, per) = phase(ctx, instances, backlog, warmup, window).await?;
+        r.fig(
+            &format!("instances_{instances}_finbox_calls_per_instance"),
+            per,
+        );
         r.fig(
             &format!("instances_{instances}_share_of_limit"),
             round(share, 3),
@@ -48,11 +52,11 @@ async fn phase(
     backlog: u64,
     warmup: Duration,
     window: Duration,
-) -> Result<(f64, u64, u64)> {
+) -> Result<(f64, u64, u64, Vec<f64>)> {
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(LIMIT_PER_MINUTE as u32, 0).await?;
     let names = Names::new(&format!("rl{instances}"));
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let mut services = Vec::new();
     for i in 0..instances {
         let mut env = names.service_env(&sim.url)?;
@@ -109,5 +113,16 @@ async fn phase(
         );
     }
     let share = served as f64 / (window.as_secs_f64() * LIMIT_PER_MINUTE as f64 / 60.0);
-    Ok((share, s2.status("finbox", "429"), served))
+    let mut per = Vec::new();
+    for s in &services {
+        per.push(
+            s.counter(
+                &ctx.http,
+                "insights_provider_requests_total",
+                "provider=\"finbox\"",
+            )
+            .await?,
+        );
+    }
+    Ok((share, s2.status("finbox", "429"), served, per))
 }

@@ -17,7 +17,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("recov");
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let env = names.service_env(&sim.url)?;
     let mut svc = Service::start(&env, &ctx.log("recovery-service-1"))?;
     svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
@@ -46,7 +46,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     if done_at_kill as u64 >= n {
         bail!("all {n} users were done before the kill: use more users");
     }
-    let marks = kafka::end_offsets(&names.combined)?;
+    let marks = kafka::end_offsets_retrying(&names.combined)?;
     if let Ok(mut g) = reader.seen.lock() {
         g.mark = Some((marks, None));
     }

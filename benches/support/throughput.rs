@@ -49,7 +49,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("tput");
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let env = names.service_env(&sim.url)?;
     let mut svc = Service::start(&env, &ctx.log("throughput-service"))?;
     svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
@@ -59,6 +59,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         None => None,
     };
     let cpu0 = svc.proc.cpu()?;
+    let sim_cpu0 = sim.proc.cpu()?;
     let start = Instant::now();
     let input = names.input.clone();
     tokio::task::spawn_blocking(move || kafka::produce_all(&input, users("tp", n))).await??;
@@ -75,6 +76,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         .context("no output read")?
         - start;
     let cpu = svc.proc.cpu()? - cpu0;
+    let sim_cpu = sim.proc.cpu()? - sim_cpu0;
     if let Some(p) = perf.as_mut() {
         stop_perf(p)?;
     }
@@ -98,6 +100,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig(
         "service_cpu_ms_per_user",
         round(cpu.as_secs_f64() * 1000.0 / n as f64, 3),
+    );
+    r.fig(
+        "simulator_cpu_ms_per_user",
+        round(sim_cpu.as_secs_f64() * 1000.0 / n as f64, 3),
     );
     r.fig(
         "service_cpu_share_of_one_core",

@@ -44,7 +44,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sim = Simulator::start(&json!({ "prefixes": prefixes }), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("timely");
-    kafka::create_topics(&[&names.input]).await?;
+    kafka::create_run_topics(&names).await?;
     let mut env = names.service_env(&sim.url)?;
     for (k, v) in [
         ("INSIGHTS__FINBOX__INITIAL_DELAY", "2m"),
@@ -86,6 +86,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         .collect()
         .await;
     let mut late = Vec::new();
+    let mut first_late = Vec::new();
     let mut early = Vec::new();
     let mut extra_max = i64::MIN;
     let mut extra_sum = 0i64;
@@ -104,8 +105,11 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             bail!("{id}: {count} FinBox requests, {} logged", polls.len());
         }
         let mut due = onboarded_at + INITIAL_DELAY_MS;
-        for at in &polls {
+        for (i, at) in polls.iter().enumerate() {
             let l = at - due;
+            if i == 0 {
+                first_late.push(l);
+            }
             if l < 0 {
                 early.push(l);
             }
@@ -123,6 +127,22 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         }
     }
     late.sort_unstable();
+    first_late.sort_unstable();
+    // The service's own view: its poll_lateness_seconds histogram.
+    let svc_late_count = svc
+        .counter(&ctx.http, "insights_poll_lateness_seconds_count", "")
+        .await?;
+    let svc_late_sum = svc
+        .counter(&ctx.http, "insights_poll_lateness_seconds_sum", "")
+        .await?;
+    let svc_over_5s = svc_late_count
+        - svc
+            .counter(
+                &ctx.http,
+                "insights_poll_lateness_seconds_bucket",
+                "le=\"5\"",
+            )
+            .await?;
     let mut r = Report::default();
     r.fig("users", n);
     r.fig("due_spread_s", spread_ms / 1000);
@@ -131,6 +151,18 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig("lateness_p50_ms", quantile(&late, 0.5));
     r.fig("lateness_p99_ms", quantile(&late, 0.99));
     r.fig("lateness_max_ms", late.last().copied().unwrap_or(0));
+    r.fig("first_poll_lateness_p50_ms", quantile(&first_late, 0.5));
+    r.fig("first_poll_lateness_p99_ms", quantile(&first_late, 0.99));
+    r.fig(
+        "first_poll_lateness_max_ms",
+        first_late.last().copied().unwrap_or(0),
+    );
+    r.fig("service_due_tasks", svc_late_count);
+    r.fig(
+        "service_mean_lateness_ms",
+        super::round(svc_late_sum * 1000.0 / svc_late_count.max(1.0), 1),
+    );
+    r.fig("service_tasks_later_than_5s", svc_over_5s);
     r.fig("early_polls", early.len());
     r.fig("earliest_ms", early.iter().min().copied().unwrap_or(0));
     r.fig("extra_polls_max", extra_max);
