@@ -191,6 +191,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         )
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
+        // librdkafka reads ahead per partition (by default up to 64 MB and
+        // 100k records); waiting users must cost Kafka storage, not memory.
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "1000")
         .create_with_context(ctx)
         .context("kafka: cannot create consumer")?;
     let consumer = Arc::new(consumer);

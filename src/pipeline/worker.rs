@@ -207,6 +207,11 @@ impl Worker {
     /// the outputs plus the next task record (or the combined event).
     async fn advance(&self, mut task: Task, rec: &Incoming, now: Millis, out: &mut Processed) {
         let due = task.due_providers(now);
+        // The time the decisions below were made at: the next wait is routed
+        // from it, so a 10 s spacing goes to the 10 s tier in one hop rather
+        // than to a shorter tier plus forwards (it can never run early: the
+        // tier wait starts later still, when the record is written).
+        let mut decided_at = now;
         if !due.is_empty() {
             let poll_finbox = due.contains(&Provider::Finbox);
             let poll_credeau = due.contains(&Provider::Credeau);
@@ -229,6 +234,7 @@ impl Worker {
                 }
             );
             let answered_at = now_ms();
+            decided_at = answered_at;
             if let Some(a) = fa {
                 let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
                 self.effects(&mut task, fx, rec, answered_at, out);
@@ -268,7 +274,7 @@ impl Worker {
                 }
             }
         } else {
-            let tier = self.tiers.route(task.due_at - now);
+            let tier = self.tiers.route(task.due_at - decided_at);
             self.metrics
                 .tasks_scheduled
                 .with_label_values(&[&self.tiers.label(tier)])

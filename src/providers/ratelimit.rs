@@ -57,10 +57,15 @@ pub struct RateLimiter<C: Clock + Clone = DefaultClock> {
 }
 
 impl RateLimiter<DefaultClock> {
-    /// A limiter of `per_minute` requests per minute, burst 1, whose waits
-    /// are observed into `rate_limiter_wait{provider}`.
+    /// A limiter of `per_minute` requests per minute whose waits are observed
+    /// into `rate_limiter_wait{provider}`. Its burst is 100 ms worth of the
+    /// configured rate (at least 1): with burst 1 every permit that wakes a
+    /// little late is lost for good, which measured 9-16 % under the limit
+    /// at 50-100 requests/s; a tenth of a second of slack makes that up while
+    /// staying far inside a provider's own per-second allowance.
     pub fn new(provider: Provider, per_minute: u32, metrics: Arc<Metrics>) -> Self {
-        let mut limiter = Self::with_clock(provider, per_minute, 1, DefaultClock::default());
+        let burst = (per_minute / 600).max(1);
+        let mut limiter = Self::with_clock(provider, per_minute, burst, DefaultClock::default());
         limiter.metrics = Some(metrics);
         limiter
     }
@@ -412,9 +417,11 @@ mod tests {
         times.sort();
         let elapsed = times.last().copied().unwrap_or_default().as_secs_f64();
         let count = times.len() as f64;
-        // At most burst + rate * t (plus a 2 ms scheduling allowance).
+        // At most burst + rate * t (plus a 2 ms scheduling allowance); the
+        // burst of `new` is 100 ms worth of the rate.
+        let burst = f64::from((per_minute / 600).max(1));
         assert!(
-            count <= 1.0 + 200.0 * (elapsed + 0.002),
+            count <= burst + 200.0 * (elapsed + 0.002),
             "{count} permits in {elapsed}s"
         );
         // And the limiter is not merely slow: at least 70 % of the rate.
