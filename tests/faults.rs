@@ -20,21 +20,13 @@ async fn sim_with(scenarios: serde_json::Value) -> RunningSimulator {
     let sim = simulator::spawn(SimulatorConfig::default())
         .await
         .expect("simulator");
-    let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{}/admin/scenarios", sim.base_url()))
-        .json(&scenarios)
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success());
-    let r = http
-        .put(format!("{}/admin/limits", sim.base_url()))
-        .json(&json!({"finbox_per_minute": 0, "credeau_per_minute": 0}))
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success());
+    sim_admin(&sim.base_url(), "/admin/scenarios", &scenarios).await;
+    sim_admin(
+        &sim.base_url(),
+        "/admin/limits",
+        &json!({"finbox_per_minute": 0, "credeau_per_minute": 0}),
+    )
+    .await;
     sim
 }
 

@@ -14,13 +14,7 @@ use insights_enricher::simulator::{self, SimulatorConfig};
 use serde_json::json;
 
 async fn put_scenarios(base: &str, scenarios: serde_json::Value) {
-    let r = reqwest::Client::new()
-        .put(format!("{base}/admin/scenarios"))
-        .json(&scenarios)
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success());
+    sim_admin(base, "/admin/scenarios", &scenarios).await;
 }
 
 fn json_logs(env: &mut Vec<(String, String)>) {

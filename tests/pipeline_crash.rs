@@ -24,21 +24,14 @@ async fn simulator_with_mix() -> RunningSimulator {
             "slow-": {"finbox": {"ready_after": "10s", "predictors": 8}, "credeau": {"ready_after": "4s", "sms_count": 3}}
         }
     });
-    let r = reqwest::Client::new()
-        .put(format!("{}/admin/scenarios", sim.base_url()))
-        .json(&scenarios)
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success());
+    sim_admin(&sim.base_url(), "/admin/scenarios", &scenarios).await;
     // Throughput, not the providers' limits, is under test here.
-    let r = reqwest::Client::new()
-        .put(format!("{}/admin/limits", sim.base_url()))
-        .json(&json!({"finbox_per_minute": 0, "credeau_per_minute": 0}))
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success());
+    sim_admin(
+        &sim.base_url(),
+        "/admin/limits",
+        &json!({"finbox_per_minute": 0, "credeau_per_minute": 0}),
+    )
+    .await;
     sim
 }
 

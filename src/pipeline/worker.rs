@@ -408,29 +408,11 @@ impl Worker {
         error: &dyn std::fmt::Display,
         out: &mut Processed,
     ) {
-        let dl = DeadLetter {
-            key: rec.key.clone(),
-            value: rec.value.clone(),
-            stage,
-            reason: reason.to_string(),
-            message: error.to_string(),
-            original_topic: rec.topic.clone(),
-            original_partition: rec.partition,
-            original_offset: rec.offset,
-            original_timestamp: rec.timestamp,
-            attempts: 1,
-            provider: None,
-            http_status: None,
-            provider_request_id: None,
-            user_id: None,
-            event_id: None,
-            replay_target: if stage == Stage::Decode {
-                "input"
-            } else {
-                "none"
-            },
-            failed_at: now_ms(),
-            original_headers: rec.headers.clone(),
+        let mut dl = record_dead_letter(rec, stage, reason, &error.to_string());
+        dl.replay_target = if stage == Stage::Decode {
+            "input"
+        } else {
+            "none"
         };
         self.push_dead_letter(dl, out);
     }
@@ -482,17 +464,12 @@ impl Worker {
     }
 }
 
-/// A dead letter whose value is the task record (replayed as a task).
-fn task_dead_letter(
-    task: &Task,
-    rec: &Incoming,
-    stage: Stage,
-    reason: &str,
-    message: &str,
-) -> DeadLetter {
+/// A dead letter of the consumed record itself (its key, value and headers),
+/// not replayable until the caller says how.
+fn record_dead_letter(rec: &Incoming, stage: Stage, reason: &str, message: &str) -> DeadLetter {
     DeadLetter {
-        key: Some(task.user.user_id.as_bytes().to_vec()),
-        value: Some(task.encode()),
+        key: rec.key.clone(),
+        value: rec.value.clone(),
         stage,
         reason: reason.to_string(),
         message: message.to_string(),
@@ -504,11 +481,30 @@ fn task_dead_letter(
         provider: None,
         http_status: None,
         provider_request_id: None,
+        user_id: None,
+        event_id: None,
+        replay_target: "none",
+        failed_at: now_ms(),
+        original_headers: rec.headers.clone(),
+    }
+}
+
+/// A dead letter whose value is the task record (replayed as a task).
+fn task_dead_letter(
+    task: &Task,
+    rec: &Incoming,
+    stage: Stage,
+    reason: &str,
+    message: &str,
+) -> DeadLetter {
+    DeadLetter {
+        key: Some(task.user.user_id.as_bytes().to_vec()),
+        value: Some(task.encode()),
         user_id: Some(task.user.user_id.clone()),
         event_id: Some(task.user.event_id.clone()),
         replay_target: "task",
-        failed_at: now_ms(),
         original_headers: vec![],
+        ..record_dead_letter(rec, stage, reason, message)
     }
 }
 

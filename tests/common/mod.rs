@@ -387,3 +387,14 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// PUTs a JSON body to one of the simulator's admin endpoints.
+pub async fn sim_admin(base_url: &str, path: &str, body: &serde_json::Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{base_url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("simulator admin");
+    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+}
