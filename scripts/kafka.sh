@@ -149,8 +149,16 @@ write_properties() {
 }
 
 random_cluster_id() {
-    # A Kafka cluster id is 16 random bytes in unpadded URL-safe base64.
-    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+    # A Kafka cluster id is 16 random bytes in unpadded URL-safe base64. One
+    # in 64 starts with "-", which the storage tool's argument parser takes
+    # for an option (it prints its usage and fails); Kafka's own
+    # Uuid.randomUuid() redraws those, and so do we.
+    local id
+    while :; do
+        id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        [[ "$id" == -* ]] || break
+    done
+    echo "$id"
 }
 
 fail_start() {
