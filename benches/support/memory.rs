@@ -1,6 +1,12 @@
 //! Scenario 2, memory: resident memory of the service holding 1k, 100k and
 //! 1M users that wait on providers not due for an hour, so each user is one
 //! task record in a long delay tier and no HTTP call is made.
+//!
+//! Three figures per size: the resident size right after the intake (the
+//! backlog just worked off), the resident size once the users merely wait
+//! (`BENCH_MEMORY_SETTLE_S` later: what "N users waiting" costs, and what
+//! the 10 % goal compares), and the peak of the whole run (VmHWM, the
+//! intake of the backlog included, which the 150 MB goal bounds).
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +18,7 @@ use super::{round, secs, Ctx, Report};
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
     let sizes = ctx.sizes("MEMORY_USERS", &[200, 1_000], &[1_000, 100_000, 1_000_000]);
+    let settle = Duration::from_secs(ctx.size("MEMORY_SETTLE_S", 3, 15));
     let mut r = Report::default();
     let mut rss_all = Vec::new();
     for n in sizes {
@@ -57,8 +64,9 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let intake = start.elapsed();
-        // Let the 1h tier be read back and held before sampling.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rss_intake, _) = svc.proc.memory()?;
+        // Let the tiers be read back and held, and freed memory be returned.
+        tokio::time::sleep(settle).await;
         let (rss, hwm) = svc.proc.memory()?;
         // A wait a little under 1h lands in the 30m tier.
         let mut tasks = 0i64;
@@ -74,6 +82,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         }
         svc.proc.kill();
         let mb = |b: u64| round(b as f64 / 1048576.0, 1);
+        r.fig(&format!("users_{n}_rss_after_intake_mb"), mb(rss_intake));
         r.fig(&format!("users_{n}_rss_mb"), mb(rss));
         r.fig(&format!("users_{n}_hwm_mb"), mb(hwm));
         r.fig(&format!("users_{n}_intake_s"), secs(intake));
@@ -84,14 +93,25 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         r.fig(&format!("users_{n}_delay_offsets"), tasks);
         rss_all.push((rss, hwm));
     }
-    let max = rss_all.iter().map(|x| x.1).max().unwrap_or(0) as f64;
-    let min = rss_all.iter().map(|x| x.0).min().unwrap_or(0) as f64;
-    let spread = if min > 0.0 { max / min - 1.0 } else { 0.0 };
-    r.fig("spread_max_hwm_over_min_rss", round(spread, 3));
+    let spread = |pick: fn(&(u64, u64)) -> u64| {
+        let max = rss_all.iter().map(pick).max().unwrap_or(0) as f64;
+        let min = rss_all.iter().map(|x| x.0).min().unwrap_or(0) as f64;
+        if min > 0.0 {
+            max / min - 1.0
+        } else {
+            0.0
+        }
+    };
+    let waiting = spread(|x| x.0);
+    r.fig("spread_max_rss_over_min_rss", round(waiting, 3));
+    r.fig("spread_max_hwm_over_min_rss", round(spread(|x| x.1), 3));
     if !ctx.smoke {
-        r.goal("memory within 10 % across sizes", spread <= 0.10);
         r.goal(
-            "memory under 150 MB",
+            "memory while waiting within 10 % across sizes",
+            waiting <= 0.10,
+        );
+        r.goal(
+            "memory under 150 MB (peak, intake included)",
             rss_all.iter().all(|x| x.1 < 150 * 1048576),
         );
     }

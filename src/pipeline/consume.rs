@@ -2,22 +2,33 @@
 //! due, process the batch concurrently, then produce everything and commit
 //! the consumed offsets in one Kafka transaction. A crash anywhere before
 //! the commit means the batch is processed again; after it, never again.
+//!
+//! Two overlaps keep the loop from waiting in series. Each record's work
+//! (its provider calls) starts as soon as the record is collected, so the
+//! linger that fills a batch overlaps its HTTP calls; and a batch's
+//! transaction runs while the next batch is collected and processed. A
+//! batch is committed only after the one before it committed; when one is
+//! aborted, the batch read after it is handed back too, and both are read
+//! again. Results are taken in the order records were read, nothing is
+//! produced outside a transaction, and a revocation waits for the open
+//! transaction (see `TransactionGate`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pipeline::deadletter::{DeadLetterGuard, GuardTripped};
+use crate::pipeline::deadletter::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::kafka::PipelineContext;
 use crate::pipeline::worker::{
@@ -27,6 +38,8 @@ use crate::pipeline::worker::{
 use crate::task::Millis;
 
 type Tp = (String, i32);
+/// First and last offset taken per partition (a contiguous run).
+type Offsets = BTreeMap<Tp, (i64, i64)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -36,6 +49,8 @@ pub enum LoopError {
     Fatal(String),
     #[error("kafka transaction did not finish within {0:?}")]
     TransactionTimeout(Duration),
+    #[error("processing a record panicked: {0}")]
+    WorkerPanicked(String),
 }
 
 /// Settings of the loop itself.
@@ -65,14 +80,18 @@ pub struct ConsumeLoop {
     pub total_partitions: usize,
     paused: HashMap<Tp, Millis>,
     generation_seen: u64,
+    /// Bounds the records being processed at once (`max_in_flight`).
+    in_flight: Arc<Semaphore>,
 }
 
-/// One collected batch.
+type Running = JoinHandle<Result<Processed, Transient>>;
+
+/// One collected batch: its records already being processed, in the order
+/// they were read.
 #[derive(Default)]
 struct Batch {
-    jobs: Vec<(Tp, Job)>,
-    /// First and last offset taken per partition (a contiguous run).
-    offsets: BTreeMap<Tp, (i64, i64)>,
+    jobs: Vec<(Tp, Running)>,
+    offsets: Offsets,
 }
 
 impl Batch {
@@ -82,8 +101,16 @@ impl Batch {
             .and_modify(|e| e.1 = offset)
             .or_insert((offset, offset));
     }
+    /// Forgets revoked partitions: their records' work is cancelled (the
+    /// new owner reads them again from the committed offset).
     fn drop_partitions(&mut self, gone: &HashSet<Tp>) {
-        self.jobs.retain(|(tp, _)| !gone.contains(tp));
+        self.jobs.retain(|(tp, running)| {
+            let keep = !gone.contains(tp);
+            if !keep {
+                running.abort();
+            }
+            keep
+        });
         self.offsets.retain(|tp, _| !gone.contains(tp));
     }
 }
@@ -128,6 +155,7 @@ impl ConsumeLoop {
         on_share: Box<dyn Fn(f64) + Send + Sync>,
         total_partitions: usize,
     ) -> ConsumeLoop {
+        let in_flight = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
         ConsumeLoop {
             consumer,
             producer,
@@ -141,12 +169,14 @@ impl ConsumeLoop {
             total_partitions,
             paused: HashMap::new(),
             generation_seen: 0,
+            in_flight,
         }
     }
 
     /// Runs until `shutdown`, then finishes (or hands back) the batch in
     /// hand. Returns an error only for what must stop the process.
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), LoopError> {
+        let mut committing: Option<Committing> = None;
         while !shutdown.is_cancelled() {
             self.metrics.loop_iterations.inc();
             self.health.progress();
@@ -154,9 +184,37 @@ impl ConsumeLoop {
             let mut batch = self.collect(&shutdown).await;
             self.after_poll(&mut batch);
             if batch.jobs.is_empty() {
+                if committing.as_ref().is_some_and(|c| c.is_finished()) {
+                    if let Some(c) = committing.take() {
+                        self.finish_commit(c).await?;
+                    }
+                }
                 continue;
             }
-            self.run_batch(batch, &shutdown).await?;
+            let prepared = match self.prepare(batch, &shutdown).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(c) = committing.take() {
+                        let _ = self.finish_commit(c).await;
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(c) = committing.take() {
+                if let Some(aborted) = self.finish_commit(c).await? {
+                    // Read after the aborted batch: hand it back too.
+                    if let Some(p) = prepared {
+                        self.rewind_except(&p.offsets, &aborted);
+                    }
+                    continue;
+                }
+            }
+            if let Some(p) = prepared {
+                committing = Some(self.start_commit(p));
+            }
+        }
+        if let Some(c) = committing.take() {
+            self.finish_commit(c).await?;
         }
         tracing::info!("consume loop stopped");
         Ok(())
@@ -278,9 +336,24 @@ impl ConsumeLoop {
                 }
             };
             batch.take(&tp, offset);
-            batch.jobs.push((tp, job));
+            batch.jobs.push((tp, self.start(job)));
         }
         batch
+    }
+
+    /// Starts a record's work on the runtime, at most `max_in_flight` at a
+    /// time.
+    fn start(&self, job: Job) -> Running {
+        let worker = self.worker.clone();
+        let health = self.health.clone();
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = in_flight.acquire_owned().await;
+            let r = worker.process(job).await;
+            health.progress();
+            r
+        })
     }
 
     /// Pauses a partition and rewinds it to `offset`, to be resumed at
@@ -300,46 +373,54 @@ impl ConsumeLoop {
         self.paused.insert(tp.clone(), resume_at);
     }
 
-    async fn run_batch(
+    /// Waits for a batch's records, then checks the dead-letter guard.
+    /// Returns what to commit, or `None` when the batch was handed back
+    /// (shutdown bound reached, or a transient failure: it will be read
+    /// again).
+    async fn prepare(
         &mut self,
         batch: Batch,
         shutdown: &CancellationToken,
-    ) -> Result<(), LoopError> {
+    ) -> Result<Option<Prepared>, LoopError> {
+        let count = batch.jobs.len();
+        let aborts: Vec<_> = batch.jobs.iter().map(|(_, r)| r.abort_handle()).collect();
         let Batch { jobs, offsets } = batch;
-        let count = jobs.len();
-        let worker = self.worker.clone();
-        let health = self.health.clone();
-        let processing = futures::stream::iter(jobs.into_iter().map(|(_, job)| {
-            let worker = worker.clone();
-            let health = health.clone();
-            async move {
-                let r = worker.process(job).await;
-                health.progress();
-                r
+        let processing = async move {
+            let mut results = Vec::with_capacity(jobs.len());
+            for (_, running) in jobs {
+                results.push(running.await);
             }
-        }))
-        .buffered(self.settings.max_in_flight)
-        .collect::<Vec<Result<Processed, Transient>>>();
+            results
+        };
         tokio::pin!(processing);
         let drain = self.settings.drain_timeout;
-        let results = tokio::select! {
+        let joined = tokio::select! {
             r = &mut processing => r,
             _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
                 tracing::warn!(records = count, "shutdown bound reached; handing the batch back uncommitted");
+                for a in &aborts {
+                    a.abort();
+                }
                 self.rewind(&offsets);
-                return Ok(());
+                return Ok(None);
             }
         };
-
-        let mut processed = Vec::with_capacity(results.len());
-        for r in results {
-            match r {
-                Ok(p) => processed.push(p),
-                Err(e) => {
+        let mut processed = Vec::with_capacity(joined.len());
+        for j in joined {
+            match j {
+                Ok(Ok(p)) => processed.push(p),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "batch will be retried");
                     self.rewind(&offsets);
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    return Ok(());
+                    return Ok(None);
+                }
+                Err(e) => {
+                    for a in &aborts {
+                        a.abort();
+                    }
+                    self.rewind(&offsets);
+                    return Err(LoopError::WorkerPanicked(e.to_string()));
                 }
             }
         }
@@ -361,14 +442,64 @@ impl ConsumeLoop {
                 return Err(tripped.into());
             }
         }
+        Ok(Some(Prepared {
+            processed,
+            offsets,
+            snapshot,
+        }))
+    }
 
-        match self.commit(&processed, &offsets).await {
+    /// Starts the transaction of a prepared batch; an abortable failure is
+    /// aborted there too, so the gate closes without the loop's help.
+    fn start_commit(&self, prepared: Prepared) -> Committing {
+        let producer = self.producer.clone();
+        let consumer = self.consumer.clone();
+        let timeout = self.settings.transaction_timeout;
+        tokio::spawn(async move {
+            let open = consumer.context().transaction.open();
+            let mut result = commit(
+                &producer,
+                &consumer,
+                &prepared.processed,
+                &prepared.offsets,
+                timeout,
+            )
+            .await;
+            if let Err(CommitError::Abortable(reason)) = &result {
+                result = match abort(&producer, timeout).await {
+                    Ok(()) => Err(CommitError::Abortable(reason.clone())),
+                    Err(e) => Err(e),
+                };
+            }
+            drop(open);
+            (prepared, result)
+        })
+    }
+
+    /// Waits for a batch's transaction. Returns the offsets of the batch
+    /// when it was aborted (and rewound), `None` when it committed.
+    async fn finish_commit(
+        &mut self,
+        committing: Committing,
+    ) -> Result<Option<Offsets>, LoopError> {
+        let (prepared, result) = committing
+            .await
+            .map_err(|e| LoopError::Fatal(format!("transaction task failed: {e}")))?;
+        let Prepared {
+            processed,
+            offsets,
+            snapshot,
+        } = prepared;
+        match result {
             Ok(()) => {
+                self.consumer
+                    .context()
+                    .record_committed(offsets.iter().map(|(tp, (_, last))| (tp.clone(), last + 1)));
                 self.metrics
                     .transactions
                     .with_label_values(&["committed"])
                     .inc();
-                self.metrics.batch_size.observe(count as f64);
+                self.metrics.batch_size.observe(processed.len() as f64);
                 for p in &processed {
                     for o in &p.outputs {
                         match o.kind {
@@ -387,18 +518,19 @@ impl ConsumeLoop {
                         self.metrics.onboarding_to_combined.observe(s);
                     }
                 }
-                Ok(())
+                Ok(None)
             }
             Err(CommitError::Abortable(e)) => {
                 self.metrics
                     .transactions
                     .with_label_values(&["aborted"])
                     .inc();
+                // Also undoes what the batch read after it observed: that
+                // batch is handed back as well.
                 self.guard.restore(snapshot);
                 tracing::warn!(error = %e, "transaction aborted; the batch will be processed again");
-                self.abort().await?;
                 self.rewind(&offsets);
-                Ok(())
+                Ok(Some(offsets))
             }
             Err(CommitError::Fatal(e)) => Err(LoopError::Fatal(e)),
             Err(CommitError::Timeout(d)) => Err(LoopError::TransactionTimeout(d)),
@@ -407,7 +539,7 @@ impl ConsumeLoop {
 
     /// Seeks every partition of a batch back to its first record so the
     /// batch is read again.
-    fn rewind(&mut self, offsets: &BTreeMap<Tp, (i64, i64)>) {
+    fn rewind(&mut self, offsets: &Offsets) {
         for (tp, (first, _)) in offsets {
             if let Err(e) =
                 self.consumer
@@ -418,84 +550,103 @@ impl ConsumeLoop {
         }
     }
 
-    async fn abort(&self) -> Result<(), LoopError> {
-        let producer = self.producer.clone();
-        let timeout = self.settings.transaction_timeout;
-        match blocking(timeout, move || producer.abort_transaction(timeout)).await {
-            Ok(()) => Ok(()),
-            Err(CommitError::Timeout(d)) => Err(LoopError::TransactionTimeout(d)),
-            Err(CommitError::Abortable(e)) | Err(CommitError::Fatal(e)) => {
-                Err(LoopError::Fatal(format!("abort failed: {e}")))
-            }
+    /// Rewinds the partitions of `offsets` that are not in `skip` (those
+    /// were rewound further back already).
+    fn rewind_except(&mut self, offsets: &Offsets, skip: &Offsets) {
+        let rest: Offsets = offsets
+            .iter()
+            .filter(|(tp, _)| !skip.contains_key(*tp))
+            .map(|(tp, o)| (tp.clone(), *o))
+            .collect();
+        self.rewind(&rest);
+    }
+}
+
+/// A batch whose records are processed and which waits for its
+/// transaction.
+struct Prepared {
+    processed: Vec<Processed>,
+    offsets: Offsets,
+    snapshot: GuardSnapshot,
+}
+
+type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
+
+async fn abort(producer: &FutureProducer, timeout: Duration) -> Result<(), CommitError> {
+    let producer = producer.clone();
+    match blocking(timeout, move || producer.abort_transaction(timeout)).await {
+        Ok(()) => Ok(()),
+        Err(CommitError::Abortable(e)) | Err(CommitError::Fatal(e)) => {
+            Err(CommitError::Fatal(format!("abort failed: {e}")))
+        }
+        Err(timeout) => Err(timeout),
+    }
+}
+
+/// One transaction: every output of the batch, then its consumed offsets.
+async fn commit(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer<PipelineContext>,
+    processed: &[Processed],
+    offsets: &Offsets,
+    timeout: Duration,
+) -> Result<(), CommitError> {
+    let p = producer.clone();
+    blocking(timeout, move || p.begin_transaction()).await?;
+    for p in processed {
+        for o in &p.outputs {
+            send(producer, o).await?;
         }
     }
-
-    async fn commit(
-        &self,
-        processed: &[Processed],
-        offsets: &BTreeMap<Tp, (i64, i64)>,
-    ) -> Result<(), CommitError> {
-        let producer = self.producer.clone();
-        blocking(self.settings.transaction_timeout, move || {
-            producer.begin_transaction()
-        })
-        .await?;
-        for p in processed {
-            for o in &p.outputs {
-                self.send(o).await?;
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (tp, (_, last)) in offsets {
-            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(last + 1))
-                .map_err(|e| CommitError::Fatal(e.to_string()))?;
-        }
-        let Some(cgm) = self.consumer.group_metadata() else {
-            return Err(CommitError::Abortable("no consumer group metadata".into()));
-        };
-        let producer = self.producer.clone();
-        let timeout = self.settings.transaction_timeout;
-        blocking(timeout, move || {
-            producer.send_offsets_to_transaction(&tpl, &cgm, timeout)
-        })
-        .await?;
-        let producer = self.producer.clone();
-        blocking(timeout, move || producer.commit_transaction(timeout)).await
+    let mut tpl = TopicPartitionList::new();
+    for (tp, (_, last)) in offsets {
+        tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(last + 1))
+            .map_err(|e| CommitError::Fatal(e.to_string()))?;
     }
+    let Some(cgm) = consumer.group_metadata() else {
+        return Err(CommitError::Abortable("no consumer group metadata".into()));
+    };
+    let p = producer.clone();
+    blocking(timeout, move || {
+        p.send_offsets_to_transaction(&tpl, &cgm, timeout)
+    })
+    .await?;
+    let p = producer.clone();
+    blocking(timeout, move || p.commit_transaction(timeout)).await
+}
 
-    async fn send(&self, o: &OutRecord) -> Result<(), CommitError> {
-        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
-        for (k, v) in &o.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
+async fn send(producer: &FutureProducer, o: &OutRecord) -> Result<(), CommitError> {
+    let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
+    for (k, v) in &o.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_slice()),
+        });
+    }
+    loop {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&o.topic).headers(headers.clone());
+        if let Some(k) = &o.key {
+            record = record.key(k.as_slice());
         }
-        loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&o.topic).headers(headers.clone());
-            if let Some(k) = &o.key {
-                record = record.key(k.as_slice());
+        if let Some(v) = &o.value {
+            record = record.payload(v.as_slice());
+        }
+        match producer.send_result(record) {
+            // Delivery is confirmed by commit_transaction, which fails if
+            // any record of the transaction failed.
+            Ok(_delivery) => return Ok(()),
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                _,
+            )) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if let Some(v) = &o.value {
-                record = record.payload(v.as_slice());
-            }
-            match self.producer.send_result(record) {
-                // Delivery is confirmed by commit_transaction, which fails if
-                // any record of the transaction failed.
-                Ok(_delivery) => return Ok(()),
-                Err((
-                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    _,
-                )) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    return Err(CommitError::Abortable(format!(
-                        "produce to {}: {e}",
-                        o.topic
-                    )))
-                }
+            Err((e, _)) => {
+                return Err(CommitError::Abortable(format!(
+                    "produce to {}: {e}",
+                    o.topic
+                )))
             }
         }
     }

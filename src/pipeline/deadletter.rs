@@ -138,6 +138,10 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+/// The guard's counters at one moment (recent outcomes, dead letters in
+/// the window, consecutive dead letters).
+pub type GuardSnapshot = (VecDeque<bool>, usize, usize);
+
 /// Stops the pipeline when too much goes to the dead-letter topic: more
 /// than `max_ratio` of the last `window` records (once the window is full),
 /// or `max_consecutive` in a row. A tripped guard aborts the batch, so the
@@ -214,11 +218,11 @@ impl DeadLetterGuard {
     }
 
     /// A snapshot to restore when a batch is aborted.
-    pub fn snapshot(&self) -> (VecDeque<bool>, usize, usize) {
+    pub fn snapshot(&self) -> GuardSnapshot {
         (self.recent.clone(), self.dead_in_window, self.consecutive)
     }
 
-    pub fn restore(&mut self, s: (VecDeque<bool>, usize, usize)) {
+    pub fn restore(&mut self, s: GuardSnapshot) {
         self.recent = s.0;
         self.dead_in_window = s.1;
         self.consecutive = s.2;

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -160,10 +160,78 @@ pub struct PipelineContext {
     /// The next offset this process committed per partition (transactional
     /// commits bypass the consumer, so its own statistics do not know them).
     committed: Mutex<HashMap<(String, i32), i64>>,
+    /// Whether a transaction carrying consumed offsets is open.
+    pub transaction: TransactionGate,
+}
+
+/// Marks the time a transaction with consumed offsets is open, so that a
+/// revocation waits for it: the loop commits one batch while it already
+/// reads the next, and a partition must not move to another consumer while
+/// offsets of it are still in an open transaction (the new owner would read
+/// from the old committed offset and process those records a second time).
+/// Rebalance callbacks run on the loop's thread inside its poll; the
+/// transaction runs on blocking threads of its own, so waiting here cannot
+/// hold up what it waits for.
+pub struct TransactionGate {
+    open: Mutex<bool>,
+    closed: Condvar,
+    /// The longest a revocation waits (beyond it the transaction times out
+    /// on the broker anyway).
+    patience: Duration,
+}
+
+/// An open transaction; dropping it closes the gate.
+pub struct OpenTransaction<'a>(&'a TransactionGate);
+
+impl TransactionGate {
+    pub fn new(patience: Duration) -> TransactionGate {
+        TransactionGate {
+            open: Mutex::new(false),
+            closed: Condvar::new(),
+            patience,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open(&self) -> OpenTransaction<'_> {
+        *self.lock() = true;
+        OpenTransaction(self)
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.lock()
+    }
+
+    /// Blocks until no transaction is open, or `patience` has passed;
+    /// returns whether it closed in time.
+    pub fn wait_closed(&self) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .closed
+            .wait_timeout_while(guard, self.patience, |open| *open)
+            .unwrap_or_else(|p| p.into_inner());
+        !*guard
+    }
+}
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = false;
+        self.0.closed.notify_all();
+    }
 }
 
 impl PipelineContext {
-    pub fn new(metrics: Arc<Metrics>, delay_topics: HashSet<String>) -> PipelineContext {
+    /// `transaction_timeout` bounds how long a revocation waits for an
+    /// open transaction.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        delay_topics: HashSet<String>,
+        transaction_timeout: Duration,
+    ) -> PipelineContext {
         PipelineContext {
             metrics,
             assignment: Mutex::new(AssignmentState::default()),
@@ -171,6 +239,7 @@ impl PipelineContext {
             joined: AtomicBool::new(false),
             delay_topics,
             committed: Mutex::new(HashMap::new()),
+            transaction: TransactionGate::new(transaction_timeout + Duration::from_secs(5)),
         }
     }
 
@@ -256,6 +325,9 @@ impl ConsumerContext for PipelineContext {
                 .map(|e| (e.topic().to_string(), e.partition()))
                 .collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked");
+            if self.transaction.is_open() && !self.transaction.wait_closed() {
+                tracing::warn!("a transaction was still open when partitions were revoked");
+            }
             {
                 let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
                 for tp in &revoked {
@@ -302,5 +374,50 @@ impl ConsumerContext for PipelineContext {
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revocation_waits_until_the_open_transaction_ends() {
+        let gate = Arc::new(TransactionGate::new(Duration::from_secs(10)));
+        let open = gate.open();
+        assert!(gate.is_open());
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let began = Instant::now();
+                (gate.wait_closed(), began.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(open);
+        let (closed, waited) = waiter.join().unwrap();
+        assert!(closed);
+        assert!(
+            waited >= Duration::from_millis(150),
+            "waited only {waited:?}"
+        );
+        assert!(!gate.is_open());
+    }
+
+    #[test]
+    fn a_revocation_stops_waiting_after_the_patience() {
+        let gate = TransactionGate::new(Duration::from_millis(100));
+        let _open = gate.open();
+        let began = Instant::now();
+        assert!(!gate.wait_closed());
+        assert!(began.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn with_no_transaction_open_nothing_waits() {
+        let gate = TransactionGate::new(Duration::from_secs(60));
+        let began = Instant::now();
+        assert!(gate.wait_closed());
+        assert!(began.elapsed() < Duration::from_secs(1));
     }
 }

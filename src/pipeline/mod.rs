@@ -6,6 +6,7 @@ pub mod consume;
 pub mod deadletter;
 pub mod health;
 pub mod kafka;
+pub mod memory;
 pub mod topics;
 pub mod worker;
 
@@ -35,6 +36,13 @@ use self::deadletter::DeadLetterGuard;
 use self::health::Health;
 use self::kafka::{base_config, PipelineContext};
 use self::worker::{OutputTopics, SourceKind, Worker};
+
+/// The codec of everything the service produces, and of the topics it
+/// creates for itself. zstd because SMS extraction events are megabytes of
+/// text (5,000 SMS a request), where its ratio decides how many fit in one
+/// record; on the small records it costs about 4 % of the service's CPU
+/// (docs/benchmarks.md, profile).
+pub const COMPRESSION: &str = "zstd";
 
 /// The transactional.id of this instance: the prefix plus the pod (or host)
 /// name. KIP-447 fences zombies through the consumer group generation, so
@@ -70,6 +78,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await
     .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
     tracing::info!(listen = %server_addr, "metrics and health server up");
+    let trimmer = memory::spawn_trimmer(server_stop.clone());
 
     let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
     let k = &settings.kafka;
@@ -173,6 +182,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let ctx = PipelineContext::new(
         metrics.clone(),
         tier_topics.iter().cloned().collect::<HashSet<_>>(),
+        k.transaction_timeout,
     );
     let consumer: StreamConsumer<PipelineContext> = base_config(k)
         .set("group.id", &k.group_id)
@@ -193,8 +203,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .set("enable.partition.eof", "false")
         // librdkafka reads ahead per partition (by default up to 64 MB and
         // 100k records); waiting users must cost Kafka storage, not memory.
+        // A delay tier's head is read and then held until due, so whatever
+        // was read ahead behind it sits in memory: 100 records a partition
+        // (a fifth of a batch) keep that small while a backlog still fills
+        // a batch from the partitions that have one.
         .set("queued.max.messages.kbytes", "8192")
-        .set("queued.min.messages", "1000")
+        .set("queued.min.messages", "100")
         .create_with_context(ctx)
         .context("kafka: cannot create consumer")?;
     let consumer = Arc::new(consumer);
@@ -213,7 +227,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             k.transaction_timeout.as_millis().to_string(),
         )
         .set("enable.idempotence", "true")
-        .set("compression.type", "zstd")
+        .set("compression.type", COMPRESSION)
         .set("linger.ms", "5")
         .set(
             "message.max.bytes",
@@ -307,5 +321,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), trimmer).await;
     result.map_err(anyhow::Error::from)
 }

@@ -1,5 +1,5 @@
 //! The topics the pipeline uses: their names, optional creation at start
-//! (partitions, replication, retention, message size), and the check that
+//! (partitions, replication, retention, compression, message size), and the check that
 //! they exist before the loop starts.
 
 use std::time::Duration;
@@ -69,6 +69,12 @@ pub async fn create_topics(
             TopicReplication::Fixed(s.topics.replication_factor),
         );
         nt = nt.set("max.message.bytes", &max_bytes);
+        if *role != TopicRole::Input {
+            // The codec our producer uses, so the broker stores our batches
+            // as they come instead of recompressing them. The input topic
+            // is written by the lender's producers: theirs to choose.
+            nt = nt.set("compression.type", super::COMPRESSION);
+        }
         match role {
             TopicRole::Delay => {
                 nt = nt
