@@ -1,5 +1,7 @@
 //! Structured logging: JSON lines in production, human-readable text locally.
 
+use std::io::IsTerminal;
+
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
@@ -16,7 +18,11 @@ pub fn init(format: LogFormat, level: &str) {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        // Colours only on a terminal: log files and pipes get plain text.
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
     // A second init (tests) keeps the first subscriber; nothing to do.
     let _ = result;
