@@ -62,6 +62,28 @@ async fn produce_users(topic: &str, n: usize) -> Vec<String> {
     events
 }
 
+/// `assert_exactly_once`, and on failure the tail of each service's log.
+fn assert_exactly_once_or_show(
+    topics: &Topics,
+    events: &[String],
+    context: &str,
+    services: &[&Service],
+) {
+    let check = std::panic::catch_unwind(|| assert_exactly_once(topics, events, context));
+    if let Err(e) = check {
+        for s in services {
+            let log = s.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!(
+                "---- tail of {}:\n{}",
+                s.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// Checks the three output topics: exactly one combined event per user,
 /// one FinBox and one SMS event per user (all scenarios complete).
 fn assert_exactly_once(topics: &Topics, events: &[String], context: &str) {
@@ -143,16 +165,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         eprintln!("kill {kill} after {wait} ms");
         service = Service::start(&env, &log);
     }
-    let log = service.log_text();
-    let check =
-        std::panic::catch_unwind(|| assert_exactly_once(&topics, &events, "after 4 SIGKILLs"));
-    if check.is_err() {
-        let tail: Vec<&str> = log.lines().rev().take(80).collect();
-        panic!(
-            "log tail:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
+    assert_exactly_once_or_show(&topics, &events, "after 4 SIGKILLs", &[&service]);
     drop(service);
     let _ = sim.shutdown().await;
 }
@@ -175,11 +188,11 @@ async fn two_instances_in_one_group_survive_one_being_killed() {
         unique("b"),
     ));
     let mut a = Service::start(&env_a, &dir.path().join("a.log"));
-    let _b = Service::start(&env_b, &dir.path().join("b.log"));
-    let events = produce_users(&topics.input, 1000).await;
+    let b = Service::start(&env_b, &dir.path().join("b.log"));
+    let events = produce_users(&topics.input, 2000).await;
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     a.kill();
-    assert_exactly_once(&topics, &events, "one of two instances killed");
+    assert_exactly_once_or_show(&topics, &events, "one of two instances killed", &[&a, &b]);
     let _ = sim.shutdown().await;
 }
 
@@ -215,14 +228,14 @@ async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
     create_topic(&topics.input, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let env = crash_env(&topics, &unique("g"), &sim);
-    let _service = Service::start(&env, &dir.path().join("service.log"));
-    let events = produce_users(&topics.input, 1000).await;
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let events = produce_users(&topics.input, 2000).await;
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     let status = std::process::Command::new(repo_root().join("scripts/kafka.sh"))
         .args(["restart", "--dir", &kafka_dir])
         .status()
         .expect("kafka.sh restart");
     assert!(status.success(), "broker restart failed");
-    assert_exactly_once(&topics, &events, "after a broker restart");
+    assert_exactly_once_or_show(&topics, &events, "after a broker restart", &[&service]);
     let _ = sim.shutdown().await;
 }
