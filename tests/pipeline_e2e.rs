@@ -21,7 +21,12 @@ const CASES: &[(&str, &str, &str, usize, usize)] = &[
     ("never-", "not_found", "timed_out", 0, 0),
     ("storm-", "complete", "complete", 1, 1),
     ("burst-", "complete", "complete", 1, 1),
+    ("stuck-", "timed_out", "complete", 0, 1),
 ];
+
+/// The FinBox deadline of the mixed test: "stuck-" users are still
+/// in_progress when it passes.
+const FINBOX_DEADLINE_MS: i64 = 25_000;
 
 fn scenarios() -> serde_json::Value {
     json!({
@@ -33,7 +38,9 @@ fn scenarios() -> serde_json::Value {
             "nf-": {"finbox": {"not_found_for": "4s", "ready_after": "5s"}, "credeau": {"sms_count": 2, "ready_after": "0s"}},
             "never-": {"finbox": {"outcome": "not_found"}, "credeau": {"sms_count": 0}},
             "storm-": {"finbox": {"faults": {"server_error_first": 4}}, "credeau": {"sms_count": 2, "faults": {"server_error_first": 2}}},
-            "burst-": {"finbox": {"faults": {"rate_limit_first": 3}}, "credeau": {"sms_count": 2, "faults": {"rate_limit_first": 3, "retry_after_secs": 1}}}
+            "burst-": {"finbox": {"faults": {"rate_limit_first": 3}}, "credeau": {"sms_count": 2, "faults": {"rate_limit_first": 3, "retry_after_secs": 1}}},
+            // FinBox answers 202 in_progress far beyond the deadline.
+            "stuck-": {"finbox": {"ready_after": "1h"}, "credeau": {"sms_count": 2}}
         }
     })
 }
@@ -43,14 +50,7 @@ async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
     let sim = simulator::spawn(SimulatorConfig::default())
         .await
         .expect("simulator");
-    let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{}/admin/scenarios", sim.base_url()))
-        .json(&scenarios())
-        .send()
-        .await
-        .expect("admin");
-    assert!(r.status().is_success(), "{}", r.status());
+    sim_admin(&sim.base_url(), "/admin/scenarios", &scenarios()).await;
 
     let topics = Topics::new("e2e");
     create_topic(&topics.input, 3).await;
@@ -58,6 +58,10 @@ async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
     let mut env = service_env(&topics, &unique("g"), &sim.base_url());
     // "nf-" users: FinBox answers not_found for 4 s, inside the 15 s grace.
     env.push(("INSIGHTS__CREDEAU__DEADLINE".into(), "12s".into()));
+    env.push((
+        "INSIGHTS__FINBOX__DEADLINE".into(),
+        format!("{}ms", FINBOX_DEADLINE_MS),
+    ));
     let mut service = Service::start(&env, &dir.path().join("service.log"));
 
     let p = producer();
@@ -98,6 +102,22 @@ async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
         assert_eq!(r.value["finbox"]["outcome"], *fo, "{ev}: {}", r.value);
         assert_eq!(r.value["credeau"]["outcome"], *co, "{ev}: {}", r.value);
         assert_eq!(r.key.as_deref(), r.value["user_id"].as_str());
+        if *fo == "timed_out" {
+            // Still waiting when the deadline passed: no error, no items,
+            // and not given up before the deadline.
+            let f = &r.value["finbox"];
+            for k in ["items", "error_kind", "http_status", "error_message"] {
+                assert!(f[k].is_null(), "{ev}: finbox.{k} set: {f}");
+            }
+            let onboarded = r.value["onboarded_at"].as_i64().expect("onboarded_at");
+            let finished = f["finished_at"].as_i64().expect("finished_at");
+            assert!(
+                finished >= onboarded + FINBOX_DEADLINE_MS,
+                "{ev}: timed out {} ms after onboarding",
+                finished - onboarded
+            );
+            assert!(f["polls"].as_u64().is_some_and(|n| n >= 2), "{ev}: {f}");
+        }
         *seen.entry(ev).or_insert(0) += 1;
     }
     assert!(seen.values().all(|n| *n == 1), "duplicate combined events");
@@ -105,8 +125,10 @@ async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
 
     let want_finbox: usize = expected.values().map(|e| e.2).sum();
     let want_sms: usize = expected.values().map(|e| e.3).sum();
-    let finbox = read_topic(&topics.finbox, Some(want_finbox), Duration::from_secs(5));
-    let sms = read_topic(&topics.sms, Some(want_sms), Duration::from_secs(5));
+    // A user's provider events are committed no later than its combined
+    // event, so both topics are complete now: read them whole.
+    let finbox = read_topic(&topics.finbox, None, Duration::from_secs(3));
+    let sms = read_topic(&topics.sms, None, Duration::from_secs(3));
     assert_eq!(finbox.len(), want_finbox, "finbox predictor events");
     assert_eq!(sms.len(), want_sms, "sms events");
     for r in &finbox {
@@ -121,6 +143,25 @@ async fn mixed_scenarios_each_yield_exactly_the_expected_records() {
         assert_eq!(expected[ev].3, 1, "sms event for {ev}");
         assert!(r.value["entries"].as_array().is_some_and(|a| !a.is_empty()));
     }
+    let events_of = |recs: &[ReadRecord]| {
+        let mut v: Vec<String> = recs
+            .iter()
+            .map(|r| r.value["event_id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let expected_with = |has: fn(&(&str, &str, usize, usize)) -> bool| {
+        let mut v: Vec<String> = expected
+            .iter()
+            .filter(|(_, e)| has(e))
+            .map(|(ev, _)| ev.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(events_of(&finbox), expected_with(|e| e.2 == 1));
+    assert_eq!(events_of(&sms), expected_with(|e| e.3 == 1));
     let dlq = read_topic(&topics.dlq, None, Duration::from_secs(2));
     assert!(dlq.is_empty(), "unexpected dead letters: {dlq:?}");
 
