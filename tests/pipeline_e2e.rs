@@ -1,6 +1,7 @@
 //! End to end against the real broker and the simulator over HTTP: users
 //! with mixed scenarios each yield exactly the expected records, read back
-//! by an independent client (Python's confluent-kafka, read_committed).
+//! by an independent client (Python's confluent-kafka, read_committed);
+//! Avro input in the Confluent wire format is read through the registry.
 
 mod common;
 
@@ -212,5 +213,157 @@ async fn wrong_credentials_dead_letter_the_provider_and_still_give_a_final_answe
         assert_eq!(r.value["credeau"]["http_status"], 401);
         assert_eq!(r.value["finbox"]["outcome"], "complete");
     }
+    let _ = sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_onboarded_events_each_yield_their_combined_event_and_a_non_avro_record_between_them_is_dead_lettered(
+) {
+    let registry = Registry::start();
+    let topics = Topics::new("avroin");
+    let schema_id = register_schema(
+        &registry.url,
+        &format!("{}-value", topics.input),
+        &onboarded_schema_text(),
+    )
+    .await;
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    // One partition, so "the records after it" is well defined.
+    create_topic(&topics.input, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    env.extend([
+        ("INSIGHTS__ENCODING__INPUT".to_string(), "avro".to_string()),
+        (
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL".to_string(),
+            registry.url.clone(),
+        ),
+    ]);
+    let service = Service::start(&env, &dir.path().join("service.log"));
+
+    // (event_id, user_id, onboarded_at, finbox_customer_id override)
+    let mut avro_users = Vec::new();
+    let onboarded_at = chrono::Utc::now().timestamp_millis() - 1_000;
+    let mut avro = |n: usize, customer: Option<String>| {
+        let user = format!("avro-{n}-{}", unique("u"));
+        let event = format!("ev-{user}");
+        let at = onboarded_at + n as i64;
+        let value = onboarded_avro(schema_id, &event, &user, at, customer.as_deref());
+        avro_users.push((event, user.clone(), at, customer));
+        (user.into_bytes(), value)
+    };
+    // Not Avro: a valid JSON onboarding event, and plain text.
+    let json_user = format!("json-{}", unique("u"));
+    let json_value = onboarded_json(&format!("ev-{json_user}"), &json_user);
+    let garbage = b"user onboarded: nobody".to_vec();
+    let records = vec![
+        avro(0, Some(format!("FB-{}", unique("c")))),
+        avro(1, None),
+        (json_user.clone().into_bytes(), json_value.clone()),
+        (b"garbage".to_vec(), garbage.clone()),
+        avro(4, None),
+        avro(5, Some(format!("FB-{}", unique("c")))),
+    ];
+    let p = producer();
+    for (key, value) in &records {
+        produce(&p, &topics.input, Some(key), Some(value)).await;
+    }
+
+    let n = avro_users.len();
+    let first = read_topic(&topics.combined, Some(n), Duration::from_secs(60));
+    assert_eq!(first.len(), n, "log:\n{}", service.log_text());
+    let combined = read_topic(&topics.combined, None, Duration::from_secs(3));
+    let mut got: Vec<(String, String, i64, String, String)> = combined
+        .iter()
+        .map(|r| {
+            assert_eq!(r.key.as_deref(), r.value["user_id"].as_str());
+            (
+                r.value["event_id"].as_str().unwrap().to_string(),
+                r.value["user_id"].as_str().unwrap().to_string(),
+                r.value["onboarded_at"].as_i64().unwrap(),
+                r.value["finbox"]["outcome"].as_str().unwrap().to_string(),
+                r.value["credeau"]["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String, i64, String, String)> = avro_users
+        .iter()
+        .map(|(ev, user, at, _)| {
+            (
+                ev.clone(),
+                user.clone(),
+                *at,
+                "complete".to_string(),
+                "complete".to_string(),
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "combined events");
+
+    // The Avro field finbox_customer_id reached FinBox.
+    let finbox = read_topic(&topics.finbox, None, Duration::from_secs(3));
+    let mut got: Vec<(String, String)> = finbox
+        .iter()
+        .map(|r| {
+            (
+                r.value["event_id"].as_str().unwrap().to_string(),
+                r.value["finbox_customer_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String)> = avro_users
+        .iter()
+        .map(|(ev, user, _, customer)| (ev.clone(), customer.clone().unwrap_or(user.clone())))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "finbox predictor events");
+
+    let dlq = read_topic(&topics.dlq, None, Duration::from_secs(3));
+    let mut dead: Vec<_> = dlq
+        .iter()
+        .map(|r| {
+            let h = |k: &str| r.headers.get(k).cloned().flatten().unwrap_or_default();
+            assert_eq!(h("dlq.stage"), "decode", "{r:?}");
+            assert_eq!(h("dlq.original.topic"), topics.input, "{r:?}");
+            assert!(
+                h("dlq.error.message").contains("no Confluent header"),
+                "{r:?}"
+            );
+            assert_eq!(h("dlq.replay.target"), "input", "{r:?}");
+            (
+                h("dlq.original.offset").parse::<i64>().unwrap(),
+                h("dlq.error.class"),
+                r.key.clone(),
+                r.value.clone(),
+            )
+        })
+        .collect();
+    // Dead letters are keyed like their originals, so they may sit in
+    // different partitions: order them by their input offset.
+    dead.sort_by_key(|d| d.0);
+    let json_event: serde_json::Value = serde_json::from_slice(&json_value).unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            (
+                2,
+                "invalid_avro".to_string(),
+                Some(json_user.clone()),
+                json_event
+            ),
+            (
+                3,
+                "invalid_avro".to_string(),
+                Some("garbage".to_string()),
+                json!(String::from_utf8(garbage).unwrap())
+            ),
+        ],
+        "dead letters"
+    );
     let _ = sim.shutdown().await;
 }

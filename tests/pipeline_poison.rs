@@ -8,33 +8,16 @@ use std::time::Duration;
 use common::*;
 use insights_enricher::simulator::{self, SimulatorConfig};
 
-async fn register(url: &str, subject: &str, schema: &str) -> u32 {
-    let r: serde_json::Value = reqwest::Client::new()
-        .post(format!("{url}/subjects/{subject}/versions"))
-        .header("content-type", "application/vnd.schemaregistry.v1+json")
-        .json(&serde_json::json!({ "schema": schema }))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("register response");
-    r["id"].as_u64().expect("id") as u32
-}
-
-fn wire(id: u32, datum: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8];
-    v.extend_from_slice(&id.to_be_bytes());
-    v.extend_from_slice(datum);
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_poison_record_is_dead_lettered_with_its_reason_and_the_pipeline_moves_on() {
     let registry = Registry::start();
-    let schema = std::fs::read_to_string(repo_root().join("schemas/user_onboarded.avsc")).unwrap();
     let topics = Topics::new("poison");
-    let id = register(&registry.url, &format!("{}-value", topics.input), &schema).await;
+    let id = register_schema(
+        &registry.url,
+        &format!("{}-value", topics.input),
+        &onboarded_schema_text(),
+    )
+    .await;
 
     let sim = simulator::spawn(SimulatorConfig::default())
         .await
@@ -64,9 +47,12 @@ async fn every_poison_record_is_dead_lettered_with_its_reason_and_the_pipeline_m
         ),
         (
             "invalid_avro",
-            Some(wire(id, &[0xff, 0xff, 0xff, 0xff, 0x01])),
+            Some(confluent_wire(id, &[0xff, 0xff, 0xff, 0xff, 0x01])),
         ),
-        ("unknown_schema_id", Some(wire(987_654, &[2, b'a']))),
+        (
+            "unknown_schema_id",
+            Some(confluent_wire(987_654, &[2, b'a'])),
+        ),
         (
             "invalid_field",
             Some(br#"{"event_id":"e-missing","onboarded_at":1}"#.to_vec()),

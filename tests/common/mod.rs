@@ -398,3 +398,59 @@ pub async fn sim_admin(base_url: &str, path: &str, body: &serde_json::Value) {
         .expect("simulator admin");
     assert!(r.status().is_success(), "PUT {path}: {}", r.status());
 }
+
+/// Registers an Avro schema under `subject` in a registry; returns its id.
+pub async fn register_schema(url: &str, subject: &str, schema: &str) -> u32 {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({ "schema": schema }))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("register response");
+    r["id"].as_u64().expect("id") as u32
+}
+
+/// An Avro datum in the Confluent wire format: magic byte 0, the schema id
+/// (4 bytes, big-endian), then the datum.
+pub fn confluent_wire(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(datum);
+    v
+}
+
+/// The input schema, schemas/user_onboarded.avsc.
+pub fn onboarded_schema_text() -> String {
+    std::fs::read_to_string(repo_root().join("schemas/user_onboarded.avsc"))
+        .expect("schemas/user_onboarded.avsc")
+}
+
+/// An Avro onboarding event in the Confluent wire format, written with
+/// schemas/user_onboarded.avsc registered as `schema_id`.
+pub fn onboarded_avro(
+    schema_id: u32,
+    event_id: &str,
+    user_id: &str,
+    onboarded_at: i64,
+    finbox_customer_id: Option<&str>,
+) -> Vec<u8> {
+    use apache_avro::types::Value as Av;
+    let schema = apache_avro::Schema::parse_str(&onboarded_schema_text()).expect("schema");
+    let optional = |v: Option<&str>| match v {
+        Some(s) => Av::Union(1, Box::new(Av::String(s.to_string()))),
+        None => Av::Union(0, Box::new(Av::Null)),
+    };
+    let record = Av::Record(vec![
+        ("event_id".into(), Av::String(event_id.into())),
+        ("user_id".into(), Av::String(user_id.into())),
+        ("onboarded_at".into(), Av::TimestampMillis(onboarded_at)),
+        ("finbox_customer_id".into(), optional(finbox_customer_id)),
+        ("credeau_user_id".into(), optional(None)),
+    ]);
+    let datum = apache_avro::to_avro_datum(&schema, record).expect("encode onboarded event");
+    confluent_wire(schema_id, &datum)
+}
