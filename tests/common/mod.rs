@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -233,6 +233,21 @@ impl Service {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `bound` for the process to exit on its own; returns its
+    /// exit status and how long the wait took.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status, started.elapsed()));
+            }
+            if started.elapsed() >= bound {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then wait up to `bound`; returns how long it took.
     pub fn terminate(&mut self, bound: Duration) -> Option<Duration> {
         let started = Instant::now();
@@ -242,13 +257,7 @@ impl Service {
             .arg("-TERM")
             .arg(pid.to_string())
             .status();
-        while started.elapsed() < bound {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return Some(started.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.wait_exit(bound).map(|_| started.elapsed())
     }
 
     pub fn log_text(&self) -> String {
@@ -453,4 +462,35 @@ pub fn onboarded_avro(
     ]);
     let datum = apache_avro::to_avro_datum(&schema, record).expect("encode onboarded event");
     confluent_wire(schema_id, &datum)
+}
+
+/// The offset `group` has committed on each partition `0..partitions` of
+/// `topic` (None where it has committed none).
+pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| {
+            match committed
+                .find_partition(topic, p)
+                .expect("partition")
+                .offset()
+            {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            }
+        })
+        .collect()
 }
