@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -233,6 +233,21 @@ impl Service {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `bound` for the process to exit on its own; returns its
+    /// exit status and how long the wait took.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status, started.elapsed()));
+            }
+            if started.elapsed() >= bound {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then wait up to `bound`; returns how long it took.
     pub fn terminate(&mut self, bound: Duration) -> Option<Duration> {
         let started = Instant::now();
@@ -242,13 +257,7 @@ impl Service {
             .arg("-TERM")
             .arg(pid.to_string())
             .status();
-        while started.elapsed() < bound {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return Some(started.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.wait_exit(bound).map(|_| started.elapsed())
     }
 
     pub fn log_text(&self) -> String {
@@ -397,4 +406,91 @@ pub async fn sim_admin(base_url: &str, path: &str, body: &serde_json::Value) {
         .await
         .expect("simulator admin");
     assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+}
+
+/// Registers an Avro schema under `subject` in a registry; returns its id.
+pub async fn register_schema(url: &str, subject: &str, schema: &str) -> u32 {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({ "schema": schema }))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("register response");
+    r["id"].as_u64().expect("id") as u32
+}
+
+/// An Avro datum in the Confluent wire format: magic byte 0, the schema id
+/// (4 bytes, big-endian), then the datum.
+pub fn confluent_wire(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(datum);
+    v
+}
+
+/// The input schema, schemas/user_onboarded.avsc.
+pub fn onboarded_schema_text() -> String {
+    std::fs::read_to_string(repo_root().join("schemas/user_onboarded.avsc"))
+        .expect("schemas/user_onboarded.avsc")
+}
+
+/// An Avro onboarding event in the Confluent wire format, written with
+/// schemas/user_onboarded.avsc registered as `schema_id`.
+pub fn onboarded_avro(
+    schema_id: u32,
+    event_id: &str,
+    user_id: &str,
+    onboarded_at: i64,
+    finbox_customer_id: Option<&str>,
+) -> Vec<u8> {
+    use apache_avro::types::Value as Av;
+    let schema = apache_avro::Schema::parse_str(&onboarded_schema_text()).expect("schema");
+    let optional = |v: Option<&str>| match v {
+        Some(s) => Av::Union(1, Box::new(Av::String(s.to_string()))),
+        None => Av::Union(0, Box::new(Av::Null)),
+    };
+    let record = Av::Record(vec![
+        ("event_id".into(), Av::String(event_id.into())),
+        ("user_id".into(), Av::String(user_id.into())),
+        ("onboarded_at".into(), Av::TimestampMillis(onboarded_at)),
+        ("finbox_customer_id".into(), optional(finbox_customer_id)),
+        ("credeau_user_id".into(), optional(None)),
+    ]);
+    let datum = apache_avro::to_avro_datum(&schema, record).expect("encode onboarded event");
+    confluent_wire(schema_id, &datum)
+}
+
+/// The offset `group` has committed on each partition `0..partitions` of
+/// `topic` (None where it has committed none).
+pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| {
+            match committed
+                .find_partition(topic, p)
+                .expect("partition")
+                .offset()
+            {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            }
+        })
+        .collect()
 }
