@@ -7,11 +7,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use insights_enricher::pipeline::deadletter::{DeadLetter, Stage};
 use insights_enricher::simulator::{self, SimulatorConfig};
 use serde_json::{json, Value};
 
@@ -19,8 +20,8 @@ use serde_json::{json, Value};
 const SECRETS: &[&str] = &["sim-finbox-key", "sim-server-hash", "sim-token"];
 
 /// Runs `insights-enricher dlq ARGS` with the service's environment; returns
-/// (stdout, stderr) after asserting it succeeded and printed no secret.
-fn dlq_cli(env: &[(String, String)], args: &[&str]) -> (String, String) {
+/// (success, stdout, stderr) after asserting it printed no secret.
+fn dlq_run(env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
         .arg("dlq")
         .args(args)
@@ -31,17 +32,19 @@ fn dlq_cli(env: &[(String, String)], args: &[&str]) -> (String, String) {
         .expect("run dlq tool");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "dlq {args:?} failed ({}): {stderr}\n{stdout}",
-        out.status
-    );
     for s in SECRETS {
         assert!(
             !stdout.contains(s) && !stderr.contains(s),
             "dlq {args:?} printed the secret {s:?}"
         );
     }
+    (out.status.success(), stdout, stderr)
+}
+
+/// As [`dlq_run`], asserting the command succeeded; returns (stdout, stderr).
+fn dlq_cli(env: &[(String, String)], args: &[&str]) -> (String, String) {
+    let (ok, stdout, stderr) = dlq_run(env, args);
+    assert!(ok, "dlq {args:?} failed: {stderr}\n{stdout}");
     (stdout, stderr)
 }
 
@@ -352,4 +355,295 @@ async fn dlq_inspect_and_replay_recover_users_after_a_finbox_key_rotation_exactl
         assert!(!log.contains(s), "service log holds {s:?}");
     }
     let _ = sim.shutdown().await;
+}
+
+/// (partition, offset) of every record a `dlq inspect --json` printed,
+/// after checking the summary counts the same records.
+fn selected(v: &Value) -> BTreeSet<(i64, i64)> {
+    let records = v["records"].as_array().expect("records");
+    assert_eq!(v["summary"]["total"], records.len(), "{v}");
+    let set: BTreeSet<(i64, i64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_i64().expect("partition"),
+                r["offset"].as_i64().expect("offset"),
+            )
+        })
+        .collect();
+    assert_eq!(set.len(), records.len(), "a record shown twice: {v}");
+    set
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A decode-stage dead letter of `user`'s onboarding event, failed at
+/// `failed_at`, with the service's own header layout.
+fn input_dead_letter(input: &str, user: &str, offset: i64, failed_at: i64) -> DeadLetter {
+    DeadLetter {
+        key: Some(user.as_bytes().to_vec()),
+        value: Some(onboarded_json(&format!("ev-{user}"), user)),
+        stage: Stage::Decode,
+        reason: "invalid_event".into(),
+        message: "user_id: missing".into(),
+        original_topic: input.to_string(),
+        original_partition: 0,
+        original_offset: offset,
+        original_timestamp: Some(failed_at - 1_000),
+        attempts: 1,
+        provider: None,
+        http_status: None,
+        provider_request_id: None,
+        user_id: None,
+        event_id: None,
+        replay_target: "input",
+        failed_at,
+        original_headers: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_time_offset_and_partition_filters_select_exactly_the_matching_dead_letters() {
+    // Two partitions of six dead letters each, failed ten minutes apart and
+    // interleaved: record i of partition p is number k = 2i + p, failed at
+    // t(k) = t0 + k * 10 min (its Kafka timestamp too, as the service
+    // writes them). t0 is 3 h 5 min ago, so "2h" and "150m" fall halfway
+    // between two records.
+    let topics = Topics::new("dlqfilter");
+    create_topic(&topics.dlq, 2).await;
+    create_topic(&topics.input, 1).await;
+    let env = service_env(&topics, &unique("g"), "http://127.0.0.1:9");
+    let minute = 60_000;
+    let t0 = chrono::Utc::now().timestamp_millis() - 185 * minute;
+    let t = |k: i64| t0 + k * 10 * minute;
+    let per_partition = 6;
+    let p = producer();
+    let mut layout = Vec::new();
+    for i in 0..per_partition {
+        for part in 0..2 {
+            let k = 2 * i + part;
+            let user = format!("flt-{part}-{i}-{}", unique("u"));
+            let dl = input_dead_letter(&topics.input, &user, k, t(k));
+            let at = produce_at(
+                &p,
+                &topics.dlq,
+                Some(part as i32),
+                Some(t(k)),
+                dl.key.as_deref(),
+                dl.value.as_deref(),
+                &dl.headers(),
+            )
+            .await;
+            assert_eq!(at, (part as i32, i), "records laid out as planned");
+            layout.push((part, i, k, user));
+        }
+    }
+    let expect = |keep: &dyn Fn(i64, i64, i64) -> bool| -> BTreeSet<(i64, i64)> {
+        layout
+            .iter()
+            .filter(|(part, i, k, _)| keep(*part, *i, *k))
+            .map(|(part, i, _, _)| (*part, *i))
+            .collect()
+    };
+    let inspect = |args: &[&str]| {
+        let mut all = vec!["inspect", "--json"];
+        all.extend_from_slice(args);
+        selected(&dlq_json(&env, &all))
+    };
+
+    assert_eq!(inspect(&[]), expect(&|_, _, _| true));
+
+    // Time range, RFC 3339: --since is inclusive, --until exclusive, both
+    // on the time the record was dead-lettered.
+    let (t3, t4, t9) = (rfc3339(t(3)), rfc3339(t(4)), rfc3339(t(9)));
+    assert_eq!(inspect(&["--since", &t4]), expect(&|_, _, k| k >= 4));
+    assert_eq!(inspect(&["--until", &t4]), expect(&|_, _, k| k < 4));
+    assert_eq!(
+        inspect(&["--since", &t3, "--until", &t9]),
+        expect(&|_, _, k| (3..9).contains(&k))
+    );
+    // Time range as durations ago: 2 h ago lies between t(6) and t(7),
+    // 150 min ago between t(3) and t(4).
+    assert_eq!(inspect(&["--since", "2h"]), expect(&|_, _, k| k >= 7));
+    assert_eq!(inspect(&["--until", "2h"]), expect(&|_, _, k| k <= 6));
+    assert_eq!(
+        inspect(&["--since", "150m", "--until", "2h"]),
+        expect(&|_, _, k| (4..=6).contains(&k))
+    );
+    // A time range after every record selects nothing.
+    assert_eq!(inspect(&["--since", "1m"]), BTreeSet::new());
+
+    // Partition, and offset ranges (inclusive at both ends) within one.
+    assert_eq!(
+        inspect(&["--partition", "1"]),
+        expect(&|part, _, _| part == 1)
+    );
+    assert_eq!(
+        inspect(&[
+            "--partition",
+            "0",
+            "--start-offset",
+            "2",
+            "--end-offset",
+            "4"
+        ]),
+        expect(&|part, i, _| part == 0 && (2..=4).contains(&i))
+    );
+    assert_eq!(
+        inspect(&["--partition", "1", "--start-offset", "4"]),
+        expect(&|part, i, _| part == 1 && i >= 4)
+    );
+    assert_eq!(
+        inspect(&["--partition", "1", "--end-offset", "1"]),
+        expect(&|part, i, _| part == 1 && i <= 1)
+    );
+    assert_eq!(
+        inspect(&["--partition", "0", "--start-offset", "9"]),
+        BTreeSet::new()
+    );
+    assert_eq!(
+        inspect(&["--partition", "2"]),
+        BTreeSet::new(),
+        "a partition the topic does not have"
+    );
+    // Filters combine.
+    assert_eq!(
+        inspect(&["--partition", "0", "--since", &t4]),
+        expect(&|part, _, k| part == 0 && k >= 4)
+    );
+    assert_eq!(
+        inspect(&[
+            "--partition",
+            "1",
+            "--start-offset",
+            "1",
+            "--until",
+            &rfc3339(t(7))
+        ]),
+        expect(&|part, i, k| part == 1 && i >= 1 && k < 7)
+    );
+
+    // The text form selects the same records.
+    let (text, _) = dlq_cli(
+        &env,
+        &[
+            "inspect",
+            "--partition",
+            "0",
+            "--start-offset",
+            "2",
+            "--end-offset",
+            "4",
+        ],
+    );
+    assert!(text.starts_with("dead letters: 3\n"), "{text}");
+    for i in 2..=4 {
+        assert!(
+            text.contains(&format!("- partition 0 offset {i} ")),
+            "{text}"
+        );
+    }
+    assert!(
+        !text.contains("offset 1 ") && !text.contains("offset 5 "),
+        "{text}"
+    );
+
+    // Offsets without a partition, and times that are neither RFC 3339 nor
+    // a duration, are refused with the flag named.
+    for (args, named) in [
+        (
+            vec!["inspect", "--start-offset", "2"],
+            vec!["--start-offset", "--partition"],
+        ),
+        (
+            vec!["inspect", "--end-offset", "2"],
+            vec!["--end-offset", "--partition"],
+        ),
+        (
+            vec!["replay", "--dry-run", "--start-offset", "2"],
+            vec!["--start-offset", "--partition"],
+        ),
+        (vec!["inspect", "--since", "last tuesday"], vec!["--since"]),
+        (vec!["inspect", "--until", "soon"], vec!["--until"]),
+    ] {
+        let (ok, stdout, stderr) = dlq_run(&env, &args);
+        assert!(!ok, "{args:?} succeeded: {stdout}");
+        for flag in named {
+            assert!(
+                stderr.contains(flag),
+                "{args:?}: {flag} not named: {stderr}"
+            );
+        }
+    }
+
+    // replay --dry-run with an offset range selects exactly those records
+    // and sends nothing.
+    let range = [
+        "--partition",
+        "1",
+        "--start-offset",
+        "1",
+        "--end-offset",
+        "3",
+    ];
+    let ids: Vec<String> = (1..=3).map(|i| format!("{}/1/{i}", topics.dlq)).collect();
+    let users_in_range: Vec<&str> = layout
+        .iter()
+        .filter(|(part, i, _, _)| *part == 1 && (1..=3).contains(i))
+        .map(|(_, _, _, u)| u.as_str())
+        .collect();
+    let mut args = vec!["replay", "--dry-run", "--json"];
+    args.extend_from_slice(&range);
+    let dry = dlq_json(&env, &args);
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["selected"], 3, "{dry}");
+    assert_eq!(dry["sent"], 0, "{dry}");
+    assert_eq!(dry["already_replayed"], 0, "{dry}");
+    assert_eq!(dry["not_replayable"], 0, "{dry}");
+    let items = dry["items"].as_array().expect("items");
+    let item_ids: Vec<&str> = items
+        .iter()
+        .map(|i| i["dead_letter"].as_str().expect("id"))
+        .collect();
+    assert_eq!(item_ids, ids, "{dry}");
+    for (item, user) in items.iter().zip(&users_in_range) {
+        assert_eq!(item["destination"], topics.input.as_str(), "{item}");
+        assert_eq!(item["key"], *user, "{item}");
+    }
+    let ledger = format!("{}.replayed", topics.dlq);
+    let idle = Duration::from_secs(2);
+    assert_eq!(read_topic(&ledger, None, idle).len(), 0, "dry run wrote");
+    assert_eq!(
+        read_topic(&topics.input, None, idle).len(),
+        0,
+        "dry run sent"
+    );
+
+    // The same range replayed for real sends exactly those records.
+    let mut args = vec!["replay", "--json"];
+    args.extend_from_slice(&range);
+    let report = dlq_json(&env, &args);
+    assert_eq!(report["sent"], 3, "{report}");
+    let sent = read_topic(&topics.input, Some(3), Duration::from_secs(30));
+    let mut from: Vec<String> = sent
+        .iter()
+        .map(|r| header(r, "dlq.replayed.from").expect("replayed from"))
+        .collect();
+    from.sort();
+    assert_eq!(from, ids);
+    let mut keys: Vec<&str> = sent.iter().filter_map(|r| r.key.as_deref()).collect();
+    keys.sort();
+    let mut want = users_in_range.clone();
+    want.sort();
+    assert_eq!(keys, want);
+    let mut args = vec!["replay", "--dry-run", "--json"];
+    args.extend_from_slice(&range);
+    let again = dlq_json(&env, &args);
+    assert_eq!(again["selected"], 3, "{again}");
+    assert_eq!(again["already_replayed"], 3, "{again}");
+    assert_eq!(again["items"].as_array().map(Vec::len), Some(0), "{again}");
 }
