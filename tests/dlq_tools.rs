@@ -3,7 +3,9 @@
 //! operator inspects, fixes the key, dry-runs, replays once (the users
 //! complete, Credeau is not asked again), and a second replay sends nothing.
 //! A poison input record replays to the input topic and is dead-lettered
-//! again.
+//! again. The time, offset and partition filters select exactly the
+//! matching dead letters, and inspect never shows the SMS bodies of
+//! dead-lettered users.
 
 mod common;
 
@@ -646,4 +648,157 @@ async fn dlq_time_offset_and_partition_filters_select_exactly_the_matching_dead_
     assert_eq!(again["selected"], 3, "{again}");
     assert_eq!(again["already_replayed"], 3, "{again}");
     assert_eq!(again["items"].as_array().map(Vec::len), Some(0), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_never_shows_the_sms_bodies_of_dead_lettered_users() {
+    // Two ways SMS text reaches a user whose task is dead-lettered: Credeau
+    // answered with SMS data while FinBox rejected our key ("smsok-"), and
+    // Credeau's every answer was its real answer cut in half, SMS bodies
+    // included, until the deadline ("smscut-", FinBox rejected too).
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    let base = sim.base_url();
+    let http = reqwest::Client::new();
+    set_finbox_key(&http, &base, "rotated").await;
+    let scenarios = |cut: bool| {
+        let mut prefixes = serde_json::Map::new();
+        if cut {
+            prefixes.insert(
+                "smscut-".into(),
+                json!({"credeau": {"sms_count": 30, "faults": {"truncated_json_first": 1000}}}),
+            );
+        }
+        json!({"default": {"credeau": {"sms_count": 30}}, "prefixes": prefixes})
+    };
+    sim_admin(&base, "/admin/scenarios", &scenarios(true)).await;
+
+    let topics = Topics::new("dlqsms");
+    create_topic(&topics.input, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = service_env(&topics, &unique("g"), &base);
+    env.push(("INSIGHTS__CREDEAU__DEADLINE".into(), "6s".into()));
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let ok_users = produce_users(&topics.input, "smsok-", 2).await;
+    let cut_users = produce_users(&topics.input, "smscut-", 2).await;
+    let n = ok_users.len() + cut_users.len();
+
+    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(90));
+    assert_eq!(combined.len(), n, "log:\n{}", service.log_text());
+    for r in &combined {
+        let user = r.value["user_id"].as_str().expect("user_id");
+        assert_eq!(r.value["finbox"]["error_kind"], "forbidden", "{}", r.value);
+        if user.starts_with("smsok-") {
+            assert_eq!(r.value["credeau"]["outcome"], "complete", "{}", r.value);
+            assert_eq!(r.value["credeau"]["items"], 30, "{}", r.value);
+        } else {
+            assert_eq!(r.value["credeau"]["outcome"], "failed", "{}", r.value);
+            assert_eq!(
+                r.value["credeau"]["error_kind"], "invalid_body",
+                "{}",
+                r.value
+            );
+        }
+    }
+    // One dead letter per user for FinBox, one more per cut user for Credeau.
+    let want = ok_users.len() + 2 * cut_users.len();
+    let dlq = read_topic(&topics.dlq, Some(want), Duration::from_secs(30));
+    assert_eq!(dlq.len(), want, "dead letters: {dlq:?}");
+
+    // The SMS bodies involved, from the simulator itself: the cut answers
+    // held whole bodies (asked for once more with the fault still on), and
+    // the full answers once the fault is off are the same messages.
+    let mut cut_answers = Vec::new();
+    for user in &cut_users {
+        let (status, cut) = credeau_answer(&base, "sim-client", "sim-token", user).await;
+        assert_eq!(status, 200, "{cut}");
+        cut_answers.push(cut);
+    }
+    sim_admin(&base, "/admin/scenarios", &scenarios(false)).await;
+    let sms = read_topic(&topics.sms, Some(ok_users.len()), Duration::from_secs(10));
+    assert_eq!(sms.len(), ok_users.len(), "one SMS extraction per ok user");
+    let published: String = sms.iter().map(|r| r.value.to_string()).collect();
+    let mut needles = Vec::new();
+    let mut cut_bodies_seen = 0;
+    for user in ok_users.iter().chain(&cut_users) {
+        let mine = sms_bodies(&base, "sim-client", "sim-token", user).await;
+        assert!(mine.len() >= 10, "{user}: only {} SMS bodies", mine.len());
+        for body in mine {
+            if user.starts_with("smsok-") {
+                assert!(published.contains(&body), "{user}: {body:?} not published");
+            } else if cut_answers.iter().any(|cut| cut.contains(&body)) {
+                cut_bodies_seen += 1;
+            }
+            needles.push((format!("SMS body of {user}"), body));
+        }
+    }
+    assert!(
+        cut_bodies_seen >= 5,
+        "the cut answers held only {cut_bodies_seen} whole SMS bodies"
+    );
+
+    let (text, _) = dlq_cli(&env, &["inspect"]);
+    let (summary, _) = dlq_cli(&env, &["inspect", "--summary"]);
+    let (credeau_text, _) = dlq_cli(&env, &["inspect", "--provider", "credeau"]);
+    let json_all = dlq_json(&env, &["inspect", "--json"]);
+    let (dry, _) = dlq_cli(&env, &["replay", "--dry-run"]);
+    let mut found = Vec::new();
+    for (place, out) in [
+        ("inspect", &text),
+        ("inspect --summary", &summary),
+        ("inspect --provider credeau", &credeau_text),
+        ("inspect --json", &json_all.to_string()),
+        ("replay --dry-run", &dry),
+    ] {
+        found.extend(leaks(place, out, &needles));
+    }
+    assert!(found.is_empty(), "SMS text shown:\n{}", found.join("\n"));
+
+    // What inspect is for is there: the count and the reasons.
+    let (forbidden, exhausted) = (ok_users.len() + cut_users.len(), cut_users.len());
+    for out in [&text, &summary] {
+        assert!(out.starts_with(&format!("dead letters: {want}\n")), "{out}");
+        assert!(
+            out.contains(&format!("  {:<24} {forbidden}\n", "forbidden")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("  {:<24} {exhausted}\n", "exhausted")),
+            "{out}"
+        );
+    }
+    assert!(text.contains("records:\n") && !summary.contains("records:\n"));
+    assert_eq!(text.matches("\n- partition ").count(), want, "{text}");
+    assert!(
+        credeau_text.starts_with(&format!("dead letters: {exhausted}\n")),
+        "{credeau_text}"
+    );
+    let s = &json_all["summary"];
+    assert_eq!(s["total"], want, "{json_all}");
+    assert_eq!(
+        counts(&s["by_reason"]),
+        map(&[
+            ("forbidden", forbidden as u64),
+            ("exhausted", exhausted as u64)
+        ])
+    );
+    assert_eq!(
+        counts(&s["by_provider"]),
+        map(&[("finbox", forbidden as u64), ("credeau", exhausted as u64)])
+    );
+    let records = json_all["records"].as_array().expect("records");
+    assert_eq!(records.len(), want);
+    for r in records {
+        let user = r["headers"]["dlq.user_id"].as_str().expect("user id");
+        assert!(ok_users.iter().chain(&cut_users).any(|u| u == user), "{r}");
+        assert_eq!(r["value"]["user_id"], user, "{r}");
+        let credeau = if user.starts_with("smsok-") {
+            "complete"
+        } else {
+            "failed"
+        };
+        assert_eq!(r["value"]["credeau"], credeau, "{r}");
+    }
+    let _ = sim.shutdown().await;
 }
