@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use insights_enricher::salt::finbox_salt;
-use insights_enricher::simulator::{self, Credentials, RunningSimulator, SimulatorConfig};
-use serde_json::{json, Value};
+use insights_enricher::simulator::{self, Credentials, SimulatorConfig};
 
 /// Credentials no other test uses, long enough that a hit is never chance.
 struct Secrets {
@@ -45,96 +44,10 @@ fn secret_env(s: &Secrets, api_key: &str, token: &str) -> Vec<(String, String)> 
         ),
         ("INSIGHTS__CREDEAU__CLIENT_ID".into(), s.client_id.clone()),
         ("INSIGHTS__CREDEAU__AUTH_TOKEN".into(), token.into()),
-        ("INSIGHTS__LOG__LEVEL".into(), "trace".into()),
-        ("INSIGHTS__KAFKA__EXTRA__DEBUG".into(), "all".into()),
     ]
-}
-
-/// The SMS bodies the simulator holds for `user`, asked for directly.
-async fn sms_bodies(sim: &RunningSimulator, s: &Secrets, user: &str) -> Vec<String> {
-    let answer: Value = reqwest::Client::new()
-        .post(format!("{}/api/fetch_extracted_data", sim.base_url()))
-        .header("x-client-id", &s.client_id)
-        .header("x-auth-token", &s.token)
-        .json(&json!({"user_id": user, "client_id": s.client_id}))
-        .send()
-        .await
-        .expect("simulator answers")
-        .json()
-        .await
-        .expect("JSON");
-    answer["extracted_sms_data"]
-        .as_array()
-        .expect("SMS data")
-        .iter()
-        .filter_map(|e| e["sms_body"].as_str())
-        .filter(|b| b.len() >= 20)
-        .map(str::to_string)
-        .collect()
-}
-
-/// The port of the metrics server, from the line the service logs at start.
-fn metrics_port(log: &str) -> Option<u16> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics and health server up"))?;
-    let after = &line[line.rfind("127.0.0.1:")? + "127.0.0.1:".len()..];
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-/// Waits until the service answers /readyz (its topics exist and it has
-/// joined its group), so readers never look for a topic not yet created.
-async fn wait_ready(service: &Service) {
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < until {
-        if let Some(port) = metrics_port(&service.log_text()) {
-            let url = format!("http://127.0.0.1:{port}/readyz");
-            if let Ok(r) = reqwest::get(url).await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("service not ready:\n{}", service.log_text());
-}
-
-async fn metrics_page(log: &str) -> String {
-    let port = metrics_port(log).expect("metrics port in the log");
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("metrics answers")
-        .text()
-        .await
-        .expect("metrics text")
-}
-
-/// Every `(what, needle)` found in `haystack`, named by `place`.
-fn leaks(place: &str, haystack: &str, needles: &[(String, String)]) -> Vec<String> {
-    needles
-        .iter()
-        .filter(|(_, n)| haystack.contains(n.as_str()))
-        .map(|(what, _)| format!("{what} in {place}"))
-        .collect()
-}
-
-async fn produce_users(topic: &str, prefix: &str, n: usize) -> Vec<String> {
-    let p = producer();
-    let mut users = Vec::new();
-    for i in 0..n {
-        let user = format!("{prefix}{i}-{}", unique("u"));
-        produce(
-            &p,
-            topic,
-            Some(user.as_bytes()),
-            Some(&onboarded_json(&format!("ev-{user}"), &user)),
-        )
-        .await;
-        users.push(user);
-    }
-    users
+    .into_iter()
+    .chain(most_verbose_log_env())
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +141,7 @@ async fn no_secret_salt_or_sms_body_reaches_logs_metrics_or_dead_letters() {
     let mut bodies = 0;
     for user in good_users.iter().chain(&bad_users) {
         needles.push((format!("salt of {user}"), finbox_salt(user, &s.server_hash)));
-        for body in sms_bodies(&sim, &s, user).await {
+        for body in sms_bodies(&sim.base_url(), &s.client_id, &s.token, user).await {
             needles.push((format!("SMS body of {user}"), body));
             bodies += 1;
         }

@@ -3,7 +3,9 @@
 //! service talking to it only through the SASL_SSL listener with
 //! SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN end to end, and wrong credentials
 //! or an untrusted broker certificate stopping the service at start with a
-//! message that names the cause and never the password.
+//! message that names the cause and never the password; at the most
+//! verbose log level the password is in no log line, metrics page or dead
+//! letter.
 
 mod common;
 
@@ -13,12 +15,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use common::{onboarded_json, repo_root, unique, Service, Topics};
+use common::{
+    leaks, metrics_page, most_verbose_log_env, onboarded_json, repo_root, sim_admin, unique,
+    wait_ready, Service, Topics,
+};
 use insights_enricher::simulator::{self, SimulatorConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -202,8 +208,14 @@ async fn create_topics(broker: &SaslBroker, mechanism: &str, topics: &Topics) {
     }
 }
 
-/// Every committed value of `topic` (read_committed, all partitions from
-/// the beginning), waiting until `expect` arrived or `timeout` passed.
+/// One committed record as read back over SASL_SSL.
+struct Committed {
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+/// Every committed value of `topic`, as JSON (see [`read_committed_records`]).
 fn read_committed(
     broker: &SaslBroker,
     mechanism: &str,
@@ -211,6 +223,21 @@ fn read_committed(
     expect: usize,
     timeout: Duration,
 ) -> Vec<serde_json::Value> {
+    read_committed_records(broker, mechanism, topic, expect, timeout)
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).expect("JSON output"))
+        .collect()
+}
+
+/// Every committed record of `topic` (read_committed, all partitions from
+/// the beginning), waiting until `expect` arrived or `timeout` passed.
+fn read_committed_records(
+    broker: &SaslBroker,
+    mechanism: &str,
+    topic: &str,
+    expect: usize,
+    timeout: Duration,
+) -> Vec<Committed> {
     let consumer: BaseConsumer = broker
         .client(mechanism)
         .set("group.id", unique("reader"))
@@ -239,18 +266,57 @@ fn read_committed(
             .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
-    let mut values = Vec::new();
-    while values.len() < expect && Instant::now() < end {
+    let mut records = Vec::new();
+    while records.len() < expect && Instant::now() < end {
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
-                let bytes = m.payload().unwrap_or_default();
-                values.push(serde_json::from_slice(bytes).expect("JSON output"));
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                let v = h.value.unwrap_or_default();
+                                (h.key.to_string(), String::from_utf8_lossy(v).into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(Committed {
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
             }
             Some(Err(e)) => panic!("read {topic}: {e}"),
             None => {}
         }
     }
-    values
+    records
+}
+
+/// Produces `n` onboarding events over SASL_SSL for new users named
+/// `<prefix><i>-...` (event id `ev-<user>`); returns the user ids.
+async fn produce_users_over_sasl(
+    producer: &FutureProducer,
+    topic: &str,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut users = Vec::new();
+    for i in 0..n {
+        let user = format!("{prefix}{i}-{}", unique("u"));
+        let value = onboarded_json(&format!("ev-{user}"), &user);
+        producer
+            .send(
+                FutureRecord::to(topic).key(user.as_bytes()).payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce over SASL_SSL");
+        users.push(user);
+    }
+    users
 }
 
 /// Runs the service through the SASL_SSL listener with `mechanism` for
@@ -273,23 +339,11 @@ async fn end_to_end(mechanism: &str, users: usize) {
         .client(mechanism)
         .create()
         .expect("producer over SASL_SSL");
-    let mut events = HashSet::new();
-    for i in 0..users {
-        let user = format!("sasl-{i}-{}", unique("u"));
-        let event = format!("ev-{user}");
-        let value = onboarded_json(&event, &user);
-        producer
-            .send(
-                FutureRecord::to(&topics.input)
-                    .key(user.as_bytes())
-                    .payload(&value),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("produce over SASL_SSL");
-        events.insert(event);
-    }
+    let events: HashSet<String> = produce_users_over_sasl(&producer, &topics.input, "sasl-", users)
+        .await
+        .iter()
+        .map(|u| format!("ev-{u}"))
+        .collect();
 
     let combined = read_committed(
         &broker,
@@ -347,6 +401,147 @@ async fn service_runs_end_to_end_over_sasl_ssl_with_scram_sha_512() {
 async fn service_runs_end_to_end_over_sasl_ssl_with_scram_sha_256_and_plain() {
     end_to_end("SCRAM-SHA-256", 2).await;
     end_to_end("PLAIN", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_password_never_reaches_logs_metrics_or_dead_letters_at_the_most_verbose_level() {
+    // The service at trace with librdkafka's debug=all, through the SASL_SSL
+    // listener only: once with SCRAM-SHA-512 and the password from a file,
+    // once with PLAIN (the password itself on the wire, inside TLS) and the
+    // password from the environment. Credeau rejects our token, so every
+    // user is dead-lettered for Credeau, and a poison input record is too.
+    let broker = SaslBroker::shared();
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    sim_admin(
+        &sim.base_url(),
+        "/admin/credentials",
+        &serde_json::json!({"credeau_auth_token": "rotated"}),
+    )
+    .await;
+    let needles = [("SASL password".to_string(), broker.password.clone())];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut found = Vec::new();
+    for (mechanism, password_in_env) in [("SCRAM-SHA-512", false), ("PLAIN", true)] {
+        let topics = Topics::new(&format!("sasl-hyg-{}", mechanism.to_lowercase()));
+        create_topics(&broker, mechanism, &topics).await;
+        let mut env = fast_env(&topics, &unique("g"), &sim.base_url());
+        env.extend(broker.service_security_env(mechanism));
+        if password_in_env {
+            env.retain(|(k, _)| k != "INSIGHTS__KAFKA__SASL_PASSWORD_FILE");
+            env.push((
+                "INSIGHTS__KAFKA__SASL_PASSWORD".into(),
+                broker.password.clone(),
+            ));
+        }
+        env.extend(most_verbose_log_env());
+        env.push(("INSIGHTS__LOG__FORMAT".into(), "json".into()));
+        let log_path = dir.path().join(format!("{mechanism}.log"));
+        let mut service = Service::start(&env, &log_path);
+        wait_ready(&service).await;
+
+        let producer: FutureProducer = broker
+            .client(mechanism)
+            .create()
+            .expect("producer over SASL_SSL");
+        let users = produce_users_over_sasl(&producer, &topics.input, "sasl-hyg-", 2).await;
+        producer
+            .send(
+                FutureRecord::to(&topics.input)
+                    .key("sasl-hyg-poison")
+                    .payload("{\"user_id\": \"sasl-hyg-poison\", \"oops\""),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce over SASL_SSL");
+
+        let combined = read_committed(
+            &broker,
+            mechanism,
+            &topics.combined,
+            users.len(),
+            Duration::from_secs(90),
+        );
+        assert_eq!(
+            combined.len(),
+            users.len(),
+            "{mechanism}: combined events; log:\n{}",
+            service.log_text()
+        );
+        for v in &combined {
+            assert_eq!(v["finbox"]["outcome"], "complete", "{v}");
+            assert_eq!(v["credeau"]["error_kind"], "unauthorized", "{v}");
+        }
+        let want_dlq = users.len() + 1;
+        let dlq = read_committed_records(
+            &broker,
+            mechanism,
+            &topics.dlq,
+            want_dlq,
+            Duration::from_secs(30),
+        );
+        assert_eq!(dlq.len(), want_dlq, "{mechanism}: dead letters");
+        let stages: std::collections::BTreeSet<&str> = dlq
+            .iter()
+            .flat_map(|r| &r.headers)
+            .filter(|(k, _)| k == "dlq.stage")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(
+            stages,
+            ["decode", "poll_credeau"].into_iter().collect(),
+            "{mechanism}: dead-letter stages"
+        );
+        let metrics = metrics_page(&service.log_text()).await;
+        assert!(metrics.contains("insights_"), "not the metrics page");
+        assert!(
+            service.terminate(Duration::from_secs(20)).is_some(),
+            "{mechanism}: service did not stop on SIGTERM"
+        );
+        let log = service.log_text();
+
+        // The log really is the most verbose one, and librdkafka's debug
+        // output covers the SASL handshake.
+        assert!(log.lines().count() > 200, "{mechanism}: short log");
+        assert!(
+            log.contains("\"level\":\"TRACE\""),
+            "{mechanism}: no trace lines"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains("\"target\":\"librdkafka\"") && l.contains("SASL")),
+            "{mechanism}: librdkafka's SASL debug output is not in the log"
+        );
+
+        for (i, line) in log.lines().enumerate() {
+            found.extend(leaks(
+                &format!("{mechanism} log line {}", i + 1),
+                line,
+                &needles,
+            ));
+        }
+        found.extend(leaks(&format!("{mechanism} /metrics"), &metrics, &needles));
+        for (n, r) in dlq.iter().enumerate() {
+            for (k, v) in &r.headers {
+                found.extend(leaks(
+                    &format!("{mechanism} dead letter {n} header {k}"),
+                    &format!("{k}={v}"),
+                    &needles,
+                ));
+            }
+            let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default());
+            let value = String::from_utf8_lossy(&r.value);
+            found.extend(leaks(
+                &format!("{mechanism} dead letter {n} key/value"),
+                &format!("{key} {value}"),
+                &needles,
+            ));
+        }
+    }
+    assert!(found.is_empty(), "leaks:\n{}", found.join("\n"));
+    let _ = sim.shutdown().await;
 }
 
 /// Starts the service against the SASL_SSL listener with `overrides` and

@@ -106,7 +106,11 @@ impl Filter {
             .transpose()?;
         if (self.start_offset.is_some() || self.end_offset.is_some()) && self.partition.is_none() {
             return Err(ReadError::BadFlag {
-                flag: "start-offset",
+                flag: if self.start_offset.is_some() {
+                    "start-offset"
+                } else {
+                    "end-offset"
+                },
                 reason: "offsets need --partition".into(),
             });
         }
@@ -266,4 +270,223 @@ pub fn read_filtered(settings: &Settings, filter: &Filter) -> Result<Vec<DlqReco
         .into_iter()
         .filter(|r| filter.matches(r, since, until))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        filter: Filter,
+    }
+
+    fn parse(args: &[&str]) -> Result<Filter, clap::Error> {
+        Cli::try_parse_from(std::iter::once("dlq").chain(args.iter().copied())).map(|c| c.filter)
+    }
+
+    fn record(offset: i64, timestamp: Option<i64>, headers: &[(&str, &str)]) -> DlqRecord {
+        DlqRecord {
+            partition: 0,
+            offset,
+            timestamp,
+            key: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            raw_key: None,
+            value: None,
+        }
+    }
+
+    fn failed_at(ms: i64) -> DlqRecord {
+        record(0, Some(1), &[(h::FAILED_AT, &ms.to_string())])
+    }
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn every_filter_flag_parses_into_its_field() {
+        let f = parse(&[
+            "--reason",
+            "forbidden",
+            "--provider",
+            "finbox",
+            "--stage",
+            "poll_finbox",
+            "--since",
+            "2h",
+            "--until",
+            "2023-11-14T22:13:20Z",
+            "--partition",
+            "2",
+            "--start-offset",
+            "10",
+            "--end-offset",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(f.reason.as_deref(), Some("forbidden"));
+        assert_eq!(f.provider.as_deref(), Some("finbox"));
+        assert_eq!(f.stage.as_deref(), Some("poll_finbox"));
+        assert_eq!(f.since.as_deref(), Some("2h"));
+        assert_eq!(f.until.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            (f.partition, f.start_offset, f.end_offset),
+            (Some(2), Some(10), Some(20))
+        );
+        let none = parse(&[]).unwrap();
+        assert_eq!(
+            (none.since, none.until, none.partition, none.start_offset),
+            (None, None, None, None)
+        );
+        for bad in [
+            &["--partition", "one"][..],
+            &["--start-offset", "1.5"],
+            &["--end-offset", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago_in_epoch_millis() {
+        let t = |s: &str| parse_time("since", s, NOW).unwrap();
+        assert_eq!(t("2023-11-14T22:13:20Z"), NOW);
+        assert_eq!(t("2023-11-14T23:13:20.250+01:00"), NOW + 250);
+        assert_eq!(t("2h"), NOW - 7_200_000);
+        assert_eq!(t("90s"), NOW - 90_000);
+        assert_eq!(t("1h 30m"), NOW - 5_400_000);
+        for bad in ["last tuesday", "2023-11-14", "", "-2h"] {
+            match parse_time("until", bad, NOW) {
+                Err(ReadError::BadFlag { flag, reason }) => {
+                    assert_eq!(flag, "until");
+                    assert!(reason.contains(&format!("{bad:?}")), "{reason}");
+                }
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bounds_resolve_since_and_until_against_now() {
+        let f = Filter {
+            since: Some("2h".into()),
+            until: Some("2023-11-14T22:13:20Z".into()),
+            ..Filter::default()
+        };
+        assert_eq!(f.bounds(NOW).unwrap(), (Some(NOW - 7_200_000), Some(NOW)));
+        assert_eq!(Filter::default().bounds(NOW).unwrap(), (None, None));
+    }
+
+    #[test]
+    fn offsets_without_a_partition_are_refused_naming_the_flag_given() {
+        for (f, flag) in [
+            (
+                Filter {
+                    start_offset: Some(3),
+                    ..Filter::default()
+                },
+                "start-offset",
+            ),
+            (
+                Filter {
+                    end_offset: Some(3),
+                    ..Filter::default()
+                },
+                "end-offset",
+            ),
+            (
+                Filter {
+                    start_offset: Some(1),
+                    end_offset: Some(3),
+                    ..Filter::default()
+                },
+                "start-offset",
+            ),
+        ] {
+            match f.bounds(NOW) {
+                Err(e @ ReadError::BadFlag { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.starts_with(&format!("--{flag}:")), "{text}");
+                    assert!(text.contains("--partition"), "{text}");
+                }
+                other => panic!("{f:?} gave {other:?}"),
+            }
+        }
+        let with_partition = Filter {
+            partition: Some(0),
+            start_offset: Some(1),
+            end_offset: Some(3),
+            ..Filter::default()
+        };
+        assert!(with_partition.bounds(NOW).is_ok());
+    }
+
+    #[test]
+    fn since_is_inclusive_and_until_exclusive_on_the_failure_time() {
+        let f = Filter::default();
+        let (s, u) = (Some(1_000), Some(2_000));
+        assert!(!f.matches(&failed_at(999), s, u));
+        assert!(f.matches(&failed_at(1_000), s, u));
+        assert!(f.matches(&failed_at(1_999), s, u));
+        assert!(!f.matches(&failed_at(2_000), s, u));
+        assert!(f.matches(&failed_at(5), None, u));
+        assert!(f.matches(&failed_at(5_000), s, None));
+    }
+
+    #[test]
+    fn the_record_timestamp_stands_in_for_a_missing_or_unreadable_failure_time() {
+        let f = Filter::default();
+        let s = Some(1_000);
+        // dlq.failed_at wins over the Kafka timestamp.
+        assert!(!f.matches(&record(0, Some(5_000), &[(h::FAILED_AT, "10")]), s, None));
+        assert!(f.matches(&record(0, Some(5_000), &[]), s, None));
+        assert!(!f.matches(&record(0, Some(500), &[]), s, None));
+        assert!(f.matches(&record(0, Some(5_000), &[(h::FAILED_AT, "soon")]), s, None));
+        // Neither: time 0, before any --since, within any --until.
+        assert!(!f.matches(&record(0, None, &[]), s, None));
+        assert!(f.matches(&record(0, None, &[]), None, Some(1)));
+    }
+
+    #[test]
+    fn end_offset_is_inclusive() {
+        let f = Filter {
+            partition: Some(0),
+            end_offset: Some(4),
+            ..Filter::default()
+        };
+        assert!(f.matches(&record(3, None, &[]), None, None));
+        assert!(f.matches(&record(4, None, &[]), None, None));
+        assert!(!f.matches(&record(5, None, &[]), None, None));
+    }
+
+    #[test]
+    fn header_filters_match_exactly_and_never_a_missing_header() {
+        let r = record(
+            0,
+            None,
+            &[
+                (h::ERROR_CLASS, "forbidden"),
+                (h::PROVIDER, "finbox"),
+                (h::STAGE, "poll_finbox"),
+            ],
+        );
+        let f = |reason: Option<&str>, provider: Option<&str>, stage: Option<&str>| Filter {
+            reason: reason.map(str::to_string),
+            provider: provider.map(str::to_string),
+            stage: stage.map(str::to_string),
+            ..Filter::default()
+        };
+        assert!(f(Some("forbidden"), Some("finbox"), Some("poll_finbox")).matches(&r, None, None));
+        assert!(!f(Some("forbid"), None, None).matches(&r, None, None));
+        assert!(!f(None, Some("credeau"), None).matches(&r, None, None));
+        assert!(!f(None, None, Some("decode")).matches(&r, None, None));
+        let bare = record(0, None, &[]);
+        assert!(!f(None, Some("finbox"), None).matches(&bare, None, None));
+        assert!(f(None, None, None).matches(&bare, None, None));
+    }
 }

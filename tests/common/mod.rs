@@ -123,24 +123,69 @@ pub async fn produce_with_headers(
     value: Option<&[u8]>,
     headers: &[(&str, &str)],
 ) {
+    let headers: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+    produce_at(p, topic, None, None, key, value, &headers).await;
+}
+
+/// Produces one record to an explicit partition (else the partitioner's
+/// choice) with an explicit timestamp (else now); returns (partition, offset).
+pub async fn produce_at(
+    p: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    timestamp_ms: Option<i64>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+) -> (i32, i64) {
     let mut h = OwnedHeaders::new();
     for (k, v) in headers {
         h = h.insert(Header {
             key: k,
-            value: Some(v.as_bytes()),
+            value: Some(v.as_slice()),
         });
     }
     let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
+    if let Some(n) = partition {
+        rec = rec.partition(n);
+    }
+    if let Some(ts) = timestamp_ms {
+        rec = rec.timestamp(ts);
+    }
     if let Some(k) = key {
         rec = rec.key(k);
     }
     if let Some(v) = value {
         rec = rec.payload(v);
     }
-    p.send(rec, Duration::from_secs(30))
+    let d = p
+        .send(rec, Duration::from_secs(30))
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
+    (d.partition, d.offset)
+}
+
+/// Produces `n` onboarding events for new users named `<prefix><i>-...`
+/// (event id `ev-<user>`, keyed by user); returns the user ids.
+pub async fn produce_users(topic: &str, prefix: &str, n: usize) -> Vec<String> {
+    let p = producer();
+    let mut users = Vec::new();
+    for i in 0..n {
+        let user = format!("{prefix}{i}-{}", unique("u"));
+        produce(
+            &p,
+            topic,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+        users.push(user);
+    }
+    users
 }
 
 /// A JSON onboarding event.
@@ -492,5 +537,101 @@ pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> Vec<Optio
                 _ => None,
             }
         })
+        .collect()
+}
+
+/// Settings for the most verbose logs the service can write: every tracing
+/// event (trace) plus librdkafka's debug output for every context.
+pub fn most_verbose_log_env() -> Vec<(String, String)> {
+    vec![
+        ("INSIGHTS__LOG__LEVEL".into(), "trace".into()),
+        ("INSIGHTS__KAFKA__EXTRA__DEBUG".into(), "all".into()),
+    ]
+}
+
+/// Every `(what, needle)` found in `haystack`, named by `place`: how the
+/// hygiene tests search logs, metrics and dead letters for secrets.
+pub fn leaks(place: &str, haystack: &str, needles: &[(String, String)]) -> Vec<String> {
+    needles
+        .iter()
+        .filter(|(_, n)| haystack.contains(n.as_str()))
+        .map(|(what, _)| format!("{what} in {place}"))
+        .collect()
+}
+
+/// The port of the metrics server, from the line the service logs at start
+/// (text or JSON log format).
+pub fn metrics_port(log: &str) -> Option<u16> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("metrics and health server up"))?;
+    let after = &line[line.rfind("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Waits until the service answers /readyz (its topics exist and it has
+/// joined its group), so readers never look for a topic not yet created.
+pub async fn wait_ready(service: &Service) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        if let Some(port) = metrics_port(&service.log_text()) {
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            if let Ok(r) = reqwest::get(url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("service not ready:\n{}", service.log_text());
+}
+
+/// The whole /metrics page of the service that wrote `log`.
+pub async fn metrics_page(log: &str) -> String {
+    let port = metrics_port(log).expect("metrics port in the log");
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics answers")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The simulator's Credeau answer for `user`, asked for by hand: (status,
+/// body text).
+pub async fn credeau_answer(
+    base_url: &str,
+    client_id: &str,
+    token: &str,
+    user: &str,
+) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{base_url}/api/fetch_extracted_data"))
+        .header("x-client-id", client_id)
+        .header("x-auth-token", token)
+        .json(&serde_json::json!({"user_id": user, "client_id": client_id}))
+        .send()
+        .await
+        .expect("simulator answers");
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("answer text"))
+}
+
+/// The SMS bodies (of 20 characters or more, so a hit is never chance) the
+/// simulator holds for `user`, asked for directly. Its answers are
+/// deterministic per user, so these are the bodies the service received.
+pub async fn sms_bodies(base_url: &str, client_id: &str, token: &str, user: &str) -> Vec<String> {
+    let (status, text) = credeau_answer(base_url, client_id, token, user).await;
+    assert_eq!(status, 200, "SMS of {user}: {text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    answer["extracted_sms_data"]
+        .as_array()
+        .expect("SMS data")
+        .iter()
+        .filter_map(|e| e["sms_body"].as_str())
+        .filter(|b| b.len() >= 20)
+        .map(str::to_string)
         .collect()
 }
