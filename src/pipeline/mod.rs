@@ -209,6 +209,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         // a batch from the partitions that have one.
         .set("queued.max.messages.kbytes", "8192")
         .set("queued.min.messages", "100")
+        // With read-ahead that small the per-partition threshold is often
+        // reached, and librdkafka then postpones that partition's next
+        // fetch by fetch.queue.backoff.ms (1 s by default): a tier record
+        // due now would wait for it. A resumed partition also waits for the
+        // fetch in flight, which the broker may hold for fetch.wait.max.ms.
+        .set("fetch.queue.backoff.ms", "50")
+        .set("fetch.wait.max.ms", "100")
         .create_with_context(ctx)
         .context("kafka: cannot create consumer")?;
     let consumer = Arc::new(consumer);
