@@ -2,8 +2,6 @@
 //! requests it made and a capped log of recent answers. Kept in a sharded
 //! map with a few dozen bytes per user so a million users fit in memory.
 
-use std::time::Instant;
-
 use dashmap::DashMap;
 use serde::Serialize;
 
@@ -12,34 +10,25 @@ use crate::providers::Provider;
 /// How many recent answers each user keeps per provider.
 pub const LOG_CAP: usize = 64;
 
-/// A monotonic clock reported as Unix milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    started: Instant,
-    started_unix_ms: u64,
-}
+/// The wall clock in Unix milliseconds: the clock the service schedules
+/// its polls with (due times live in Kafka records, so they are wall-clock
+/// times), so the spacing of requests in the simulator's log is measured on
+/// the same clock the service meant it on. (A monotonic clock anchored at
+/// start drifts from the wall clock while NTP slews it, by a millisecond or
+/// more within minutes, which would show on-time polls as early ones.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock;
 
 impl Clock {
     pub fn new() -> Self {
-        let started_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        Self {
-            started: Instant::now(),
-            started_unix_ms,
-        }
+        Clock
     }
 
     pub fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.started_unix_ms.saturating_add(elapsed)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
     }
 }
 
