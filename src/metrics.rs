@@ -22,7 +22,7 @@ pub struct Metrics {
     pub tasks_scheduled: IntCounterVec,
     pub tasks_due: IntCounterVec,
     pub tasks_forwarded: IntCounterVec,
-    pub poll_lateness: Histogram,
+    pub poll_lateness: HistogramVec,
     pub users_waiting: IntGauge,
     pub published: IntCounterVec,
     pub dead_letters: IntCounterVec,
@@ -147,15 +147,16 @@ impl Metrics {
                 "Task records read back before their due time and sent on to a shorter tier.",
                 &["tier"],
             ),
-            poll_lateness: histogram(
+            poll_lateness: histogram_vec(
                 &registry,
                 "poll_lateness_seconds",
-                "How long after its due time a task was processed.",
+                "How long after its due time a task was processed, by the delay tier it was read from.",
+                &["tier"],
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0],
             ),
             users_waiting: IntGauge::new(
                 "users_waiting",
-                "Users with a task record scheduled by this process and not yet final (approximate: counts tasks written minus tasks finished since start).",
+                "Records not yet consumed on the delay-topic partitions assigned to this process: users waiting for their next poll (an upper bound: each transaction also leaves one marker on every partition it wrote to).",
             )
             .expect("static metric definition"),
             published: counter_vec(

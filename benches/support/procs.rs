@@ -175,7 +175,8 @@ impl Service {
 
 impl Service {
     /// Sum of the samples of one Prometheus series whose line contains
-    /// `label` (e.g. `provider="finbox"`), from /metrics.
+    /// every comma-separated part of `label` (e.g. `provider="finbox"`;
+    /// `""` matches every line), from /metrics.
     pub async fn counter(&self, http: &reqwest::Client, name: &str, label: &str) -> Result<f64> {
         let text = http
             .get(format!("{}/metrics", self.health_url))
@@ -188,7 +189,7 @@ impl Service {
             .filter(|l| {
                 l.strip_prefix(name)
                     .is_some_and(|rest| rest.starts_with(['{', ' ']))
-                    && l.contains(label)
+                    && label.split(',').all(|part| l.contains(part))
             })
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum())

@@ -27,8 +27,8 @@ fn buckets(smoke: bool) -> (usize, i64) {
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
-    let n = ctx.size("TIMELINESS_USERS", 200, 20_000);
-    let spread_ms = ctx.size("TIMELINESS_SPREAD_S", 5, 180) as i64 * 1000;
+    let n = ctx.size("TIMELINESS_USERS", 200, 100_000);
+    let spread_ms = ctx.size("TIMELINESS_SPREAD_S", 5, 600) as i64 * 1000;
     let sample = ctx.size("TIMELINESS_SAMPLE", 200, 4_000).min(n);
     let (nb, step) = buckets(ctx.smoke);
     let mut prefixes = serde_json::Map::new();
@@ -144,6 +144,25 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             )
             .await?;
     let mut r = Report::default();
+    // Where the late ones were read from.
+    for tier in kafka::TIERS {
+        let label = format!("tier=\"{tier}\"");
+        let count = svc
+            .counter(&ctx.http, "insights_poll_lateness_seconds_count", &label)
+            .await?;
+        if count == 0.0 {
+            continue;
+        }
+        let within = svc
+            .counter(
+                &ctx.http,
+                "insights_poll_lateness_seconds_bucket",
+                &format!("{label},le=\"5\""),
+            )
+            .await?;
+        r.fig(&format!("service_due_tasks_tier_{tier}"), count);
+        r.fig(&format!("service_later_than_5s_tier_{tier}"), count - within);
+    }
     r.fig("users", n);
     r.fig("due_spread_s", spread_ms / 1000);
     r.fig("sampled_users", picked.len());

@@ -163,14 +163,16 @@ impl Worker {
             },
             Job::Due(rec, task) => {
                 let now = now_ms();
-                if let SourceKind::Tier(t) = rec.kind {
-                    self.metrics
-                        .tasks_due
-                        .with_label_values(&[&self.tiers.label(t)])
-                        .inc();
+                let tier = match rec.kind {
+                    SourceKind::Tier(t) => self.tiers.label(t),
+                    SourceKind::Input => "input".to_string(),
+                };
+                if let SourceKind::Tier(_) = rec.kind {
+                    self.metrics.tasks_due.with_label_values(&[&tier]).inc();
                 }
                 self.metrics
                     .poll_lateness
+                    .with_label_values(&[&tier])
                     .observe((now - task.due_at).max(0) as f64 / 1000.0);
                 self.metrics
                     .events_consumed
