@@ -46,7 +46,8 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
     put_scenarios(
         &sim.base_url(),
         json!({"default": {"finbox": {"predictors": 5}, "credeau": {"sms_count": 2}},
-               "prefixes": {"bad-": {"credeau": {"sms_count": 2, "faults": {"server_error_first": 1}}}}}),
+               "prefixes": {"bad-": {"credeau": {"sms_count": 2, "faults": {"server_error_first": 1}}},
+                            "late-": {"finbox": {"predictors": 5, "ready_after": "3s"}, "credeau": {"sms_count": 2}}}}),
     )
     .await;
     let topics = Topics::new("metrics");
@@ -75,9 +76,22 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
         )
         .await;
     }
+    // FinBox is not ready at their first poll: each waits once in the 10s
+    // tier (service_env polls FinBox every 10 s).
+    let late = 2;
+    for i in 0..late {
+        let user = format!("late-{i}-{}", unique("u"));
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&format!("ev-{user}"), &user)),
+        )
+        .await;
+    }
     produce(&p, &topics.input, Some(b"poison"), Some(b"not json")).await;
-    let combined = read_topic(&topics.combined, Some(n), Duration::from_secs(60));
-    assert_eq!(combined.len(), n);
+    let combined = read_topic(&topics.combined, Some(n + late), Duration::from_secs(60));
+    assert_eq!(combined.len(), n + late);
     let _ = read_topic(&topics.dlq, Some(1), Duration::from_secs(30));
 
     // Counters are updated after the commit that made the records visible;
@@ -110,7 +124,9 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("prometheus text format");
     let m = |name: &str, labels: &[(&str, &str)]| sum(&scrape, name, labels);
-    let n = n as f64;
+    let late = late as f64;
+    let bad = 4.0;
+    let n = n as f64 + late;
     assert_eq!(
         m(
             "insights_events_consumed_total",
@@ -147,8 +163,9 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
         ),
         1.0
     );
-    // Every user: one FinBox answer; Credeau: one answer, plus one 5xx for
-    // the "bad-" third of them, retried in process.
+    // Every user: one FinBox 200 (the late ones a 202 before it); Credeau:
+    // one answer, plus one 5xx for the "bad-" third of them, retried in
+    // process.
     assert_eq!(
         m(
             "insights_provider_requests_total",
@@ -166,17 +183,44 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
     assert_eq!(
         m(
             "insights_provider_requests_total",
+            &[("provider", "finbox"), ("http_status", "202")]
+        ),
+        late
+    );
+    assert_eq!(
+        m(
+            "insights_provider_requests_total",
             &[("provider", "credeau"), ("http_status", "503")]
         ),
-        4.0
+        bad
     );
     assert_eq!(
         m(
             "insights_provider_retries_total",
             &[("provider", "credeau")]
         ),
-        4.0
+        bad
     );
+    // Every HTTP attempt takes a permit, and its wait is observed.
+    assert_eq!(
+        m(
+            "insights_rate_limiter_wait_seconds_count",
+            &[("provider", "finbox")]
+        ),
+        n + late
+    );
+    assert_eq!(
+        m(
+            "insights_rate_limiter_wait_seconds_count",
+            &[("provider", "credeau")]
+        ),
+        n + bad
+    );
+    // The late users' one wait each, in the 10s tier, then due from it.
+    assert_eq!(m("insights_tasks_scheduled_total", &[("tier", "10s")]), late);
+    assert_eq!(m("insights_tasks_scheduled_total", &[]), late);
+    assert_eq!(m("insights_tasks_due_total", &[("tier", "10s")]), late);
+    assert_eq!(m("insights_poll_lateness_seconds_count", &[]), late);
     assert!(m("insights_transactions_total", &[("result", "committed")]) >= 1.0);
     assert_eq!(
         m("insights_transactions_total", &[("result", "aborted")]),
@@ -188,7 +232,7 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
             "insights_provider_request_duration_seconds_count",
             &[("provider", "finbox")]
         ),
-        n
+        n + late
     );
     assert_eq!(
         m("insights_provider_healthy", &[("provider", "finbox")]),
@@ -198,6 +242,49 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
     assert!(m("insights_consume_loop_iterations_total", &[]) > 0.0);
     // No user id ever becomes a label value.
     assert!(!text.contains("ok-0-"), "a user id leaked into a label");
+
+    // Lag comes from librdkafka's statistics (every 5 s) against the
+    // offsets this process committed in its transactions: once everything
+    // is committed, every input partition shows 0. Delay partitions keep
+    // one transaction marker after their last record, so users_waiting
+    // ends at most at the number of tier partitions the late users went
+    // through (and never at the whole delay topics' length).
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    let settled = loop {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .unwrap();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .expect("prometheus text format");
+        let lag = |p: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == "insights_consumer_lag_records"
+                        && s.labels.get("topic") == Some(topics.input.as_str())
+                        && s.labels.get("partition") == Some(p)
+                })
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Gauge(v) => v,
+                    _ => f64::NAN,
+                })
+        };
+        let waiting = sum(&scrape, "insights_users_waiting", &[]);
+        if lag("0") == Some(0.0) && lag("1") == Some(0.0) && waiting <= late {
+            break true;
+        }
+        last = format!("lag {:?} {:?}, waiting {waiting}", lag("0"), lag("1"));
+        if Instant::now() > until {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(settled, "input lag never reached 0, or users still waiting: {last}");
     let _ = sim.shutdown().await;
 }
 
