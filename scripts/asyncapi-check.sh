@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${HOME}/.cache/insights-enricher"
+CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 PREFIX="$CACHE/asyncapi"
 TOOL=tools/asyncapi
 

@@ -10,7 +10,7 @@ CHART=helm/insights-enricher
 VALUES=tests/helm
 # A version both helm's renderer and kubernetes-validate's schemas cover.
 K8S_VERSION=1.31.0
-CACHE="${HOME}/.cache/insights-enricher"
+CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 HELM_VERSION=v3.19.0
 
 # Tools: from scripts/tools.sh when it provides them (it prints the tool's
