@@ -217,7 +217,10 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
         n + bad
     );
     // The late users' one wait each, in the 10s tier, then due from it.
-    assert_eq!(m("insights_tasks_scheduled_total", &[("tier", "10s")]), late);
+    assert_eq!(
+        m("insights_tasks_scheduled_total", &[("tier", "10s")]),
+        late
+    );
     assert_eq!(m("insights_tasks_scheduled_total", &[]), late);
     assert_eq!(m("insights_tasks_due_total", &[("tier", "10s")]), late);
     assert_eq!(m("insights_poll_lateness_seconds_count", &[]), late);
@@ -284,7 +287,10 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert!(settled, "input lag never reached 0, or users still waiting: {last}");
+    assert!(
+        settled,
+        "input lag never reached 0, or users still waiting: {last}"
+    );
     let _ = sim.shutdown().await;
 }
 

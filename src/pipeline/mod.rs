@@ -6,7 +6,6 @@ pub mod consume;
 pub mod deadletter;
 pub mod health;
 pub mod kafka;
-pub mod memory;
 pub mod topics;
 pub mod worker;
 
@@ -78,7 +77,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await
     .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
     tracing::info!(listen = %server_addr, "metrics and health server up");
-    let trimmer = memory::spawn_trimmer(server_stop.clone());
 
     let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
     let k = &settings.kafka;
@@ -215,6 +213,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         // due now would wait for it. A resumed partition also waits for the
         // fetch in flight, which the broker may hold for fetch.wait.max.ms.
         .set("fetch.queue.backoff.ms", "50")
+        .set("fetch.message.max.bytes", "65536")
         .set("fetch.wait.max.ms", "100")
         .create_with_context(ctx)
         .context("kafka: cannot create consumer")?;
@@ -328,6 +327,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), trimmer).await;
     result.map_err(anyhow::Error::from)
 }
