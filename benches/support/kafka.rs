@@ -72,6 +72,13 @@ impl Names {
                 "INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX",
                 &format!("{p}-a"),
             ),
+            // The instance name the transactional.id ends with, as a pod's
+            // would be: a restarted instance keeps its id and so aborts its
+            // predecessor's open transaction at once. Without it the id
+            // would end in a random suffix (no POD_NAME or HOSTNAME in the
+            // environment) and readers would wait out the transaction
+            // timeout after a crash.
+            kv("POD_NAME", "bench-0"),
             kv("INSIGHTS__KAFKA__SESSION_TIMEOUT", "6s"),
             kv("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "30s"),
             kv("INSIGHTS__TOPICS__INPUT", &self.input),

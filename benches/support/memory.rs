@@ -68,6 +68,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         // Let the tiers be read back and held, and freed memory be returned.
         tokio::time::sleep(settle).await;
         let (rss, hwm) = svc.proc.memory()?;
+        let (anon, file) = super::procs::resident_split_of(svc.proc.pid())?;
         // A wait a little under 1h lands in the 30m tier.
         let mut tasks = 0i64;
         for tier in kafka::TIERS {
@@ -84,6 +85,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         let mb = |b: u64| round(b as f64 / 1048576.0, 1);
         r.fig(&format!("users_{n}_rss_after_intake_mb"), mb(rss_intake));
         r.fig(&format!("users_{n}_rss_mb"), mb(rss));
+        r.fig(&format!("users_{n}_rss_anon_mb"), mb(anon));
+        r.fig(&format!("users_{n}_rss_file_mb"), mb(file));
         r.fig(&format!("users_{n}_hwm_mb"), mb(hwm));
         r.fig(&format!("users_{n}_intake_s"), secs(intake));
         r.fig(

@@ -118,16 +118,30 @@ pub fn cpu_of(pid: u32) -> Result<Duration> {
 }
 
 pub fn memory_of(pid: u32) -> Result<(u64, u64)> {
+    let [rss, hwm] = status_bytes(pid, ["VmRSS:", "VmHWM:"])?;
+    Ok((rss, hwm))
+}
+
+/// The resident size split into private memory (heap, stacks: `RssAnon`)
+/// and mapped files (the binary's and libraries' pages: `RssFile`).
+pub fn resident_split_of(pid: u32) -> Result<(u64, u64)> {
+    let [anon, file] = status_bytes(pid, ["RssAnon:", "RssFile:"])?;
+    Ok((anon, file))
+}
+
+/// Fields of `/proc/<pid>/status` given in kB, in bytes.
+fn status_bytes<const N: usize>(pid: u32, names: [&str; N]) -> Result<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
+    let mut out = [0u64; N];
+    for (slot, name) in out.iter_mut().zip(names) {
         let line = status
             .lines()
             .find(|l| l.starts_with(name))
             .with_context(|| format!("{name} missing"))?;
         let kb: u64 = line.split_whitespace().nth(1).context("value")?.parse()?;
-        Ok(kb * 1024)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+        *slot = kb * 1024;
+    }
+    Ok(out)
 }
 
 /// A service instance (`insights-enricher run`) with its health server on a

@@ -161,7 +161,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             )
             .await?;
         r.fig(&format!("service_due_tasks_tier_{tier}"), count);
-        r.fig(&format!("service_later_than_5s_tier_{tier}"), count - within);
+        r.fig(
+            &format!("service_later_than_5s_tier_{tier}"),
+            count - within,
+        );
     }
     r.fig("users", n);
     r.fig("due_spread_s", spread_ms / 1000);
