@@ -1103,3 +1103,60 @@ fn example_scenario_files_load_and_validate() {
     }
     assert!(loaded >= 3, "only {loaded} example files");
 }
+
+#[tokio::test]
+async fn the_simulate_command_serves_the_scenario_file_it_is_given() {
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/scenarios/mixed.json");
+    let expected = serde_json::to_value(
+        insights_enricher::simulator::load_scenarios(&file).expect("mixed.json loads"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--scenarios",
+        ])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn simulate");
+    let base = format!("http://127.0.0.1:{port}");
+    let until = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        if let Ok(r) = reqwest::get(format!("{base}/admin/scenarios")).await {
+            break r.json::<Value>().await.expect("scenarios JSON");
+        }
+        assert!(Instant::now() < until, "simulate never answered on {base}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A "fast-" user is complete at once; the default waits 20 s.
+    let ask = |user: &str| {
+        let body = json!({
+            "customer_id": user,
+            "version": 1,
+            "salt": finbox_salt(user, "sim-server-hash"),
+        });
+        reqwest::Client::new()
+            .post(format!("{base}/v2/risk/predictors"))
+            .header("x-api-key", "sim-finbox-key")
+            .json(&body)
+            .send()
+    };
+    let fast = ask("fast-1").await.expect("finbox answers");
+    let slow = ask("someone-1").await.expect("finbox answers");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(served, expected);
+    assert_eq!(fast.status(), 200);
+    assert_eq!(fast.json::<Value>().await.unwrap()["status"], "complete");
+    assert_eq!(slow.status(), 202);
+}

@@ -338,6 +338,28 @@ mod tests {
         }
 
         #[test]
+        fn production_bursts_never_let_more_through_than_burst_plus_rate(
+            per_minute in 600u32..60_000,
+            steps in proptest::collection::vec((0u64..3_000, 1u32..200), 1..100),
+        ) {
+            // The burst RateLimiter::new gives: 100 ms of permits.
+            let burst = (per_minute / 600).max(1);
+            let (l, clock) = fake(per_minute, burst);
+            let period_ns = 60_000_000_000u64.div_ceil(u64::from(per_minute));
+            let mut granted = Vec::new();
+            for (advance_permille, tries) in steps {
+                clock.advance(Duration::from_nanos(period_ns / 1000 * advance_permille));
+                for _ in 0..tries {
+                    if l.try_acquire().is_ok() {
+                        granted.push(now_ns(&clock));
+                    }
+                }
+            }
+            prop_assert!(!granted.is_empty());
+            assert_never_exceeds(&granted, burst, per_minute);
+        }
+
+        #[test]
         fn rate_changes_and_backoffs_never_exceed_the_highest_rate_set(
             rates in proptest::collection::vec(1u32..100_000, 1..6),
             steps in proptest::collection::vec((0u64..2_000, 0u8..10), 1..300),
