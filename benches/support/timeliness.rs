@@ -202,5 +202,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         "at most one FinBox poll more than the minimum",
         over_one == 0,
     );
+    if !ctx.smoke {
+        r.goal("p99 lateness under 1 s", quantile(&late, 0.99) < 1_000);
+    }
     Ok(r)
 }
