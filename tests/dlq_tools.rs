@@ -47,6 +47,12 @@ fn dlq_run(env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
 fn dlq_cli(env: &[(String, String)], args: &[&str]) -> (String, String) {
     let (ok, stdout, stderr) = dlq_run(env, args);
     assert!(ok, "dlq {args:?} failed: {stderr}\n{stdout}");
+    // Reaching the end of a partition is how the tools know they are done,
+    // not something to warn an operator about.
+    assert!(
+        !stderr.contains("PartitionEOF"),
+        "dlq {args:?} warned about the end of a partition:\n{stderr}"
+    );
     (stdout, stderr)
 }
 
