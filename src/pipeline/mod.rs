@@ -7,6 +7,7 @@ pub mod deadletter;
 pub mod health;
 pub mod kafka;
 pub mod topics;
+mod transaction;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
