@@ -79,16 +79,7 @@ async fn metrics_after_a_run_pass_promtool_and_counters_match_the_run() {
     // FinBox is not ready at their first poll: each waits once in the 10s
     // tier (service_env polls FinBox every 10 s).
     let late = 2;
-    for i in 0..late {
-        let user = format!("late-{i}-{}", unique("u"));
-        produce(
-            &p,
-            &topics.input,
-            Some(user.as_bytes()),
-            Some(&onboarded_json(&format!("ev-{user}"), &user)),
-        )
-        .await;
-    }
+    produce_users(&topics.input, "late-", late).await;
     produce(&p, &topics.input, Some(b"poison"), Some(b"not json")).await;
     let combined = read_topic(&topics.combined, Some(n + late), Duration::from_secs(60));
     assert_eq!(combined.len(), n + late);
