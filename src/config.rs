@@ -207,6 +207,8 @@ pub struct ScheduleSettings {
     pub max_batch: usize,
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
+    #[serde(with = "humantime_serde")]
+    pub record_budget: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -611,6 +613,28 @@ impl Settings {
         }
         if s.max_batch == 0 {
             return Err(ConfigError::invalid("schedule.max_batch", "must be >= 1"));
+        }
+        positive("schedule.record_budget", s.record_budget)?;
+        // A batch waits for its slowest record: the budget must leave room
+        // for the transaction within the stall timeout, and keep a batch
+        // far inside the group's poll interval.
+        if s.record_budget * 2 > self.server.stall_timeout {
+            return Err(ConfigError::invalid(
+                "schedule.record_budget",
+                format!(
+                    "must be at most half of server.stall_timeout ({}), or a slow provider fails liveness",
+                    humantime::format_duration(self.server.stall_timeout)
+                ),
+            ));
+        }
+        if s.record_budget * 2 > self.kafka.max_poll_interval {
+            return Err(ConfigError::invalid(
+                "schedule.record_budget",
+                format!(
+                    "must be at most half of kafka.max_poll_interval ({})",
+                    humantime::format_duration(self.kafka.max_poll_interval)
+                ),
+            ));
         }
 
         let f = &self.finbox;

@@ -1,27 +1,35 @@
-//! The consume loop: collect a batch, hold partitions whose head is not yet
-//! due, process the batch concurrently, then produce everything and commit
-//! the consumed offsets in one Kafka transaction. A crash anywhere before
-//! the commit means the batch is processed again; after it, never again.
+//! The consume loop: read records, start each one's work at once, cut the
+//! records into batches, and commit each batch (its outputs and consumed
+//! offsets) in one Kafka transaction, strictly in the order the batches
+//! were read. A crash anywhere before a commit means the batch is processed
+//! again; after it, never again.
 //!
-//! Two overlaps keep the loop from waiting in series. Each record's work
-//! (its provider calls) starts as soon as the record is collected, so the
-//! linger that fills a batch overlaps its HTTP calls; and a batch's
-//! transaction runs while the next batch is collected and processed. A
-//! batch is committed only after the one before it committed; when one is
-//! aborted, the batch read after it is handed back too, and both are read
-//! again. Results are taken in the order records were read, nothing is
-//! produced outside a transaction, and a revocation waits for the open
-//! transaction (see `TransactionGate`).
+//! The loop never waits on anything but the consumer: it polls at least
+//! every 200 ms whatever the providers do, so the group's
+//! `max.poll.interval` cannot run out because of slow providers or rate
+//! limits. Back-pressure is pausing, not blocking: when the records read
+//! but not yet committed reach what the provider rate limits serve within
+//! half of `schedule.record_budget` (or `schedule.max_in_flight`), every
+//! partition is paused until they drain, and polling goes on.
+//!
+//! Exactly once rests on four rules:
+//! - batches commit one at a time, in read order; when one is aborted,
+//!   every batch read after it is dropped too and all of them are read
+//!   again from the aborted batch's first offsets;
+//! - a revoked partition's records leave every batch not yet committing;
+//!   the transaction in flight holds the revocation (`TransactionGate`);
+//! - a batch commits only while the consumer is a group member and every
+//!   partition is still assigned under the epoch the batch read it with
+//!   (`TxnProducer::commit`), so a batch read before a lost assignment can
+//!   never commit over the records' next reader;
+//! - offsets are rewound (after an abort) only in the epoch they were read
+//!   in, so a rewind can never move a partition's new owner backwards.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,17 +37,14 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::pipeline::deadletter::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
-use crate::pipeline::kafka::PipelineContext;
-use crate::pipeline::transaction::{abort, commit, CommitError};
+use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
+use crate::pipeline::record::{BatchOffsets, Epoch, OffsetRange, PartitionRead, TopicPartition};
+use crate::pipeline::transaction;
 use crate::pipeline::worker::{
-    classify_tier_record, now_ms, Incoming, Job, OutKind, Processed, SourceKind, TierDecision,
-    Transient, Worker,
+    classify_tier_record, now_ms, Job, OutKind, Processed, SourceKind, TierDecision, Transient,
+    Worker,
 };
 use crate::task::Millis;
-
-type Tp = (String, i32);
-/// First and last offset taken per partition (a contiguous run).
-pub(crate) type Offsets = BTreeMap<Tp, (i64, i64)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -58,52 +63,58 @@ pub enum LoopError {
 pub struct LoopSettings {
     pub max_batch: usize,
     pub batch_linger: Duration,
+    /// Records processed at once, and the most read but not yet committed.
     pub max_in_flight: usize,
-    pub transaction_timeout: Duration,
+    /// How long one record's provider calls may take (`schedule.record_budget`).
+    pub record_budget: Duration,
     /// How long in-flight work may continue after SIGTERM before it is
     /// abandoned (handed back uncommitted).
     pub drain_timeout: Duration,
 }
 
-pub struct ConsumeLoop {
-    pub consumer: Arc<StreamConsumer<PipelineContext>>,
-    pub producer: FutureProducer,
-    pub worker: Arc<Worker>,
-    pub settings: LoopSettings,
-    pub topic_kinds: HashMap<String, SourceKind>,
-    pub guard: DeadLetterGuard,
-    pub health: Arc<Health>,
-    pub metrics: Arc<Metrics>,
-    /// Called with this instance's share (0..=1) of all consumed partitions
-    /// whenever the assignment changes (provider rate limits follow it).
-    pub on_share: Box<dyn Fn(f64) + Send + Sync>,
-    pub total_partitions: usize,
-    paused: HashMap<Tp, Millis>,
-    generation_seen: u64,
-    /// Bounds the records being processed at once (`max_in_flight`).
-    in_flight: Arc<Semaphore>,
-}
+/// The longest the loop waits in one poll.
+const POLL_WAIT: Duration = Duration::from_millis(200);
+/// How long the loop reads nothing after a transient failure (the schema
+/// registry is down) before the batch is read again.
+const TRANSIENT_COOLDOWN: Duration = Duration::from_secs(1);
 
 type Running = JoinHandle<Result<Processed, Transient>>;
 
-/// One collected batch: its records already being processed, in the order
-/// they were read.
+/// Records read in one stretch, their work already running, in read order.
 #[derive(Default)]
 struct Batch {
-    jobs: Vec<(Tp, Running)>,
-    offsets: Offsets,
+    jobs: Vec<(TopicPartition, Running)>,
+    offsets: BatchOffsets,
+    started: Option<Instant>,
 }
 
 impl Batch {
-    fn take(&mut self, tp: &Tp, offset: i64) {
+    fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Running) {
         self.offsets
             .entry(tp.clone())
-            .and_modify(|e| e.1 = offset)
-            .or_insert((offset, offset));
+            .and_modify(|r| r.range.last = offset)
+            .or_insert(PartitionRead {
+                range: OffsetRange {
+                    first: offset,
+                    last: offset,
+                },
+                epoch,
+            });
+        self.jobs.push((tp.clone(), job));
+        self.started.get_or_insert_with(Instant::now);
     }
+
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    fn is_finished(&self) -> bool {
+        self.jobs.iter().all(|(_, r)| r.is_finished())
+    }
+
     /// Forgets revoked partitions: their records' work is cancelled (the
-    /// new owner reads them again from the committed offset).
-    fn drop_partitions(&mut self, gone: &HashSet<Tp>) {
+    /// next owner reads them again from the committed offset).
+    fn drop_partitions(&mut self, gone: &HashSet<TopicPartition>) {
         self.jobs.retain(|(tp, running)| {
             let keep = !gone.contains(tp);
             if !keep {
@@ -113,149 +124,222 @@ impl Batch {
         });
         self.offsets.retain(|tp, _| !gone.contains(tp));
     }
+
+    fn cancel(&self) {
+        for (_, r) in &self.jobs {
+            r.abort();
+        }
+    }
 }
 
-fn detach(msg: &rdkafka::message::BorrowedMessage<'_>, kind: SourceKind) -> Incoming {
-    let headers = msg
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|hdr| {
-                    (
-                        hdr.key.to_string(),
-                        hdr.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Incoming {
-        kind,
-        topic: msg.topic().to_string(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        timestamp: msg.timestamp().to_millis(),
-        key: msg.key().map(<[u8]>::to_vec),
-        value: msg.payload().map(<[u8]>::to_vec),
-        headers,
-    }
+/// A batch whose records are processed and which waits for its
+/// transaction.
+struct Prepared {
+    processed: Vec<Processed>,
+    offsets: BatchOffsets,
+    snapshot: GuardSnapshot,
+}
+
+type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
+
+/// The parts the loop is built from (see `ConsumeLoop::new`).
+pub struct LoopParts {
+    pub consumer: Arc<dyn LoopConsumer>,
+    pub producer: Arc<dyn TxnProducer>,
+    pub worker: Arc<Worker>,
+    pub settings: LoopSettings,
+    pub topic_kinds: HashMap<String, SourceKind>,
+    pub guard: DeadLetterGuard,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    /// Called with this instance's share (0..=1) of all consumed partitions
+    /// whenever the assignment changes (provider rate limits follow it).
+    pub on_share: Box<dyn Fn(f64) + Send + Sync>,
+    /// Records per second the provider rate limits serve now (the lower of
+    /// the two), for admission.
+    pub admission_rate: Box<dyn Fn() -> f64 + Send + Sync>,
+    pub total_partitions: usize,
+}
+
+pub struct ConsumeLoop {
+    parts: LoopParts,
+    assigned: HashMap<TopicPartition, Epoch>,
+    generation_seen: u64,
+    /// Partitions paused because their head record is not due yet.
+    held: HashMap<TopicPartition, Millis>,
+    /// Partitions paused for back-pressure.
+    throttled: HashSet<TopicPartition>,
+    collecting: Batch,
+    queued: VecDeque<Batch>,
+    committing: Option<Committing>,
+    in_flight: Arc<Semaphore>,
+    /// Woken whenever a record's work ends.
+    job_done: Arc<Notify>,
+    cooldown_until: Option<Instant>,
 }
 
 impl ConsumeLoop {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        consumer: Arc<StreamConsumer<PipelineContext>>,
-        producer: FutureProducer,
-        worker: Arc<Worker>,
-        settings: LoopSettings,
-        topic_kinds: HashMap<String, SourceKind>,
-        guard: DeadLetterGuard,
-        health: Arc<Health>,
-        metrics: Arc<Metrics>,
-        on_share: Box<dyn Fn(f64) + Send + Sync>,
-        total_partitions: usize,
-    ) -> ConsumeLoop {
-        let in_flight = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    pub fn new(parts: LoopParts) -> ConsumeLoop {
+        let in_flight = Arc::new(Semaphore::new(parts.settings.max_in_flight.max(1)));
         ConsumeLoop {
-            consumer,
-            producer,
-            worker,
-            settings,
-            topic_kinds,
-            guard,
-            health,
-            metrics,
-            on_share,
-            total_partitions,
-            paused: HashMap::new(),
+            parts,
+            assigned: HashMap::new(),
             generation_seen: 0,
+            held: HashMap::new(),
+            throttled: HashSet::new(),
+            collecting: Batch::default(),
+            queued: VecDeque::new(),
+            committing: None,
             in_flight,
+            job_done: Arc::new(Notify::new()),
+            cooldown_until: None,
         }
     }
 
-    /// Runs until `shutdown`, then finishes (or hands back) the batch in
-    /// hand. Returns an error only for what must stop the process.
+    /// Runs until `shutdown`, then commits what is done within the drain
+    /// bound and hands the rest back. Returns an error only for what must
+    /// stop the process.
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), LoopError> {
-        let mut committing: Option<Committing> = None;
-        while !shutdown.is_cancelled() {
-            self.metrics.loop_iterations.inc();
-            self.health.progress();
-            self.resume_due_partitions();
-            let mut batch = self.collect(&shutdown).await;
-            self.after_poll(&mut batch);
-            if batch.jobs.is_empty() {
-                if committing.as_ref().is_some_and(|c| c.is_finished()) {
-                    if let Some(c) = committing.take() {
-                        self.finish_commit(c).await?;
-                    }
-                }
-                continue;
-            }
-            let prepared = match self.prepare(batch, &shutdown).await {
-                Ok(p) => p,
-                Err(e) => {
-                    if let Some(c) = committing.take() {
-                        let _ = self.finish_commit(c).await;
-                    }
-                    return Err(e);
-                }
-            };
-            if let Some(c) = committing.take() {
-                if let Some(aborted) = self.finish_commit(c).await? {
-                    // Read after the aborted batch: hand it back too.
-                    if let Some(p) = prepared {
-                        self.rewind_except(&p.offsets, &aborted);
-                    }
-                    continue;
-                }
-            }
-            if let Some(p) = prepared {
-                committing = Some(self.start_commit(p));
-            }
-        }
-        if let Some(c) = committing.take() {
-            self.finish_commit(c).await?;
-        }
+        let result = self.work(&shutdown).await;
+        let drained = self.drain(result.is_ok()).await;
         tracing::info!("consume loop stopped");
+        result.and(drained)
+    }
+
+    async fn work(&mut self, shutdown: &CancellationToken) -> Result<(), LoopError> {
+        while !shutdown.is_cancelled() {
+            self.parts.metrics.loop_iterations.inc();
+            self.sync_assignment();
+            self.resume_due_partitions();
+            self.cut_batch(false);
+            self.start_next_commit().await?;
+            self.apply_backpressure();
+            self.report_liveness();
+            let wait = self.poll_wait();
+            let consumer = self.parts.consumer.clone();
+            let job_done = self.job_done.clone();
+            let mut committing = self.committing.take();
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::Nothing,
+                r = commit_end(&mut committing) => Event::Committed(r),
+                _ = job_done.notified() => Event::Nothing,
+                polled = consumer.poll(wait) => Event::Polled(polled),
+            };
+            self.committing = committing;
+            match event {
+                Event::Nothing => {}
+                Event::Committed(r) => {
+                    self.committing = None;
+                    self.finish_commit(r).await?;
+                }
+                Event::Polled(polled) => self.on_polled(polled),
+            }
+        }
         Ok(())
     }
 
-    /// Reacts to what the consumer context saw during the poll: revoked
-    /// partitions leave the batch and the pause table; a changed assignment
-    /// changes this instance's share of the provider rate limits.
-    fn after_poll(&mut self, batch: &mut Batch) {
-        let ctx = self.consumer.context();
-        let revoked: HashSet<Tp> = ctx.take_revoked().into_iter().collect();
-        if !revoked.is_empty() {
-            batch.drop_partitions(&revoked);
-            self.paused.retain(|tp, _| !revoked.contains(tp));
+    /// After SIGTERM (or a fatal error, `keep_going` false): nothing more
+    /// is read; batches whose work ends within the drain bound commit, the
+    /// rest is handed back uncommitted for the next owner.
+    async fn drain(&mut self, keep_going: bool) -> Result<(), LoopError> {
+        self.cut_batch(true);
+        let all: Vec<TopicPartition> = self.assigned.keys().cloned().collect();
+        self.parts.consumer.pause(&all);
+        let deadline = Instant::now() + self.parts.settings.drain_timeout;
+        let mut result = Ok(());
+        while keep_going && result.is_ok() && (!self.queued.is_empty() || self.committing.is_some())
+        {
+            self.sync_assignment();
+            if let Err(e) = self.start_next_commit().await {
+                result = Err(e);
+                break;
+            }
+            let consumer = self.parts.consumer.clone();
+            let job_done = self.job_done.clone();
+            let mut committing = self.committing.take();
+            let event = tokio::select! {
+                biased;
+                r = commit_end(&mut committing) => Event::Committed(r),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let left: usize = self.queued.iter().map(Batch::len).sum();
+                    tracing::warn!(records = left, "shutdown bound reached; handing the rest back uncommitted");
+                    self.committing = committing;
+                    break;
+                }
+                _ = job_done.notified() => Event::Nothing,
+                // Keeps the group membership alive; records that still
+                // arrive lie after every batch and are left for the next
+                // owner.
+                _ = consumer.poll(POLL_WAIT) => Event::Nothing,
+            };
+            self.committing = committing;
+            if let Event::Committed(r) = event {
+                self.committing = None;
+                if let Err(e) = self.finish_commit(r).await {
+                    result = Err(e);
+                }
+            }
         }
-        let (generation, assigned) = ctx.assigned();
+        for b in self.queued.drain(..) {
+            b.cancel();
+        }
+        if let Some(c) = self.committing.take() {
+            // A transaction in flight ends either way (its own deadline).
+            if let Ok(r) = c.await {
+                if let Err(e) = self.finish_commit(Ok(r)).await {
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        result
+    }
+
+    /// Reacts to what the consumer saw during the last poll: revoked
+    /// partitions leave the batches and the pause tables; a changed
+    /// assignment changes this instance's share of the provider rate limits.
+    fn sync_assignment(&mut self) {
+        let revoked: HashSet<TopicPartition> =
+            self.parts.consumer.take_revoked().into_iter().collect();
+        if !revoked.is_empty() {
+            self.collecting.drop_partitions(&revoked);
+            for b in &mut self.queued {
+                b.drop_partitions(&revoked);
+            }
+            self.queued.retain(|b| !b.jobs.is_empty());
+            self.held.retain(|tp, _| !revoked.contains(tp));
+            self.throttled.retain(|tp| !revoked.contains(tp));
+        }
+        let (generation, assigned) = self.parts.consumer.assignment();
         if generation != self.generation_seen {
             self.generation_seen = generation;
-            let share = if self.total_partitions == 0 {
+            self.assigned = assigned;
+            let share = if self.parts.total_partitions == 0 {
                 1.0
             } else {
-                (assigned.len() as f64 / self.total_partitions as f64).clamp(0.0, 1.0)
+                (self.assigned.len() as f64 / self.parts.total_partitions as f64).clamp(0.0, 1.0)
             };
-            let inputs = assigned
-                .iter()
-                .filter(|(t, _)| self.topic_kinds.get(t) == Some(&SourceKind::Input))
+            let inputs = self
+                .assigned
+                .keys()
+                .filter(|tp| self.parts.topic_kinds.get(&tp.topic) == Some(&SourceKind::Input))
                 .count();
-            self.metrics.assigned_partitions.set(inputs as i64);
-            tracing::info!(assigned = assigned.len(), share, "assignment changed");
-            (self.on_share)(share);
+            self.parts.metrics.assigned_partitions.set(inputs as i64);
+            tracing::info!(assigned = self.assigned.len(), share, "assignment changed");
+            (self.parts.on_share)(share);
+            // Partitions assigned anew arrive resumed; the pause tables
+            // only hold partitions still assigned.
+            self.held.retain(|tp, _| self.assigned.contains_key(tp));
+            self.throttled.retain(|tp| self.assigned.contains_key(tp));
         }
-        self.health.set_connection(
-            ctx.joined.load(std::sync::atomic::Ordering::Relaxed),
-            ctx.broker_up.load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let (joined, broker_up) = self.parts.consumer.connection();
+        self.parts.health.set_connection(joined, broker_up);
     }
 
     fn resume_due_partitions(&mut self) {
         let now = now_ms();
-        let due: Vec<Tp> = self
-            .paused
+        let due: Vec<TopicPartition> = self
+            .held
             .iter()
             .filter(|(_, at)| **at <= now)
             .map(|(tp, _)| tp.clone())
@@ -263,169 +347,230 @@ impl ConsumeLoop {
         if due.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
         for tp in &due {
-            self.paused.remove(tp);
-            tpl.add_partition(&tp.0, tp.1);
+            self.held.remove(tp);
         }
-        if let Err(e) = self.consumer.resume(&tpl) {
-            // A partition revoked meanwhile cannot be resumed: benign.
-            tracing::debug!(error = %e, "resume failed");
+        // A partition held back for pressure stays paused until it ends.
+        let resume: Vec<TopicPartition> = due
+            .into_iter()
+            .filter(|tp| !self.throttled.contains(tp))
+            .collect();
+        self.parts.consumer.resume(&resume);
+    }
+
+    /// How many records read and not yet committed the rate limits allow:
+    /// what they serve in half the record budget, within max_in_flight.
+    fn admission_limit(&self) -> usize {
+        let rate = (self.parts.admission_rate)();
+        let by_rate = if rate.is_finite() {
+            (rate * self.parts.settings.record_budget.as_secs_f64() / 2.0).floor() as usize
+        } else {
+            usize::MAX
+        };
+        by_rate.clamp(1, self.parts.settings.max_in_flight.max(1))
+    }
+
+    fn outstanding(&self) -> usize {
+        self.collecting.len() + self.queued.iter().map(Batch::len).sum::<usize>()
+    }
+
+    /// Pauses every partition when enough is read and not committed (or
+    /// during a cool-down), and resumes them once half of it is done.
+    fn apply_backpressure(&mut self) {
+        let limit = self.admission_limit();
+        let outstanding = self.outstanding();
+        let cooling = self.cooldown_until.is_some_and(|t| Instant::now() < t);
+        if outstanding >= limit || cooling {
+            let pause: Vec<TopicPartition> = self
+                .assigned
+                .keys()
+                .filter(|tp| !self.throttled.contains(*tp) && !self.held.contains_key(*tp))
+                .cloned()
+                .collect();
+            if !pause.is_empty() {
+                tracing::debug!(outstanding, limit, "pausing for back-pressure");
+                self.parts.consumer.pause(&pause);
+                self.throttled.extend(pause);
+            }
+        } else if !self.throttled.is_empty() && outstanding <= limit / 2 {
+            self.cooldown_until = None;
+            let resume: Vec<TopicPartition> = self
+                .throttled
+                .drain()
+                .filter(|tp| !self.held.contains_key(tp))
+                .collect();
+            self.parts.consumer.resume(&resume);
         }
     }
 
-    /// How long the loop may block waiting for records before a paused
-    /// partition is due again.
-    fn idle_wait(&self) -> Duration {
-        let base = Duration::from_millis(200);
-        match self.paused.values().min() {
-            Some(at) => {
-                let ms = (*at - now_ms()).clamp(0, base.as_millis() as i64);
-                Duration::from_millis(ms as u64)
-            }
-            None => base,
+    /// Liveness follows commits. With nothing read and not committed the
+    /// loop is idle, which is progress unless a partition it is free to read
+    /// has records waiting: a consumer that reads nothing then is stuck.
+    fn report_liveness(&self) {
+        if self.outstanding() > 0 || self.committing.is_some() {
+            return;
+        }
+        let backlog: i64 = self
+            .parts
+            .consumer
+            .lag()
+            .into_iter()
+            .filter(|(tp, _)| !self.held.contains_key(tp) && !self.throttled.contains(tp))
+            // A transaction's commit marker trails the last record of
+            // every partition written transactionally.
+            .map(|(_, lag)| (lag - 1).max(0))
+            .sum();
+        if backlog == 0 {
+            self.parts.health.progress();
         }
     }
 
-    async fn collect(&mut self, shutdown: &CancellationToken) -> Batch {
-        let mut batch = Batch::default();
-        let mut held: HashSet<Tp> = HashSet::new();
-        let linger_end = Instant::now() + self.settings.batch_linger;
-        while batch.jobs.len() < self.settings.max_batch {
-            let wait = if batch.jobs.is_empty() {
-                self.idle_wait()
-            } else {
-                linger_end.saturating_duration_since(Instant::now())
-            };
-            let received = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                r = tokio::time::timeout(wait, self.consumer.recv()) => r,
-            };
-            let msg = match received {
-                Err(_elapsed) => break,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    break;
-                }
-                Ok(Ok(m)) => m,
-            };
-            let tp: Tp = (msg.topic().to_string(), msg.partition());
-            if held.contains(&tp) || self.paused.contains_key(&tp) {
-                // Fetched before the partition was paused; it will be read
-                // again from the held offset.
-                continue;
+    /// How long the next poll may wait: until the batch being collected
+    /// is due to be cut, or a held partition is due again.
+    fn poll_wait(&self) -> Duration {
+        let mut wait = POLL_WAIT;
+        if let Some(started) = self.collecting.started {
+            let end = started + self.parts.settings.batch_linger;
+            wait = wait.min(end.saturating_duration_since(Instant::now()));
+        }
+        if let Some(at) = self.held.values().min() {
+            let ms = (*at - now_ms()).clamp(0, POLL_WAIT.as_millis() as i64);
+            wait = wait.min(Duration::from_millis(ms as u64));
+        }
+        wait
+    }
+
+    fn on_polled(&mut self, polled: Polled) {
+        let rec = match polled {
+            Polled::Idle => return,
+            Polled::Error(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                return;
             }
-            let Some(kind) = self.topic_kinds.get(&tp.0).copied() else {
-                continue;
-            };
-            let rec = detach(&msg, kind);
-            drop(msg);
-            let offset = rec.offset;
-            let job = match kind {
-                SourceKind::Input => Job::Input(rec),
-                SourceKind::Tier(tier) => {
-                    match classify_tier_record(&self.worker.tiers, tier, rec, now_ms()) {
-                        TierDecision::Job(job) => *job,
-                        TierDecision::Hold { resume_at } => {
-                            self.hold(&tp, offset, resume_at);
-                            held.insert(tp);
-                            continue;
-                        }
+            Polled::Record(rec) => rec,
+        };
+        let tp = TopicPartition::new(rec.topic.as_str(), rec.partition);
+        if self.held.contains_key(&tp) {
+            // Fetched before the partition was paused; it is read again
+            // from the held offset.
+            return;
+        }
+        let epoch = match self.assigned.get(&tp) {
+            Some(e) => *e,
+            None => {
+                self.sync_assignment();
+                match self.assigned.get(&tp) {
+                    Some(e) => *e,
+                    None => {
+                        // Not ours (any more): never take it, and never
+                        // let a later record of it commit past it.
+                        self.parts.consumer.seek(&tp, rec.offset);
+                        return;
                     }
                 }
-            };
-            batch.take(&tp, offset);
-            batch.jobs.push((tp, self.start(job)));
-        }
-        batch
+            }
+        };
+        let offset = rec.offset;
+        let job = match rec.kind {
+            SourceKind::Input => Job::Input(rec),
+            SourceKind::Tier(tier) => {
+                match classify_tier_record(&self.parts.worker.tiers, tier, rec, now_ms()) {
+                    TierDecision::Job(job) => *job,
+                    TierDecision::Hold { resume_at } => {
+                        self.hold(&tp, offset, resume_at);
+                        return;
+                    }
+                }
+            }
+        };
+        let running = self.start(job);
+        self.collecting.take(&tp, offset, epoch, running);
+        self.cut_batch(false);
     }
 
     /// Starts a record's work on the runtime, at most `max_in_flight` at a
     /// time.
     fn start(&self, job: Job) -> Running {
-        let worker = self.worker.clone();
-        let health = self.health.clone();
+        let worker = self.parts.worker.clone();
         let in_flight = self.in_flight.clone();
+        let done = self.job_done.clone();
         tokio::spawn(async move {
             // The semaphore is never closed, so acquiring only waits.
             let _permit = in_flight.acquire_owned().await;
             let r = worker.process(job).await;
-            health.progress();
+            done.notify_one();
             r
         })
     }
 
     /// Pauses a partition and rewinds it to `offset`, to be resumed at
     /// `resume_at`.
-    fn hold(&mut self, tp: &Tp, offset: i64, resume_at: Millis) {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        if let Err(e) = self.consumer.pause(&tpl) {
-            tracing::debug!(error = %e, "pause failed");
-        }
-        if let Err(e) =
-            self.consumer
-                .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(5))
-        {
-            tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "seek failed");
-        }
-        self.paused.insert(tp.clone(), resume_at);
+    fn hold(&mut self, tp: &TopicPartition, offset: i64, resume_at: Millis) {
+        self.parts.consumer.pause(std::slice::from_ref(tp));
+        self.parts.consumer.seek(tp, offset);
+        self.held.insert(tp.clone(), resume_at);
     }
 
-    /// Waits for a batch's records, then checks the dead-letter guard.
-    /// Returns what to commit, or `None` when the batch was handed back
-    /// (shutdown bound reached, or a transient failure: it will be read
-    /// again).
-    async fn prepare(
-        &mut self,
-        batch: Batch,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Prepared>, LoopError> {
-        let count = batch.jobs.len();
-        let aborts: Vec<_> = batch.jobs.iter().map(|(_, r)| r.abort_handle()).collect();
-        let Batch { jobs, offsets } = batch;
-        let processing = async move {
-            let mut results = Vec::with_capacity(jobs.len());
-            for (_, running) in jobs {
-                results.push(running.await);
-            }
-            results
+    /// Moves the records collected so far into the queue of batches when
+    /// the batch is full, has lingered long enough, or `force`.
+    fn cut_batch(&mut self, force: bool) {
+        let Some(started) = self.collecting.started else {
+            return;
         };
-        tokio::pin!(processing);
-        let drain = self.settings.drain_timeout;
-        let joined = tokio::select! {
-            r = &mut processing => r,
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-                tracing::warn!(records = count, "shutdown bound reached; handing the batch back uncommitted");
-                for a in &aborts {
-                    a.abort();
-                }
-                self.rewind(&offsets);
-                return Ok(None);
+        let s = &self.parts.settings;
+        if force
+            || self.collecting.len() >= s.max_batch
+            || started.elapsed() >= s.batch_linger
+            || !self.throttled.is_empty()
+        {
+            let batch = std::mem::take(&mut self.collecting);
+            self.queued.push_back(batch);
+        }
+    }
+
+    /// Starts the transaction of the oldest batch once its work is done
+    /// and no other transaction is in flight.
+    async fn start_next_commit(&mut self) -> Result<(), LoopError> {
+        if self.committing.is_some() {
+            return Ok(());
+        }
+        while self.queued.front().is_some_and(Batch::is_finished) {
+            let Some(batch) = self.queued.pop_front() else {
+                break;
+            };
+            if batch.jobs.is_empty() {
+                continue;
             }
-        };
-        let mut processed = Vec::with_capacity(joined.len());
-        for j in joined {
-            match j {
+            if let Some(prepared) = self.prepare(batch).await? {
+                self.committing = Some(self.start_commit(prepared));
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a finished batch's results and checks the dead-letter guard.
+    /// Returns `None` when the batch was handed back (a transient failure:
+    /// it is read again after a cool-down).
+    async fn prepare(&mut self, batch: Batch) -> Result<Option<Prepared>, LoopError> {
+        let Batch { jobs, offsets, .. } = batch;
+        let mut processed = Vec::with_capacity(jobs.len());
+        for (_, running) in jobs {
+            match running.await {
                 Ok(Ok(p)) => processed.push(p),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "batch will be retried");
-                    self.rewind(&offsets);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    self.hand_back(&offsets);
+                    self.cooldown_until = Some(Instant::now() + TRANSIENT_COOLDOWN);
                     return Ok(None);
                 }
                 Err(e) => {
-                    for a in &aborts {
-                        a.abort();
-                    }
-                    self.rewind(&offsets);
+                    self.hand_back(&offsets);
                     return Err(LoopError::WorkerPanicked(e.to_string()));
                 }
             }
         }
-
-        let snapshot = self.guard.snapshot();
+        let snapshot = self.parts.guard.snapshot();
         for p in &processed {
             let reason = p
                 .dead_letters
@@ -435,10 +580,10 @@ impl ConsumeLoop {
                 .next()
                 .unwrap_or("");
             let dead = !p.dead_letters.is_empty() || !p.failures.is_empty();
-            if let Err(tripped) = self.guard.observe(dead, reason) {
-                self.guard.restore(snapshot);
+            if let Err(tripped) = self.parts.guard.observe(dead, reason) {
+                self.parts.guard.restore(snapshot);
                 tracing::error!(error = %tripped, "dead-letter guard tripped; stopping without committing the batch");
-                self.rewind(&offsets);
+                self.hand_back(&offsets);
                 return Err(tripped.into());
             }
         }
@@ -449,125 +594,122 @@ impl ConsumeLoop {
         }))
     }
 
-    /// Starts the transaction of a prepared batch; an abortable failure is
-    /// aborted there too, so the gate closes without the loop's help.
     fn start_commit(&self, prepared: Prepared) -> Committing {
-        let producer = self.producer.clone();
-        let consumer = self.consumer.clone();
-        let timeout = self.settings.transaction_timeout;
+        let producer = self.parts.producer.clone();
+        let consumer = self.parts.consumer.clone();
         tokio::spawn(async move {
-            let open = consumer.context().transaction.open();
-            let mut result = commit(
-                &producer,
-                &consumer,
+            let result = transaction::run(
+                producer.as_ref(),
+                consumer.as_ref(),
                 &prepared.processed,
                 &prepared.offsets,
-                timeout,
             )
             .await;
-            if let Err(CommitError::Abortable(reason)) = &result {
-                result = match abort(&producer, timeout).await {
-                    Ok(()) => Err(CommitError::Abortable(reason.clone())),
-                    Err(e) => Err(e),
-                };
-            }
-            drop(open);
             (prepared, result)
         })
     }
 
-    /// Waits for a batch's transaction. Returns the offsets of the batch
-    /// when it was aborted (and rewound), `None` when it committed.
-    async fn finish_commit(
-        &mut self,
-        committing: Committing,
-    ) -> Result<Option<Offsets>, LoopError> {
-        let (prepared, result) = committing
-            .await
-            .map_err(|e| LoopError::Fatal(format!("transaction task failed: {e}")))?;
+    /// Handles the end of a batch's transaction.
+    async fn finish_commit(&mut self, joined: CommitEnd) -> Result<(), LoopError> {
+        let (prepared, result) =
+            joined.map_err(|e| LoopError::Fatal(format!("transaction task failed: {e}")))?;
         let Prepared {
             processed,
             offsets,
             snapshot,
         } = prepared;
+        let m = &self.parts.metrics;
         match result {
             Ok(()) => {
-                self.consumer
-                    .context()
-                    .record_committed(offsets.iter().map(|(tp, (_, last))| (tp.clone(), last + 1)));
-                self.metrics
-                    .transactions
-                    .with_label_values(&["committed"])
-                    .inc();
-                self.metrics.batch_size.observe(processed.len() as f64);
+                self.parts.consumer.record_committed(&offsets);
+                m.transactions.with_label_values(&["committed"]).inc();
+                m.batch_size.observe(processed.len() as f64);
                 for p in &processed {
                     for o in &p.outputs {
                         match o.kind {
-                            OutKind::Delay(_) => {}
-                            OutKind::DeadLetter => {}
-                            k => self.metrics.published.with_label_values(&[k.label()]).inc(),
+                            OutKind::Delay(_) | OutKind::DeadLetter => {}
+                            k => m.published.with_label_values(&[k.label()]).inc(),
                         }
                     }
                     for (stage, reason) in &p.dead_letters {
-                        self.metrics
-                            .dead_letters
+                        m.dead_letters
                             .with_label_values(&[stage.as_str(), reason])
                             .inc();
                     }
                     if let Some(s) = p.combined_latency {
-                        self.metrics.onboarding_to_combined.observe(s);
+                        m.onboarding_to_combined.observe(s);
                     }
                 }
-                Ok(None)
+                self.parts.health.progress();
+                Ok(())
             }
             Err(CommitError::Abortable(e)) => {
-                self.metrics
-                    .transactions
-                    .with_label_values(&["aborted"])
-                    .inc();
-                // Also undoes what the batch read after it observed: that
-                // batch is handed back as well.
-                self.guard.restore(snapshot);
+                m.transactions.with_label_values(&["aborted"]).inc();
+                self.parts.guard.restore(snapshot);
                 tracing::warn!(error = %e, "transaction aborted; the batch will be processed again");
-                self.rewind(&offsets);
-                Ok(Some(offsets))
+                self.hand_back(&offsets);
+                Ok(())
             }
             Err(CommitError::Fatal(e)) => Err(LoopError::Fatal(e)),
             Err(CommitError::Timeout(d)) => Err(LoopError::TransactionTimeout(d)),
         }
     }
 
-    /// Seeks every partition of a batch back to its first record so the
-    /// batch is read again.
-    fn rewind(&mut self, offsets: &Offsets) {
-        for (tp, (first, _)) in offsets {
-            if let Err(e) =
-                self.consumer
-                    .seek(&tp.0, tp.1, Offset::Offset(*first), Duration::from_secs(5))
-            {
-                tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "rewind failed");
+    /// Hands a batch back, with every batch read after it: their work is
+    /// cancelled and each partition is rewound to the first offset any of
+    /// them took, in the epoch it was read in.
+    fn hand_back(&mut self, offsets: &BatchOffsets) {
+        let mut rewind: HashMap<TopicPartition, PartitionRead> = HashMap::new();
+        let later = self
+            .queued
+            .drain(..)
+            .chain(std::iter::once(std::mem::take(&mut self.collecting)));
+        let mut all = vec![offsets.clone()];
+        for b in later {
+            b.cancel();
+            all.push(b.offsets);
+        }
+        for o in all {
+            for (tp, read) in o {
+                rewind
+                    .entry(tp)
+                    .and_modify(|r| {
+                        if read.epoch == r.epoch {
+                            r.range.first = r.range.first.min(read.range.first);
+                        }
+                    })
+                    .or_insert(read);
             }
         }
-    }
-
-    /// Rewinds the partitions of `offsets` that are not in `skip` (those
-    /// were rewound further back already).
-    fn rewind_except(&mut self, offsets: &Offsets, skip: &Offsets) {
-        let rest: Offsets = offsets
-            .iter()
-            .filter(|(tp, _)| !skip.contains_key(*tp))
-            .map(|(tp, o)| (tp.clone(), *o))
-            .collect();
-        self.rewind(&rest);
+        let mut resume = Vec::new();
+        for (tp, read) in rewind {
+            if self.assigned.get(&tp) != Some(&read.epoch) {
+                // Revoked (or lost) since: the next reader starts from the
+                // committed offset; moving it would repeat or skip records.
+                continue;
+            }
+            self.parts.consumer.seek(&tp, read.range.first);
+            if self.held.remove(&tp).is_some() && !self.throttled.contains(&tp) {
+                resume.push(tp);
+            }
+        }
+        self.parts.consumer.resume(&resume);
     }
 }
 
-/// A batch whose records are processed and which waits for its
-/// transaction.
-struct Prepared {
-    processed: Vec<Processed>,
-    offsets: Offsets,
-    snapshot: GuardSnapshot,
+type CommitEnd = Result<(Prepared, Result<(), CommitError>), tokio::task::JoinError>;
+
+/// What woke the loop.
+enum Event {
+    Nothing,
+    Committed(CommitEnd),
+    Polled(Polled),
 }
 
-type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
+/// The end of the transaction in flight; never, when there is none.
+async fn commit_end(committing: &mut Option<Committing>) -> CommitEnd {
+    match committing.as_mut() {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}

@@ -8,14 +8,19 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::metrics::Metrics;
+use crate::pipeline::ports::{GroupToken, LoopConsumer, Membership, Polled};
+use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
+use crate::pipeline::worker::{Incoming, SourceKind};
 
 /// Settings shared by every client: brokers and security. Secrets are set
 /// here and nowhere else.
@@ -139,13 +144,15 @@ pub fn check_connection(k: &KafkaSettings, timeout: Duration) -> Result<(), Conn
 
 /// What the consumer context learned during the last poll: partitions
 /// revoked (the loop drops their records and pause state) and the current
-/// assignment.
+/// assignment with each partition's epoch.
 #[derive(Default)]
 pub struct AssignmentState {
-    pub revoked: Vec<(String, i32)>,
-    pub assigned: HashSet<(String, i32)>,
+    pub revoked: Vec<TopicPartition>,
+    pub assigned: HashMap<TopicPartition, Epoch>,
     /// Bumped on every assignment change, so the loop can react once.
     pub generation: u64,
+    /// The last epoch handed out.
+    epochs: Epoch,
 }
 
 /// Consumer context: rebalance bookkeeping, statistics to metrics, broker
@@ -159,7 +166,9 @@ pub struct PipelineContext {
     pub delay_topics: HashSet<String>,
     /// The next offset this process committed per partition (transactional
     /// commits bypass the consumer, so its own statistics do not know them).
-    committed: Mutex<HashMap<(String, i32), i64>>,
+    committed: Mutex<HashMap<TopicPartition, i64>>,
+    /// Unread records per partition, from the last statistics.
+    lag: Mutex<HashMap<TopicPartition, i64>>,
     /// Whether a transaction carrying consumed offsets is open.
     pub transaction: TransactionGate,
 }
@@ -239,12 +248,13 @@ impl PipelineContext {
             joined: AtomicBool::new(false),
             delay_topics,
             committed: Mutex::new(HashMap::new()),
+            lag: Mutex::new(HashMap::new()),
             transaction: TransactionGate::new(transaction_timeout + Duration::from_secs(5)),
         }
     }
 
     /// Records offsets committed in a transaction (next offset to read).
-    pub fn record_committed(&self, offsets: impl IntoIterator<Item = ((String, i32), i64)>) {
+    pub fn record_committed(&self, offsets: impl IntoIterator<Item = (TopicPartition, i64)>) {
         let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         c.extend(offsets);
     }
@@ -258,12 +268,30 @@ impl PipelineContext {
     }
 
     /// Takes the partitions revoked since the last call.
-    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+    pub fn take_revoked(&self) -> Vec<TopicPartition> {
         self.with_assignment(|a| std::mem::take(&mut a.revoked))
     }
 
-    pub fn assigned(&self) -> (u64, HashSet<(String, i32)>) {
+    pub fn assigned(&self) -> (u64, HashMap<TopicPartition, Epoch>) {
         self.with_assignment(|a| (a.generation, a.assigned.clone()))
+    }
+
+    /// Whether every partition of a batch is still assigned under the
+    /// epoch the batch read it with.
+    pub fn still_owned(&self, offsets: &BatchOffsets) -> Result<(), TopicPartition> {
+        self.with_assignment(|a| {
+            for (tp, read) in offsets {
+                if a.assigned.get(tp) != Some(&read.epoch) {
+                    return Err(tp.clone());
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn lag(&self) -> Vec<(TopicPartition, i64)> {
+        let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.iter().map(|(tp, l)| (tp.clone(), *l)).collect()
     }
 }
 
@@ -277,6 +305,7 @@ impl ClientContext for PipelineContext {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut waiting = 0i64;
+        let mut lags = HashMap::new();
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
                 if *id < 0 || !p.desired {
@@ -287,12 +316,14 @@ impl ClientContext for PipelineContext {
                 } else {
                     p.hi_offset
                 };
-                let ours = committed.get(&(topic.clone(), *id)).copied();
+                let tp = TopicPartition::new(topic.as_str(), *id);
+                let ours = committed.get(&tp).copied();
                 let position = [ours.unwrap_or(-1), p.committed_offset, p.lo_offset]
                     .into_iter()
                     .find(|o| *o >= 0)
                     .unwrap_or(end);
                 let lag = (end - position).max(0);
+                lags.insert(tp, lag);
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &id.to_string()])
@@ -303,6 +334,7 @@ impl ClientContext for PipelineContext {
             }
         }
         self.metrics.users_waiting.set(waiting);
+        *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = lags;
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -319,10 +351,10 @@ impl ClientContext for PipelineContext {
 impl ConsumerContext for PipelineContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked: Vec<(String, i32)> = tpl
+            let revoked: Vec<TopicPartition> = tpl
                 .elements()
                 .iter()
-                .map(|e| (e.topic().to_string(), e.partition()))
+                .map(|e| TopicPartition::new(e.topic(), e.partition()))
                 .collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked");
             if self.transaction.is_open() && !self.transaction.wait_closed() {
@@ -334,11 +366,17 @@ impl ConsumerContext for PipelineContext {
                     c.remove(tp);
                 }
             }
-            for (t, p) in &revoked {
+            {
+                let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+                for tp in &revoked {
+                    lag.remove(tp);
+                }
+            }
+            for tp in &revoked {
                 let _ = self
                     .metrics
                     .consumer_lag
-                    .remove_label_values(&[t.as_str(), &p.to_string()]);
+                    .remove_label_values(&[tp.topic.as_str(), &tp.partition.to_string()]);
             }
             self.with_assignment(|a| {
                 for tp in &revoked {
@@ -359,14 +397,17 @@ impl ConsumerContext for PipelineContext {
                 if let Err(e) = consumer.resume(tpl) {
                     tracing::debug!(error = %e, "resume of newly assigned partitions failed");
                 }
-                let added: Vec<(String, i32)> = tpl
+                let added: Vec<TopicPartition> = tpl
                     .elements()
                     .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
                     .collect();
                 tracing::info!(partitions = added.len(), "partitions assigned");
                 self.with_assignment(|a| {
-                    a.assigned.extend(added);
+                    for tp in added {
+                        a.epochs += 1;
+                        a.assigned.insert(tp, a.epochs);
+                    }
                     a.generation += 1;
                 });
                 self.joined.store(true, Ordering::Relaxed);
@@ -374,6 +415,175 @@ impl ConsumerContext for PipelineContext {
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
+    }
+}
+
+/// The pipeline's consumer over librdkafka.
+pub struct KafkaConsumer {
+    pub consumer: Arc<StreamConsumer<PipelineContext>>,
+    pub topic_kinds: HashMap<String, SourceKind>,
+}
+
+impl KafkaConsumer {
+    /// The generation and member id librdkafka holds now.
+    fn membership(&self) -> Option<Membership> {
+        use rdkafka::bindings as rd;
+        let rk = self.consumer.client().native_ptr();
+        // SAFETY: `rk` is a live consumer handle owned by `self.consumer`.
+        // librdkafka returns a new metadata object (or null) that we own:
+        // it is read with its own accessors, whose member id string lives
+        // as long as the object, copied, and destroyed exactly once here.
+        unsafe {
+            let cgm = rd::rd_kafka_consumer_group_metadata(rk);
+            if cgm.is_null() {
+                return None;
+            }
+            let generation = rd::rd_kafka_consumer_group_metadata_generation_id(cgm);
+            let member = rd::rd_kafka_consumer_group_metadata_member_id(cgm);
+            let member_id = if member.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(member)
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            rd::rd_kafka_consumer_group_metadata_destroy(cgm);
+            Some(Membership {
+                generation,
+                member_id,
+            })
+        }
+    }
+
+    fn tpl(partitions: &[TopicPartition]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for tp in partitions {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        tpl
+    }
+}
+
+fn detach(msg: &rdkafka::message::BorrowedMessage<'_>, kind: SourceKind) -> Incoming {
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|hdr| {
+                    (
+                        hdr.key.to_string(),
+                        hdr.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Incoming {
+        kind,
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp: msg.timestamp().to_millis(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+#[async_trait::async_trait]
+impl LoopConsumer for KafkaConsumer {
+    async fn poll(&self, wait: Duration) -> Polled {
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_elapsed) => Polled::Idle,
+            Ok(Err(e)) => Polled::Error(e.to_string()),
+            Ok(Ok(msg)) => match self.topic_kinds.get(msg.topic()) {
+                Some(kind) => Polled::Record(detach(&msg, *kind)),
+                None => Polled::Idle,
+            },
+        }
+    }
+
+    fn pause(&self, partitions: &[TopicPartition]) {
+        if let Err(e) = self.consumer.pause(&Self::tpl(partitions)) {
+            tracing::debug!(error = %e, "pause failed");
+        }
+    }
+
+    fn resume(&self, partitions: &[TopicPartition]) {
+        // A partition revoked meanwhile cannot be resumed: benign.
+        if let Err(e) = self.consumer.resume(&Self::tpl(partitions)) {
+            tracing::debug!(error = %e, "resume failed");
+        }
+    }
+
+    fn seek(&self, tp: &TopicPartition, offset: i64) {
+        // Asynchronous (timeout 0): the position is set at once, and a
+        // blocking seek would hold the loop, which must keep polling.
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
+            .is_err()
+        {
+            return;
+        }
+        if let Err(e) = self.consumer.seek_partitions(tpl, Duration::ZERO) {
+            tracing::warn!(error = %e, partition = %tp, offset, "seek failed");
+        }
+    }
+
+    fn take_revoked(&self) -> Vec<TopicPartition> {
+        self.consumer.context().take_revoked()
+    }
+
+    fn assignment(&self) -> (u64, HashMap<TopicPartition, Epoch>) {
+        self.consumer.context().assigned()
+    }
+
+    fn connection(&self) -> (bool, bool) {
+        let ctx = self.consumer.context();
+        (
+            ctx.joined.load(Ordering::Relaxed),
+            ctx.broker_up.load(Ordering::Relaxed),
+        )
+    }
+
+    fn lag(&self) -> Vec<(TopicPartition, i64)> {
+        self.consumer.context().lag()
+    }
+
+    fn record_committed(&self, offsets: &BatchOffsets) {
+        self.consumer
+            .context()
+            .record_committed(offsets.iter().map(|(tp, r)| (tp.clone(), r.range.next())));
+    }
+
+    fn group_token(&self) -> Option<GroupToken> {
+        // The membership is read before and after the metadata object is
+        // taken: equal both times means the object carries exactly it (a
+        // consumer that left and joined again has a new member id).
+        let before = self.membership()?;
+        let metadata = self.consumer.group_metadata()?;
+        let after = self.membership()?;
+        let membership = if before == after {
+            after
+        } else {
+            Membership {
+                generation: -1,
+                member_id: String::new(),
+            }
+        };
+        Some(GroupToken {
+            membership,
+            metadata: Some(Arc::new(metadata)),
+        })
+    }
+
+    fn still_owned(&self, offsets: &BatchOffsets) -> Result<(), TopicPartition> {
+        self.consumer.context().still_owned(offsets)
+    }
+
+    fn transaction_gate(&self) -> &TransactionGate {
+        &self.consumer.context().transaction
     }
 }
 

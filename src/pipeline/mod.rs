@@ -4,8 +4,14 @@
 
 pub mod consume;
 pub mod deadletter;
+#[cfg(test)]
+mod fake;
 pub mod health;
 pub mod kafka;
+#[cfg(test)]
+mod loop_tests;
+pub mod ports;
+pub mod record;
 pub mod topics;
 mod transaction;
 pub mod worker;
@@ -31,10 +37,11 @@ use crate::providers::finbox::FinboxClient;
 use crate::providers::ratelimit::RateLimiter;
 use crate::providers::Provider;
 
-use self::consume::{ConsumeLoop, LoopSettings};
+use self::consume::{ConsumeLoop, LoopParts, LoopSettings};
 use self::deadletter::DeadLetterGuard;
 use self::health::Health;
-use self::kafka::{base_config, PipelineContext};
+use self::kafka::{base_config, KafkaConsumer, PipelineContext};
+use self::transaction::KafkaTransactions;
 use self::worker::{OutputTopics, SourceKind, Worker};
 
 /// The codec of everything the service produces, and of the topics it
@@ -271,36 +278,54 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             tiers: tier_topics.clone(),
         },
         max_message_bytes: settings.topics.max_message_bytes,
+        record_budget: settings.schedule.record_budget,
         metrics: metrics.clone(),
     });
 
     let finbox_total = settings.finbox.rate_limit_per_minute;
     let credeau_total = settings.credeau.rate_limit_per_minute;
+    let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
     let on_share = Box::new(move |share: f64| {
         let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
-        finbox_limit.set_rate_per_minute(part(finbox_total));
-        credeau_limit.set_rate_per_minute(part(credeau_total));
+        finbox_share.set_rate_per_minute(part(finbox_total));
+        credeau_share.set_rate_per_minute(part(credeau_total));
+    });
+    // A record may need both providers: admit what the slower one serves.
+    let admission_rate = Box::new(move || {
+        let per_minute = finbox_limit
+            .effective_rate_per_minute()
+            .min(credeau_limit.effective_rate_per_minute());
+        per_minute as f64 / 60.0
     });
 
     let shutdown_timeout = settings.shutdown.timeout;
-    let mut consume_loop = ConsumeLoop::new(
-        consumer.clone(),
-        producer.clone(),
+    let kafka_consumer = Arc::new(KafkaConsumer {
+        consumer: consumer.clone(),
+        topic_kinds: topic_kinds.clone(),
+    });
+    let transactions = Arc::new(KafkaTransactions {
+        producer: producer.clone(),
+        timeout: k.transaction_timeout,
+    });
+    let mut consume_loop = ConsumeLoop::new(LoopParts {
+        consumer: kafka_consumer,
+        producer: transactions,
         worker,
-        LoopSettings {
+        settings: LoopSettings {
             max_batch: settings.schedule.max_batch,
             batch_linger: settings.schedule.batch_linger,
             max_in_flight: settings.schedule.max_in_flight,
-            transaction_timeout: k.transaction_timeout,
+            record_budget: settings.schedule.record_budget,
             drain_timeout: shutdown_timeout.mul_f64(0.6),
         },
         topic_kinds,
-        DeadLetterGuard::new(settings.dead_letter.clone()),
-        health.clone(),
-        metrics.clone(),
+        guard: DeadLetterGuard::new(settings.dead_letter.clone()),
+        health: health.clone(),
+        metrics: metrics.clone(),
         on_share,
+        admission_rate,
         total_partitions,
-    );
+    });
     tracing::info!(
         input = %settings.topics.input,
         tiers = tier_topics.len(),

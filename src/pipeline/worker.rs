@@ -123,6 +123,11 @@ pub struct Worker {
     pub tiers: DelayTiers,
     pub topics: OutputTopics,
     pub max_message_bytes: usize,
+    /// How long one record's provider calls may take, retries included
+    /// (`schedule.record_budget`). A call still unanswered then counts as a
+    /// timed-out poll, and the core schedules the next one through a delay
+    /// tier, so no record holds its batch longer.
+    pub record_budget: std::time::Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -219,17 +224,21 @@ impl Worker {
             let poll_credeau = due.contains(&Provider::Credeau);
             let finbox_id = task.user.finbox_customer_id.clone();
             let credeau_id = task.user.credeau_user_id.clone();
+            let budget = self.record_budget;
+            let deadline = tokio::time::Instant::now() + budget;
             let (fa, ca) = tokio::join!(
                 async {
                     if poll_finbox {
-                        Some(self.finbox.fetch_predictors(&finbox_id).await)
+                        let call = self.finbox.fetch_predictors(&finbox_id);
+                        Some(within_budget(Provider::Finbox, deadline, budget, call).await)
                     } else {
                         None
                     }
                 },
                 async {
                     if poll_credeau {
-                        Some(self.credeau.fetch_sms(&credeau_id).await)
+                        let call = self.credeau.fetch_sms(&credeau_id);
+                        Some(within_budget(Provider::Credeau, deadline, budget, call).await)
                     } else {
                         None
                     }
@@ -463,6 +472,34 @@ impl Worker {
             value: Some(value),
             headers,
         }
+    }
+}
+
+/// Runs one provider call within the record's budget: its in-process
+/// retries see the deadline (`providers::http::RECORD_DEADLINE`) and stop
+/// rather than sleep past it, and a call still running at the deadline is
+/// cut off and reported as a timeout, to be polled again when due.
+async fn within_budget<T>(
+    provider: Provider,
+    deadline: tokio::time::Instant,
+    budget: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
+) -> Result<T, crate::providers::ProviderError> {
+    let scoped = crate::providers::http::RECORD_DEADLINE.scope(deadline, call);
+    match tokio::time::timeout_at(deadline, scoped).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::providers::ProviderError {
+            provider,
+            kind: crate::providers::ProviderErrorKind::Timeout,
+            http_status: None,
+            message: format!(
+                "no answer within the record budget ({}, schedule.record_budget); polled again when due",
+                humantime::format_duration(budget)
+            ),
+            provider_request_id: None,
+            retry_after: None,
+            attempts: 1,
+        }),
     }
 }
 

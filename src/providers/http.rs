@@ -282,6 +282,22 @@ pub(crate) trait AnswerOutcome {
     fn outcome(&self) -> &'static str;
 }
 
+tokio::task_local! {
+    /// When the record being processed must be done with its provider
+    /// calls (set by the pipeline's worker). A retry that would wait past
+    /// it is not made in process: the error is returned, and the task is
+    /// polled again through a delay tier.
+    pub static RECORD_DEADLINE: tokio::time::Instant;
+}
+
+/// Whether waiting `delay` before the next attempt stays within the
+/// record's deadline (always, outside a record).
+fn retry_fits(delay: Duration) -> bool {
+    RECORD_DEADLINE
+        .try_with(|deadline| tokio::time::Instant::now() + delay < *deadline)
+        .unwrap_or(true)
+}
+
 /// The only place a retry waits, so the policy's delays are all there is.
 pub(crate) async fn sleep_before_retry(delay: Duration) {
     tokio::time::sleep(delay).await;
@@ -375,6 +391,15 @@ where
         let Some(delay) = delay else {
             return Err(err);
         };
+        if !retry_fits(delay) {
+            tracing::debug!(
+                provider,
+                reason = err.kind.as_str(),
+                attempt = number,
+                "retry would pass the record budget; polled again when due"
+            );
+            return Err(err);
+        }
         ctx.metrics
             .provider_retries
             .with_label_values(&[provider, err.kind.as_str()])

@@ -1,0 +1,603 @@
+//! In-memory stand-ins for the broker (with its consumer group and
+//! transactions) and for both providers, so the consume loop can be tried
+//! without a broker, in tokio's paused time.
+//!
+//! The broker keeps what exactly-once depends on:
+//! - read_committed visibility: a transaction's records appear when it
+//!   commits, never when it aborts;
+//! - group offsets move only with a committed transaction;
+//! - a member that does not poll within `max.poll.interval` leaves the
+//!   group: its partitions are lost, and it joins again (new generation,
+//!   new member id, new epochs) reading from the committed offsets;
+//! - offsets sent with a stale generation or member id are refused, but
+//!   offsets sent with no membership at all (generation -1) are accepted
+//!   unfenced, as a real broker does;
+//! - every committed transaction's offsets are checked to start exactly at
+//!   the group's committed offset: anything else is a record processed
+//!   twice (or skipped), and is recorded as a violation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::pipeline::kafka::TransactionGate;
+use crate::pipeline::ports::{
+    CommitError, GroupToken, LoopConsumer, Membership, Polled, TxnProducer,
+};
+use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
+use crate::pipeline::worker::{Incoming, OutRecord, SourceKind};
+use crate::providers::{
+    CredeauAnswer, CredeauApi, FinboxAnswer, FinboxApi, FinboxInsights, Predictor, ProviderError,
+    SmsExtraction,
+};
+
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+struct State {
+    partitions: BTreeMap<String, i32>,
+    kinds: HashMap<String, SourceKind>,
+    logs: HashMap<TopicPartition, Vec<Stored>>,
+    committed: HashMap<TopicPartition, i64>,
+    // The group, as the broker sees it.
+    generation: i32,
+    member: Option<String>,
+    members_made: u32,
+    max_poll_interval: Duration,
+    last_poll: Instant,
+    rejoin_at: Option<Instant>,
+    left: u32,
+    violations: Vec<String>,
+    // The consumer's view.
+    membership: Membership,
+    assigned: HashMap<TopicPartition, Epoch>,
+    epochs: Epoch,
+    changes: u64,
+    positions: HashMap<TopicPartition, i64>,
+    paused: HashSet<TopicPartition>,
+    revoked: Vec<TopicPartition>,
+    next_partition: usize,
+    // The producer's open transaction.
+    staged: Option<Vec<(TopicPartition, Stored)>>,
+    staged_offsets: Vec<(TopicPartition, i64, i64)>,
+    commits: u32,
+    aborts: u32,
+    fail_commits: Vec<u32>,
+    disruptions: Vec<(u32, Disruption)>,
+}
+
+/// The broker, its one consumer group member and the transactional
+/// producer, in one object (it implements both ports).
+pub struct FakeBroker {
+    state: Mutex<State>,
+    gate: TransactionGate,
+}
+
+impl FakeBroker {
+    /// Topics with their partition counts and kinds (what the loop reads);
+    /// other topics written to get one partition.
+    pub fn new(topics: &[(&str, i32, Option<SourceKind>)], max_poll_interval: Duration) -> Self {
+        let mut partitions = BTreeMap::new();
+        let mut kinds = HashMap::new();
+        for (t, n, kind) in topics {
+            partitions.insert(t.to_string(), *n);
+            if let Some(k) = kind {
+                kinds.insert(t.to_string(), *k);
+            }
+        }
+        let broker = FakeBroker {
+            state: Mutex::new(State {
+                partitions,
+                kinds,
+                logs: HashMap::new(),
+                committed: HashMap::new(),
+                generation: 0,
+                member: None,
+                members_made: 0,
+                max_poll_interval,
+                last_poll: Instant::now(),
+                rejoin_at: None,
+                left: 0,
+                violations: vec![],
+                membership: Membership {
+                    generation: -1,
+                    member_id: String::new(),
+                },
+                assigned: HashMap::new(),
+                epochs: 0,
+                changes: 0,
+                positions: HashMap::new(),
+                paused: HashSet::new(),
+                revoked: vec![],
+                next_partition: 0,
+                staged: None,
+                staged_offsets: vec![],
+                commits: 0,
+                aborts: 0,
+                fail_commits: vec![],
+                disruptions: vec![],
+            }),
+            gate: TransactionGate::new(Duration::from_secs(1)),
+        };
+        broker.lock().join();
+        broker
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a record outside any transaction (a test's own producer).
+    pub fn produce(&self, topic: &str, partition: i32, key: &str, value: Vec<u8>) {
+        let mut s = self.lock();
+        s.logs
+            .entry(TopicPartition::new(topic, partition))
+            .or_default()
+            .push(Stored {
+                key: Some(key.as_bytes().to_vec()),
+                value: Some(value),
+            });
+    }
+
+    /// Every record visible to a read_committed reader of `topic`.
+    pub fn read_topic(&self, topic: &str) -> Vec<Stored> {
+        let s = self.lock();
+        let mut out = vec![];
+        let mut tps: Vec<_> = s.logs.keys().filter(|tp| tp.topic == topic).collect();
+        tps.sort();
+        for tp in tps {
+            out.extend(s.logs[tp].iter().cloned());
+        }
+        out
+    }
+
+    pub fn committed(&self, tp: &TopicPartition) -> i64 {
+        self.lock().committed.get(tp).copied().unwrap_or(0)
+    }
+
+    pub fn log_end(&self, tp: &TopicPartition) -> i64 {
+        self.lock().logs.get(tp).map_or(0, |l| l.len() as i64)
+    }
+
+    /// How often the member left the group (max.poll.interval exceeded or
+    /// removed by the test).
+    pub fn times_left(&self) -> u32 {
+        self.lock().left
+    }
+
+    /// Committed transactions whose offsets did not start at the group's
+    /// committed offset: records processed twice or skipped.
+    pub fn violations(&self) -> Vec<String> {
+        self.lock().violations.clone()
+    }
+
+    pub fn commits_and_aborts(&self) -> (u32, u32) {
+        let s = self.lock();
+        (s.commits, s.aborts)
+    }
+
+    /// Makes the `n`th commit from now (1 = the next) fail as abortable.
+    pub fn fail_commit(&self, n: u32) {
+        let mut s = self.lock();
+        let at = s.commits + s.aborts + n;
+        s.fail_commits.push(at);
+    }
+
+    /// A new process takes the member's place (its predecessor closed):
+    /// nothing paused, positions at the committed offsets.
+    pub fn restart_member(&self) {
+        let mut s = self.lock();
+        s.leave();
+        s.revoked.clear();
+        s.join();
+    }
+
+    /// At the start of the `n`th transaction from now, takes the member out
+    /// of the group as a missed poll or an expired session would.
+    pub fn disrupt_at_commit(&self, n: u32, how: Disruption) {
+        let mut s = self.lock();
+        let at = s.commits + s.aborts + n;
+        s.disruptions.push((at, how));
+    }
+}
+
+/// How a member loses its partitions in the middle of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disruption {
+    /// It leaves; another member takes every partition and processes all
+    /// that is there; this one joins again at its first poll after `out_for`.
+    OtherMemberTakesOver { out_for: Duration },
+    /// It leaves and joins again at once (new generation and epochs),
+    /// reading again from the committed offsets.
+    Rejoin,
+}
+
+impl State {
+    fn leave(&mut self) {
+        self.left += 1;
+        self.member = None;
+        self.generation += 1;
+        self.membership = Membership {
+            generation: -1,
+            member_id: String::new(),
+        };
+        let lost: Vec<TopicPartition> = self.assigned.drain().map(|(tp, _)| tp).collect();
+        self.revoked.extend(lost);
+        self.positions.clear();
+        self.paused.clear();
+        self.changes += 1;
+    }
+
+    fn join(&mut self) {
+        self.members_made += 1;
+        let id = format!("member-{}", self.members_made);
+        self.generation += 1;
+        self.member = Some(id.clone());
+        self.membership = Membership {
+            generation: self.generation,
+            member_id: id,
+        };
+        let all: Vec<TopicPartition> = self
+            .kinds
+            .keys()
+            .flat_map(|t| (0..self.partitions[t]).map(move |p| TopicPartition::new(t.as_str(), p)))
+            .collect();
+        for tp in all {
+            self.epochs += 1;
+            let at = self.committed.get(&tp).copied().unwrap_or(0);
+            self.positions.insert(tp.clone(), at);
+            self.assigned.insert(tp, self.epochs);
+        }
+        self.changes += 1;
+        self.last_poll = Instant::now();
+    }
+
+    /// What librdkafka's own threads do between polls: leave the group when
+    /// the application has not polled within max.poll.interval.
+    fn tick(&mut self, now: Instant) {
+        if self.member.is_some() && now.duration_since(self.last_poll) > self.max_poll_interval {
+            self.leave();
+        }
+    }
+
+    fn next_record(&mut self) -> Option<Incoming> {
+        let mut tps: Vec<TopicPartition> = self
+            .assigned
+            .keys()
+            .filter(|tp| !self.paused.contains(*tp))
+            .cloned()
+            .collect();
+        tps.sort();
+        if tps.is_empty() {
+            return None;
+        }
+        for i in 0..tps.len() {
+            let tp = &tps[(self.next_partition + i) % tps.len()];
+            let pos = self.positions.get(tp).copied().unwrap_or(0);
+            let Some(rec) = self.logs.get(tp).and_then(|l| l.get(pos as usize)).cloned() else {
+                continue;
+            };
+            self.next_partition = (self.next_partition + i + 1) % tps.len();
+            self.positions.insert(tp.clone(), pos + 1);
+            return Some(Incoming {
+                kind: self.kinds[&tp.topic],
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset: pos,
+                timestamp: Some(crate::pipeline::worker::now_ms()),
+                key: rec.key,
+                value: rec.value,
+                headers: vec![],
+            });
+        }
+        None
+    }
+
+    fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> i32 {
+        let n = self.partitions.get(topic).copied().unwrap_or(1).max(1);
+        let h = key.map_or(0u32, |k| {
+            k.iter()
+                .fold(2166136261u32, |h, b| (h ^ *b as u32).wrapping_mul(16777619))
+        });
+        (h % n as u32) as i32
+    }
+}
+
+#[async_trait]
+impl LoopConsumer for FakeBroker {
+    async fn poll(&self, wait: Duration) -> Polled {
+        {
+            let mut s = self.lock();
+            let now = Instant::now();
+            s.tick(now);
+            if s.member.is_none() && s.rejoin_at.is_none_or(|at| now >= at) {
+                s.rejoin_at = None;
+                s.join();
+            }
+            if s.member.is_some() {
+                s.last_poll = now;
+                if let Some(rec) = s.next_record() {
+                    return Polled::Record(rec);
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        Polled::Idle
+    }
+
+    fn pause(&self, partitions: &[TopicPartition]) {
+        let mut s = self.lock();
+        for tp in partitions {
+            if s.assigned.contains_key(tp) {
+                s.paused.insert(tp.clone());
+            }
+        }
+    }
+
+    fn resume(&self, partitions: &[TopicPartition]) {
+        let mut s = self.lock();
+        for tp in partitions {
+            s.paused.remove(tp);
+        }
+    }
+
+    fn seek(&self, tp: &TopicPartition, offset: i64) {
+        let mut s = self.lock();
+        if s.assigned.contains_key(tp) {
+            s.positions.insert(tp.clone(), offset);
+        }
+    }
+
+    fn take_revoked(&self) -> Vec<TopicPartition> {
+        std::mem::take(&mut self.lock().revoked)
+    }
+
+    fn assignment(&self) -> (u64, HashMap<TopicPartition, Epoch>) {
+        let s = self.lock();
+        (s.changes, s.assigned.clone())
+    }
+
+    fn connection(&self) -> (bool, bool) {
+        (self.lock().member.is_some(), true)
+    }
+
+    fn lag(&self) -> Vec<(TopicPartition, i64)> {
+        let s = self.lock();
+        s.assigned
+            .keys()
+            .map(|tp| {
+                let end = s.logs.get(tp).map_or(0, |l| l.len() as i64);
+                let at = s.committed.get(tp).copied().unwrap_or(0);
+                (tp.clone(), end - at)
+            })
+            .collect()
+    }
+
+    fn record_committed(&self, _offsets: &BatchOffsets) {}
+
+    fn group_token(&self) -> Option<GroupToken> {
+        let mut s = self.lock();
+        s.tick(Instant::now());
+        Some(GroupToken {
+            membership: s.membership.clone(),
+            metadata: None,
+        })
+    }
+
+    fn still_owned(&self, offsets: &BatchOffsets) -> Result<(), TopicPartition> {
+        let s = self.lock();
+        for (tp, read) in offsets {
+            if s.assigned.get(tp) != Some(&read.epoch) {
+                return Err(tp.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn transaction_gate(&self) -> &TransactionGate {
+        &self.gate
+    }
+}
+
+#[async_trait]
+impl TxnProducer for FakeBroker {
+    async fn begin(&self) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        let n = s.commits + s.aborts + 1;
+        if let Some(i) = s.disruptions.iter().position(|(at, _)| *at == n) {
+            let (_, how) = s.disruptions.remove(i);
+            s.leave();
+            match how {
+                Disruption::Rejoin => s.join(),
+                Disruption::OtherMemberTakesOver { out_for } => {
+                    let ends: Vec<(TopicPartition, i64)> = s
+                        .logs
+                        .iter()
+                        .filter(|(tp, _)| s.kinds.contains_key(&tp.topic))
+                        .map(|(tp, l)| (tp.clone(), l.len() as i64))
+                        .collect();
+                    s.committed.extend(ends);
+                    s.rejoin_at = Some(Instant::now() + out_for);
+                }
+            }
+        }
+        s.staged = Some(vec![]);
+        s.staged_offsets.clear();
+        Ok(())
+    }
+
+    async fn send(&self, o: &OutRecord) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        let p = s.partition_for(&o.topic, o.key.as_deref());
+        let tp = TopicPartition::new(o.topic.as_str(), p);
+        let rec = Stored {
+            key: o.key.clone(),
+            value: o.value.clone(),
+        };
+        match s.staged.as_mut() {
+            Some(staged) => {
+                staged.push((tp, rec));
+                Ok(())
+            }
+            None => Err(CommitError::Fatal("send outside a transaction".into())),
+        }
+    }
+
+    async fn send_offsets(
+        &self,
+        offsets: &BatchOffsets,
+        group: &GroupToken,
+    ) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        s.tick(Instant::now());
+        let g = &group.membership;
+        let unfenced = g.generation == -1 && g.member_id.is_empty();
+        if !unfenced && (Some(&g.member_id) != s.member.as_ref() || g.generation != s.generation) {
+            return Err(CommitError::Abortable(
+                "Broker: Specified group generation id is not valid".into(),
+            ));
+        }
+        s.staged_offsets = offsets
+            .iter()
+            .map(|(tp, r)| (tp.clone(), r.range.first, r.range.next()))
+            .collect();
+        Ok(())
+    }
+
+    async fn commit(&self) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        let n = s.commits + s.aborts + 1;
+        if let Some(i) = s.fail_commits.iter().position(|at| *at == n) {
+            s.fail_commits.remove(i);
+            return Err(CommitError::Abortable("injected commit failure".into()));
+        }
+        let staged = s.staged.take().unwrap_or_default();
+        for (tp, rec) in staged {
+            s.logs.entry(tp).or_default().push(rec);
+        }
+        for (tp, first, next) in std::mem::take(&mut s.staged_offsets) {
+            let at = s.committed.get(&tp).copied().unwrap_or(0);
+            if first != at {
+                s.violations.push(format!(
+                    "{tp}: a transaction committed offsets {first}..{next} with the group at {at}"
+                ));
+            }
+            s.committed.insert(tp, next);
+        }
+        s.commits += 1;
+        Ok(())
+    }
+
+    async fn abort(&self) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        s.staged = None;
+        s.staged_offsets.clear();
+        s.aborts += 1;
+        Ok(())
+    }
+}
+
+/// Requests spaced at a rate, in tokio time (the real limiter's clock is
+/// the system's, which paused time does not move). A waiter that gives up
+/// takes no slot.
+pub struct FakeLimiter {
+    interval: Duration,
+    next_free: Mutex<Instant>,
+}
+
+impl FakeLimiter {
+    pub fn per_minute(n: u32) -> FakeLimiter {
+        FakeLimiter {
+            interval: Duration::from_secs(60) / n.max(1),
+            next_free: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        1.0 / self.interval.as_secs_f64()
+    }
+
+    async fn acquire(&self) {
+        loop {
+            let wait_until = {
+                let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                if now >= *next {
+                    *next = now + self.interval;
+                    return;
+                }
+                *next
+            };
+            tokio::time::sleep_until(wait_until).await;
+        }
+    }
+}
+
+/// A provider that answers every user with data at once after `latency`
+/// (or a user's own latency), behind a rate limit, counting calls.
+pub struct FakeProvider {
+    pub limiter: FakeLimiter,
+    pub latency: Duration,
+    pub slow: Mutex<HashMap<String, Duration>>,
+    pub calls: AtomicUsize,
+}
+
+impl FakeProvider {
+    pub fn new(per_minute: u32, latency: Duration) -> FakeProvider {
+        FakeProvider {
+            limiter: FakeLimiter::per_minute(per_minute),
+            latency,
+            slow: Mutex::new(HashMap::new()),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    async fn call(&self, user: &str) {
+        self.limiter.acquire().await;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let latency = {
+            let slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
+            slow.get(user).copied().unwrap_or(self.latency)
+        };
+        tokio::time::sleep(latency).await;
+    }
+}
+
+#[async_trait]
+impl FinboxApi for FakeProvider {
+    async fn fetch_predictors(&self, customer_id: &str) -> Result<FinboxAnswer, ProviderError> {
+        self.call(customer_id).await;
+        Ok(FinboxAnswer::Complete(FinboxInsights {
+            request_id: Some(format!("req-{customer_id}")),
+            date_requested: None,
+            date_processed: None,
+            predictors: vec![Predictor {
+                name: "score".into(),
+                value: serde_json::json!(1),
+            }],
+        }))
+    }
+}
+
+#[async_trait]
+impl CredeauApi for FakeProvider {
+    async fn fetch_sms(&self, user_id: &str) -> Result<CredeauAnswer, ProviderError> {
+        self.call(user_id).await;
+        let mut entry = serde_json::Map::new();
+        entry.insert("sender".into(), serde_json::json!("BANK"));
+        Ok(CredeauAnswer::Data(SmsExtraction {
+            entries: vec![entry],
+        }))
+    }
+}

@@ -1,0 +1,494 @@
+//! The consume loop against the in-memory broker and providers (`fake`),
+//! in tokio's paused time: backlogs beyond the rate limit, aborts with the
+//! next batch in flight, a member removed or rejoined mid-transaction, slow
+//! providers, the dead-letter guard and shutdown. Each test checks the
+//! exactly-once outcome from the broker's side: one combined event per
+//! user, every input offset committed once, no transaction committing
+//! offsets that do not follow the group's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{InputEncoding, OutputEncoding, Settings};
+use crate::core::tiers::DelayTiers;
+use crate::core::Policies;
+use crate::events::{InputDecoder, OutputEncoder};
+use crate::metrics::Metrics;
+use crate::pipeline::consume::{ConsumeLoop, LoopError, LoopParts, LoopSettings};
+use crate::pipeline::deadletter::DeadLetterGuard;
+use crate::pipeline::fake::{Disruption, FakeBroker, FakeProvider};
+use crate::pipeline::health::Health;
+use crate::pipeline::record::TopicPartition;
+use crate::pipeline::worker::{now_ms, OutputTopics, SourceKind, Worker};
+
+const INPUT: &str = "users.onboarded";
+const COMBINED: &str = "insights.ready";
+const INPUT_PARTITIONS: i32 = 4;
+
+fn settings() -> Settings {
+    let env = [
+        ("INSIGHTS__FINBOX__API_KEY", "k"),
+        ("INSIGHTS__FINBOX__SERVER_HASH", "h"),
+        ("INSIGHTS__CREDEAU__CLIENT_ID", "c"),
+        ("INSIGHTS__CREDEAU__AUTH_TOKEN", "t"),
+    ];
+    Settings::load_from(
+        None,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .expect("the defaults with the secrets set are valid")
+}
+
+fn loop_settings() -> LoopSettings {
+    LoopSettings {
+        max_batch: 500,
+        batch_linger: Duration::from_millis(100),
+        max_in_flight: 256,
+        record_budget: Duration::from_secs(20),
+        drain_timeout: Duration::from_secs(18),
+    }
+}
+
+struct Harness {
+    broker: Arc<FakeBroker>,
+    finbox: Arc<FakeProvider>,
+    credeau: Arc<FakeProvider>,
+    shutdown: CancellationToken,
+    running: JoinHandle<Result<(), LoopError>>,
+}
+
+/// The broker with the input topic and the default delay tiers.
+fn broker(max_poll_interval: Duration) -> Arc<FakeBroker> {
+    let s = settings();
+    let tiers = DelayTiers::new(&s.schedule.delay_tiers).topics(&s.topics.delay_prefix);
+    let mut topics: Vec<(&str, i32, Option<SourceKind>)> =
+        vec![(INPUT, INPUT_PARTITIONS, Some(SourceKind::Input))];
+    let leaked: Vec<&'static str> = tiers
+        .into_iter()
+        .map(|t| &*Box::leak(t.into_boxed_str()))
+        .collect();
+    for (i, t) in leaked.iter().enumerate() {
+        topics.push((t, 2, Some(SourceKind::Tier(i))));
+    }
+    Arc::new(FakeBroker::new(&topics, max_poll_interval))
+}
+
+async fn start(
+    broker: Arc<FakeBroker>,
+    finbox: Arc<FakeProvider>,
+    credeau: Arc<FakeProvider>,
+    ls: LoopSettings,
+) -> Harness {
+    let s = settings();
+    let metrics = Arc::new(Metrics::new());
+    let tiers = DelayTiers::new(&s.schedule.delay_tiers);
+    let tier_topics = tiers.topics(&s.topics.delay_prefix);
+    let mut topic_kinds = HashMap::new();
+    topic_kinds.insert(INPUT.to_string(), SourceKind::Input);
+    for (i, t) in tier_topics.iter().enumerate() {
+        topic_kinds.insert(t.clone(), SourceKind::Tier(i));
+    }
+    let mut topics = s.topics.clone();
+    topics.combined = COMBINED.into();
+    let worker = Arc::new(Worker {
+        finbox: finbox.clone(),
+        credeau: credeau.clone(),
+        decoder: Arc::new(InputDecoder::new(InputEncoding::Json, None)),
+        encoder: Arc::new(
+            OutputEncoder::new(OutputEncoding::Json, None, &topics)
+                .await
+                .expect("JSON needs no registry"),
+        ),
+        policies: Policies {
+            finbox: s.finbox.poll_policy(),
+            credeau: s.credeau.poll_policy(),
+        },
+        tiers,
+        topics: OutputTopics {
+            finbox_predictors: topics.finbox_predictors.clone(),
+            sms_extraction: topics.sms_extraction.clone(),
+            combined: COMBINED.into(),
+            dead_letter: topics.dead_letter.clone(),
+            tiers: tier_topics,
+        },
+        max_message_bytes: s.topics.max_message_bytes,
+        record_budget: ls.record_budget,
+        metrics: metrics.clone(),
+    });
+    let health = Arc::new(Health::new(Duration::from_secs(60)));
+    let rate = finbox
+        .limiter
+        .per_second()
+        .min(credeau.limiter.per_second());
+    let mut consume = ConsumeLoop::new(LoopParts {
+        consumer: broker.clone(),
+        producer: broker.clone(),
+        worker,
+        settings: ls,
+        topic_kinds,
+        guard: DeadLetterGuard::new(s.dead_letter.clone()),
+        health,
+        metrics,
+        on_share: Box::new(|_| {}),
+        admission_rate: Box::new(move || rate),
+        total_partitions: 0,
+    });
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let running = tokio::spawn(async move { consume.run(stop).await });
+    Harness {
+        broker,
+        finbox,
+        credeau,
+        shutdown,
+        running,
+    }
+}
+
+/// Onboarding events for `n` users, spread over the input partitions,
+/// onboarded an hour ago (so both providers are due at once).
+fn onboard(broker: &FakeBroker, prefix: &str, n: usize) -> Vec<String> {
+    let at = now_ms() - 3_600_000;
+    (0..n)
+        .map(|i| {
+            let user = format!("{prefix}-{i}");
+            let value = serde_json::json!({
+                "event_id": format!("ev-{user}"),
+                "user_id": user,
+                "onboarded_at": at,
+            });
+            broker.produce(
+                INPUT,
+                (i as i32) % INPUT_PARTITIONS,
+                &user,
+                value.to_string().into_bytes(),
+            );
+            user
+        })
+        .collect()
+}
+
+/// Combined events per user id.
+fn combined(broker: &FakeBroker) -> HashMap<String, usize> {
+    let mut by_user = HashMap::new();
+    for r in broker.read_topic(COMBINED) {
+        let user = String::from_utf8(r.key.unwrap_or_default()).unwrap_or_default();
+        *by_user.entry(user).or_insert(0) += 1;
+    }
+    by_user
+}
+
+/// Waits (in paused time) until `done`, at most `limit`.
+async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done()
+}
+
+fn input_partitions() -> impl Iterator<Item = TopicPartition> {
+    (0..INPUT_PARTITIONS).map(|p| TopicPartition::new(INPUT, p))
+}
+
+/// Every user has exactly one combined event, no transaction overlapped
+/// another, and the input is committed to its end.
+fn assert_exactly_once(h: &Harness, users: &[String]) {
+    let by_user = combined(&h.broker);
+    let missing: Vec<_> = users.iter().filter(|u| !by_user.contains_key(*u)).collect();
+    let twice: Vec<_> = by_user.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        missing.is_empty(),
+        "{} users without a combined event, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert!(
+        twice.is_empty(),
+        "{} users with more than one, e.g. {:?}",
+        twice.len(),
+        twice.first()
+    );
+    assert_eq!(by_user.len(), users.len());
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+    for tp in input_partitions() {
+        assert_eq!(h.broker.committed(&tp), h.broker.log_end(&tp), "{tp}");
+    }
+}
+
+async fn stop(h: &Harness) {
+    h.shutdown.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_beyond_the_rate_limit_keeps_polling_and_commits_each_user_once() {
+    // The documented limits; 1,200 users are 72 s of Credeau's 1,000/min,
+    // more than twice the poll interval.
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "backlog", 1200);
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(6000, Duration::from_millis(30))),
+        Arc::new(FakeProvider::new(1000, Duration::from_millis(80))),
+        loop_settings(),
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(600), || {
+        combined(&h.broker).len() == users.len()
+    })
+    .await;
+    stop(&h).await;
+    assert!(
+        done,
+        "only {} of {} users done",
+        combined(&h.broker).len(),
+        users.len()
+    );
+    assert_eq!(
+        h.broker.times_left(),
+        0,
+        "the member missed max.poll.interval"
+    );
+    assert_exactly_once(&h, &users);
+    assert_eq!(h.finbox.calls(), users.len(), "one FinBox call per user");
+    assert_eq!(h.credeau.calls(), users.len(), "one Credeau call per user");
+    assert_eq!(h.broker.commits_and_aborts().1, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_batch_is_read_again_with_the_batch_read_after_it() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "abort", 400);
+    // The second transaction fails while later batches are in flight.
+    broker.fail_commit(2);
+    let mut ls = loop_settings();
+    ls.max_batch = 50;
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(200))),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(300))),
+        ls,
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(120), || {
+        combined(&h.broker).len() == users.len()
+    })
+    .await;
+    stop(&h).await;
+    assert!(
+        done,
+        "only {} of {} users done",
+        combined(&h.broker).len(),
+        users.len()
+    );
+    assert_exactly_once(&h, &users);
+    assert_eq!(h.broker.commits_and_aborts().1, 1);
+    // The aborted batch's users were asked again.
+    assert!(
+        h.credeau.calls() > users.len(),
+        "{} calls",
+        h.credeau.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_removed_mid_transaction_never_commits_what_it_read_before() {
+    let broker = broker(Duration::from_secs(30));
+    onboard(&broker, "zombie", 200);
+    // Another member takes the partitions (and all their records) just as
+    // the first transaction starts; this one is out for 5 s.
+    broker.disrupt_at_commit(
+        1,
+        Disruption::OtherMemberTakesOver {
+            out_for: Duration::from_secs(5),
+        },
+    );
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        loop_settings(),
+    )
+    .await;
+    wait_for(Duration::from_secs(20), || false).await;
+    stop(&h).await;
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+    // Everything was the other member's: nothing of it is published here.
+    assert_eq!(combined(&h.broker).len(), 0);
+    assert_eq!(h.broker.times_left(), 1);
+    assert!(h.broker.commits_and_aborts().1 >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_read_before_a_rejoin_is_aborted_and_read_again() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "rejoin", 300);
+    broker.disrupt_at_commit(1, Disruption::Rejoin);
+    let mut ls = loop_settings();
+    ls.max_batch = 100;
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        ls,
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(60), || {
+        combined(&h.broker).len() == users.len()
+    })
+    .await;
+    // Give a duplicate time to show.
+    wait_for(Duration::from_secs(5), || false).await;
+    stop(&h).await;
+    assert!(
+        done,
+        "only {} of {} users done",
+        combined(&h.broker).len(),
+        users.len()
+    );
+    assert_exactly_once(&h, &users);
+    assert!(h.broker.commits_and_aborts().1 >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_hangs_holds_its_batch_no_longer_than_the_record_budget() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "hang", 100);
+    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(50)));
+    credeau
+        .slow
+        .lock()
+        .unwrap()
+        .insert("hang-7".to_string(), Duration::from_secs(65));
+    let mut ls = loop_settings();
+    ls.record_budget = Duration::from_secs(10);
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        credeau,
+        ls,
+    )
+    .await;
+    let began = tokio::time::Instant::now();
+    let others: Vec<String> = users.iter().filter(|u| *u != "hang-7").cloned().collect();
+    let done = wait_for(Duration::from_secs(60), || {
+        let c = combined(&h.broker);
+        others.iter().all(|u| c.contains_key(u))
+    })
+    .await;
+    let took = began.elapsed();
+    stop(&h).await;
+    assert!(done);
+    assert!(
+        took <= Duration::from_secs(12),
+        "the others waited {took:?}"
+    );
+    assert_eq!(h.broker.times_left(), 0);
+    assert!(!combined(&h.broker).contains_key("hang-7"));
+    // The hanging user waits in a delay tier for its next Credeau poll.
+    let s = settings();
+    let waiting: usize = DelayTiers::new(&s.schedule.delay_tiers)
+        .topics(&s.topics.delay_prefix)
+        .iter()
+        .map(|topic| {
+            h.broker
+                .read_topic(topic)
+                .iter()
+                .filter(|r| r.key.as_deref() == Some(b"hang-7".as_slice()))
+                .count()
+        })
+        .sum();
+    assert_eq!(waiting, 1);
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dead_letter_guard_stops_the_loop_without_committing_the_batch() {
+    let broker = broker(Duration::from_secs(30));
+    for i in 0..150 {
+        broker.produce(INPUT, 0, &format!("bad-{i}"), b"not json".to_vec());
+    }
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
+        loop_settings(),
+    )
+    .await;
+    let result = tokio::time::timeout(Duration::from_secs(30), h.running)
+        .await
+        .expect("the loop stops by itself")
+        .expect("no panic");
+    assert!(matches!(result, Err(LoopError::Guard(_))), "{result:?}");
+    // max_consecutive (100) is reached within the first batch: nothing of
+    // it is committed or dead-lettered.
+    assert_eq!(h.broker.committed(&TopicPartition::new(INPUT, 0)), 0);
+    assert!(h
+        .broker
+        .read_topic(&settings().topics.dead_letter)
+        .is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "drain", 300);
+    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(50)));
+    credeau
+        .slow
+        .lock()
+        .unwrap()
+        .insert("drain-5".to_string(), Duration::from_secs(60));
+    let mut ls = loop_settings();
+    ls.record_budget = Duration::from_secs(25);
+    ls.drain_timeout = Duration::from_secs(3);
+    let h = start(
+        broker.clone(),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        credeau,
+        ls,
+    )
+    .await;
+    wait_for(Duration::from_secs(2), || false).await;
+    let began = tokio::time::Instant::now();
+    h.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), h.running)
+        .await
+        .expect("the drain bound holds")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        began.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(broker.violations(), Vec::<String>::new());
+    // A second run (the next owner) finishes the rest, each user once.
+    broker.restart_member();
+    let h2 = start(
+        broker.clone(),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
+        loop_settings(),
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(60), || {
+        combined(&h2.broker).len() == users.len()
+    })
+    .await;
+    stop(&h2).await;
+    assert!(
+        done,
+        "only {} of {} users done",
+        combined(&h2.broker).len(),
+        users.len()
+    );
+    assert_exactly_once(&h2, &users);
+}
