@@ -71,6 +71,7 @@ struct State {
     aborts: u32,
     fail_commits: Vec<u32>,
     disruptions: Vec<(u32, Disruption)>,
+    lost_pending: bool,
 }
 
 /// The broker, its one consumer group member and the transactional
@@ -123,6 +124,7 @@ impl FakeBroker {
                 aborts: 0,
                 fail_commits: vec![],
                 disruptions: vec![],
+                lost_pending: false,
             }),
             gate: TransactionGate::new(Duration::from_secs(1)),
         };
@@ -195,6 +197,7 @@ impl FakeBroker {
     pub fn restart_member(&self) {
         let mut s = self.lock();
         s.leave();
+        s.deliver_lost();
         s.revoked.clear();
         s.join();
     }
@@ -211,15 +214,20 @@ impl FakeBroker {
 /// How a member loses its partitions in the middle of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disruption {
-    /// It leaves; another member takes every partition and processes all
-    /// that is there; this one joins again at its first poll after `out_for`.
+    /// It leaves (the application has not polled since); another member
+    /// takes every partition and processes all that is there; this one
+    /// joins again at its first poll after `out_for`.
     OtherMemberTakesOver { out_for: Duration },
-    /// It leaves and joins again at once (new generation and epochs),
-    /// reading again from the committed offsets.
+    /// It leaves, and the application polls and joins again before the
+    /// transaction sends its offsets (new generation and epochs), reading
+    /// again from the committed offsets.
     Rejoin,
 }
 
 impl State {
+    /// The member leaves: at once on the broker and in the metadata the
+    /// client would send, but the application learns of its lost
+    /// partitions only at its next poll (the rebalance callback).
     fn leave(&mut self) {
         self.left += 1;
         self.member = None;
@@ -228,6 +236,15 @@ impl State {
             generation: -1,
             member_id: String::new(),
         };
+        self.lost_pending = true;
+    }
+
+    /// What the next poll does after a leave: the lost partitions are
+    /// revoked in the application's view.
+    fn deliver_lost(&mut self) {
+        if !std::mem::take(&mut self.lost_pending) {
+            return;
+        }
         let lost: Vec<TopicPartition> = self.assigned.drain().map(|(tp, _)| tp).collect();
         self.revoked.extend(lost);
         self.positions.clear();
@@ -317,6 +334,7 @@ impl LoopConsumer for FakeBroker {
             let mut s = self.lock();
             let now = Instant::now();
             s.tick(now);
+            s.deliver_lost();
             if s.member.is_none() && s.rejoin_at.is_none_or(|at| now >= at) {
                 s.rejoin_at = None;
                 s.join();
@@ -415,7 +433,12 @@ impl TxnProducer for FakeBroker {
             let (_, how) = s.disruptions.remove(i);
             s.leave();
             match how {
-                Disruption::Rejoin => s.join(),
+                // As if the loop had polled since: revoked and assigned
+                // again, under new epochs.
+                Disruption::Rejoin => {
+                    s.deliver_lost();
+                    s.join();
+                }
                 Disruption::OtherMemberTakesOver { out_for } => {
                     let ends: Vec<(TopicPartition, i64)> = s
                         .logs
