@@ -72,6 +72,7 @@ struct State {
     fail_commits: Vec<u32>,
     disruptions: Vec<(u32, Disruption)>,
     lost_pending: bool,
+    max_poll_gap: Duration,
 }
 
 /// The broker, its one consumer group member and the transactional
@@ -125,6 +126,7 @@ impl FakeBroker {
                 fail_commits: vec![],
                 disruptions: vec![],
                 lost_pending: false,
+                max_poll_gap: Duration::ZERO,
             }),
             gate: TransactionGate::new(Duration::from_secs(1)),
         };
@@ -178,6 +180,11 @@ impl FakeBroker {
     /// committed offset: records processed twice or skipped.
     pub fn violations(&self) -> Vec<String> {
         self.lock().violations.clone()
+    }
+
+    /// The longest the member went without polling.
+    pub fn max_poll_gap(&self) -> Duration {
+        self.lock().max_poll_gap
     }
 
     pub fn commits_and_aborts(&self) -> (u32, u32) {
@@ -340,6 +347,8 @@ impl LoopConsumer for FakeBroker {
                 s.join();
             }
             if s.member.is_some() {
+                let gap = now.duration_since(s.last_poll);
+                s.max_poll_gap = s.max_poll_gap.max(gap);
                 s.last_poll = now;
                 if let Some(rec) = s.next_record() {
                     return Polled::Record(rec);
@@ -533,6 +542,7 @@ impl TxnProducer for FakeBroker {
 pub struct FakeLimiter {
     interval: Duration,
     next_free: Mutex<Instant>,
+    max_wait: Mutex<Duration>,
 }
 
 impl FakeLimiter {
@@ -540,7 +550,13 @@ impl FakeLimiter {
         FakeLimiter {
             interval: Duration::from_secs(60) / n.max(1),
             next_free: Mutex::new(Instant::now()),
+            max_wait: Mutex::new(Duration::ZERO),
         }
+    }
+
+    /// The longest a call waited for its slot.
+    pub fn max_wait(&self) -> Duration {
+        *self.max_wait.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn per_second(&self) -> f64 {
@@ -548,12 +564,15 @@ impl FakeLimiter {
     }
 
     async fn acquire(&self) {
+        let began = Instant::now();
         loop {
             let wait_until = {
                 let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
                 if now >= *next {
                     *next = now + self.interval;
+                    let mut max = self.max_wait.lock().unwrap_or_else(|p| p.into_inner());
+                    *max = (*max).max(now - began);
                     return;
                 }
                 *next

@@ -256,6 +256,15 @@ async fn a_backlog_beyond_the_rate_limit_keeps_polling_and_commits_each_user_onc
         0,
         "the member missed max.poll.interval"
     );
+    let gap = h.broker.max_poll_gap();
+    assert!(gap < Duration::from_secs(1), "{gap:?} without a poll");
+    // Admission keeps every record's wait for a rate-limit slot within
+    // half of the record budget (20 s).
+    let waited = h.credeau.limiter.max_wait();
+    assert!(
+        waited <= Duration::from_secs(11),
+        "a Credeau call waited {waited:?}"
+    );
     assert_exactly_once(&h, &users);
     assert_eq!(h.finbox.calls(), users.len(), "one FinBox call per user");
     assert_eq!(h.credeau.calls(), users.len(), "one Credeau call per user");
