@@ -140,6 +140,7 @@ fn fast_env(topics: &Topics, group: &str, sim_url: &str) -> Vec<(String, String)
         kv("INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX", &unique("tx")),
         kv("INSIGHTS__KAFKA__SESSION_TIMEOUT", "6s"),
         kv("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
+        kv("INSIGHTS__SCHEDULE__RECORD_BUDGET", "5s"),
         kv("INSIGHTS__TOPICS__CREATE", "true"),
         kv("INSIGHTS__TOPICS__PARTITIONS", "2"),
         kv("INSIGHTS__SCHEDULE__DELAY_TIERS", &TIERS.join(",")),
