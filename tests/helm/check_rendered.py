@@ -7,10 +7,14 @@ Subcommands (each prints one line per check and exits non-zero on failure):
       strict: unknown fields are errors). The custom resources the core
       schemas do not know (ServiceMonitor, PrometheusRule, ScaledObject) are
       skipped there by name and checked here for apiVersion, kind, metadata
-      and the fields the chart relies on.
+      and the fields the chart relies on. Then how the objects fit together:
+      one workload (Deployment or StatefulSet) whose pods get POD_NAME from
+      the downward API and whose startup probe waits for /readyz; the
+      StatefulSet's headless Service; HPA, ScaledObject and PDB aimed at
+      that workload; the ServiceMonitor selecting exactly one Service.
 
   check-config MANIFESTS BINARY EXPECT
-      Builds a fake container filesystem from the rendered Deployment: every
+      Builds a fake container filesystem from the rendered workload: every
       volume mount gets the files Kubernetes would project (the chart's
       Secret keys, the documented keys of an existing Secret, the TLS items,
       the ConfigMap's config.toml), with fake secret values. Rewrites the
@@ -107,17 +111,17 @@ def check_custom_resource(checks, doc, docs):
     spec = doc.get("spec")
     if not checks.check(isinstance(spec, dict), f"{name_of(doc)} has a spec"):
         return
-    deployments = [d for d in docs if d.get("kind") == "Deployment"]
+    workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
     services = [d for d in docs if d.get("kind") == "Service"]
     if kind == "ServiceMonitor":
         ports = {p["name"] for s in services for p in s["spec"]["ports"]}
         endpoints = spec.get("endpoints") or []
         checks.check(endpoints and all(e.get("port") in ports for e in endpoints),
                      f"{name_of(doc)} scrapes a named port of the Service")
-        svc_labels = services[0]["metadata"]["labels"] if services else {}
-        sel = (spec.get("selector") or {}).get("matchLabels") or {}
-        checks.check(sel and all(svc_labels.get(k) == v for k, v in sel.items()),
-                     f"{name_of(doc)} selector matches the Service's labels")
+        selected = [s["metadata"]["name"] for s in services
+                     if selector_matches(spec.get("selector"), s["metadata"].get("labels"))]
+        checks.check(len(selected) == 1,
+                     f"{name_of(doc)} selects exactly one Service (selects {selected})")
     elif kind == "PrometheusRule":
         rules = [r for g in spec.get("groups", []) for r in g.get("rules", [])]
         checks.check(len(rules) > 0, f"{name_of(doc)} has rules")
@@ -134,9 +138,10 @@ def check_custom_resource(checks, doc, docs):
             checks.check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"),
                          f"{name_of(doc)} {alert}: balanced brackets in expr")
     elif kind == "ScaledObject":
-        target = (spec.get("scaleTargetRef") or {}).get("name")
-        checks.check(any(d["metadata"]["name"] == target for d in deployments),
-                     f"{name_of(doc)} targets the chart's Deployment")
+        checks.check(targets_workload(spec.get("scaleTargetRef"), workloads),
+                     f"{name_of(doc)} scaleTargetRef is the chart's {kinds_of(workloads)}")
+        checks.check(isinstance(spec.get("minReplicaCount"), int) and spec["minReplicaCount"] >= 1,
+                     f"{name_of(doc)} never scales to zero (minReplicaCount {spec.get('minReplicaCount')})")
         triggers = spec.get("triggers") or []
         kafka = [t for t in triggers if t.get("type") == "kafka"]
         md = kafka[0].get("metadata", {}) if kafka else {}
@@ -144,6 +149,81 @@ def check_custom_resource(checks, doc, docs):
                      f"{name_of(doc)} has a kafka trigger with servers, group, topic, lag threshold")
         checks.check(all(isinstance(v, str) for v in md.values()),
                      f"{name_of(doc)} trigger metadata values are strings")
+
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def kinds_of(workloads):
+    return "/".join(w["kind"] for w in workloads) or "workload"
+
+
+def targets_workload(ref, workloads):
+    ref = ref or {}
+    return any(ref.get("apiVersion") == w["apiVersion"] and ref.get("kind") == w["kind"]
+               and ref.get("name") == w["metadata"]["name"] for w in workloads)
+
+
+def selector_matches(selector, labels):
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions)."""
+    labels = labels or {}
+    selector = selector or {}
+    if not selector.get("matchLabels") and not selector.get("matchExpressions"):
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def check_wiring(checks, docs):
+    """How the rendered objects refer to each other."""
+    workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
+    if not checks.check(len(workloads) == 1,
+                        f"exactly one workload (Deployment or StatefulSet), got {len(workloads)}"):
+        return
+    w = workloads[0]
+    wname = name_of(w)
+    pod_labels = w["spec"]["template"]["metadata"]["labels"]
+    checks.check(selector_matches(w["spec"]["selector"], pod_labels),
+                 f"{wname} selector matches its pod template's labels")
+    container = w["spec"]["template"]["spec"]["containers"][0]
+    pod_name = [e for e in container.get("env", []) if e.get("name") == "POD_NAME"]
+    checks.check(len(pod_name) == 1 and ((pod_name[0].get("valueFrom") or {}).get("fieldRef") or {})
+                 .get("fieldPath") == "metadata.name",
+                 f"{wname} sets POD_NAME from the downward API (metadata.name)")
+    probes = {p: ((container.get(p) or {}).get("httpGet") or {}).get("path")
+              for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    # /healthz passes from the process's first second; started means joined.
+    checks.check(probes["startupProbe"] in (None, "/readyz"),
+                 f"{wname} startup probe waits for /readyz, not /healthz (got {probes['startupProbe']})")
+    checks.check(probes["livenessProbe"] in (None, "/healthz"),
+                 f"{wname} liveness probe is /healthz (got {probes['livenessProbe']})")
+    services = [d for d in docs if d.get("kind") == "Service"]
+    if w["kind"] == "StatefulSet":
+        governing = [s for s in services if s["metadata"]["name"] == w["spec"].get("serviceName")]
+        checks.check(len(governing) == 1 and governing[0]["spec"].get("clusterIP") == "None"
+                     and selector_matches({"matchLabels": governing[0]["spec"].get("selector")}, pod_labels),
+                     f"{wname} serviceName is a headless Service selecting its pods")
+        checks.check("strategy" not in w["spec"], f"{wname} has no Deployment strategy")
+    else:
+        checks.check(all(s["spec"].get("clusterIP") != "None" for s in services),
+                     f"{wname}: no headless Service without a StatefulSet")
+    for hpa in (d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"):
+        checks.check(targets_workload(hpa["spec"].get("scaleTargetRef"), workloads),
+                     f"{name_of(hpa)} scaleTargetRef is the chart's {w['kind']}")
+    for pdb in (d for d in docs if d.get("kind") == "PodDisruptionBudget"):
+        checks.check(selector_matches(pdb["spec"].get("selector"), pod_labels),
+                     f"{name_of(pdb)} selects the {w['kind']}'s pods")
 
 
 def cmd_validate(path, version):
@@ -165,6 +245,7 @@ def cmd_validate(path, version):
             checks.check(False, f"{name_of(doc)} at {path_s}: {e.message}")
         except kubernetes_validate.SchemaNotFoundError:
             checks.check(False, f"{name_of(doc)}: no Kubernetes {version} schema for this kind")
+    check_wiring(checks, docs)
     checks.exit()
 
 
@@ -174,8 +255,8 @@ def cmd_check_config(path, binary, expect):
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
-    deployment = by_kind["Deployment"][0]
-    pod = deployment["spec"]["template"]["spec"]
+    workload = [d for d in docs if d["kind"] in WORKLOAD_KINDS][0]
+    pod = workload["spec"]["template"]["spec"]
     container = pod["containers"][0]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
@@ -237,9 +318,14 @@ def cmd_check_config(path, binary, expect):
         f.write(text)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTS")}
+    # What the downward API would give a pod of this workload.
+    pod_name = workload["metadata"]["name"] + (
+        "-0" if workload["kind"] == "StatefulSet" else "-5d8f7c9b6-x2x7q")
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
+        elif ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") == "metadata.name":
+            env[e["name"]] = pod_name
     proc = subprocess.run([binary, "check-config", "--config", config_file],
                           capture_output=True, text=True, env=env)
     out = proc.stdout + proc.stderr

@@ -20,6 +20,11 @@ install early with a message that says what to change.
 {{- end }}
 {{- end }}
 
+{{/* The StatefulSet's governing (headless) Service. */}}
+{{- define "insights-enricher.headlessServiceName" -}}
+{{- printf "%s-headless" (include "insights-enricher.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "insights-enricher.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -193,6 +198,12 @@ Checks the schema cannot express. Each failure names the value to change.
 {{- end }}
 {{- if hasKey (.Values.config.server | default dict) "listen" }}
 {{- fail "config.server.listen must not be set: the chart derives it from containerPort" }}
+{{- end }}
+{{- if not (has .Values.workload.kind (list "Deployment" "StatefulSet")) }}
+{{- fail (printf "workload.kind must be Deployment or StatefulSet, not %q" (toString .Values.workload.kind)) }}
+{{- end }}
+{{- if and .Values.keda.enabled (lt (int .Values.keda.minReplicas) 1) }}
+{{- fail (printf "keda.minReplicas must be at least 1 (got %d): with no replica left nobody polls the delay topics, so waiting users are never polled again (KEDA's kafka trigger sees only the input topic's lag)" (int .Values.keda.minReplicas)) }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: a HorizontalPodAutoscaler and a KEDA ScaledObject would fight over the replica count; enable one" }}
