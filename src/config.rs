@@ -155,6 +155,10 @@ pub struct KafkaSettings {
     pub session_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
+    /// KIP-345 static membership: `group.instance.id` from the pod name,
+    /// so a restarted pod of the same name takes its partitions back at
+    /// once instead of after a rebalance.
+    pub static_membership: bool,
     pub extra: std::collections::BTreeMap<String, String>,
 }
 

@@ -199,9 +199,12 @@ async fn users_whose_credeau_calls_hang_do_not_hold_the_others_or_the_group() {
         !text.contains("transaction aborted"),
         "a transaction was aborted"
     );
-    // Each batch waits at most the record budget (20 s) for a hanging call.
+    // The fast users are read and answered while the hanging calls run;
+    // batches commit in order, so a fast user waits for the record budget
+    // (5 s in these tests) of a hanging call read before it, counted from
+    // when that call was read: about 9 s more than the baseline here.
     assert!(
-        with_slow <= baseline + 25.0,
+        with_slow <= baseline + 15.0,
         "950 fast users took {with_slow:.1} s (baseline {baseline:.1} s)"
     );
     let _ = users;

@@ -239,3 +239,55 @@ async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
     assert_exactly_once_or_show(&topics, &events, "after a broker restart", &[&service]);
     let _ = sim.shutdown().await;
 }
+
+/// With the production session timeout (45 s), a pod restarted under the
+/// same name is a static member (KIP-345): it takes its partitions back at
+/// once, without waiting for the session to expire or a rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_static_member_is_back_in_seconds_with_the_production_session_timeout() {
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("static");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = crash_env(&topics, &unique("g"), &sim);
+    env.extend(
+        [
+            ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "45s"),
+            ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
+            ("INSIGHTS__KAFKA__STATIC_MEMBERSHIP", "true"),
+            ("POD_NAME", "insights-enricher-0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let log = dir.path().join("service.log");
+    let mut service = Service::start(&env, &log);
+    let mut events = produce_users(&topics.input, 300).await;
+    eventually(Duration::from_secs(60), || {
+        (read_topic(&topics.combined, Some(50), Duration::from_secs(2)).len() >= 50).then_some(())
+    })
+    .await
+    .expect("first combined events");
+    service.kill();
+    let restarted = Instant::now();
+    service = Service::start(&env, &log);
+    // Users onboarded after the restart: the first of their combined
+    // events says when the service was back.
+    let after = produce_users(&topics.input, 30).await;
+    let back = eventually(Duration::from_secs(60), || {
+        let recs = read_topic(&topics.combined, None, Duration::from_millis(500));
+        recs.iter()
+            .any(|r| after.iter().any(|e| r.value["event_id"] == e.as_str()))
+            .then(|| restarted.elapsed())
+    })
+    .await
+    .expect("a combined event for a user onboarded after the restart");
+    eprintln!("restart to the first new combined event: {back:?}");
+    assert!(
+        back < Duration::from_secs(10),
+        "back after {back:?} (session timeout 45 s)"
+    );
+    events.extend(after);
+    assert_exactly_once_or_show(&topics, &events, "static member restarted", &[&service]);
+    drop(service);
+    let _ = sim.shutdown().await;
+}

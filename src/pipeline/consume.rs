@@ -26,6 +26,7 @@
 //!   in, so a rewind can never move a partition's new owner backwards.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,6 +174,8 @@ pub struct ConsumeLoop {
     queued: VecDeque<Batch>,
     committing: Option<Committing>,
     in_flight: Arc<Semaphore>,
+    /// Records whose work has not ended (started, not finished).
+    running: Arc<AtomicUsize>,
     /// Woken whenever a record's work ends.
     job_done: Arc<Notify>,
     cooldown_until: Option<Instant>,
@@ -191,6 +194,7 @@ impl ConsumeLoop {
             queued: VecDeque::new(),
             committing: None,
             in_flight,
+            running: Arc::new(AtomicUsize::new(0)),
             job_done: Arc::new(Notify::new()),
             cooldown_until: None,
         }
@@ -374,13 +378,26 @@ impl ConsumeLoop {
         self.collecting.len() + self.queued.iter().map(Batch::len).sum::<usize>()
     }
 
-    /// Pauses every partition when enough is read and not committed (or
-    /// during a cool-down), and resumes them once half of it is done.
+    /// The most records read and not yet committed, finished or not: a
+    /// slow record holds the batches behind it (they commit in order), so
+    /// their finished records wait in memory.
+    fn max_outstanding(&self) -> usize {
+        self.parts.settings.max_batch.max(1) * 2
+    }
+
+    /// Pauses every partition when as many records are being worked on as
+    /// the rate limits admit, when too many finished ones wait for an
+    /// earlier batch, or during a cool-down; resumes them once half of it
+    /// is done. Only records still running count against the rate: one
+    /// that hangs until its budget runs out does not stop the others from
+    /// being read and answered meanwhile.
     fn apply_backpressure(&mut self) {
         let limit = self.admission_limit();
+        let running = self.running.load(Ordering::Relaxed);
         let outstanding = self.outstanding();
+        let max_outstanding = self.max_outstanding();
         let cooling = self.cooldown_until.is_some_and(|t| Instant::now() < t);
-        if outstanding >= limit || cooling {
+        if running >= limit || outstanding >= max_outstanding || cooling {
             let pause: Vec<TopicPartition> = self
                 .assigned
                 .keys()
@@ -388,11 +405,14 @@ impl ConsumeLoop {
                 .cloned()
                 .collect();
             if !pause.is_empty() {
-                tracing::debug!(outstanding, limit, "pausing for back-pressure");
+                tracing::debug!(running, outstanding, limit, "pausing for back-pressure");
                 self.parts.consumer.pause(&pause);
                 self.throttled.extend(pause);
             }
-        } else if !self.throttled.is_empty() && outstanding <= limit / 2 {
+        } else if !self.throttled.is_empty()
+            && running <= limit / 2
+            && outstanding <= max_outstanding / 2
+        {
             self.cooldown_until = None;
             let resume: Vec<TopicPartition> = self
                 .throttled
@@ -494,7 +514,10 @@ impl ConsumeLoop {
         let worker = self.parts.worker.clone();
         let in_flight = self.in_flight.clone();
         let done = self.job_done.clone();
+        let running = RunningGuard::new(self.running.clone());
         tokio::spawn(async move {
+            // Counted until the work ends or is cancelled.
+            let _running = running;
             // The semaphore is never closed, so acquiring only waits.
             let _permit = in_flight.acquire_owned().await;
             let r = worker.process(job).await;
@@ -694,6 +717,23 @@ impl ConsumeLoop {
             }
         }
         self.parts.consumer.resume(&resume);
+    }
+}
+
+/// Counts a record as running until dropped (its task ended or was
+/// cancelled).
+struct RunningGuard(Arc<AtomicUsize>);
+
+impl RunningGuard {
+    fn new(count: Arc<AtomicUsize>) -> RunningGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(count)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -62,12 +62,17 @@ pub const COMPRESSION: &str = "zstd";
 /// Without a pod or host name, a random suffix keeps two processes apart
 /// (a restart then waits for the transaction timeout instead).
 fn transactional_id(prefix: &str) -> String {
-    let instance = std::env::var("POD_NAME")
+    let instance = instance_name()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
+    format!("{prefix}-{instance}")
+}
+
+/// The pod (or host) name this process runs as, if it has one.
+fn instance_name() -> Option<String> {
+    std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
-    format!("{prefix}-{instance}")
 }
 
 /// Runs the service until `shutdown` is cancelled (SIGTERM) or a fatal
@@ -190,7 +195,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tier_topics.iter().cloned().collect::<HashSet<_>>(),
         k.transaction_timeout,
     );
-    let consumer: StreamConsumer<PipelineContext> = base_config(k)
+    let mut consumer_config = base_config(k);
+    if k.static_membership {
+        let instance = instance_name().context(
+            "kafka.static_membership needs the pod name in POD_NAME (or HOSTNAME) for group.instance.id",
+        )?;
+        let id = format!("{}-{instance}", k.transactional_id_prefix);
+        tracing::info!(group_instance_id = %id, "static group membership");
+        consumer_config.set("group.instance.id", id);
+    }
+    let consumer: StreamConsumer<PipelineContext> = consumer_config
         .set("group.id", &k.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -142,6 +142,9 @@ mounted secrets and TLS files.
 {{- $_ = set $kafka "ssl_key_location" (printf "%s/tls.key" (include "insights-enricher.kafkaClientDir" .)) }}
 {{- end }}
 {{- end }}
+{{- if not (hasKey $kafka "static_membership") }}
+{{- $_ = set $kafka "static_membership" (eq .Values.workload.kind "StatefulSet") }}
+{{- end }}
 {{- $_ = set $cfg "kafka" $kafka }}
 {{- range $section := keys $cfg | sortAlpha }}
 {{- $keys := index $cfg $section }}
