@@ -226,6 +226,9 @@ pub struct PollPolicy {
     pub deadline: Duration,
     /// FinBox only: how long `not_found` is retried before it is final.
     pub not_found_grace: Option<Duration>,
+    /// After this many polls in a row end in a retryable error, the
+    /// provider ends `failed`; `None` polls on until the deadline.
+    pub max_failed_polls: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -260,6 +263,8 @@ pub struct FinboxSettings {
     pub not_found_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Consecutive failed polls before FinBox ends `failed`; 0 = no limit.
+    pub max_failed_polls: u32,
 }
 
 impl FinboxSettings {
@@ -271,6 +276,7 @@ impl FinboxSettings {
             backoff_multiplier: self.backoff_multiplier,
             deadline: self.deadline,
             not_found_grace: Some(self.not_found_grace),
+            max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
     }
     /// The predictors endpoint for the configured environment.
@@ -312,6 +318,12 @@ pub struct CredeauSettings {
     pub backoff_multiplier: f64,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Consecutive failed polls before Credeau ends `failed`; 0 = no limit.
+    pub max_failed_polls: u32,
+    /// Sent as `groupings` in every request when set (any JSON value);
+    /// never sent when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groupings: Option<serde_json::Value>,
 }
 
 impl CredeauSettings {
@@ -323,6 +335,7 @@ impl CredeauSettings {
             backoff_multiplier: self.backoff_multiplier,
             deadline: self.deadline,
             not_found_grace: None,
+            max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
     }
     pub fn endpoint(&self) -> String {
@@ -680,6 +693,21 @@ impl Settings {
                 "must be >= 1",
             ));
         }
+        match &c.groupings {
+            Some(serde_json::Value::String(g)) if g.trim().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "credeau.groupings",
+                    "is empty; remove the key to send no groupings",
+                ))
+            }
+            Some(serde_json::Value::Array(g)) if g.is_empty() => {
+                return Err(ConfigError::invalid(
+                    "credeau.groupings",
+                    "is an empty list; remove the key to send no groupings",
+                ))
+            }
+            _ => {}
+        }
         self.common_provider_checks(
             "credeau",
             c.request_timeout,
@@ -1018,5 +1046,32 @@ mod tests {
             .unwrap();
         assert_eq!(s.topics.input, "from-file");
         assert_eq!(s.topics.combined, "c-env");
+    }
+
+    #[test]
+    fn credeau_groupings_are_optional_and_taken_as_given() {
+        let s = Settings::load_from(None, base_env()).unwrap();
+        assert_eq!(s.credeau.groupings, None);
+        assert_eq!(s.finbox.poll_policy().max_failed_polls, Some(3));
+        assert_eq!(s.credeau.poll_policy().max_failed_polls, None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[credeau]\ngroupings = [\"bank\", \"upi\"]\nmax_failed_polls = 5\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&p), base_env()).unwrap();
+        assert_eq!(
+            s.credeau.groupings,
+            Some(serde_json::json!(["bank", "upi"]))
+        );
+        assert_eq!(s.credeau.poll_policy().max_failed_polls, Some(5));
+        assert!(s.to_redacted_toml().contains("groupings"));
+        let t = err_text(with(&[("INSIGHTS__CREDEAU__GROUPINGS", " ")]));
+        assert!(t.contains("credeau.groupings"), "{t}");
+        let s = Settings::load_from(None, with(&[("INSIGHTS__FINBOX__MAX_FAILED_POLLS", "0")]))
+            .unwrap();
+        assert_eq!(s.finbox.poll_policy().max_failed_polls, None);
     }
 }
