@@ -320,10 +320,15 @@ pub struct CredeauSettings {
     pub deadline: Duration,
     /// Consecutive failed polls before Credeau ends `failed`; 0 = no limit.
     pub max_failed_polls: u32,
-    /// Sent as `groupings` in every request when set (any JSON value);
-    /// never sent when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groupings: Option<serde_json::Value>,
+    /// Sent as `groupings` in every request when set (a string, a list,
+    /// any JSON value); an empty list or string (the default) is not sent.
+    /// Read it through [`CredeauSettings::groupings`].
+    #[serde(default = "no_groupings")]
+    pub groupings: serde_json::Value,
+}
+
+fn no_groupings() -> serde_json::Value {
+    serde_json::Value::Array(Vec::new())
 }
 
 impl CredeauSettings {
@@ -338,6 +343,18 @@ impl CredeauSettings {
             max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
     }
+    /// The `groupings` to send, if any: an empty list, empty string or
+    /// null means none.
+    pub fn groupings(&self) -> Option<&serde_json::Value> {
+        use serde_json::Value;
+        match &self.groupings {
+            Value::Null => None,
+            Value::Array(a) if a.is_empty() => None,
+            Value::String(s) if s.trim().is_empty() => None,
+            g => Some(g),
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!(
             "{}/api/fetch_extracted_data",
@@ -693,20 +710,16 @@ impl Settings {
                 "must be >= 1",
             ));
         }
-        match &c.groupings {
-            Some(serde_json::Value::String(g)) if g.trim().is_empty() => {
+        if let serde_json::Value::Array(items) = &c.groupings {
+            if items
+                .iter()
+                .any(|g| g.as_str().is_some_and(|s| s.trim().is_empty()))
+            {
                 return Err(ConfigError::invalid(
                     "credeau.groupings",
-                    "is empty; remove the key to send no groupings",
-                ))
+                    "holds an empty name",
+                ));
             }
-            Some(serde_json::Value::Array(g)) if g.is_empty() => {
-                return Err(ConfigError::invalid(
-                    "credeau.groupings",
-                    "is an empty list; remove the key to send no groupings",
-                ))
-            }
-            _ => {}
         }
         self.common_provider_checks(
             "credeau",
@@ -1051,7 +1064,7 @@ mod tests {
     #[test]
     fn credeau_groupings_are_optional_and_taken_as_given() {
         let s = Settings::load_from(None, base_env()).unwrap();
-        assert_eq!(s.credeau.groupings, None);
+        assert_eq!(s.credeau.groupings(), None);
         assert_eq!(s.finbox.poll_policy().max_failed_polls, Some(3));
         assert_eq!(s.credeau.poll_policy().max_failed_polls, None);
         let dir = tempfile::tempdir().unwrap();
@@ -1063,12 +1076,18 @@ mod tests {
         .unwrap();
         let s = Settings::load_from(Some(&p), base_env()).unwrap();
         assert_eq!(
-            s.credeau.groupings,
-            Some(serde_json::json!(["bank", "upi"]))
+            s.credeau.groupings(),
+            Some(&serde_json::json!(["bank", "upi"]))
         );
         assert_eq!(s.credeau.poll_policy().max_failed_polls, Some(5));
         assert!(s.to_redacted_toml().contains("groupings"));
-        let t = err_text(with(&[("INSIGHTS__CREDEAU__GROUPINGS", " ")]));
+        let s =
+            Settings::load_from(None, with(&[("INSIGHTS__CREDEAU__GROUPINGS", "bank")])).unwrap();
+        assert_eq!(s.credeau.groupings(), Some(&serde_json::json!("bank")));
+        std::fs::write(&p, "[credeau]\ngroupings = [\"bank\", \" \"]\n").unwrap();
+        let t = Settings::load_from(Some(&p), base_env())
+            .unwrap_err()
+            .to_string();
         assert!(t.contains("credeau.groupings"), "{t}");
         let s = Settings::load_from(None, with(&[("INSIGHTS__FINBOX__MAX_FAILED_POLLS", "0")]))
             .unwrap();

@@ -500,13 +500,13 @@ async fn groupings_are_sent_when_configured_and_left_out_otherwise() {
     )])
     .await;
     let mut s = settings(&sim.base_url());
-    assert_eq!(s.credeau.groupings, None);
+    assert_eq!(s.credeau.groupings(), None);
     let c = credeau(&s, Arc::new(Metrics::new()));
     let err = c.client.fetch_sms("u-groups").await.unwrap_err();
     assert_eq!(err.kind, Kind::Unprocessable);
     assert_eq!(err.message, "body.groupings: Field required (missing)");
 
-    s.credeau.groupings = Some(json!(["bank", "upi"]));
+    s.credeau.groupings = json!(["bank", "upi"]);
     let c = credeau(&s, Arc::new(Metrics::new()));
     let sms = data(c.client.fetch_sms("u-groups").await.unwrap());
     assert_eq!(sms.entries.len(), 20);

@@ -78,7 +78,7 @@ impl CredeauClient {
             auth_token: http::secret_header("credeau.auth_token", settings.auth_token.expose())?,
             auth_token_secret: settings.auth_token.clone(),
             cnt_sms_threshold: settings.cnt_sms_threshold,
-            groupings: settings.groupings.clone(),
+            groupings: settings.groupings().cloned(),
             max_response_bytes: settings.max_response_bytes,
             policy: retry_policy(settings),
             limiter,
