@@ -232,6 +232,9 @@ pub struct PollPolicy {
     pub deadline: Duration,
     /// FinBox only: how long `not_found` is retried before it is final.
     pub not_found_grace: Option<Duration>,
+    /// After this many polls in a row end in a retryable error, the
+    /// provider ends `failed`; `None` polls on until the deadline.
+    pub max_failed_polls: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -266,6 +269,8 @@ pub struct FinboxSettings {
     pub not_found_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Consecutive failed polls before FinBox ends `failed`; 0 = no limit.
+    pub max_failed_polls: u32,
 }
 
 impl FinboxSettings {
@@ -277,6 +282,7 @@ impl FinboxSettings {
             backoff_multiplier: self.backoff_multiplier,
             deadline: self.deadline,
             not_found_grace: Some(self.not_found_grace),
+            max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
     }
     /// The predictors endpoint for the configured environment.
@@ -318,6 +324,17 @@ pub struct CredeauSettings {
     pub backoff_multiplier: f64,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Consecutive failed polls before Credeau ends `failed`; 0 = no limit.
+    pub max_failed_polls: u32,
+    /// Sent as `groupings` in every request when set (a string, a list,
+    /// any JSON value); an empty list or string (the default) is not sent.
+    /// Read it through [`CredeauSettings::groupings`].
+    #[serde(default = "no_groupings")]
+    pub groupings: serde_json::Value,
+}
+
+fn no_groupings() -> serde_json::Value {
+    serde_json::Value::Array(Vec::new())
 }
 
 impl CredeauSettings {
@@ -329,8 +346,21 @@ impl CredeauSettings {
             backoff_multiplier: self.backoff_multiplier,
             deadline: self.deadline,
             not_found_grace: None,
+            max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
     }
+    /// The `groupings` to send, if any: an empty list, empty string or
+    /// null means none.
+    pub fn groupings(&self) -> Option<&serde_json::Value> {
+        use serde_json::Value;
+        match &self.groupings {
+            Value::Null => None,
+            Value::Array(a) if a.is_empty() => None,
+            Value::String(s) if s.trim().is_empty() => None,
+            g => Some(g),
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!(
             "{}/api/fetch_extracted_data",
@@ -708,6 +738,17 @@ impl Settings {
                 "must be >= 1",
             ));
         }
+        if let serde_json::Value::Array(items) = &c.groupings {
+            if items
+                .iter()
+                .any(|g| g.as_str().is_some_and(|s| s.trim().is_empty()))
+            {
+                return Err(ConfigError::invalid(
+                    "credeau.groupings",
+                    "holds an empty name",
+                ));
+            }
+        }
         self.common_provider_checks(
             "credeau",
             c.request_timeout,
@@ -1046,5 +1087,38 @@ mod tests {
             .unwrap();
         assert_eq!(s.topics.input, "from-file");
         assert_eq!(s.topics.combined, "c-env");
+    }
+
+    #[test]
+    fn credeau_groupings_are_optional_and_taken_as_given() {
+        let s = Settings::load_from(None, base_env()).unwrap();
+        assert_eq!(s.credeau.groupings(), None);
+        assert_eq!(s.finbox.poll_policy().max_failed_polls, Some(3));
+        assert_eq!(s.credeau.poll_policy().max_failed_polls, None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[credeau]\ngroupings = [\"bank\", \"upi\"]\nmax_failed_polls = 5\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&p), base_env()).unwrap();
+        assert_eq!(
+            s.credeau.groupings(),
+            Some(&serde_json::json!(["bank", "upi"]))
+        );
+        assert_eq!(s.credeau.poll_policy().max_failed_polls, Some(5));
+        assert!(s.to_redacted_toml().contains("groupings"));
+        let s =
+            Settings::load_from(None, with(&[("INSIGHTS__CREDEAU__GROUPINGS", "bank")])).unwrap();
+        assert_eq!(s.credeau.groupings(), Some(&serde_json::json!("bank")));
+        std::fs::write(&p, "[credeau]\ngroupings = [\"bank\", \" \"]\n").unwrap();
+        let t = Settings::load_from(Some(&p), base_env())
+            .unwrap_err()
+            .to_string();
+        assert!(t.contains("credeau.groupings"), "{t}");
+        let s = Settings::load_from(None, with(&[("INSIGHTS__FINBOX__MAX_FAILED_POLLS", "0")]))
+            .unwrap();
+        assert_eq!(s.finbox.poll_policy().max_failed_polls, None);
     }
 }

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub provider_retries: IntCounterVec,
     pub rate_limiter_wait: HistogramVec,
     pub provider_healthy: IntGaugeVec,
+    pub provider_unexpected_data: IntCounterVec,
     // pipeline
     pub events_consumed: IntCounterVec,
     pub tasks_scheduled: IntCounterVec,
@@ -121,6 +122,12 @@ impl Metrics {
                 &registry,
                 "provider_healthy",
                 "0 after the provider rejected our credentials or IP (401/403), 1 otherwise.",
+                &["provider"],
+            ),
+            provider_unexpected_data: counter_vec(
+                &registry,
+                "provider_unexpected_data_total",
+                "Final provider answers whose data is not in the documented shape (FinBox `data` not a list of {name, value} objects); published with the raw data, not retried.",
                 &["provider"],
             ),
             events_consumed: counter_vec(

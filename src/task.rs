@@ -81,6 +81,19 @@ pub struct ProviderTrack {
     pub last_error: Option<LastError>,
     /// Set once the provider is terminal; never changes afterwards.
     pub done: Option<Done>,
+    /// Polls in a row that ended in a retryable error (after their
+    /// in-process retries); any answer resets it. Absent in tasks written
+    /// before it existed, which read as 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_polls: u32,
+    /// The provider's `request_id` of its latest answer that was not an
+    /// error (FinBox sends one with every status). Absent in older tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +114,8 @@ impl ProviderTrack {
             not_found_since: None,
             last_error: None,
             done: None,
+            failed_polls: 0,
+            request_id: None,
         }
     }
     pub fn is_done(&self) -> bool {
@@ -222,6 +237,22 @@ mod tests {
     fn task_round_trips_through_its_encoding() {
         let t = sample();
         assert_eq!(Task::decode(&t.encode()).unwrap(), t);
+    }
+
+    #[test]
+    fn a_task_written_before_failed_polls_and_request_id_existed_still_decodes() {
+        let t = sample();
+        let mut old: serde_json::Value = serde_json::from_slice(&t.encode()).unwrap();
+        let finbox = old["finbox"].as_object_mut().unwrap();
+        assert!(!finbox.contains_key("failed_polls"), "zero is not written");
+        finbox.remove("request_id");
+        let decoded = Task::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(decoded, t);
+
+        let mut counted = sample();
+        counted.finbox.failed_polls = 2;
+        counted.finbox.request_id = Some("r-1".into());
+        assert_eq!(Task::decode(&counted.encode()).unwrap(), counted);
     }
 
     #[test]

@@ -543,36 +543,32 @@ async fn avro_output_without_a_registry_is_refused() {
 }
 
 fn insights() -> FinboxInsights {
+    let p = |name: &str, value: Value| Predictor {
+        name: name.into(),
+        value,
+        ..Default::default()
+    };
+    let mut with_extra = p("n_str", json!("high"));
+    with_extra.extra = json!({"type": "label", "weight": 0.5})
+        .as_object()
+        .unwrap()
+        .clone();
     FinboxInsights {
         request_id: Some("abcd-def-dfdf-jjj1".into()),
         date_requested: Some("2019-01-03T06:37:44:003".into()),
         date_processed: Some("2019-01-03T06:37:44:221".into()),
+        message: Some("data processed successfully".into()),
+        version: Some(3),
         predictors: vec![
-            Predictor {
-                name: "n_null".into(),
-                value: json!(null),
-            },
-            Predictor {
-                name: "n_bool".into(),
-                value: json!(true),
-            },
-            Predictor {
-                name: "n_long".into(),
-                value: json!(42),
-            },
-            Predictor {
-                name: "n_double".into(),
-                value: json!(0.25),
-            },
-            Predictor {
-                name: "n_str".into(),
-                value: json!("high"),
-            },
-            Predictor {
-                name: "n_obj".into(),
-                value: json!({"a": [1, 2]}),
-            },
+            p("n_null", json!(null)),
+            p("n_bool", json!(true)),
+            p("n_long", json!(42)),
+            p("n_double", json!(0.25)),
+            with_extra,
+            p("n_obj", json!({"a": [1, 2]})),
         ],
+        data_json: Some(r#"[{"name": "n_null", "value": null}, {"k": 1}]"#.into()),
+        data_problem: Some("1 of 2 ...".into()),
     }
 }
 
@@ -611,6 +607,22 @@ async fn finbox_predictors_round_trip_through_avro() {
             (s("n_obj"), s("{\"a\":[1,2]}")),
         ]
     );
+    assert_eq!(field(&items[0], "extra"), &Av::Map(Default::default()));
+    assert_eq!(
+        field(&items[4], "extra"),
+        &Av::Map(
+            [("type".into(), s("\"label\"")), ("weight".into(), s("0.5"))]
+                .into_iter()
+                .collect()
+        )
+    );
+    assert_eq!(field(&v, "version"), &Av::Long(3));
+    assert_eq!(field(&v, "message"), &s("data processed successfully"));
+    assert_eq!(
+        field(&v, "data_json"),
+        &s(r#"[{"name": "n_null", "value": null}, {"k": 1}]"#)
+    );
+    assert_eq!(field(&v, "data_problem"), &s("1 of 2 ..."));
 }
 
 #[tokio::test]
@@ -631,10 +643,16 @@ async fn finbox_predictors_in_json_use_the_same_fields() {
             "date_requested": "2019-01-03T06:37:44:003",
             "date_processed": "not a date", "date_processed_at": null,
             "predictors": [
-                {"name": "n_null", "value": null}, {"name": "n_bool", "value": true},
-                {"name": "n_long", "value": 42}, {"name": "n_double", "value": 0.25},
-                {"name": "n_str", "value": "high"}, {"name": "n_obj", "value": "{\"a\":[1,2]}"}
-            ]
+                {"name": "n_null", "value": null, "extra": {}},
+                {"name": "n_bool", "value": true, "extra": {}},
+                {"name": "n_long", "value": 42, "extra": {}},
+                {"name": "n_double", "value": 0.25, "extra": {}},
+                {"name": "n_str", "value": "high", "extra": {"type": "\"label\"", "weight": "0.5"}},
+                {"name": "n_obj", "value": "{\"a\":[1,2]}", "extra": {}}
+            ],
+            "version": 3, "message": "data processed successfully",
+            "data_json": "[{\"name\": \"n_null\", \"value\": null}, {\"k\": 1}]",
+            "data_problem": "1 of 2 ..."
         })
     );
 }
@@ -683,6 +701,7 @@ async fn sms_extraction_round_trips_through_avro_with_unknown_fields_in_extra() 
     odd.insert("transaction".into(), json!("80 rupees"));
     let sms = SmsExtraction {
         entries: vec![seed_entry(1), odd],
+        cnt_sms_threshold: Some(5000),
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
     assert_eq!(parts.len(), 1);
@@ -695,6 +714,7 @@ async fn sms_extraction_round_trips_through_avro_with_unknown_fields_in_extra() 
     assert_eq!(field(&v, "part"), &Av::Int(1));
     assert_eq!(field(&v, "parts"), &Av::Int(1));
     assert_eq!(field(&v, "total_sms"), &Av::Int(2));
+    assert_eq!(field(&v, "cnt_sms_threshold"), &Av::Int(5000));
     let Av::Array(entries) = field(&v, "entries") else {
         panic!()
     };
@@ -769,6 +789,7 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
         .unwrap();
     let sms = SmsExtraction {
         entries: vec![seed_entry(1), seed_entry(2)],
+        cnt_sms_threshold: Some(2),
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
     assert_eq!(parts.len(), 1);
@@ -786,6 +807,7 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
         ),
         (json!(1), json!(1), json!(2))
     );
+    assert_eq!(v["cnt_sms_threshold"], 2);
     let entries: Vec<Map<String, Value>> = serde_json::from_value(v["entries"].clone()).unwrap();
     assert_eq!(entries, sms.entries);
 }
@@ -793,6 +815,7 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
 async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
     let sms = SmsExtraction {
         entries: (0..40).map(seed_entry).collect(),
+        cnt_sms_threshold: Some(i32::MAX as u32),
     };
     let max = 4096;
     let parts = enc.sms_extraction(&task(), &sms, T0, max).unwrap();
@@ -852,6 +875,7 @@ async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
             &task(),
             &SmsExtraction {
                 entries: vec![seed_entry(1), huge],
+                ..Default::default()
             },
             T0,
             max,
@@ -886,6 +910,7 @@ async fn five_thousand_sms_fit_one_eight_mib_value_in_both_encodings() {
         .unwrap();
     let sms = SmsExtraction {
         entries: (0..5000).map(seed_entry).collect(),
+        cnt_sms_threshold: Some(5000),
     };
     let raw: usize = sms
         .entries
@@ -946,6 +971,7 @@ async fn insights_ready_round_trips_through_avro_and_json() {
         provider_request_id: Some("rq-1".into()),
     });
     t.credeau.done = finished(Outcome::Failed, T0 + 60_000, None);
+    t.finbox.request_id = Some("abcd-def-dfdf-jjj1".into());
 
     let v = decode_output(&client, &avro.insights_ready(&t, T0 + 90_001).unwrap()).await;
     assert_eq!(field(&v, "event_id"), &s("ev-1"));
@@ -970,6 +996,7 @@ async fn insights_ready_round_trips_through_avro_and_json() {
     ] {
         assert_eq!(field(fb, k), &Av::Null, "{k}");
     }
+    assert_eq!(field(fb, "request_id"), &s("abcd-def-dfdf-jjj1"));
     let cr = field(&v, "credeau");
     assert_eq!(field(cr, "outcome"), &Av::Enum(4, "failed".into()));
     assert_eq!(field(cr, "polls"), &Av::Int(2));
@@ -979,6 +1006,7 @@ async fn insights_ready_round_trips_through_avro_and_json() {
     assert_eq!(field(cr, "http_status"), &Av::Int(403));
     assert_eq!(field(cr, "error_message"), &s("IP not whitelisted"));
     assert_eq!(field(cr, "provider_request_id"), &s("rq-1"));
+    assert_eq!(field(cr, "request_id"), &Av::Null);
 
     let j: Value =
         serde_json::from_slice(&json_enc.insights_ready(&t, T0 + 90_001).unwrap()).unwrap();
@@ -989,11 +1017,12 @@ async fn insights_ready_round_trips_through_avro_and_json() {
             "replay_of": "insights-enricher.dlq/0/17",
             "finbox": {"outcome": "complete", "polls": 4, "first_poll_at": T0 + 30_000,
                 "finished_at": T0 + 90_000, "items": 6, "error_kind": null, "http_status": null,
-                "error_message": null, "provider_request_id": null},
+                "error_message": null, "provider_request_id": null,
+                "request_id": "abcd-def-dfdf-jjj1"},
             "credeau": {"outcome": "failed", "polls": 2, "first_poll_at": null,
                 "finished_at": T0 + 60_000, "items": null, "error_kind": "forbidden",
                 "http_status": 403, "error_message": "IP not whitelisted",
-                "provider_request_id": "rq-1"}
+                "provider_request_id": "rq-1", "request_id": null}
         })
     );
 }

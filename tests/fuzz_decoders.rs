@@ -632,6 +632,7 @@ fn finbox_response_mapper_survives_arbitrary_and_mutated_bodies() {
                     prop_assert!((200..300).contains(st), "answer {answer:?} for HTTP {st}");
                     if let FinboxAnswer::InProgress {
                         suggested_wait: Some(w),
+                        ..
                     } = answer
                     {
                         prop_assert!(w <= Duration::from_secs(7 * 24 * 3600), "wait {w:?}");

@@ -45,12 +45,15 @@ async fn in_progress_answer_carries_the_ten_second_suggestion() {
     .await;
     let f = finbox(&settings(&sim.base_url()), Arc::new(Metrics::new()));
     let answer = f.client.fetch_predictors("u-wait").await.unwrap();
-    assert_eq!(
-        answer,
-        FinboxAnswer::InProgress {
-            suggested_wait: Some(Duration::from_secs(10))
-        }
-    );
+    let FinboxAnswer::InProgress {
+        suggested_wait,
+        request_id,
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(suggested_wait, Some(Duration::from_secs(10)));
+    assert_eq!(request_id.map(|r| r.len()), Some(32));
     assert_eq!(requests(&f.metrics, "finbox", "in_progress", "202"), 1);
 }
 
@@ -113,9 +116,10 @@ async fn no_data_and_not_found_are_answers_not_errors() {
         matches!(nodata, FinboxAnswer::NoData { request_id: Some(ref r) } if r.len() == 32),
         "{nodata:?}"
     );
-    assert_eq!(
-        f.client.fetch_predictors("u-missing").await.unwrap(),
-        FinboxAnswer::NotFound
+    let missing = f.client.fetch_predictors("u-missing").await.unwrap();
+    assert!(
+        matches!(missing, FinboxAnswer::NotFound { request_id: Some(ref r) } if r.len() == 32),
+        "{missing:?}"
     );
 }
 
@@ -278,6 +282,31 @@ async fn retry_after_wins_over_the_configured_delay() {
     let seen = seen(&sim, "u-ra", "finbox").await;
     assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), [429, 200]);
     assert!(seen[1].0 - seen[0].0 >= 1000, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_zero_retry_after_does_not_shorten_the_documented_waits() {
+    let sim = simulator(&[(
+        "u-ra-zero",
+        faults(Faults {
+            rate_limit_first: 2,
+            retry_after_secs: Some(0),
+            ..Faults::default()
+        }),
+    )])
+    .await;
+    let mut s = settings(&sim.base_url());
+    s.finbox.retry_delays = vec![ms(300), ms(600)];
+    let f = finbox(&s, Arc::new(Metrics::new()));
+    let answer = f.client.fetch_predictors("u-ra-zero").await.unwrap();
+    assert!(matches!(answer, FinboxAnswer::Complete(_)), "{answer:?}");
+    let seen = seen(&sim, "u-ra-zero", "finbox").await;
+    assert_eq!(
+        seen.iter().map(|s| s.1).collect::<Vec<_>>(),
+        [429, 429, 200]
+    );
+    assert!(seen[1].0 - seen[0].0 >= 300, "{seen:?}");
+    assert!(seen[2].0 - seen[1].0 >= 600, "{seen:?}");
 }
 
 #[tokio::test]

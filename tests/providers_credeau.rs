@@ -451,3 +451,64 @@ async fn a_response_over_the_size_cap_is_too_large_and_not_retried() {
     assert!(err.message.contains("10000-byte"), "{}", err.message);
     assert_eq!(requests(&c.metrics, "credeau", "too_large", "200"), 1);
 }
+
+#[tokio::test]
+async fn a_retry_after_is_never_cut_short_and_the_jitter_still_spreads_the_retries() {
+    let users: Vec<String> = (0..8).map(|i| format!("u-ra-{i}")).collect();
+    let scenarios: Vec<(&str, UserScenario)> = users
+        .iter()
+        .map(|u| {
+            (
+                u.as_str(),
+                faults(Faults {
+                    rate_limit_first: 1,
+                    retry_after_secs: Some(1),
+                    ..Faults::default()
+                }),
+            )
+        })
+        .collect();
+    let sim = simulator(&scenarios).await;
+    let mut s = settings(&sim.base_url());
+    s.credeau.retry_cap = Duration::from_secs(3);
+    let c = credeau(&s, Arc::new(Metrics::new()));
+    let calls = users.iter().map(|u| c.client.fetch_sms(u));
+    for answer in futures::future::join_all(calls).await {
+        data(answer.unwrap());
+    }
+    let mut gaps = Vec::new();
+    for u in &users {
+        let seen = seen(&sim, u, "credeau").await;
+        assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), [429, 200]);
+        gaps.push(seen[1].0 - seen[0].0);
+    }
+    // Never before the provider's second; at most 20 % (plus scheduling
+    // slack) after it; and not all at once.
+    assert!(gaps.iter().all(|g| (1000..=1300).contains(g)), "{gaps:?}");
+    let spread = gaps.iter().max().unwrap() - gaps.iter().min().unwrap();
+    assert!(spread >= 20, "retries bunched together: {gaps:?}");
+}
+
+#[tokio::test]
+async fn groupings_are_sent_when_configured_and_left_out_otherwise() {
+    let sim = simulator(&[(
+        "u-groups",
+        cr(CredeauScenario {
+            require_groupings: true,
+            ..CredeauScenario::default()
+        }),
+    )])
+    .await;
+    let mut s = settings(&sim.base_url());
+    assert_eq!(s.credeau.groupings(), None);
+    let c = credeau(&s, Arc::new(Metrics::new()));
+    let err = c.client.fetch_sms("u-groups").await.unwrap_err();
+    assert_eq!(err.kind, Kind::Unprocessable);
+    assert_eq!(err.message, "body.groupings: Field required (missing)");
+
+    s.credeau.groupings = json!(["bank", "upi"]);
+    let c = credeau(&s, Arc::new(Metrics::new()));
+    let sms = data(c.client.fetch_sms("u-groups").await.unwrap());
+    assert_eq!(sms.entries.len(), 20);
+    assert_eq!(sms.cnt_sms_threshold, Some(s.credeau.cnt_sms_threshold));
+}

@@ -85,8 +85,9 @@ impl Answer {
 pub struct ProviderFailure {
     pub provider: Provider,
     pub error: ProviderError,
-    /// True when the deadline passed while the provider kept failing
-    /// (exhausted retries), false for an answer that is never retryable.
+    /// True when the provider kept failing until the deadline or until
+    /// `max_failed_polls` polls in a row had failed (exhausted retries),
+    /// false for an answer that is never retryable.
     pub exhausted: bool,
 }
 
@@ -120,19 +121,26 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
         });
     };
 
+    if let Answer::Finbox(Ok(a)) = &answer {
+        if let Some(id) = a.request_id() {
+            track.request_id = Some(id.to_owned());
+        }
+    }
+    if matches!(answer, Answer::Finbox(Ok(_)) | Answer::Credeau(Ok(_))) {
+        track.last_error = None;
+        track.failed_polls = 0;
+    }
+
     match answer {
         Answer::Finbox(Ok(FinboxAnswer::Complete(insights))) => {
-            track.last_error = None;
             let n = u32::try_from(insights.predictors.len()).unwrap_or(u32::MAX);
             finish(track, Outcome::Complete, Some(n));
             effects.finbox_insights = Some(insights);
         }
         Answer::Finbox(Ok(FinboxAnswer::NoData { .. })) => {
-            track.last_error = None;
             finish(track, Outcome::NoData, Some(0));
         }
-        Answer::Finbox(Ok(FinboxAnswer::NotFound)) => {
-            track.last_error = None;
+        Answer::Finbox(Ok(FinboxAnswer::NotFound { .. })) => {
             let since = *track.not_found_since.get_or_insert(now);
             let grace = policy.not_found_grace.map(ms).unwrap_or(0);
             if now.saturating_sub(since) >= grace {
@@ -141,20 +149,17 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
                 schedule(provider, track, &policy, now, 0, deadline_at);
             }
         }
-        Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait })) => {
-            track.last_error = None;
+        Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait, .. })) => {
             track.not_found_since = None;
             let hint = suggested_wait.map(ms).unwrap_or(0);
             schedule(provider, track, &policy, now, hint, deadline_at);
         }
         Answer::Credeau(Ok(CredeauAnswer::Data(sms))) => {
-            track.last_error = None;
             let n = u32::try_from(sms.entries.len()).unwrap_or(u32::MAX);
             finish(track, Outcome::Complete, Some(n));
             effects.sms = Some(sms);
         }
         Answer::Credeau(Ok(CredeauAnswer::Empty)) => {
-            track.last_error = None;
             schedule(provider, track, &policy, now, 0, deadline_at);
         }
         Answer::Finbox(Err(error)) | Answer::Credeau(Err(error)) => {
@@ -165,8 +170,18 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
                 provider_request_id: error.provider_request_id.clone(),
             });
             if error.is_retryable() {
-                let hint = error.retry_after.map(ms).unwrap_or(0);
-                schedule(provider, track, &policy, now, hint, deadline_at);
+                track.failed_polls = track.failed_polls.saturating_add(1);
+                let budget_spent = policy
+                    .max_failed_polls
+                    .is_some_and(|max| track.failed_polls >= max);
+                if budget_spent {
+                    // The provider's own advice after its retries ("if the
+                    // issue persists, please contact support"): stop asking.
+                    finish(track, Outcome::Failed, None);
+                } else {
+                    let hint = error.retry_after.map(ms).unwrap_or(0);
+                    schedule(provider, track, &policy, now, hint, deadline_at);
+                }
                 if track.outcome() == Some(Outcome::Failed) {
                     effects.failure = Some(ProviderFailure {
                         provider,

@@ -16,6 +16,7 @@ fn policies() -> Policies {
             backoff_multiplier: 1.5,
             deadline: Duration::from_secs(6 * 3600),
             not_found_grace: Some(Duration::from_secs(1800)),
+            max_failed_polls: None,
         },
         credeau: PollPolicy {
             initial_delay: Duration::from_secs(30),
@@ -24,6 +25,7 @@ fn policies() -> Policies {
             backoff_multiplier: 2.0,
             deadline: Duration::from_secs(6 * 3600),
             not_found_grace: None,
+            max_failed_polls: None,
         },
     }
 }
@@ -74,6 +76,7 @@ fn finbox_complete_is_terminal_and_published() {
         predictors: vec![Predictor {
             name: "a".into(),
             value: 1.into(),
+            ..Default::default()
         }],
         ..Default::default()
     };
@@ -93,13 +96,28 @@ fn not_found_is_retried_until_the_grace_period_ends() {
     let p = policies();
     let mut t = start(user(), origin(), 0, &p);
     let mut now = 1_030_000;
-    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
+        now,
+        &p,
+    );
     assert!(!t.finbox.is_done());
     now += 1_800_000 - 1;
-    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
+        now,
+        &p,
+    );
     assert!(!t.finbox.is_done());
     now += 1;
-    apply(&mut t, Answer::Finbox(Ok(FinboxAnswer::NotFound)), now, &p);
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
+        now,
+        &p,
+    );
     assert_eq!(t.finbox.outcome(), Some(Outcome::NotFound));
 }
 
@@ -109,7 +127,7 @@ fn in_progress_resets_the_not_found_streak() {
     let mut t = start(user(), origin(), 0, &p);
     apply(
         &mut t,
-        Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+        Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
         1_030_000,
         &p,
     );
@@ -117,6 +135,7 @@ fn in_progress_resets_the_not_found_streak() {
         &mut t,
         Answer::Finbox(Ok(FinboxAnswer::InProgress {
             suggested_wait: None,
+            request_id: None,
         })),
         1_040_000,
         &p,
@@ -163,6 +182,88 @@ fn retryable_errors_past_the_deadline_fail_as_exhausted() {
 }
 
 #[test]
+fn the_failed_poll_budget_ends_the_provider_failed_long_before_the_deadline() {
+    let mut p = policies();
+    p.finbox.max_failed_polls = Some(3);
+    let mut t = start(user(), origin(), 0, &p);
+    let mut now = 1_030_000;
+    let fail = |t: &mut Task, now: i64| {
+        apply(
+            t,
+            Answer::Finbox(Err(err(ProviderErrorKind::ServerError, Some(503)))),
+            now,
+            &p,
+        )
+    };
+    assert!(fail(&mut t, now).failure.is_none());
+    now = t.finbox.next_poll_at;
+    assert!(fail(&mut t, now).failure.is_none());
+    assert_eq!(t.finbox.failed_polls, 2);
+    // An answer in between starts the count again.
+    now = t.finbox.next_poll_at;
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::InProgress {
+            suggested_wait: None,
+            request_id: Some("ip-1".into()),
+        })),
+        now,
+        &p,
+    );
+    assert_eq!(
+        (t.finbox.failed_polls, t.finbox.last_error.clone()),
+        (0, None)
+    );
+    assert_eq!(t.finbox.request_id.as_deref(), Some("ip-1"));
+    for i in 1..=3 {
+        now = t.finbox.next_poll_at;
+        let fx = fail(&mut t, now);
+        assert_eq!(fx.failure.is_some(), i == 3, "poll {i}");
+        if i == 3 {
+            assert!(fx.failure.unwrap().exhausted);
+        }
+    }
+    assert_eq!(t.finbox.outcome(), Some(Outcome::Failed));
+    assert_eq!(t.finbox.failed_polls, 3);
+    assert!(now < 1_000_000 + 3_600_000, "ended within the hour");
+    // Non-retryable answers are not counted: they fail at once anyway.
+    let mut t = start(user(), origin(), 0, &p);
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::BadRequest, Some(400)))),
+        1_030_000,
+        &p,
+    );
+    assert!(!fx.failure.unwrap().exhausted);
+    assert_eq!(t.finbox.failed_polls, 0);
+}
+
+#[test]
+fn the_request_id_of_every_finbox_answer_is_kept_on_the_track() {
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NotFound {
+            request_id: Some("nf".into()),
+        })),
+        1_030_000,
+        &p,
+    );
+    assert_eq!(t.finbox.request_id.as_deref(), Some("nf"));
+    apply(
+        &mut t,
+        Answer::Finbox(Ok(FinboxAnswer::NoData {
+            request_id: Some("nd".into()),
+        })),
+        1_050_000,
+        &p,
+    );
+    assert_eq!(t.finbox.request_id.as_deref(), Some("nd"));
+    assert_eq!(t.finbox.outcome(), Some(Outcome::NoData));
+}
+
+#[test]
 fn credeau_empty_until_the_deadline_times_out_without_a_dead_letter() {
     let p = policies();
     let mut t = start(user(), origin(), 0, &p);
@@ -189,9 +290,12 @@ fn retry_after_longer_than_the_spacing_is_honoured() {
 
 fn arb_finbox() -> impl Strategy<Value = Answer> {
     prop_oneof![
-        Just(Answer::Finbox(Ok(FinboxAnswer::NotFound))),
+        Just(Answer::Finbox(Ok(FinboxAnswer::NotFound {
+            request_id: None
+        }))),
         (0u64..120).prop_map(|s| Answer::Finbox(Ok(FinboxAnswer::InProgress {
-            suggested_wait: Some(Duration::from_secs(s))
+            suggested_wait: Some(Duration::from_secs(s)),
+            request_id: None
         }))),
         Just(Answer::Finbox(Ok(FinboxAnswer::NoData {
             request_id: None
@@ -235,9 +339,12 @@ proptest! {
     fn polling_invariants_hold_for_any_answer_sequence(
         steps in proptest::collection::vec((arb_finbox(), arb_credeau(), 0i64..5_000), 1..200),
         mult in 1.0f64..3.0,
+        budget in proptest::option::of(1u32..6),
     ) {
         let mut p = policies();
         p.finbox.backoff_multiplier = mult;
+        p.finbox.max_failed_polls = budget;
+        p.credeau.max_failed_polls = budget;
         p.finbox.deadline = Duration::from_secs(3600);
         p.credeau.deadline = Duration::from_secs(1800);
         let mut t = start(user(), origin(), 0, &p);
@@ -253,10 +360,17 @@ proptest! {
                 prop_assert!(now >= before.next_poll_at, "polled early");
                 let fx = apply(&mut t, answer, now, &p);
                 let after = t.track(pr);
+                if let Some(max) = budget {
+                    prop_assert!(after.failed_polls <= max);
+                }
                 if let Some(done) = &after.done {
                     prop_assert_eq!(done.at, now);
                     if done.outcome == Outcome::Failed {
                         prop_assert!(fx.failure.is_some());
+                    } else {
+                        // What docs/events.md promises: the error fields
+                        // of a result are set only when it is `failed`.
+                        prop_assert!(after.last_error.is_none(), "{:?} with an error", done.outcome);
                     }
                 } else {
                     let floor = if pr == Provider::Finbox { 10_000 } else { 15_000 };
@@ -274,7 +388,7 @@ proptest! {
             for pr in Provider::ALL {
                 if snapshot.track(pr).is_done() {
                     let again = match pr {
-                        Provider::Finbox => Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+                        Provider::Finbox => Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
                         Provider::Credeau => Answer::Credeau(Ok(CredeauAnswer::Empty)),
                     };
                     let mut probe = snapshot.clone();
@@ -296,8 +410,8 @@ proptest! {
             let now = t.due_at;
             for pr in t.due_providers(now) {
                 let a = match (pr, finbox_empty) {
-                    (Provider::Finbox, true) => Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait: None })),
-                    (Provider::Finbox, false) => Answer::Finbox(Ok(FinboxAnswer::NotFound)),
+                    (Provider::Finbox, true) => Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait: None, request_id: None })),
+                    (Provider::Finbox, false) => Answer::Finbox(Ok(FinboxAnswer::NotFound { request_id: None })),
                     (Provider::Credeau, _) => Answer::Credeau(Ok(CredeauAnswer::Empty)),
                 };
                 apply(&mut t, a, now, &p);

@@ -95,6 +95,8 @@ pub fn reopen(task: &mut Task, now: i64, replay_of: String) -> bool {
             t.done = None;
             t.last_error = None;
             t.not_found_since = None;
+            // A provider that spent its retry budget gets a full one again.
+            t.failed_polls = 0;
             t.next_poll_at = now;
             reopened = true;
         }
@@ -259,4 +261,52 @@ fn send(settings: &Settings, planned: &[Planned], now: i64) -> Result<usize, Rep
         return Err(e.into());
     }
     Ok(planned.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Done, OnboardedUser, ProviderTrack, SourceRef, TASK_VERSION};
+
+    #[test]
+    fn reopening_a_provider_that_spent_its_retry_budget_gives_it_a_new_one() {
+        let mut failed = ProviderTrack::pending(0, 10_000);
+        failed.failed_polls = 3;
+        failed.done = Some(Done {
+            outcome: Outcome::Failed,
+            at: 5,
+            items: None,
+        });
+        let mut complete = ProviderTrack::pending(0, 15_000);
+        complete.done = Some(Done {
+            outcome: Outcome::Complete,
+            at: 5,
+            items: Some(2),
+        });
+        let mut task = Task {
+            v: TASK_VERSION,
+            user: OnboardedUser {
+                event_id: "e".into(),
+                user_id: "u".into(),
+                finbox_customer_id: "u".into(),
+                credeau_user_id: "u".into(),
+                onboarded_at: 0,
+            },
+            origin: SourceRef {
+                topic: "in".into(),
+                partition: 0,
+                offset: 0,
+            },
+            created_at: 0,
+            due_at: 0,
+            finbox: failed,
+            credeau: complete.clone(),
+            replay_of: None,
+        };
+        assert!(reopen(&mut task, 99, "dlq/0/1".into()));
+        assert_eq!(task.finbox.failed_polls, 0);
+        assert!(!task.finbox.is_done());
+        assert_eq!(task.finbox.next_poll_at, 99);
+        assert_eq!(task.credeau, complete);
+    }
 }

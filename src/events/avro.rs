@@ -89,7 +89,7 @@ pub struct SchemaError {
 /// and the table rounds up to a power of two, so a 10-byte record naming a
 /// writer schema with a map could hold over 1 GiB at a 16 MiB cap (found by
 /// tests/fuzz_decoders.rs). At 64 Ki a hostile count costs about 10 MiB.
-/// Input events carry ids of at most 128 characters, and neither they nor
+/// Input events carry ids of at most 260 characters, and neither they nor
 /// our own outputs hold a single string or list this long.
 pub const AVRO_MAX_ALLOCATION_BYTES: usize = 64 * 1024;
 

@@ -18,8 +18,12 @@ use crate::task::{Millis, OnboardedUser};
 /// Default cap on an input record's size.
 pub const DEFAULT_MAX_INPUT_BYTES: usize = 1024 * 1024;
 
-/// Longest `user_id` (and provider id override): Credeau's documented limit.
-pub const MAX_USER_ID_CHARS: usize = 64;
+/// Longest FinBox CUSTOMER_ID: the document types `customer_id` as
+/// `STRING [260]`. Also the longest `user_id` (our key, and the FinBox id
+/// unless overridden).
+pub const MAX_FINBOX_ID_CHARS: usize = 260;
+/// Longest Credeau `user_id`: "Alphanumeric string, max 64 chars, non-PII".
+pub const MAX_CREDEAU_ID_CHARS: usize = 64;
 pub const MAX_EVENT_ID_CHARS: usize = 128;
 
 /// 2000-01-01T00:00:00Z. Earlier onboarding times are rejected: they are
@@ -367,12 +371,23 @@ fn validated(
         ));
     }
     let user_id = user_id.ok_or_else(|| DecodeError::invalid("user_id", "missing"))?;
-    check_id("user_id", &user_id)?;
+    // Each provider's id is checked by that provider's rule: the override
+    // when given, else user_id (which must then suit that provider too).
+    check_finbox_id("user_id", &user_id)?;
     if let Some(id) = &finbox_customer_id {
-        check_id("finbox_customer_id", id)?;
+        check_finbox_id("finbox_customer_id", id)?;
     }
-    if let Some(id) = &credeau_user_id {
-        check_id("credeau_user_id", id)?;
+    match &credeau_user_id {
+        Some(id) => check_credeau_id("credeau_user_id", id)?,
+        None => check_credeau_id("user_id", &user_id).map_err(|e| match e {
+            DecodeError::Invalid { field, reason } => DecodeError::Invalid {
+                field,
+                reason: format!(
+                    "{reason} (it is also the Credeau user_id unless credeau_user_id is given)"
+                ),
+            },
+            other => other,
+        })?,
     }
     Ok(UserOnboarded {
         event_id,
@@ -383,13 +398,38 @@ fn validated(
     })
 }
 
-/// The ids both providers accept: 1 to 64 ASCII letters, digits, `-_.:`.
-fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
+/// A FinBox CUSTOMER_ID (and our `user_id`): 1 to 260 characters, none of
+/// them a control character. The document gives only the length; control
+/// characters are refused because the id travels in logs and Kafka headers.
+fn check_finbox_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
     let chars = id.chars().count();
-    if chars == 0 || chars > MAX_USER_ID_CHARS {
+    if chars == 0 || chars > MAX_FINBOX_ID_CHARS {
         return Err(DecodeError::invalid(
             field,
-            format!("is {chars} characters; must be 1 to {MAX_USER_ID_CHARS}"),
+            format!("is {chars} characters; must be 1 to {MAX_FINBOX_ID_CHARS}"),
+        ));
+    }
+    if let Some(pos) = id.chars().position(char::is_control) {
+        return Err(DecodeError::invalid(
+            field,
+            format!(
+                "character {pos} is a control character (value \"{}\")",
+                escaped_prefix(id.as_bytes())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A Credeau `user_id`: 1 to 64 ASCII letters and digits (the document's
+/// "alphanumeric string, max 64 chars"), plus `-` `_` `.` `:` so UUIDs and
+/// prefixed ids pass.
+fn check_credeau_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
+    let chars = id.chars().count();
+    if chars == 0 || chars > MAX_CREDEAU_ID_CHARS {
+        return Err(DecodeError::invalid(
+            field,
+            format!("is {chars} characters; Credeau accepts 1 to {MAX_CREDEAU_ID_CHARS}"),
         ));
     }
     if let Some(pos) = id

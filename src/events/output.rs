@@ -138,8 +138,17 @@ impl OutputEncoder {
                     .map(|p| PredictorJson {
                         name: &p.name,
                         value: PredictorValue::from_json(&p.value),
+                        extra: p
+                            .extra
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.to_string()))
+                            .collect(),
                     })
                     .collect(),
+                version: insights.version,
+                message: insights.message.as_deref(),
+                data_json: insights.data_json.as_deref(),
+                data_problem: insights.data_problem.as_deref(),
             };
             return Ok(serde_json::to_vec(&event)?);
         };
@@ -159,9 +168,21 @@ impl OutputEncoder {
             for p in &insights.predictors {
                 put_str(&mut buf, &p.name);
                 PredictorValue::from_json(&p.value).put_avro(&mut buf);
+                if !p.extra.is_empty() {
+                    put_long(&mut buf, avro::len_i64(p.extra.len()));
+                    for (k, v) in &p.extra {
+                        put_str(&mut buf, k);
+                        put_str(&mut buf, &v.to_string());
+                    }
+                }
+                put_long(&mut buf, 0);
             }
         }
         put_long(&mut buf, 0);
+        put_opt(&mut buf, insights.version, put_long);
+        put_opt_str(&mut buf, insights.message.as_deref());
+        put_opt_str(&mut buf, insights.data_json.as_deref());
+        put_opt_str(&mut buf, insights.data_problem.as_deref());
         Ok(buf)
     }
 
@@ -182,6 +203,7 @@ impl OutputEncoder {
             credeau_user_id: &u.credeau_user_id,
             onboarded_at: u.onboarded_at,
             fetched_at,
+            cnt_sms_threshold: sms.cnt_sms_threshold,
         };
         match self.avro_ids {
             Some(ids) => sms::encode_avro(&header, &sms.entries, ids.sms_extraction, max_bytes),
@@ -256,12 +278,18 @@ struct FinboxPredictorsJson<'a> {
     date_processed: Option<&'a str>,
     date_processed_at: Option<Millis>,
     predictors: Vec<PredictorJson<'a>>,
+    version: Option<i64>,
+    message: Option<&'a str>,
+    data_json: Option<&'a str>,
+    data_problem: Option<&'a str>,
 }
 
 #[derive(Serialize)]
 struct PredictorJson<'a> {
     name: &'a str,
     value: PredictorValue<'a>,
+    /// As in Avro: the value's JSON text, so both encodings agree.
+    extra: std::collections::BTreeMap<&'a str, String>,
 }
 
 /// A predictor value in the union both encodings share:
@@ -340,6 +368,7 @@ struct ProviderResult<'a> {
     http_status: Option<i32>,
     error_message: Option<&'a str>,
     provider_request_id: Option<&'a str>,
+    request_id: Option<&'a str>,
 }
 
 impl<'a> ProviderResult<'a> {
@@ -364,6 +393,7 @@ impl<'a> ProviderResult<'a> {
             http_status: err.and_then(|e| e.http_status).map(i32::from),
             error_message: err.map(|e| e.message.as_str()),
             provider_request_id: err.and_then(|e| e.provider_request_id.as_deref()),
+            request_id: t.request_id.as_deref(),
         })
     }
 
@@ -377,6 +407,7 @@ impl<'a> ProviderResult<'a> {
         put_opt(buf, self.http_status, put_int);
         put_opt_str(buf, self.error_message);
         put_opt_str(buf, self.provider_request_id);
+        put_opt_str(buf, self.request_id);
     }
 }
 

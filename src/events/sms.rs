@@ -22,6 +22,7 @@ pub(crate) struct SmsHeader<'a> {
     pub credeau_user_id: &'a str,
     pub onboarded_at: Millis,
     pub fetched_at: Millis,
+    pub cnt_sms_threshold: Option<u32>,
 }
 
 #[derive(Clone, Copy)]
@@ -203,6 +204,10 @@ fn count_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+fn count_i32_u32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
 pub(crate) fn encode_avro(
     h: &SmsHeader<'_>,
     entries: &[Entry],
@@ -229,8 +234,11 @@ pub(crate) fn encode_avro(
         put_int(buf, parts);
         put_int(buf, total);
     };
+    let threshold = h.cnt_sms_threshold.map(count_i32_u32);
+    let put_trailer = |buf: &mut Vec<u8>| avro::put_opt(buf, threshold, put_int);
     let mut widest = Vec::new();
     put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
+    put_trailer(&mut widest);
     // Plus the array's block count and its terminating zero.
     let overhead = widest.len() + avro::MAX_LONG_LEN + 1;
     let plan = plan_parts(&enc, 0, budget(overhead, max)?, max)?;
@@ -246,6 +254,7 @@ pub(crate) fn encode_avro(
             buf.extend_from_slice(bytes);
         }
         put_long(&mut buf, 0);
+        put_trailer(&mut buf);
         out.push(buf);
     }
     Ok(out)
@@ -287,9 +296,15 @@ pub(crate) fn encode_json(
         }
         buf.extend_from_slice(b"\"entries\":[");
     };
+    // After the entries: `],"cnt_sms_threshold":N}` (null when unknown).
+    let trailer = format!(
+        "],\"cnt_sms_threshold\":{}}}",
+        h.cnt_sms_threshold
+            .map_or_else(|| "null".to_string(), |t| t.to_string())
+    );
     let mut widest = Vec::new();
     put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
-    let overhead = widest.len() + b"]}".len();
+    let overhead = widest.len() + trailer.len();
     // Each entry costs its bytes plus at most one separating comma.
     let plan = plan_parts(&enc, 1, budget(overhead, max)?, max)?;
     let parts = count_i32(plan.len());
@@ -304,7 +319,7 @@ pub(crate) fn encode_json(
             }
             buf.extend_from_slice(&enc.bytes[enc.range(i)]);
         }
-        buf.extend_from_slice(b"]}");
+        buf.extend_from_slice(trailer.as_bytes());
         out.push(buf);
     }
     Ok(out)

@@ -1,5 +1,5 @@
 //! The Credeau SMS extraction client: sends the credentials headers and the
-//! `{user_id, client_id, cnt_sms_threshold}` body, keeps every field of
+//! `{user_id, client_id, cnt_sms_threshold[, groupings]}` body, keeps every field of
 //! every SMS entry, maps 401/403/422 to their errors without ever quoting
 //! SMS data or echoed input, and retries 429/5xx/transport failures with
 //! the documented exponential backoff.
@@ -35,6 +35,7 @@ pub struct CredeauClient {
     auth_token: HeaderValue,
     auth_token_secret: Secret,
     cnt_sms_threshold: u32,
+    groupings: Option<Value>,
     max_response_bytes: usize,
     policy: RetryPolicy,
     limiter: Arc<RateLimiter>,
@@ -77,6 +78,7 @@ impl CredeauClient {
             auth_token: http::secret_header("credeau.auth_token", settings.auth_token.expose())?,
             auth_token_secret: settings.auth_token.clone(),
             cnt_sms_threshold: settings.cnt_sms_threshold,
+            groupings: settings.groupings().cloned(),
             max_response_bytes: settings.max_response_bytes,
             policy: retry_policy(settings),
             limiter,
@@ -90,11 +92,12 @@ impl CredeauClient {
     }
 
     async fn attempt(&self, user_id: &str) -> Attempt<CredeauAnswer> {
-        let body = serde_json::json!({
-            "user_id": user_id,
-            "client_id": self.client_id,
-            "cnt_sms_threshold": self.cnt_sms_threshold,
-        });
+        let body = request_body(
+            user_id,
+            &self.client_id,
+            self.cnt_sms_threshold,
+            self.groupings.as_ref(),
+        );
         let sent = self
             .http
             .post(&self.endpoint)
@@ -135,6 +138,26 @@ impl CredeauClient {
     }
 }
 
+/// The request body. `groupings` appears only when configured: the document
+/// names it once, among the required fields of its 422 example, and nowhere
+/// else (not in the request table, not in its cURL example).
+pub fn request_body(
+    user_id: &str,
+    client_id: &str,
+    cnt_sms_threshold: u32,
+    groupings: Option<&Value>,
+) -> Value {
+    let mut body = serde_json::json!({
+        "user_id": user_id,
+        "client_id": client_id,
+        "cnt_sms_threshold": cnt_sms_threshold,
+    });
+    if let (Some(g), Value::Object(map)) = (groupings, &mut body) {
+        map.insert("groupings".to_owned(), g.clone());
+    }
+    body
+}
+
 /// The documented policy from settings: exponential from `retry_base`,
 /// doubling, capped at `retry_cap`, +/-20 % jitter.
 pub fn retry_policy(settings: &CredeauSettings) -> RetryPolicy {
@@ -154,7 +177,11 @@ impl CredeauApi for CredeauClient {
             limiter: &self.limiter,
             metrics: &self.metrics,
         };
-        http::with_retries(ctx, |_| self.attempt(user_id)).await
+        let mut result = http::with_retries(ctx, |_| self.attempt(user_id)).await;
+        if let Ok(CredeauAnswer::Data(sms)) = &mut result {
+            sms.cnt_sms_threshold = Some(self.cnt_sms_threshold);
+        }
+        result
     }
 }
 
@@ -185,6 +212,7 @@ pub fn map_response(
             Ok(parsed) if parsed.extracted_sms_data.is_empty() => Ok(CredeauAnswer::Empty),
             Ok(parsed) => Ok(CredeauAnswer::Data(SmsExtraction {
                 entries: parsed.extracted_sms_data,
+                cnt_sms_threshold: None,
             })),
             Err(e) => {
                 let json_like =
@@ -307,6 +335,18 @@ mod tests {
         };
         assert_eq!(Value::Object(sms.entries[0].clone()), entry);
         assert!(!format!("{sms:?}").contains("dear upi user"));
+    }
+
+    #[test]
+    fn groupings_are_sent_only_when_configured() {
+        let without = request_body("u-1", "c", 5000, None);
+        assert_eq!(
+            without,
+            json!({"user_id": "u-1", "client_id": "c", "cnt_sms_threshold": 5000})
+        );
+        let with = request_body("u-1", "c", 10, Some(&json!(["bank", "upi"])));
+        assert_eq!(with["groupings"], json!(["bank", "upi"]));
+        assert_eq!(with["cnt_sms_threshold"], json!(10));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::http::{
@@ -147,7 +148,22 @@ impl FinboxApi for FinboxClient {
             limiter: &self.limiter,
             metrics: &self.metrics,
         };
-        http::with_retries(ctx, |_| self.attempt(customer_id, &salt)).await
+        let mut result = http::with_retries(ctx, |_| self.attempt(customer_id, &salt)).await;
+        if let Ok(FinboxAnswer::Complete(insights)) = &mut result {
+            insights.version = Some(self.version);
+            if let Some(problem) = &insights.data_problem {
+                self.metrics
+                    .provider_unexpected_data
+                    .with_label_values(&[PROVIDER.as_str()])
+                    .inc();
+                tracing::warn!(
+                    provider = PROVIDER.as_str(),
+                    problem = problem.as_str(),
+                    "FinBox data is not in the documented shape; published with the raw data"
+                );
+            }
+        }
+        result
     }
 }
 
@@ -157,7 +173,7 @@ impl AnswerOutcome for FinboxAnswer {
             FinboxAnswer::InProgress { .. } => "in_progress",
             FinboxAnswer::Complete(_) => "complete",
             FinboxAnswer::NoData { .. } => "no_data",
-            FinboxAnswer::NotFound => "not_found",
+            FinboxAnswer::NotFound { .. } => "not_found",
         }
     }
 }
@@ -189,7 +205,7 @@ pub fn map_response(
             };
             return Err(error(PROVIDER, Kind::InvalidBody, Some(status), why));
         };
-        return map_success(status, obj);
+        return map_success(status, obj, body);
     }
     let message = match object {
         Some(obj) => match text_field(obj, "message").or_else(|| text_field(obj, "error")) {
@@ -216,7 +232,11 @@ fn looks_like_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
 }
 
-fn map_success(status: u16, obj: &Map<String, Value>) -> Result<FinboxAnswer, ProviderError> {
+fn map_success(
+    status: u16,
+    obj: &Map<String, Value>,
+    body: &[u8],
+) -> Result<FinboxAnswer, ProviderError> {
     let invalid = |why: String| error(PROVIDER, Kind::InvalidBody, Some(status), why);
     let request_id = text_field(obj, "request_id");
     let state = match obj.get("status") {
@@ -229,39 +249,121 @@ fn map_success(status: u16, obj: &Map<String, Value>) -> Result<FinboxAnswer, Pr
             suggested_wait: text_field(obj, "message")
                 .as_deref()
                 .and_then(parse_suggested_wait),
-        }),
-        "complete" => Ok(FinboxAnswer::Complete(FinboxInsights {
             request_id,
-            date_requested: text_field(obj, "date_requested"),
-            date_processed: text_field(obj, "date_processed"),
-            predictors: predictors(obj.get("data")).map_err(invalid)?,
-        })),
+        }),
+        "complete" => {
+            let (predictors, data_problem) = read_data(obj.get("data"));
+            Ok(FinboxAnswer::Complete(FinboxInsights {
+                request_id,
+                date_requested: text_field(obj, "date_requested"),
+                date_processed: text_field(obj, "date_processed"),
+                message: text_field(obj, "message"),
+                version: None,
+                predictors,
+                data_json: raw_data(body, obj),
+                data_problem,
+            }))
+        }
         "no_data" => Ok(FinboxAnswer::NoData { request_id }),
-        "not_found" => Ok(FinboxAnswer::NotFound),
+        "not_found" => Ok(FinboxAnswer::NotFound { request_id }),
         other => Err(invalid(format!("unknown status {:?}", truncate(other, 40)))),
     }
 }
 
-/// `data` as predictors: null or absent is none; each entry needs a string
-/// `name`; its `value` may be any JSON (absent = null); extra keys are
-/// ignored.
-fn predictors(data: Option<&Value>) -> Result<Vec<Predictor>, String> {
+/// `data` byte for byte as it appears in the body; `None` when absent or
+/// null. Falls back to re-serializing the parsed value if the body cannot
+/// be read field by field (a duplicated key, say).
+fn raw_data(body: &[u8], obj: &Map<String, Value>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct DataOnly<'a> {
+        #[serde(borrow, default)]
+        data: Option<&'a RawValue>,
+    }
+    match serde_json::from_slice::<DataOnly<'_>>(body) {
+        Ok(d) => d.data.map(|raw| raw.get().to_owned()),
+        Err(_) => obj
+            .get("data")
+            .filter(|v| !v.is_null())
+            .map(Value::to_string),
+    }
+}
+
+/// `data` read as predictors, and what in it is not the documented shape.
+///
+/// The document says "an array of objects ... having keys name ... and
+/// value", and that the list is agreed per integration, so a different
+/// shape is not a transient fault: it is read as far as it goes and never
+/// retried. Null or absent is no predictors. In a list, each object with a
+/// string `name` is a predictor (`value` may be any JSON, absent = null;
+/// other keys go to `extra`); other entries are skipped here and kept only
+/// in the raw `data`. An object is read as `name -> value` pairs. Anything
+/// else gives no predictors.
+pub fn read_data(data: Option<&Value>) -> (Vec<Predictor>, Option<String>) {
     let entries = match data {
-        None | Some(Value::Null) => return Ok(Vec::new()),
+        None | Some(Value::Null) => return (Vec::new(), None),
         Some(Value::Array(entries)) => entries,
-        Some(_) => return Err("`data` is not a list".into()),
+        Some(Value::Object(map)) => {
+            let predictors = map
+                .iter()
+                .map(|(name, value)| Predictor {
+                    name: name.clone(),
+                    value: value.clone(),
+                    extra: Map::new(),
+                })
+                .collect();
+            return (
+                predictors,
+                Some(
+                    "`data` is an object, not a list: its keys were read as predictor names".into(),
+                ),
+            );
+        }
+        Some(other) => {
+            return (
+                Vec::new(),
+                Some(format!("`data` is {}, not a list", json_type(other))),
+            )
+        }
     };
-    entries
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| match entry.get("name") {
-            Some(Value::String(name)) => Ok(Predictor {
-                name: name.clone(),
-                value: entry.get("value").cloned().unwrap_or(Value::Null),
-            }),
-            _ => Err(format!("`data[{i}]` has no string `name`")),
-        })
-        .collect()
+    let mut predictors = Vec::with_capacity(entries.len());
+    let mut skipped = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some((name, fields)) = entry
+            .as_object()
+            .and_then(|o| o.get("name").and_then(Value::as_str).map(|n| (n, o)))
+        else {
+            skipped.push(i);
+            continue;
+        };
+        predictors.push(Predictor {
+            name: name.to_owned(),
+            value: fields.get("value").cloned().unwrap_or(Value::Null),
+            extra: fields
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "name" | "value"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        });
+    }
+    let problem = skipped.first().map(|first| {
+        format!(
+            "{} of {} `data` entries are not objects with a string `name` (the first is data[{first}]); they are only in data_json",
+            skipped.len(),
+            entries.len()
+        )
+    });
+    (predictors, problem)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// A string field; numbers are accepted as text, anything else is absent.
@@ -334,7 +436,8 @@ mod tests {
         assert_eq!(
             a,
             FinboxAnswer::InProgress {
-                suggested_wait: Some(Duration::from_secs(10))
+                suggested_wait: Some(Duration::from_secs(10)),
+                request_id: Some("r".into()),
             }
         );
     }
@@ -373,6 +476,62 @@ mod tests {
                 ("absent", Value::Null)
             ]
         );
+        assert_eq!(ins.message.as_deref(), Some("data processed successfully"));
+        assert_eq!(
+            Value::Object(ins.predictors[1].extra.clone()),
+            json!({"extra": true})
+        );
+        assert_eq!(ins.data_problem, None);
+    }
+
+    #[test]
+    fn raw_data_is_kept_byte_for_byte() {
+        let body = br#"{"status": "complete", "data": [ {"name": "big", "value": 123456789012345678901234567890},
+            {"name":"f","value":1.10} ]}"#;
+        let FinboxAnswer::Complete(ins) =
+            map_response(200, Some("application/json"), body).unwrap()
+        else {
+            panic!("not complete")
+        };
+        assert_eq!(
+            ins.data_json.as_deref(),
+            Some(
+                r#"[ {"name": "big", "value": 123456789012345678901234567890},
+            {"name":"f","value":1.10} ]"#
+            )
+        );
+        let none = map(200, json!({"status": "complete", "data": null})).unwrap();
+        let FinboxAnswer::Complete(ins) = none else {
+            panic!()
+        };
+        assert_eq!((ins.data_json, ins.predictors.len()), (None, 0));
+    }
+
+    #[test]
+    fn complete_answers_in_another_shape_are_read_as_far_as_they_go_not_retried() {
+        let complete =
+            |data: Value| match map(200, json!({"status": "complete", "data": data})).unwrap() {
+                FinboxAnswer::Complete(ins) => ins,
+                other => panic!("{other:?}"),
+            };
+        let obj = complete(json!({"b": 2, "a": "x"}));
+        let names: Vec<_> = obj.predictors.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(obj.data_problem.unwrap().contains("object"));
+        assert_eq!(obj.data_json.as_deref(), Some(r#"{"a":"x","b":2}"#));
+
+        let mixed = complete(json!([{"name": "ok", "value": 1}, {"value": 1}, 7, {"name": 3}]));
+        assert_eq!(mixed.predictors.len(), 1);
+        assert_eq!(
+            mixed.data_problem.as_deref(),
+            Some("3 of 4 `data` entries are not objects with a string `name` (the first is data[1]); they are only in data_json")
+        );
+        let text = complete(json!("opaque"));
+        assert!(text.predictors.is_empty());
+        assert_eq!(
+            text.data_problem.as_deref(),
+            Some("`data` is a string, not a list")
+        );
     }
 
     #[test]
@@ -389,7 +548,13 @@ mod tests {
         );
         assert_eq!(
             map(200, json!({"status": "not_found", "date_processed": null})).unwrap(),
-            FinboxAnswer::NotFound
+            FinboxAnswer::NotFound { request_id: None }
+        );
+        assert_eq!(
+            map(200, json!({"status": "not_found", "request_id": "nf-1"}))
+                .unwrap()
+                .request_id(),
+            Some("nf-1")
         );
     }
 
@@ -428,14 +593,6 @@ mod tests {
         assert_eq!(kind(200, json!({"status": "queued"})), Kind::InvalidBody);
         assert_eq!(
             kind(200, json!({"message": "no status"})),
-            Kind::InvalidBody
-        );
-        assert_eq!(
-            kind(200, json!({"status": "complete", "data": {"a": 1}})),
-            Kind::InvalidBody
-        );
-        assert_eq!(
-            kind(200, json!({"status": "complete", "data": [{"value": 1}]})),
             Kind::InvalidBody
         );
         let html =

@@ -45,34 +45,64 @@ impl std::fmt::Display for Provider {
 }
 
 /// One FinBox predictor. The set depends on version and contract, so it is
-/// kept open: any name, any JSON value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// kept open: any name, any JSON value, and any other key of the entry.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Predictor {
     pub name: String,
     pub value: serde_json::Value,
+    /// The entry's keys other than `name` and `value`, as FinBox sent them.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
-/// A completed FinBox featurization.
+/// A completed FinBox featurization. Nothing FinBox sent about it is
+/// dropped: `data_json` holds `data` byte for byte, and `predictors` is the
+/// part of it that reads as the documented `{name, value}` list.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct FinboxInsights {
     pub request_id: Option<String>,
     /// Raw provider timestamps (`YYYY-MM-DDThh:mm:ss:mil`), kept verbatim.
     pub date_requested: Option<String>,
     pub date_processed: Option<String>,
+    /// The top-level `message` ("data processed successfully").
+    pub message: Option<String>,
+    /// The DC_PREDICTORS_VERSION the request asked for (set by the client;
+    /// FinBox does not echo it).
+    pub version: Option<i64>,
     pub predictors: Vec<Predictor>,
+    /// `data` exactly as FinBox sent it (JSON text); `None` when absent.
+    pub data_json: Option<String>,
+    /// Why `data` is not (wholly) the documented list of `{name, value}`
+    /// objects; `None` when it is (or when it is null or absent).
+    pub data_problem: Option<String>,
 }
 
 /// What a FinBox call answered, once it answered something meaningful.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FinboxAnswer {
     /// 202 `in_progress`; the message may suggest a wait ("try again in 10 Seconds").
-    InProgress { suggested_wait: Option<Duration> },
+    InProgress {
+        suggested_wait: Option<Duration>,
+        request_id: Option<String>,
+    },
     /// 200 `complete`.
     Complete(FinboxInsights),
     /// 200 `no_data`: processing finished, the device gave nothing.
     NoData { request_id: Option<String> },
     /// 200 `not_found`: the SDK may not have synced yet.
-    NotFound,
+    NotFound { request_id: Option<String> },
+}
+
+impl FinboxAnswer {
+    /// FinBox's `request_id` of this answer, when it sent one.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            FinboxAnswer::InProgress { request_id, .. }
+            | FinboxAnswer::NoData { request_id }
+            | FinboxAnswer::NotFound { request_id } => request_id.as_deref(),
+            FinboxAnswer::Complete(ins) => ins.request_id.as_deref(),
+        }
+    }
 }
 
 /// Credeau's extracted SMS. Each entry is kept whole (unknown fields too).
@@ -80,11 +110,19 @@ pub enum FinboxAnswer {
 #[derive(Clone, PartialEq, Default)]
 pub struct SmsExtraction {
     pub entries: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// The `cnt_sms_threshold` the request sent (set by the client): when
+    /// there are exactly this many entries, the device may hold more.
+    pub cnt_sms_threshold: Option<u32>,
 }
 
 impl std::fmt::Debug for SmsExtraction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SmsExtraction {{ {} entries }}", self.entries.len())
+        write!(
+            f,
+            "SmsExtraction {{ {} entries, cnt_sms_threshold {:?} }}",
+            self.entries.len(),
+            self.cnt_sms_threshold
+        )
     }
 }
 

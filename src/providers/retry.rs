@@ -1,7 +1,14 @@
 //! In-process retry policies of the two providers, as pure functions: which
 //! delay comes before the n-th retry, and how a provider's `Retry-After`
-//! overrides it. No clocks and no sleeping here, so every bound is property
-//! tested; the clients do the waiting.
+//! combines with it. No clocks and no sleeping here, so every bound is
+//! property tested; the clients do the waiting.
+//!
+//! A `Retry-After` can only lengthen a wait, never shorten it: FinBox
+//! documents 2 s then 5 s, and a `Retry-After: 0` from a proxy must not
+//! turn that into an immediate retry. Credeau's +/-20 % jitter keeps
+//! applying when a `Retry-After` sets the wait, shifted upwards (0 to +20 %)
+//! so no client comes back before the time the provider asked for, and
+//! clients told the same time do not all come back at once.
 
 use std::time::Duration;
 
@@ -61,8 +68,12 @@ impl RetryPolicy {
         }
     }
 
-    /// The wait before retry `retry`, where a provider's `Retry-After` wins
-    /// over the computed delay, capped at [`RetryPolicy::retry_after_cap`].
+    /// The wait before retry `retry` given a provider's `Retry-After`
+    /// (capped at [`RetryPolicy::retry_after_cap`]): never shorter than the
+    /// policy's own wait. Fixed policies wait `max(delay, Retry-After)`;
+    /// exponential ones take `max(base * 2^n capped, Retry-After)` and add
+    /// jitter: +/-20 % without a `Retry-After`, 0 to +20 % with one (so the
+    /// provider's time is always honoured).
     pub fn delay_with_retry_after(
         &self,
         retry: u32,
@@ -70,10 +81,24 @@ impl RetryPolicy {
         retry_after: Option<Duration>,
     ) -> Option<Duration> {
         let computed = self.delay(retry, jitter)?;
-        Some(match retry_after {
-            Some(wait) => wait.min(self.retry_after_cap()),
-            None => computed,
+        let Some(asked) = retry_after.map(|w| w.min(self.retry_after_cap())) else {
+            return Some(computed);
+        };
+        Some(match self {
+            RetryPolicy::Fixed { .. } => computed.max(asked),
+            RetryPolicy::Exponential { base, cap, .. } => {
+                let centre = exponential_delay(retry, *base, *cap).max(asked);
+                apply_jitter(centre, clamp_jitter(jitter).abs())
+            }
         })
+    }
+}
+
+fn clamp_jitter(jitter: f64) -> f64 {
+    if jitter.is_finite() {
+        jitter.clamp(-1.0, 1.0)
+    } else {
+        0.0
     }
 }
 
@@ -85,11 +110,7 @@ pub fn exponential_delay(retry: u32, base: Duration, cap: Duration) -> Duration 
 
 /// `delay + delay * 0.2 * jitter`, with `jitter` clamped to [-1, 1].
 pub fn apply_jitter(delay: Duration, jitter: f64) -> Duration {
-    let jitter = if jitter.is_finite() {
-        jitter.clamp(-1.0, 1.0)
-    } else {
-        0.0
-    };
+    let jitter = clamp_jitter(jitter);
     let secs = delay.as_secs_f64() * (1.0 + JITTER_FRACTION * jitter);
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(delay)
 }
@@ -178,19 +199,54 @@ mod tests {
         }
 
         #[test]
-        fn retry_after_wins_but_never_exceeds_the_cap(
+        fn finbox_retry_after_lengthens_but_never_shortens_the_documented_wait(
             retry_after_ms in 0u64..1_000_000,
             cap_ms in 1u64..120_000,
+            retry in 0u32..2,
             jitter in -1.0f64..=1.0,
         ) {
-            let retry_after = Duration::from_millis(retry_after_ms);
+            let documented = [Duration::from_secs(2), Duration::from_secs(5)];
             let cap = Duration::from_millis(cap_ms);
-            let fixed = RetryPolicy::Fixed { delays: vec![Duration::from_secs(2)], max_wait: cap };
-            let expo = RetryPolicy::Exponential { max_retries: 1, base: Duration::from_millis(1).min(cap), cap };
-            for p in [fixed, expo] {
-                let got = p.delay_with_retry_after(0, jitter, Some(retry_after)).unwrap();
-                prop_assert_eq!(got, retry_after.min(cap));
-            }
+            let p = RetryPolicy::Fixed { delays: documented.to_vec(), max_wait: cap };
+            let retry_after = Duration::from_millis(retry_after_ms);
+            let got = p.delay_with_retry_after(retry, jitter, Some(retry_after)).unwrap();
+            prop_assert!(got >= documented[retry as usize], "{got:?} shortens the documented wait");
+            prop_assert_eq!(got, documented[retry as usize].max(retry_after.min(cap)));
         }
+
+        #[test]
+        fn credeau_retry_after_is_honoured_and_still_jittered_upwards(
+            retry_after_ms in 0u64..1_000_000,
+            retry in 0u32..10,
+            jitter in -1.0f64..=1.0,
+        ) {
+            let p = credeau(10, 1000, 60_000);
+            let retry_after = Duration::from_millis(retry_after_ms);
+            let got = p.delay_with_retry_after(retry, jitter, Some(retry_after)).unwrap().as_secs_f64();
+            let asked = retry_after.min(Duration::from_secs(60)).as_secs_f64();
+            let exponential = exponential_delay(retry, Duration::from_secs(1), Duration::from_secs(60)).as_secs_f64();
+            let centre = asked.max(exponential);
+            prop_assert!(got >= asked - 1e-9, "{got} before the provider's {asked}");
+            prop_assert!(got >= centre - 1e-9, "{got} below the backoff {centre}");
+            prop_assert!(got <= centre * 1.2 + 1e-9, "{got} > 1.2 * {centre}");
+            let expected = centre * (1.0 + JITTER_FRACTION * jitter.abs());
+            prop_assert!((got - expected).abs() < 1e-6, "{got} != {expected}");
+        }
+    }
+
+    #[test]
+    fn credeau_jitter_spreads_waits_that_share_one_retry_after() {
+        let p = credeau(3, 20, 200);
+        let waits: std::collections::BTreeSet<u128> = [-1.0, -0.5, 0.0, 0.5, 1.0]
+            .into_iter()
+            .map(|j| {
+                p.delay_with_retry_after(0, j, Some(Duration::from_millis(100)))
+                    .unwrap()
+                    .as_micros()
+            })
+            .collect();
+        assert_eq!(waits.first(), Some(&100_000));
+        assert_eq!(waits.last(), Some(&120_000));
+        assert_eq!(waits.len(), 3, "{waits:?}");
     }
 }

@@ -53,6 +53,7 @@ struct Accepted {
     user_id: String,
     client_id: String,
     threshold: Option<i64>,
+    has_groupings: bool,
 }
 
 /// `POST /api/fetch_extracted_data`.
@@ -119,6 +120,7 @@ fn gatekeep(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Gate<Accepted> {
             .to_owned(),
         client_id,
         threshold: fields.get("cnt_sms_threshold").and_then(Value::as_i64),
+        has_groupings: fields.get("groupings").is_some_and(|g| !g.is_null()),
     })
 }
 
@@ -174,6 +176,14 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
         .credeau
         .clone()
         .unwrap_or_default();
+    if scenario.require_groupings && !req.has_groupings {
+        let resp = unprocessable(vec![json!({
+            "type": "missing", "loc": ["body", "groupings"], "msg": "Field required",
+            "input": {"user_id": req.user_id, "client_id": req.client_id},
+        })]);
+        sim.record(Provider::Credeau, &req.user_id, &resp);
+        return sim.finish(Channel::Credeau, resp);
+    }
     let ticket = sim.users.begin(Provider::Credeau, &req.user_id, now);
     let mut dice = Dice::new(
         sim.seed,

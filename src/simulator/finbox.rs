@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::faults::{self, Dice};
 use super::respond::{self, finbox_timestamp};
-use super::scenario::{FinboxOutcome, FinboxScenario};
+use super::scenario::{FinboxDataShape, FinboxOutcome, FinboxScenario};
 use super::stats::Channel;
 use super::users::Ticket;
 use super::{Gate, Sim};
@@ -52,7 +52,7 @@ struct FinboxBody<'a> {
     status: &'a str,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<Option<Vec<Value>>>,
+    data: Option<Option<Value>>,
 }
 
 #[derive(Serialize)]
@@ -244,11 +244,10 @@ fn answer(
         StatusCode::OK
     } else {
         body.date_processed = Some(Some(finbox_timestamp(ready_at)));
-        body.data = Some(Some(predictors(
-            sim.seed,
-            cid,
+        body.data = Some(Some(shaped(
+            predictors(sim.seed, cid, req.version, scenario.predictors),
+            scenario.data_shape,
             req.version,
-            scenario.predictors,
         )));
         StatusCode::OK
     };
@@ -299,6 +298,60 @@ const PREDICTORS: &[(&str, Kind)] = &[
     ("cnt_distinct_banks", Kind::Count),
     ("risk_band", Kind::Label(&["A", "B", "C", "D", "E"])),
 ];
+
+/// The documented predictor list laid out as `shape` says.
+pub fn shaped(list: Vec<Value>, shape: FinboxDataShape, version: i64) -> Value {
+    match shape {
+        FinboxDataShape::List => Value::Array(list),
+        FinboxDataShape::ListWithExtras => Value::Array(
+            list.into_iter()
+                .map(|mut p| {
+                    let kind = match &p["value"] {
+                        Value::Bool(_) => "flag",
+                        Value::Number(_) => "number",
+                        Value::String(_) => "label",
+                        _ => "unknown",
+                    };
+                    if let Value::Object(o) = &mut p {
+                        o.insert("type".into(), json!(kind));
+                        o.insert(
+                            "description".into(),
+                            json!(format!("{} (simulated)", o["name"].as_str().unwrap_or("?"))),
+                        );
+                        o.insert("version".into(), json!(version));
+                    }
+                    p
+                })
+                .collect(),
+        ),
+        FinboxDataShape::Object => Value::Object(
+            list.into_iter()
+                .filter_map(|p| match p {
+                    Value::Object(mut o) => {
+                        let name = o.remove("name")?.as_str()?.to_owned();
+                        Some((name, o.remove("value").unwrap_or(Value::Null)))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        ),
+        FinboxDataShape::ListWithoutNames => Value::Array(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, p)| match p {
+                    // The first entry keeps the documented form.
+                    Value::Object(mut o) if i > 0 => {
+                        if let Some(name) = o.remove("name") {
+                            o.insert("key".into(), name);
+                        }
+                        Value::Object(o)
+                    }
+                    other => other,
+                })
+                .collect(),
+        ),
+    }
+}
 
 /// `count` predictors, deterministic per (seed, user, version); about one in
 /// ten values is null, as real featurization leaves gaps.
@@ -351,5 +404,21 @@ mod tests {
         assert!(values.iter().any(|v| v.is_boolean()));
         assert!(values.iter().any(|v| v.is_null()));
         assert_eq!(a[25]["name"], "cnt_sms_bank_30d_v2");
+    }
+
+    #[test]
+    fn every_data_shape_holds_the_same_predictors() {
+        let list = predictors(42, "u-1", 3, 5);
+        let extras = shaped(list.clone(), FinboxDataShape::ListWithExtras, 3);
+        assert_eq!(extras[0]["version"], 3);
+        assert_eq!(extras[0]["name"], list[0]["name"]);
+        let obj = shaped(list.clone(), FinboxDataShape::Object, 3);
+        for p in &list {
+            assert_eq!(obj[p["name"].as_str().unwrap()], p["value"]);
+        }
+        let unnamed = shaped(list.clone(), FinboxDataShape::ListWithoutNames, 3);
+        assert_eq!(unnamed[0], list[0]);
+        assert_eq!(unnamed[1]["key"], list[1]["name"]);
+        assert!(unnamed[1].get("name").is_none());
     }
 }

@@ -31,8 +31,8 @@ use self::admin::CredentialsPatch;
 use self::ratelimit::ProviderLimit;
 use self::respond::Dropped;
 pub use self::scenario::{
-    CredeauScenario, Faults, FinboxOutcome, FinboxScenario, ScenarioPatch, ScenarioSet,
-    UserScenario,
+    CredeauScenario, Faults, FinboxDataShape, FinboxOutcome, FinboxScenario, ScenarioPatch,
+    ScenarioSet, UserScenario,
 };
 use self::stats::{Channel, Stats};
 use self::users::{Clock, UserBook};

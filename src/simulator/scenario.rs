@@ -61,6 +61,25 @@ pub enum FinboxOutcome {
     NotFound,
 }
 
+/// How a `complete` answer lays out its `data`. The document describes only
+/// the first; the list is agreed per integration, so clients must cope
+/// with the others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinboxDataShape {
+    /// `[{"name": ..., "value": ...}, ...]`, as documented.
+    #[default]
+    List,
+    /// The documented list, each entry with more keys (`type`,
+    /// `description`, `version`).
+    ListWithExtras,
+    /// One object, predictor name to value.
+    Object,
+    /// A list whose entries name the predictor `key` instead of `name`,
+    /// plus one documented entry.
+    ListWithoutNames,
+}
+
 /// A user's FinBox behaviour. Times are measured from the user's first
 /// FinBox request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +95,8 @@ pub struct FinboxScenario {
     pub not_found_for: Duration,
     /// How many predictors a `complete` answer carries.
     pub predictors: u32,
+    /// How a `complete` answer lays out `data`.
+    pub data_shape: FinboxDataShape,
     pub faults: Faults,
 }
 
@@ -86,6 +107,7 @@ impl Default for FinboxScenario {
             outcome: FinboxOutcome::Complete,
             not_found_for: Duration::ZERO,
             predictors: 25,
+            data_shape: FinboxDataShape::List,
             faults: Faults::default(),
         }
     }
@@ -101,6 +123,9 @@ pub struct CredeauScenario {
     pub ready_after: Duration,
     /// SMS on the device; 0 means the data never arrives (always empty).
     pub sms_count: u32,
+    /// Answer 422 (`groupings` missing) when the request has no
+    /// `groupings`, as the document's 422 example says Credeau may.
+    pub require_groupings: bool,
     pub faults: Faults,
 }
 
@@ -109,6 +134,7 @@ impl Default for CredeauScenario {
         Self {
             ready_after: Duration::ZERO,
             sms_count: 20,
+            require_groupings: false,
             faults: Faults::default(),
         }
     }
