@@ -50,6 +50,7 @@ async fn worker(settings: &Settings, metrics: Arc<Metrics>) -> Worker {
         },
         tiers,
         max_message_bytes: 8 << 20,
+        record_budget: settings.schedule.record_budget,
         metrics,
     }
 }

@@ -622,12 +622,12 @@ impl FinboxApi for FakeProvider {
         self.call(customer_id).await;
         Ok(FinboxAnswer::Complete(FinboxInsights {
             request_id: Some(format!("req-{customer_id}")),
-            date_requested: None,
-            date_processed: None,
             predictors: vec![Predictor {
                 name: "score".into(),
                 value: serde_json::json!(1),
+                ..Predictor::default()
             }],
+            ..FinboxInsights::default()
         }))
     }
 }
@@ -640,6 +640,7 @@ impl CredeauApi for FakeProvider {
         entry.insert("sender".into(), serde_json::json!("BANK"));
         Ok(CredeauAnswer::Data(SmsExtraction {
             entries: vec![entry],
+            cnt_sms_threshold: Some(5000),
         }))
     }
 }
