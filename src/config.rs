@@ -104,6 +104,30 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// How the group spreads partitions over its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionAssignment {
+    /// Each topic's partitions split evenly over the members (eager
+    /// rebalances): every instance gets its part of the input and of each
+    /// delay tier, so its share of the provider rate limits follows its
+    /// share of the work.
+    Range,
+    /// Incremental rebalances that move as few partitions as possible, but
+    /// balance only the total count: one instance may hold every input
+    /// partition while another holds only delay tiers.
+    CooperativeSticky,
+}
+
+impl PartitionAssignment {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            PartitionAssignment::Range => "range",
+            PartitionAssignment::CooperativeSticky => "cooperative-sticky",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SecurityProtocol {
@@ -159,6 +183,7 @@ pub struct KafkaSettings {
     /// so a restarted pod of the same name takes its partitions back at
     /// once instead of after a rebalance.
     pub static_membership: bool,
+    pub partition_assignment: PartitionAssignment,
     pub extra: std::collections::BTreeMap<String, String>,
 }
 

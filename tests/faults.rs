@@ -248,6 +248,12 @@ async fn credeau_retries_under_5xx_and_429_outages_double_from_one_second_to_the
             format!("{poll_interval_ms}ms"),
         ),
         ("INSIGHTS__CREDEAU__DEADLINE".to_string(), "60s".to_string()),
+        // The three in-process retries (1 + 2 + 2 s) fit in one record's
+        // budget; with less, the last would be a scheduled poll instead.
+        (
+            "INSIGHTS__SCHEDULE__RECORD_BUDGET".to_string(),
+            "7s".to_string(),
+        ),
     ]);
     let _service = Service::start(&env, &dir.path().join("service.log"));
     let users = send_users(&topics.input, &["c5xx-", "c429-", "c429ra-"], 2).await;

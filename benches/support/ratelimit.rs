@@ -1,6 +1,6 @@
 //! Scenario 3, rate limit: a FinBox backlog larger than the limit serves in
 //! the window; the share of the limit used over a steady window and the
-//! 429s, with one service instance and then two sharing the limit.
+//! 429s, with one service instance, then two and three sharing the limit.
 
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig("limit_per_minute", LIMIT_PER_MINUTE);
     r.fig("backlog_users", backlog);
     r.fig("window_s", window.as_secs());
-    for instances in [1usize, 2] {
+    for instances in [1usize, 2, 3] {
         let (share, r429, served, per) = phase(ctx, instances, backlog, warmup, window).await?;
         r.fig(
             &format!("instances_{instances}_finbox_calls_per_instance"),

@@ -210,7 +210,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "partition.assignment.strategy",
+            k.partition_assignment.as_librdkafka(),
+        )
         .set(
             "session.timeout.ms",
             k.session_timeout.as_millis().to_string(),
