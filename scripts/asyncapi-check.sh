@@ -45,7 +45,7 @@ if out=$(validate docs/asyncapi.yaml schemas 2>&1); then
     pass "docs/asyncapi.yaml is valid: ${out##*$'\n'}"
 else
     fail "docs/asyncapi.yaml is invalid:"
-    echo "$out" | sed 's/^/    /'
+    printf '    %s\n' "${out//$'\n'/$'\n'    }"
 fi
 
 # Broken copies, each in a scratch tree shaped like the repository so the
@@ -68,12 +68,13 @@ expect_rejected() {
         pass "rejected: $name"
     else
         fail "not rejected as expected: $name (exit $rc)"
-        echo "$out" | sed 's/^/    /'
+        printf '    %s\n' "${out//$'\n'/$'\n'    }"
     fi
 }
 
 expect_rejected "missing info.title (required field)" 'must have required property "title"' \
     sed -i '/^  title: insights-enricher$/d' docs/asyncapi.yaml
+# shellcheck disable=SC2016 # the Python program is quoted on purpose
 expect_rejected "operation without its required channel" 'must have required property .channel.' \
     python3 -c '
 import re, pathlib
