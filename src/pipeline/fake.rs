@@ -31,14 +31,15 @@ use crate::pipeline::ports::{
 use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::worker::{Incoming, OutRecord, SourceKind};
 use crate::providers::{
-    CredeauAnswer, CredeauApi, FinboxAnswer, FinboxApi, FinboxInsights, Predictor, ProviderError,
-    SmsExtraction,
+    CredeauAnswer, CredeauApi, FinboxAnswer, FinboxApi, FinboxInsights, Predictor, Provider,
+    ProviderError, ProviderErrorKind, SmsExtraction,
 };
 
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 struct State {
@@ -147,6 +148,7 @@ impl FakeBroker {
             .push(Stored {
                 key: Some(key.as_bytes().to_vec()),
                 value: Some(value),
+                headers: vec![],
             });
     }
 
@@ -472,6 +474,7 @@ impl TxnProducer for FakeBroker {
         let rec = Stored {
             key: o.key.clone(),
             value: o.value.clone(),
+            headers: o.headers.clone(),
         };
         match s.staged.as_mut() {
             Some(staged) => {
@@ -588,6 +591,10 @@ pub struct FakeProvider {
     pub limiter: FakeLimiter,
     pub latency: Duration,
     pub slow: Mutex<HashMap<String, Duration>>,
+    /// Users answered with this error instead.
+    pub failing: Mutex<HashMap<String, ProviderErrorKind>>,
+    /// Bytes of text in each SMS entry.
+    pub sms_bytes: usize,
     pub calls: AtomicUsize,
 }
 
@@ -597,12 +604,30 @@ impl FakeProvider {
             limiter: FakeLimiter::per_minute(per_minute),
             latency,
             slow: Mutex::new(HashMap::new()),
+            failing: Mutex::new(HashMap::new()),
+            sms_bytes: 4,
             calls: AtomicUsize::new(0),
         }
     }
 
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    fn failure(&self, provider: Provider, user: &str) -> Result<(), ProviderError> {
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match failing.get(user) {
+            None => Ok(()),
+            Some(kind) => Err(ProviderError {
+                provider,
+                kind: *kind,
+                http_status: None,
+                message: format!("injected {}", kind.as_str()),
+                provider_request_id: None,
+                retry_after: None,
+                attempts: 1,
+            }),
+        }
     }
 
     async fn call(&self, user: &str) {
@@ -620,6 +645,7 @@ impl FakeProvider {
 impl FinboxApi for FakeProvider {
     async fn fetch_predictors(&self, customer_id: &str) -> Result<FinboxAnswer, ProviderError> {
         self.call(customer_id).await;
+        self.failure(Provider::Finbox, customer_id)?;
         Ok(FinboxAnswer::Complete(FinboxInsights {
             request_id: Some(format!("req-{customer_id}")),
             predictors: vec![Predictor {
@@ -636,8 +662,10 @@ impl FinboxApi for FakeProvider {
 impl CredeauApi for FakeProvider {
     async fn fetch_sms(&self, user_id: &str) -> Result<CredeauAnswer, ProviderError> {
         self.call(user_id).await;
+        self.failure(Provider::Credeau, user_id)?;
         let mut entry = serde_json::Map::new();
         entry.insert("sender".into(), serde_json::json!("BANK"));
+        entry.insert("body".into(), serde_json::json!("x".repeat(self.sms_bytes)));
         Ok(CredeauAnswer::Data(SmsExtraction {
             entries: vec![entry],
             cnt_sms_threshold: Some(5000),

@@ -83,6 +83,17 @@ async fn start(
     credeau: Arc<FakeProvider>,
     ls: LoopSettings,
 ) -> Harness {
+    let max = settings().topics.max_message_bytes;
+    start_with(broker, finbox, credeau, ls, max).await
+}
+
+async fn start_with(
+    broker: Arc<FakeBroker>,
+    finbox: Arc<FakeProvider>,
+    credeau: Arc<FakeProvider>,
+    ls: LoopSettings,
+    max_message_bytes: usize,
+) -> Harness {
     let s = settings();
     let metrics = Arc::new(Metrics::new());
     let tiers = DelayTiers::new(&s.schedule.delay_tiers);
@@ -115,7 +126,7 @@ async fn start(
             dead_letter: topics.dead_letter.clone(),
             tiers: tier_topics,
         },
-        max_message_bytes: s.topics.max_message_bytes,
+        max_message_bytes,
         record_budget: ls.record_budget,
         metrics: metrics.clone(),
     });
@@ -500,4 +511,84 @@ async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
         users.len()
     );
     assert_exactly_once(&h2, &users);
+}
+
+/// The dead letters' stage and error class headers, per user.
+fn dead_letters(broker: &FakeBroker) -> HashMap<String, (String, String)> {
+    let header = |r: &crate::pipeline::fake::Stored, k: &str| {
+        r.headers
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    broker
+        .read_topic(&settings().topics.dead_letter)
+        .iter()
+        .map(|r| {
+            let user = String::from_utf8(r.key.clone().unwrap_or_default()).unwrap_or_default();
+            (user, (header(r, "dlq.stage"), header(r, "dlq.error.class")))
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_over_max_response_bytes_is_the_polls_failure_not_the_publish_stages() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "big", 3);
+    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(10)));
+    credeau.failing.lock().unwrap().insert(
+        "big-1".into(),
+        crate::providers::ProviderErrorKind::TooLarge,
+    );
+    let h = start(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
+        credeau,
+        loop_settings(),
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(30), || {
+        combined(&h.broker).len() == users.len()
+    })
+    .await;
+    stop(&h).await;
+    assert!(done);
+    let dl = dead_letters(&h.broker);
+    assert_eq!(
+        dl.get("big-1"),
+        Some(&("poll_credeau".to_string(), "too_large".to_string())),
+        "{dl:?}"
+    );
+    assert_eq!(dl.len(), 1, "{dl:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sms_entry_larger_than_a_record_is_the_publish_stages_failure() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "huge", 2);
+    let mut credeau = FakeProvider::new(60_000, Duration::from_millis(10));
+    credeau.sms_bytes = 20_000;
+    let h = start_with(
+        broker,
+        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
+        Arc::new(credeau),
+        loop_settings(),
+        10_000,
+    )
+    .await;
+    let done = wait_for(Duration::from_secs(30), || {
+        combined(&h.broker).len() == users.len()
+    })
+    .await;
+    stop(&h).await;
+    assert!(done);
+    let dl = dead_letters(&h.broker);
+    for u in &users {
+        assert_eq!(
+            dl.get(u),
+            Some(&("publish".to_string(), "too_large".to_string())),
+            "{dl:?}"
+        );
+    }
 }

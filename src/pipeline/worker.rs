@@ -367,7 +367,12 @@ impl Worker {
             let Some(err) = &track.last_error else {
                 continue;
             };
-            let (stage, reason) = if err.kind == crate::providers::ProviderErrorKind::TooLarge {
+            // An answer over `<provider>.max_response_bytes` is the poll's
+            // failure (poll_<provider> / too_large); an answer whose event
+            // cannot be published is the publish stage's (publish /
+            // too_large, fixed by topics.max_message_bytes).
+            let (stage, reason) = if err.kind == crate::providers::ProviderErrorKind::OutputTooLarge
+            {
                 (Stage::Publish, "too_large".to_string())
             } else if err.kind.is_retryable() {
                 (Stage::Poll(p), "exhausted".to_string())
@@ -401,7 +406,7 @@ impl Worker {
             items: None,
         });
         track.last_error = Some(LastError {
-            kind: crate::providers::ProviderErrorKind::TooLarge,
+            kind: crate::providers::ProviderErrorKind::OutputTooLarge,
             http_status: None,
             message: msg.to_string(),
             provider_request_id: None,

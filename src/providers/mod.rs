@@ -163,6 +163,10 @@ pub enum ProviderErrorKind {
     InvalidBody,
     /// The response exceeded the configured size cap.
     TooLarge,
+    /// An answer that arrived whole but whose event cannot be published
+    /// (one SMS entry larger than `topics.max_message_bytes`): ours to fix,
+    /// not the provider's.
+    OutputTooLarge,
 }
 
 impl ProviderErrorKind {
@@ -200,6 +204,7 @@ impl ProviderErrorKind {
             ProviderErrorKind::Connection => "connection",
             ProviderErrorKind::InvalidBody => "invalid_body",
             ProviderErrorKind::TooLarge => "too_large",
+            ProviderErrorKind::OutputTooLarge => "output_too_large",
         }
     }
 }
