@@ -18,7 +18,7 @@ import uuid
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 # prefix -> how many users; the prefixes are scenarios of
-# examples/scenarios/mixed.json.
+# examples/scenarios/mixed.json (LEGEND says what each one does).
 MIX = {
     "fast-": 6,
     "slow-": 3,  # no prefix match: the scenario file's default
@@ -30,6 +30,30 @@ MIX = {
     "throttled-": 3,
     "flaky-": 3,
 }
+
+LEGEND = (
+    "scenarios: fast- data at once | slow- data after 20-30 s | "
+    "nodata- FinBox no_data, no SMS | sync- FinBox not found for 45 s, then data | "
+    "ghost- FinBox never finds the user | never- never ready (deadlines) | "
+    "storm- 5xx errors | throttled- 429s | flaky- dropped connections, broken bodies | "
+    "demo-user-1 5000 SMS (multi-megabyte)"
+)
+
+COLUMNS = (
+    "columns: input = onboarded events read; re-reads = users read back from the "
+    "delay topics for their next poll; finbox/credeau = HTTP calls to each provider; "
+    "published = events out per kind; in flight = users sent but not yet combined"
+)
+
+
+def shorten(text, width):
+    """`text` cut at a word boundary to at most `width` characters."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + "…"
 
 
 def metric_sums(text):
@@ -46,8 +70,9 @@ def metric_sums(text):
         sums[name] += v
         if "{" in name_labels:
             for part in name_labels.split("{", 1)[1].rstrip("}").split(","):
-                if part.startswith("topic="):
-                    sums[f"{name}[{part[7:-1]}]"] += v
+                label, _, val = part.partition("=")
+                if label in ("topic", "provider"):
+                    sums[f"{name}[{val.strip(chr(34))}]"] += v
     return sums
 
 
@@ -118,6 +143,8 @@ def main():
 
     users = send(a.bootstrap, a.input)
     print(f"sent {len(users)} onboarded users and 2 poison records to {a.input}")
+    print(LEGEND)
+    print(COLUMNS, flush=True)
     start = time.time()
     done = 0
     while time.time() - start < a.timeout:
@@ -125,15 +152,20 @@ def main():
         if m is not None:
             done = int(m.get("insights_published_total[insights_ready]", 0))
             print(
-                f"[{time.time() - start:5.0f}s] consumed {int(m['insights_events_consumed_total']):4d}"
-                f"  finbox calls {int(m.get('insights_provider_requests_total', 0)):4d}"
-                f"  waiting {int(m.get('insights_users_waiting', 0)):3d}"
-                f"  predictors {int(m.get('insights_published_total[finbox_predictors]', 0)):3d}"
-                f"  sms {int(m.get('insights_published_total[sms_extraction]', 0)):3d}"
-                f"  combined {done:3d}/{len(users)}"
-                f"  dead letters {int(m.get('insights_dead_letters_total', 0)):2d}",
+                f"[{time.time() - start:4.0f}s]"
+                f" input {int(m.get('insights_events_consumed_total[input]', 0)):3d}"
+                f" | re-reads {int(m.get('insights_events_consumed_total[delay]', 0)):4d}"
+                f" | calls finbox {int(m.get('insights_provider_requests_total[finbox]', 0)):4d}"
+                f" credeau {int(m.get('insights_provider_requests_total[credeau]', 0)):4d}"
+                f" | published predictors {int(m.get('insights_published_total[finbox_predictors]', 0)):2d}"
+                f" sms {int(m.get('insights_published_total[sms_extraction]', 0)):2d}"
+                f" combined {done:2d}/{len(users)}"
+                f" | in flight {max(len(users) - done, 0):2d}"
+                f" | dead letters {int(m.get('insights_dead_letters_total', 0)):2d}",
                 flush=True,
             )
+        else:
+            print(f"[{time.time() - start:4.0f}s] (no answer from {a.metrics})", flush=True)
         if done >= len(users):
             break
         time.sleep(3)
@@ -155,7 +187,8 @@ def main():
         if topic == a.dlq:
             for r in recs:
                 h = dict((k, (v or b"").decode()) for k, v in (r.headers() or []))
-                print(f"      {h.get('dlq.stage')}: {h.get('dlq.error.class')} - {h.get('dlq.error.message', '')[:70]}")
+                msg = shorten(h.get("dlq.error.message", ""), 90)
+                print(f"      {h.get('dlq.stage')}: {h.get('dlq.error.class')} - {msg}")
     if done < len(users):
         print(f"\nonly {done} of {len(users)} users finished within {a.timeout:.0f}s", file=sys.stderr)
         return 1

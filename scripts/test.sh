@@ -15,6 +15,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
+# The machine's tools first: one clear line per missing one, before any work.
+scripts/prereqs.sh test || exit 1
+
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 mkdir -p "$CACHE"
 # Two test binaries' worth of Kafka clients and service instances is what a

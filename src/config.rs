@@ -3,6 +3,7 @@
 //! variables. Secrets may come from files and are held in `secrecy` types.
 //! [`Settings::load`] validates everything and names the offending key.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    /// Every bad value found, each with where it came from.
+    #[error("{}", render_problems(.0))]
+    Problems(Vec<Problem>),
 }
 
 impl ConfigError {
@@ -31,6 +35,218 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The `--config` file.
+    File(PathBuf),
+    /// An `INSIGHTS__SECTION__KEY` variable.
+    Env(String),
+    /// Neither: the built-in default.
+    Default,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "set in {}", p.display()),
+            Origin::Env(var) => write!(f, "set by environment variable {var}"),
+            Origin::Default => f.write_str("not set: built-in default"),
+        }
+    }
+}
+
+/// One bad configuration value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    /// Unknown when the settings were checked without loading them.
+    pub origin: Option<Origin>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`", self.key)?;
+        if let Some(o) = &self.origin {
+            write!(f, " ({o})")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    match problems {
+        [one] => format!("configuration key {one}"),
+        many => {
+            let mut out = format!("{} configuration problems:", many.len());
+            for p in many {
+                out.push_str(&format!("\n  - {p}"));
+            }
+            out
+        }
+    }
+}
+
+/// Problems found so far, in the order found.
+#[derive(Debug, Default)]
+struct Checks(Vec<(String, Option<Origin>, String)>);
+
+impl Checks {
+    fn fail(&mut self, key: &str, reason: impl Into<String>) {
+        self.0.push((key.to_string(), None, reason.into()));
+    }
+    fn fail_from(&mut self, key: &str, origin: Origin, reason: String) {
+        self.0.push((key.to_string(), Some(origin), reason));
+    }
+    fn check(&mut self, r: Result<(), ConfigError>) {
+        match r {
+            Ok(()) => {}
+            Err(ConfigError::Invalid { key, reason }) => self.0.push((key, None, reason)),
+            Err(ConfigError::Problems(ps)) => {
+                self.0
+                    .extend(ps.into_iter().map(|p| (p.key, p.origin, p.reason)));
+            }
+            Err(ConfigError::Load(e)) => {
+                self.0
+                    .push(("configuration".to_string(), None, load_reason(&e)));
+            }
+        }
+    }
+    fn into_error(self, origins: &Origins) -> ConfigError {
+        ConfigError::Problems(
+            self.0
+                .into_iter()
+                .map(|(key, origin, reason)| Problem {
+                    origin: origin.or_else(|| origins.of(&key)),
+                    key,
+                    reason,
+                })
+                .collect(),
+        )
+    }
+    fn into_result(self, origins: &Origins) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.into_error(origins))
+        }
+    }
+}
+
+/// Which keys the file and the environment set.
+#[derive(Debug, Default)]
+struct Origins {
+    /// False when nothing is known (checks without loading).
+    known: bool,
+    set: BTreeMap<String, Origin>,
+}
+
+impl Origins {
+    fn of(&self, key: &str) -> Option<Origin> {
+        if !self.known || key.starts_with("--") {
+            return None;
+        }
+        Some(self.set.get(key).cloned().unwrap_or(Origin::Default))
+    }
+}
+
+const ENV_PREFIX: &str = "INSIGHTS__";
+
+/// `INSIGHTS__KAFKA__BOOTSTRAP_SERVERS` -> `kafka.bootstrap_servers`, as the
+/// `config` crate maps it.
+fn env_key(var: &str) -> String {
+    var[ENV_PREFIX.len()..].to_lowercase().replace("__", ".")
+}
+
+/// The defaults, then a TOML document, then environment variables.
+fn with_defaults(
+    file_toml: Option<&str>,
+    env: BTreeMap<String, String>,
+) -> Result<Settings, config::ConfigError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        DEFAULTS_TOML,
+        config::FileFormat::Toml,
+    ));
+    if let Some(text) = file_toml {
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("INSIGHTS")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env.into_iter().collect())),
+    );
+    builder.build()?.try_deserialize()
+}
+
+/// The `config` crate's reason without the key and origin it appends (the
+/// problem names both itself).
+fn load_reason(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("invalid type: {unexpected}, expected {expected}"),
+        config::ConfigError::At { error, .. } => load_reason(error),
+        other => other.to_string(),
+    }
+}
+
+/// The paths of every value in a TOML table (a nested table is a section,
+/// not a value, unless it is empty).
+fn flatten_keys(prefix: &mut Vec<String>, table: &toml::Table, out: &mut Vec<Vec<String>>) {
+    for (k, v) in table {
+        prefix.push(k.clone());
+        match v {
+            toml::Value::Table(t) if !t.is_empty() => flatten_keys(prefix, t, out),
+            _ => out.push(prefix.clone()),
+        }
+        prefix.pop();
+    }
+}
+
+/// A table holding only the value at `path`.
+fn single_key_table(table: &toml::Table, path: &[String]) -> toml::Table {
+    let mut value = None;
+    let mut t = table;
+    for (i, seg) in path.iter().enumerate() {
+        match t.get(seg) {
+            Some(toml::Value::Table(inner)) if i + 1 < path.len() => t = inner,
+            Some(v) if i + 1 == path.len() => value = Some(v.clone()),
+            _ => break,
+        }
+    }
+    let mut out = toml::Table::new();
+    if let (Some(v), Some((last, parents))) = (value, path.split_last()) {
+        let mut leaf = toml::Table::new();
+        leaf.insert(last.clone(), v);
+        for seg in parents.iter().rev() {
+            let mut up = toml::Table::new();
+            up.insert(seg.clone(), toml::Value::Table(leaf));
+            leaf = up;
+        }
+        out = leaf;
+    }
+    out
+}
+
+fn remove_key(table: &mut toml::Table, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut t = table;
+    for seg in parents {
+        match t.get_mut(seg) {
+            Some(toml::Value::Table(inner)) => t = inner,
+            _ => return,
+        }
+    }
+    t.remove(last);
 }
 
 /// A secret value. Serializes as `"<redacted>"` (or `""` when unset) so
@@ -457,108 +673,192 @@ impl Settings {
     }
 
     /// As [`Settings::load`], with the environment given explicitly (tests).
+    ///
+    /// Every problem is reported at once, each naming its key and where
+    /// the value came from, in a stable order: the file's keys (sorted),
+    /// then the environment's (sorted by variable), then the checks of
+    /// [`Settings::validate`] in their order. Each value given is first
+    /// checked on its own over the defaults, so one wrong type cannot hide
+    /// another; a value found wrong is left out (its default stands in) so
+    /// the remaining checks still run.
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::invalid(
-                    "--config",
-                    format!("file {} does not exist", path.display()),
-                ));
+        let mut file_table = match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::invalid(
+                        "--config",
+                        format!("file {} does not exist", path.display()),
+                    ));
+                }
+                Some((path, check_toml_syntax(path)?))
             }
-            check_toml_syntax(path)?;
-            builder = builder.add_source(
-                config::File::from(path.to_path_buf())
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
-        }
-        let env_map: config::Map<String, String> = env
+            None => None,
+        };
+        let mut env_vars: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("INSIGHTS__"))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("INSIGHTS")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env_map)),
-        );
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
-        settings.resolve_secret_files()?;
-        settings.validate()?;
+
+        let mut origins = Origins {
+            known: true,
+            ..Origins::default()
+        };
+        let mut errs = Checks::default();
+        if let Some((path, table)) = &mut file_table {
+            let mut paths = Vec::new();
+            flatten_keys(&mut Vec::new(), table, &mut paths);
+            let mut bad = Vec::new();
+            for p in paths {
+                let key = p.join(".");
+                let origin = Origin::File(path.to_path_buf());
+                let source = toml::to_string(&single_key_table(table, &p)).unwrap_or_default();
+                if let Err(e) = with_defaults(Some(&source), BTreeMap::new()) {
+                    errs.fail_from(&key, origin.clone(), load_reason(&e));
+                    bad.push(p);
+                }
+                origins.set.insert(key, origin);
+            }
+            for p in &bad {
+                remove_key(table, p);
+            }
+        }
+        for (var, value) in env_vars.clone() {
+            let key = env_key(&var);
+            let origin = Origin::Env(var.clone());
+            let single = BTreeMap::from([(var.clone(), value)]);
+            if let Err(e) = with_defaults(None, single) {
+                errs.fail_from(&key, origin.clone(), load_reason(&e));
+                env_vars.remove(&var);
+            }
+            origins.set.insert(key, origin);
+        }
+
+        let file_source = file_table
+            .as_ref()
+            .map(|(_, t)| toml::to_string(t).unwrap_or_default());
+        let mut settings = match with_defaults(file_source.as_deref(), env_vars) {
+            Ok(s) => s,
+            Err(e) => {
+                // Each value passed on its own; together they did not.
+                errs.check(Err(ConfigError::Load(e)));
+                return Err(errs.into_error(&origins));
+            }
+        };
+        settings.resolve_secret_files(&mut errs);
+        settings.check_values(&mut errs);
+        errs.into_result(&origins)?;
         Ok(settings)
     }
 
-    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
-        read_secret_file(
-            "finbox.api_key",
-            &mut self.finbox.api_key,
-            &self.finbox.api_key_file,
-        )?;
+    /// `finbox.server_hash` alone, from the same layers (its `_file` read),
+    /// without checking the rest: the `salt` debugging command needs only it.
+    pub fn finbox_server_hash(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<String, ConfigError> {
+        let file_toml = match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ))
+            }
+            Some(path) => Some(toml::to_string(&check_toml_syntax(path)?).unwrap_or_default()),
+            None => None,
+        };
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let mut s = with_defaults(file_toml.as_deref(), env)?;
         read_secret_file(
             "finbox.server_hash",
-            &mut self.finbox.server_hash,
-            &self.finbox.server_hash_file,
+            &mut s.finbox.server_hash,
+            &s.finbox.server_hash_file,
         )?;
-        read_secret_file(
-            "credeau.auth_token",
-            &mut self.credeau.auth_token,
-            &self.credeau.auth_token_file,
-        )?;
-        read_secret_file(
-            "kafka.sasl_password",
-            &mut self.kafka.sasl_password,
-            &self.kafka.sasl_password_file,
-        )?;
-        read_secret_file(
-            "kafka.ssl_key_password",
-            &mut self.kafka.ssl_key_password,
-            &self.kafka.ssl_key_password_file,
-        )?;
-        Ok(())
+        Ok(s.finbox.server_hash.expose().to_string())
+    }
+
+    fn resolve_secret_files(&mut self, errs: &mut Checks) {
+        for (key, secret, file) in [
+            (
+                "finbox.api_key",
+                &mut self.finbox.api_key,
+                &self.finbox.api_key_file,
+            ),
+            (
+                "finbox.server_hash",
+                &mut self.finbox.server_hash,
+                &self.finbox.server_hash_file,
+            ),
+            (
+                "credeau.auth_token",
+                &mut self.credeau.auth_token,
+                &self.credeau.auth_token_file,
+            ),
+            (
+                "kafka.sasl_password",
+                &mut self.kafka.sasl_password,
+                &self.kafka.sasl_password_file,
+            ),
+            (
+                "kafka.ssl_key_password",
+                &mut self.kafka.ssl_key_password,
+                &self.kafka.ssl_key_password_file,
+            ),
+        ] {
+            errs.check(read_secret_file(key, secret, file));
+        }
     }
 
     /// Rejects values that would only fail later (or silently misbehave).
+    /// Every problem is reported, in the order of the checks below.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Checks::default();
+        self.check_values(&mut errs);
+        errs.into_result(&Origins::default())
+    }
+
+    fn check_values(&self, errs: &mut Checks) {
         let level = &self.log.level;
-        tracing_subscriber::EnvFilter::try_new(level)
-            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+            errs.fail("log.level", e.to_string());
+        }
 
         let k = &self.kafka;
-        non_empty("kafka.bootstrap_servers", &k.bootstrap_servers)?;
-        non_empty("kafka.group_id", &k.group_id)?;
-        non_empty("kafka.transactional_id_prefix", &k.transactional_id_prefix)?;
+        errs.check(non_empty("kafka.bootstrap_servers", &k.bootstrap_servers));
+        errs.check(non_empty("kafka.group_id", &k.group_id));
+        errs.check(non_empty(
+            "kafka.transactional_id_prefix",
+            &k.transactional_id_prefix,
+        ));
         if k.security_protocol.uses_sasl() {
             match k.sasl_mechanism.as_str() {
                 "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
                 other => {
-                    return Err(ConfigError::invalid(
+                    errs.fail(
                         "kafka.sasl_mechanism",
                         format!(
                         "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL, got {other:?}"
                     ),
-                    ))
+                    );
                 }
             }
-            non_empty("kafka.sasl_username", &k.sasl_username)?;
-            if !k.sasl_password.is_set() {
-                return Err(ConfigError::invalid(
+            errs.check(non_empty("kafka.sasl_username", &k.sasl_username));
+            if !k.sasl_password.is_set() && k.sasl_password_file.is_empty() {
+                errs.fail(
                     "kafka.sasl_password",
                     "is required with SASL (or kafka.sasl_password_file)",
-                ));
+                );
             }
         } else if !k.sasl_mechanism.is_empty() {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "kafka.sasl_mechanism",
                 "is set but kafka.security_protocol does not use SASL",
-            ));
+            );
         }
         for (key, path) in [
             ("kafka.ssl_ca_location", &k.ssl_ca_location),
@@ -570,27 +870,25 @@ impl Settings {
         ] {
             if !path.is_empty() {
                 if !k.security_protocol.uses_tls() {
-                    return Err(ConfigError::invalid(
-                        key,
-                        "is set but kafka.security_protocol does not use TLS",
-                    ));
+                    errs.fail(key, "is set but kafka.security_protocol does not use TLS");
+                } else {
+                    errs.check(must_exist(key, path));
                 }
-                must_exist(key, path)?;
             }
         }
         if k.ssl_certificate_location.is_empty() != k.ssl_key_location.is_empty() {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "kafka.ssl_key_location",
                 "a client certificate needs both ssl_certificate_location and ssl_key_location",
-            ));
+            );
         }
-        positive("kafka.transaction_timeout", k.transaction_timeout)?;
-        positive("kafka.session_timeout", k.session_timeout)?;
+        errs.check(positive("kafka.transaction_timeout", k.transaction_timeout));
+        errs.check(positive("kafka.session_timeout", k.session_timeout));
         if k.max_poll_interval < k.session_timeout {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "kafka.max_poll_interval",
                 "must be at least kafka.session_timeout",
-            ));
+            );
         }
 
         let t = &self.topics;
@@ -603,132 +901,105 @@ impl Settings {
             ("topics.delay_prefix", &t.delay_prefix),
         ];
         for (i, (key, name)) in names.iter().enumerate() {
-            topic_name(key, name)?;
+            errs.check(topic_name(key, name));
             if names[..i].iter().any(|(_, other)| other == name) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("topic {name:?} is used twice"),
-                ));
+                errs.fail(key, format!("topic {name:?} is used twice"));
             }
         }
         if t.partitions < 1 {
-            return Err(ConfigError::invalid("topics.partitions", "must be >= 1"));
+            errs.fail("topics.partitions", "must be >= 1");
         }
         if t.replication_factor < 1 {
-            return Err(ConfigError::invalid(
-                "topics.replication_factor",
-                "must be >= 1",
-            ));
+            errs.fail("topics.replication_factor", "must be >= 1");
         }
         if t.max_message_bytes < 1024 * 1024 {
-            return Err(ConfigError::invalid(
-                "topics.max_message_bytes",
-                "must be at least 1048576",
-            ));
+            errs.fail("topics.max_message_bytes", "must be at least 1048576");
         }
 
         let e = &self.encoding;
         let needs_registry = e.output == OutputEncoding::Avro || e.input != InputEncoding::Json;
         if !e.schema_registry_url.is_empty() {
-            http_url("encoding.schema_registry_url", &e.schema_registry_url)?;
+            errs.check(http_url(
+                "encoding.schema_registry_url",
+                &e.schema_registry_url,
+            ));
         } else if e.output == OutputEncoding::Avro || e.input == InputEncoding::Avro {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "encoding.schema_registry_url",
                 "is required when Avro is used",
-            ));
+            );
         }
         let _ = needs_registry;
         if e.max_input_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                "encoding.max_input_bytes",
-                "must be at least 1024",
-            ));
+            errs.fail("encoding.max_input_bytes", "must be at least 1024");
         }
 
         let s = &self.schedule;
         if s.delay_tiers.is_empty() {
-            return Err(ConfigError::invalid(
-                "schedule.delay_tiers",
-                "needs at least one tier",
-            ));
+            errs.fail("schedule.delay_tiers", "needs at least one tier");
         }
         if s.delay_tiers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(ConfigError::invalid(
-                "schedule.delay_tiers",
-                "must be strictly increasing",
-            ));
+            errs.fail("schedule.delay_tiers", "must be strictly increasing");
         }
         if s.delay_tiers.iter().any(|d| d.as_millis() < 100) {
-            return Err(ConfigError::invalid(
-                "schedule.delay_tiers",
-                "each tier must be at least 100ms",
-            ));
+            errs.fail("schedule.delay_tiers", "each tier must be at least 100ms");
         }
         if s.max_in_flight == 0 {
-            return Err(ConfigError::invalid(
-                "schedule.max_in_flight",
-                "must be >= 1",
-            ));
+            errs.fail("schedule.max_in_flight", "must be >= 1");
         }
         if s.max_batch == 0 {
-            return Err(ConfigError::invalid("schedule.max_batch", "must be >= 1"));
+            errs.fail("schedule.max_batch", "must be >= 1");
         }
-        positive("schedule.record_budget", s.record_budget)?;
+        errs.check(positive("schedule.record_budget", s.record_budget));
         // A batch waits for its slowest record: the budget must leave room
         // for the transaction within the stall timeout, and keep a batch
         // far inside the group's poll interval.
         if s.record_budget * 2 > self.server.stall_timeout {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "schedule.record_budget",
                 format!(
                     "must be at most half of server.stall_timeout ({}), or a slow provider fails liveness",
                     humantime::format_duration(self.server.stall_timeout)
                 ),
-            ));
+            );
         }
         if s.record_budget * 2 > self.kafka.max_poll_interval {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "schedule.record_budget",
                 format!(
                     "must be at most half of kafka.max_poll_interval ({})",
                     humantime::format_duration(self.kafka.max_poll_interval)
                 ),
-            ));
+            );
         }
 
         let f = &self.finbox;
-        http_url("finbox.base_url", &f.base_url)?;
-        if !f.api_key.is_set() {
-            return Err(ConfigError::invalid(
-                "finbox.api_key",
-                "is required (or finbox.api_key_file)",
-            ));
+        errs.check(http_url("finbox.base_url", &f.base_url));
+        // A finbox.api_key_file that could not be read is reported on its own.
+        if !f.api_key.is_set() && f.api_key_file.is_empty() {
+            errs.fail("finbox.api_key", "is required (or finbox.api_key_file)");
         }
-        if !f.server_hash.is_set() {
-            return Err(ConfigError::invalid(
+        // A finbox.server_hash_file that could not be read is reported on its own.
+        if !f.server_hash.is_set() && f.server_hash_file.is_empty() {
+            errs.fail(
                 "finbox.server_hash",
                 "is required (or finbox.server_hash_file)",
-            ));
+            );
         }
         if f.retry_delays.len() > 10 {
-            return Err(ConfigError::invalid(
-                "finbox.retry_delays",
-                "at most 10 retries",
-            ));
+            errs.fail("finbox.retry_delays", "at most 10 retries");
         }
         if f.predictors_version < 1 {
-            return Err(ConfigError::invalid(
-                "finbox.predictors_version",
-                "must be >= 1",
-            ));
+            errs.fail("finbox.predictors_version", "must be >= 1");
         }
         if f.poll_interval < FINBOX_MIN_POLL_INTERVAL {
-            return Err(ConfigError::invalid(
+            errs.fail(
                 "finbox.poll_interval",
                 "must be at least 10s (FinBox asks for polls at least 10 s apart)",
-            ));
+            );
         }
-        self.common_provider_checks(
+        Self::common_provider_checks(
+            errs,
             "finbox",
             f.request_timeout,
             f.connect_timeout,
@@ -736,45 +1007,38 @@ impl Settings {
             f.max_response_bytes,
             &f.ca_bundle,
             &f.poll_policy(),
-        )?;
+        );
 
         let c = &self.credeau;
-        http_url("credeau.base_url", &c.base_url)?;
-        non_empty("credeau.client_id", &c.client_id)?;
-        if !c.auth_token.is_set() {
-            return Err(ConfigError::invalid(
+        errs.check(http_url("credeau.base_url", &c.base_url));
+        errs.check(non_empty("credeau.client_id", &c.client_id));
+        // A credeau.auth_token_file that could not be read is reported on its own.
+        if !c.auth_token.is_set() && c.auth_token_file.is_empty() {
+            errs.fail(
                 "credeau.auth_token",
                 "is required (or credeau.auth_token_file)",
-            ));
+            );
         }
-        positive("credeau.retry_base", c.retry_base)?;
+        errs.check(positive("credeau.retry_base", c.retry_base));
         if c.retry_cap < c.retry_base {
-            return Err(ConfigError::invalid(
-                "credeau.retry_cap",
-                "must be >= credeau.retry_base",
-            ));
+            errs.fail("credeau.retry_cap", "must be >= credeau.retry_base");
         }
         if c.max_retries > 10 {
-            return Err(ConfigError::invalid("credeau.max_retries", "must be <= 10"));
+            errs.fail("credeau.max_retries", "must be <= 10");
         }
         if c.cnt_sms_threshold == 0 {
-            return Err(ConfigError::invalid(
-                "credeau.cnt_sms_threshold",
-                "must be >= 1",
-            ));
+            errs.fail("credeau.cnt_sms_threshold", "must be >= 1");
         }
         if let serde_json::Value::Array(items) = &c.groupings {
             if items
                 .iter()
                 .any(|g| g.as_str().is_some_and(|s| s.trim().is_empty()))
             {
-                return Err(ConfigError::invalid(
-                    "credeau.groupings",
-                    "holds an empty name",
-                ));
+                errs.fail("credeau.groupings", "holds an empty name");
             }
         }
-        self.common_provider_checks(
+        Self::common_provider_checks(
+            errs,
             "credeau",
             c.request_timeout,
             c.connect_timeout,
@@ -782,37 +1046,29 @@ impl Settings {
             c.max_response_bytes,
             &c.ca_bundle,
             &c.poll_policy(),
-        )?;
+        );
 
         let d = &self.dead_letter;
         if !(d.max_ratio > 0.0 && d.max_ratio <= 1.0) {
-            return Err(ConfigError::invalid(
-                "dead_letter.max_ratio",
-                "must be in (0, 1]",
-            ));
+            errs.fail("dead_letter.max_ratio", "must be in (0, 1]");
         }
         if d.window == 0 {
-            return Err(ConfigError::invalid("dead_letter.window", "must be >= 1"));
+            errs.fail("dead_letter.window", "must be >= 1");
         }
         if d.max_consecutive == 0 {
-            return Err(ConfigError::invalid(
-                "dead_letter.max_consecutive",
-                "must be >= 1",
-            ));
+            errs.fail("dead_letter.max_consecutive", "must be >= 1");
         }
 
-        self.server
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| ConfigError::invalid("server.listen", e.to_string()))?;
-        positive("server.stall_timeout", self.server.stall_timeout)?;
-        positive("shutdown.timeout", self.shutdown.timeout)?;
-        Ok(())
+        if let Err(e) = self.server.listen.parse::<std::net::SocketAddr>() {
+            errs.fail("server.listen", e.to_string());
+        }
+        errs.check(positive("server.stall_timeout", self.server.stall_timeout));
+        errs.check(positive("shutdown.timeout", self.shutdown.timeout));
     }
 
     #[allow(clippy::too_many_arguments)]
     fn common_provider_checks(
-        &self,
+        errs: &mut Checks,
         section: &str,
         request_timeout: Duration,
         connect_timeout: Duration,
@@ -820,46 +1076,30 @@ impl Settings {
         max_response_bytes: usize,
         ca_bundle: &str,
         policy: &PollPolicy,
-    ) -> Result<(), ConfigError> {
+    ) {
         let key = |k: &str| format!("{section}.{k}");
-        positive(&key("request_timeout"), request_timeout)?;
-        positive(&key("connect_timeout"), connect_timeout)?;
+        errs.check(positive(&key("request_timeout"), request_timeout));
+        errs.check(positive(&key("connect_timeout"), connect_timeout));
         if rate_limit_per_minute == 0 {
-            return Err(ConfigError::invalid(
-                &key("rate_limit_per_minute"),
-                "must be >= 1",
-            ));
+            errs.fail(&key("rate_limit_per_minute"), "must be >= 1");
         }
         if max_response_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                &key("max_response_bytes"),
-                "must be at least 1024",
-            ));
+            errs.fail(&key("max_response_bytes"), "must be at least 1024");
         }
         if !ca_bundle.is_empty() {
-            must_exist(&key("ca_bundle"), ca_bundle)?;
+            errs.check(must_exist(&key("ca_bundle"), ca_bundle));
         }
-        positive(&key("poll_interval"), policy.poll_interval)?;
-        positive(&key("deadline"), policy.deadline)?;
+        errs.check(positive(&key("poll_interval"), policy.poll_interval));
+        errs.check(positive(&key("deadline"), policy.deadline));
         if policy.max_poll_interval < policy.poll_interval {
-            return Err(ConfigError::invalid(
-                &key("max_poll_interval"),
-                "must be >= poll_interval",
-            ));
+            errs.fail(&key("max_poll_interval"), "must be >= poll_interval");
         }
         if !(policy.backoff_multiplier >= 1.0 && policy.backoff_multiplier <= 10.0) {
-            return Err(ConfigError::invalid(
-                &key("backoff_multiplier"),
-                "must be between 1.0 and 10.0",
-            ));
+            errs.fail(&key("backoff_multiplier"), "must be between 1.0 and 10.0");
         }
         if policy.initial_delay >= policy.deadline {
-            return Err(ConfigError::invalid(
-                &key("initial_delay"),
-                "must be shorter than the deadline",
-            ));
+            errs.fail(&key("initial_delay"), "must be shorter than the deadline");
         }
-        Ok(())
     }
 
     /// The longest a task may wait in Kafka: delay topics must retain
@@ -901,15 +1141,16 @@ fn read_secret_file(key: &str, secret: &mut Secret, file: &str) -> Result<(), Co
     Ok(())
 }
 
-/// Parses the file once on our side so a syntax error is reported by line
+/// Parses the file on our side so a syntax error is reported by line
 /// and column only: the TOML library's own report quotes the offending
 /// line, which may hold a secret (`api_key = "abc` without its quote).
-fn check_toml_syntax(path: &Path) -> Result<(), ConfigError> {
+fn check_toml_syntax(path: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::invalid("--config", format!("cannot read {}: {e}", path.display()))
     })?;
-    let Err(e) = toml::from_str::<toml::Table>(&text) else {
-        return Ok(());
+    let e = match toml::from_str::<toml::Table>(&text) {
+        Ok(table) => return Ok(table),
+        Err(e) => e,
     };
     let at = e.span().map(|span| {
         let before = &text[..span.start.min(text.len())];
@@ -1097,6 +1338,78 @@ mod tests {
             ("INSIGHTS__KAFKA__SASL_USERNAME", "svc"),
         ]));
         assert!(t.contains("kafka.sasl_password"), "{t}");
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once_in_a_stable_order_with_its_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[topics]\npartitions = 0\n[finbox]\npoll_intervl = \"10s\"\n\
+             [kafka]\nsession_timeout = \"soon\"\n[kafka.extra]\n\"socket.keepalive.enable\" = \"true\"\n",
+        )
+        .unwrap();
+        let env = || {
+            let mut env: Vec<_> = with(&[
+                ("INSIGHTS__CREDEAU__DEADLINE", "-3m"),
+                ("INSIGHTS__LOG__FORMAT", "xml"),
+                ("INSIGHTS__FINBOX__POLL_INTERVAL", "5s"),
+            ]);
+            env.retain(|(k, _)| k != "INSIGHTS__FINBOX__API_KEY");
+            env
+        };
+        let problems = |e: ConfigError| match e {
+            ConfigError::Problems(ps) => ps,
+            other => panic!("not a list of problems: {other}"),
+        };
+        let first = problems(Settings::load_from(Some(&p), env()).unwrap_err());
+        let keys: Vec<&str> = first.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                // the file's keys, sorted
+                "finbox.poll_intervl",
+                "kafka.session_timeout",
+                // the environment's, by variable
+                "credeau.deadline",
+                "log.format",
+                // the checks, in their order
+                "topics.partitions",
+                "finbox.api_key",
+                "finbox.poll_interval",
+            ],
+            "{first:#?}"
+        );
+        let origin = |key: &str| first.iter().find(|p| p.key == key).unwrap().origin.clone();
+        assert_eq!(origin("finbox.poll_intervl"), Some(Origin::File(p.clone())));
+        assert_eq!(origin("topics.partitions"), Some(Origin::File(p.clone())));
+        assert_eq!(
+            origin("credeau.deadline"),
+            Some(Origin::Env("INSIGHTS__CREDEAU__DEADLINE".into()))
+        );
+        assert_eq!(
+            origin("finbox.poll_interval"),
+            Some(Origin::Env("INSIGHTS__FINBOX__POLL_INTERVAL".into()))
+        );
+        assert_eq!(origin("finbox.api_key"), Some(Origin::Default));
+        let text = ConfigError::Problems(first.clone()).to_string();
+        assert!(text.starts_with("7 configuration problems:"), "{text}");
+        assert!(
+            text.contains(&format!("`kafka.session_timeout` (set in {})", p.display())),
+            "{text}"
+        );
+        assert!(
+            text.contains("`log.format` (set by environment variable INSIGHTS__LOG__FORMAT)"),
+            "{text}"
+        );
+        // The same problems in the same order, run after run.
+        for _ in 0..5 {
+            assert_eq!(
+                problems(Settings::load_from(Some(&p), env()).unwrap_err()),
+                first
+            );
+        }
     }
 
     #[test]

@@ -28,11 +28,15 @@ enum Command {
     Simulate(simulator::SimulateArgs),
     /// Print the FinBox salt for a customer id (and nothing else).
     Salt {
+        /// The customer id the request is for (FinBox's `customer_id`: the
+        /// service sends the user id).
         #[arg(long)]
         customer_id: String,
-        /// The SERVER_HASH FinBox shared at integration.
+        /// The SERVER_HASH FinBox shared at integration; without it,
+        /// `finbox.server_hash` (or `finbox.server_hash_file`) of the
+        /// configuration (`--config`, INSIGHTS__FINBOX__SERVER_HASH).
         #[arg(long, env = "FINBOX_SERVER_HASH", hide_env_values = true)]
-        server_hash: String,
+        server_hash: Option<String>,
     },
     /// Load and validate the configuration; print it with secrets redacted.
     CheckConfig,
@@ -66,7 +70,17 @@ fn main() -> ExitCode {
             customer_id,
             server_hash,
         } => {
-            println!("{}", salt::finbox_salt(&customer_id, &server_hash));
+            let hash = match server_hash {
+                Some(h) => h,
+                None => match salt::server_hash_from_config(cli.config.as_deref()) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            println!("{}", salt::finbox_salt(&customer_id, &hash));
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
@@ -81,7 +95,7 @@ fn main() -> ExitCode {
         },
         Command::Simulate(args) => {
             logging::init(insights_enricher::config::LogFormat::Text, "info");
-            block_on(async move {
+            block_on(false, async move {
                 let shutdown = shutdown_on_signal();
                 simulator::run(args, shutdown).await
             })
@@ -95,7 +109,7 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(settings.log.format, "warn");
-            block_on(async move {
+            block_on(false, async move {
                 let out = dlq::run(&settings, cmd).await?;
                 print!("{out}");
                 Ok(())
@@ -110,7 +124,9 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(settings.log.format, &settings.log.level);
-            block_on(async move {
+            // JSON logs go to a log pipeline: the reason goes there too.
+            let log_error = settings.log.format == insights_enricher::config::LogFormat::Json;
+            block_on(log_error, async move {
                 let shutdown = shutdown_on_signal();
                 pipeline::run(settings, shutdown).await
             })
@@ -118,7 +134,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs `fut` to completion; a failure is printed once on stderr (and, with
+/// `log_error`, logged as well).
+fn block_on(
+    log_error: bool,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,11 +153,32 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "exiting");
-            eprintln!("error: {e:#}");
+            let text = error_line(&e);
+            if log_error {
+                tracing::error!(error = text, "exiting");
+            }
+            eprintln!("error: {text}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the
+/// line already holds (an error that quotes its source, such as "cannot
+/// listen on ADDR: Address already in use", would otherwise show it twice).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

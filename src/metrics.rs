@@ -10,7 +10,12 @@ use prometheus::{
 /// All metrics of one process. Cheap to clone handles out of; share it in an
 /// `Arc`.
 pub struct Metrics {
+    /// The service's own metrics, each named `insights_*`.
     pub registry: Registry,
+    /// The standard process metrics (`process_cpu_seconds_total`,
+    /// `process_resident_memory_bytes`, ...), unprefixed as dashboards and
+    /// the Prometheus conventions expect them.
+    pub process_registry: Registry,
     // providers
     pub provider_requests: IntCounterVec,
     pub provider_request_duration: HistogramVec,
@@ -83,10 +88,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry =
             Registry::new_custom(Some("insights".into()), None).expect("static registry prefix");
+        let process_registry = Registry::new();
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
-            let _ = registry.register(Box::new(pc));
+            let _ = process_registry.register(Box::new(pc));
         }
         let latency = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -222,6 +228,7 @@ impl Metrics {
                 &["version"],
             ),
             registry,
+            process_registry,
         };
         for g in [
             Box::new(m.users_waiting.clone()) as Box<dyn prometheus::core::Collector>,
@@ -243,7 +250,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+        let mut families = self.registry.gather();
+        families.extend(self.process_registry.gather());
+        if let Err(e) = encoder.encode(&families, &mut buf) {
             return format!("# encoding failed: {e}\n");
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -269,5 +278,23 @@ mod tests {
         let text = m.render();
         assert!(text.contains("insights_provider_requests_total{http_status=\"200\",outcome=\"complete\",provider=\"finbox\"} 1"), "{text}");
         assert!(text.contains("insights_build_info"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_carry_their_standard_unprefixed_names() {
+        let text = Metrics::new().render();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name} missing:\n{text}"
+            );
+        }
+        assert!(!text.contains("insights_process_"), "{text}");
     }
 }

@@ -4,9 +4,12 @@ pub mod inspect;
 pub mod read;
 pub mod replay;
 
+use std::time::Duration;
+
 use clap::{Args, Subcommand};
 
 use crate::config::Settings;
+use crate::pipeline::kafka::check_connection;
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -44,8 +47,16 @@ pub struct ReplayArgs {
     pub json: bool,
 }
 
+/// How long the tools wait for a broker to answer before they give up,
+/// naming `kafka.bootstrap_servers`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs a dlq command; returns what to print on stdout.
 pub async fn run(settings: &Settings, cmd: DlqCommand) -> anyhow::Result<String> {
+    // One short connection check first: an unreachable broker is one line
+    // naming the address, not a minute of librdkafka retrying and warning.
+    let k = settings.kafka.clone();
+    tokio::task::spawn_blocking(move || check_connection(&k, CONNECT_TIMEOUT)).await??;
     match cmd {
         DlqCommand::Inspect(args) => {
             let s = settings.clone();

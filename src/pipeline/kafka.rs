@@ -65,8 +65,14 @@ pub enum ConnectError {
     Authentication(String),
     #[error("kafka TLS handshake failed (kafka.ssl_ca_location, kafka.security_protocol): {0}")]
     Tls(String),
-    #[error("kafka brokers not reachable within {timeout:?} (kafka.bootstrap_servers): {reason}")]
-    Unreachable { timeout: Duration, reason: String },
+    #[error(
+        "kafka.bootstrap_servers = {servers:?}: no broker answered within {timeout:?} ({reason})"
+    )]
+    Unreachable {
+        servers: String,
+        timeout: Duration,
+        reason: String,
+    },
     #[error("kafka client: {0}")]
     Client(#[from] KafkaError),
 }
@@ -137,7 +143,11 @@ pub fn check_connection(k: &KafkaSettings, timeout: Duration) -> Result<(), Conn
                 .ok()
                 .and_then(|l| l.clone())
                 .unwrap_or_else(|| "no answer".to_string());
-            return Err(ConnectError::Unreachable { timeout, reason });
+            return Err(ConnectError::Unreachable {
+                servers: k.bootstrap_servers.clone(),
+                timeout,
+                reason,
+            });
         }
     }
 }
