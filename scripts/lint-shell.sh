@@ -22,7 +22,9 @@ failed=0
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for script in "${scripts[@]}"; do
-    if "$SHELLCHECK" --format=gcc "$script" >"$out" 2>&1; then
+    # -x follows the scripts a script sources (their paths are from the
+    # repository root, where this runs).
+    if "$SHELLCHECK" -x --format=gcc "$script" >"$out" 2>&1; then
         passed=$((passed + 1))
         echo "  ok   $script"
     else
