@@ -527,16 +527,16 @@ impl LoopConsumer for KafkaConsumer {
     }
 
     fn seek(&self, tp: &TopicPartition, offset: i64) {
-        // Asynchronous (timeout 0): the position is set at once, and a
-        // blocking seek would hold the loop, which must keep polling.
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
-            .is_err()
-        {
-            return;
-        }
-        if let Err(e) = self.consumer.seek_partitions(tpl, Duration::ZERO) {
+        // Synchronous, bounded: a seek must take effect before the
+        // partition is resumed. An asynchronous one (timeout 0) could be
+        // overtaken by the resume, which then fetched from after the last
+        // record delivered, and a held record was skipped.
+        if let Err(e) = self.consumer.seek(
+            &tp.topic,
+            tp.partition,
+            Offset::Offset(offset),
+            Duration::from_secs(2),
+        ) {
             tracing::warn!(error = %e, partition = %tp, offset, "seek failed");
         }
     }
