@@ -829,6 +829,14 @@ impl Settings {
         }
 
         let k = &self.kafka;
+        for key in k.extra.keys() {
+            if let Some(instead) = owned_kafka_property(key) {
+                errs.fail(
+                    &format!("kafka.extra.{key}"),
+                    format!("is set by the service itself; {instead}"),
+                );
+            }
+        }
         errs.check(non_empty("kafka.bootstrap_servers", &k.bootstrap_servers));
         errs.check(non_empty("kafka.group_id", &k.group_id));
         errs.check(non_empty(
@@ -1177,6 +1185,33 @@ fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// librdkafka properties the service sets itself: exactly-once and the
+/// loop depend on them, so `kafka.extra` may not override them. Returns
+/// what to use instead.
+fn owned_kafka_property(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "bootstrap.servers" => "use kafka.bootstrap_servers",
+        "group.id" => "use kafka.group_id",
+        "group.instance.id" => "use kafka.static_membership",
+        "transactional.id" => "use kafka.transactional_id_prefix",
+        "transaction.timeout.ms" => "use kafka.transaction_timeout",
+        "session.timeout.ms" => "use kafka.session_timeout",
+        "max.poll.interval.ms" => "use kafka.max_poll_interval",
+        "partition.assignment.strategy" => "use kafka.partition_assignment",
+        "security.protocol" => "use kafka.security_protocol",
+        "sasl.mechanism" | "sasl.mechanisms" => "use kafka.sasl_mechanism",
+        "sasl.username" => "use kafka.sasl_username",
+        "sasl.password" => "use kafka.sasl_password or kafka.sasl_password_file",
+        "isolation.level"
+        | "enable.auto.commit"
+        | "enable.auto.offset.store"
+        | "enable.idempotence"
+        | "auto.offset.reset"
+        | "enable.partition.eof" => "exactly-once depends on the service's own value",
+        _ => return None,
+    })
+}
+
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         Err(ConfigError::invalid(key, "must be greater than zero"))
@@ -1458,5 +1493,30 @@ mod tests {
         let s = Settings::load_from(None, with(&[("INSIGHTS__FINBOX__MAX_FAILED_POLLS", "0")]))
             .unwrap();
         assert_eq!(s.finbox.poll_policy().max_failed_polls, None);
+    }
+
+    #[test]
+    fn kafka_extra_may_not_override_what_the_service_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka.extra]\n\"isolation.level\" = \"read_uncommitted\"\n\"group.id\" = \"other\"\n\"socket.keepalive.enable\" = \"true\"\n",
+        )
+        .unwrap();
+        let e = Settings::load_from(Some(&path), base_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.extra.isolation.level"), "{e}");
+        assert!(e.contains("kafka.extra.group.id"), "{e}");
+        assert!(e.contains("use kafka.group_id"), "{e}");
+        assert!(!e.contains("socket.keepalive.enable"), "{e}");
+        std::fs::write(
+            &path,
+            "[kafka.extra]\n\"socket.keepalive.enable\" = \"true\"\n",
+        )
+        .unwrap();
+        let ok = Settings::load_from(Some(&path), base_env());
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 }
