@@ -150,7 +150,11 @@ fn block_on(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fut) {
+    let result = runtime.block_on(fut);
+    // Blocking work still running (a start-up connection check cut short
+    // by SIGTERM, a client close that overran) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = error_line(&e);

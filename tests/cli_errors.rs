@@ -92,6 +92,39 @@ fn run_names_the_unreachable_broker_address_and_its_key() {
 }
 
 #[test]
+fn sigterm_during_the_start_up_connection_check_stops_the_service_at_once() {
+    let servers = format!("127.0.0.1:{}", closed_port());
+    let mut child = command(&servers)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the service");
+    // Well inside the 30 s connection check.
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut exited = None;
+    while sent.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = child.try_wait().expect("wait") {
+            exited = Some((status, sent.elapsed()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some((status, took)) = exited else {
+        let _ = child.kill();
+        panic!("still running 10 s after SIGTERM");
+    };
+    assert!(took < Duration::from_secs(2), "stopped after {took:?}");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
 fn simulate_prints_the_os_error_once_when_its_port_is_taken() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = held.local_addr().expect("addr");

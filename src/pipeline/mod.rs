@@ -95,11 +95,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let k = &settings.kafka;
 
     let probe_settings = k.clone();
-    tokio::task::spawn_blocking(move || {
+    let check = tokio::task::spawn_blocking(move || {
         kafka::check_connection(&probe_settings, Duration::from_secs(30))
-    })
-    .await
-    .context("kafka connection check task")??;
+    });
+    // SIGTERM during start-up stops at once: the check holds nothing that
+    // needs closing (its thread ends by itself within its timeout).
+    let checked = tokio::select! {
+        r = check => r,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during the start-up connection check");
+            server_stop.cancel();
+            return Ok(());
+        }
+    };
+    checked.context("kafka connection check task")??;
 
     if settings.topics.create {
         let admin: AdminClient<DefaultClientContext> = base_config(k)
@@ -269,12 +278,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     {
         let p = producer.clone();
         let timeout = k.transaction_timeout;
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
-            .await
-            .context("init_transactions task")?
-            .context(
-                "kafka: init_transactions (is the broker reachable and are the credentials right?)",
-            )?;
+        let init = tokio::task::spawn_blocking(move || p.init_transactions(timeout));
+        let initialised = tokio::select! {
+            r = init => r,
+            _ = shutdown.cancelled() => {
+                tracing::info!("stopped while initialising transactions");
+                server_stop.cancel();
+                return Ok(());
+            }
+        };
+        initialised.context("init_transactions task")?.context(
+            "kafka: init_transactions (is the broker reachable and are the credentials right?)",
+        )?;
     }
 
     let worker = Arc::new(Worker {
