@@ -118,6 +118,7 @@ fn sigterm_during_the_start_up_connection_check_stops_the_service_at_once() {
     }
     let Some((status, took)) = exited else {
         let _ = child.kill();
+        let _ = child.wait();
         panic!("still running 10 s after SIGTERM");
     };
     assert!(took < Duration::from_secs(2), "stopped after {took:?}");
