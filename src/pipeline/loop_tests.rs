@@ -238,6 +238,24 @@ async fn stop(h: &Harness) {
     h.shutdown.cancel();
 }
 
+/// Waits (at most `limit`) until every user has a combined event, then
+/// stops the loop; fails naming how many were done.
+async fn finish(h: &Harness, users: &[String], limit: Duration) {
+    let done = wait_for(limit, || combined(&h.broker).len() == users.len()).await;
+    stop(h).await;
+    assert!(
+        done,
+        "only {} of {} users done",
+        combined(&h.broker).len(),
+        users.len()
+    );
+}
+
+/// A provider without a rate limit worth the name, answering after `ms`.
+fn quick(ms: u64) -> Arc<FakeProvider> {
+    Arc::new(FakeProvider::new(60_000, Duration::from_millis(ms)))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_backlog_beyond_the_rate_limit_keeps_polling_and_commits_each_user_once() {
     // The documented limits; 1,200 users are 72 s of Credeau's 1,000/min,
@@ -251,17 +269,7 @@ async fn a_backlog_beyond_the_rate_limit_keeps_polling_and_commits_each_user_onc
         loop_settings(),
     )
     .await;
-    let done = wait_for(Duration::from_secs(600), || {
-        combined(&h.broker).len() == users.len()
-    })
-    .await;
-    stop(&h).await;
-    assert!(
-        done,
-        "only {} of {} users done",
-        combined(&h.broker).len(),
-        users.len()
-    );
+    finish(&h, &users, Duration::from_secs(600)).await;
     assert_eq!(
         h.broker.times_left(),
         0,
@@ -290,24 +298,8 @@ async fn an_aborted_batch_is_read_again_with_the_batch_read_after_it() {
     broker.fail_commit(2);
     let mut ls = loop_settings();
     ls.max_batch = 50;
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(200))),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(300))),
-        ls,
-    )
-    .await;
-    let done = wait_for(Duration::from_secs(120), || {
-        combined(&h.broker).len() == users.len()
-    })
-    .await;
-    stop(&h).await;
-    assert!(
-        done,
-        "only {} of {} users done",
-        combined(&h.broker).len(),
-        users.len()
-    );
+    let h = start(broker, quick(200), quick(300), ls).await;
+    finish(&h, &users, Duration::from_secs(120)).await;
     assert_exactly_once(&h, &users);
     assert_eq!(h.broker.commits_and_aborts().1, 1);
     // The aborted batch's users were asked again.
@@ -330,13 +322,7 @@ async fn a_member_removed_mid_transaction_never_commits_what_it_read_before() {
             out_for: Duration::from_secs(5),
         },
     );
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        loop_settings(),
-    )
-    .await;
+    let h = start(broker, quick(50), quick(50), loop_settings()).await;
     wait_for(Duration::from_secs(20), || false).await;
     stop(&h).await;
     assert_eq!(h.broker.violations(), Vec::<String>::new());
@@ -353,26 +339,20 @@ async fn a_batch_read_before_a_rejoin_is_aborted_and_read_again() {
     broker.disrupt_at_commit(1, Disruption::Rejoin);
     let mut ls = loop_settings();
     ls.max_batch = 100;
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        ls,
-    )
-    .await;
+    let h = start(broker, quick(50), quick(50), ls).await;
     let done = wait_for(Duration::from_secs(60), || {
         combined(&h.broker).len() == users.len()
     })
     .await;
-    // Give a duplicate time to show.
-    wait_for(Duration::from_secs(5), || false).await;
-    stop(&h).await;
     assert!(
         done,
         "only {} of {} users done",
         combined(&h.broker).len(),
         users.len()
     );
+    // Give a duplicate time to show.
+    wait_for(Duration::from_secs(5), || false).await;
+    finish(&h, &users, Duration::from_secs(1)).await;
     assert_exactly_once(&h, &users);
     assert!(h.broker.commits_and_aborts().1 >= 1);
 }
@@ -381,7 +361,7 @@ async fn a_batch_read_before_a_rejoin_is_aborted_and_read_again() {
 async fn a_provider_that_hangs_holds_its_batch_no_longer_than_the_record_budget() {
     let broker = broker(Duration::from_secs(30));
     let users = onboard(&broker, "hang", 100);
-    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(50)));
+    let credeau = quick(50);
     credeau
         .slow
         .lock()
@@ -389,13 +369,7 @@ async fn a_provider_that_hangs_holds_its_batch_no_longer_than_the_record_budget(
         .insert("hang-7".to_string(), Duration::from_secs(65));
     let mut ls = loop_settings();
     ls.record_budget = Duration::from_secs(10);
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        credeau,
-        ls,
-    )
-    .await;
+    let h = start(broker, quick(50), credeau, ls).await;
     let began = tokio::time::Instant::now();
     let others: Vec<String> = users.iter().filter(|u| *u != "hang-7").cloned().collect();
     let done = wait_for(Duration::from_secs(60), || {
@@ -435,13 +409,7 @@ async fn the_dead_letter_guard_stops_the_loop_without_committing_the_batch() {
     for i in 0..150 {
         broker.produce(INPUT, 0, &format!("bad-{i}"), b"not json".to_vec());
     }
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
-        loop_settings(),
-    )
-    .await;
+    let h = start(broker, quick(10), quick(10), loop_settings()).await;
     let result = tokio::time::timeout(Duration::from_secs(30), h.running)
         .await
         .expect("the loop stops by itself")
@@ -460,7 +428,7 @@ async fn the_dead_letter_guard_stops_the_loop_without_committing_the_batch() {
 async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
     let broker = broker(Duration::from_secs(30));
     let users = onboard(&broker, "drain", 300);
-    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(50)));
+    let credeau = quick(50);
     credeau
         .slow
         .lock()
@@ -469,13 +437,7 @@ async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
     let mut ls = loop_settings();
     ls.record_budget = Duration::from_secs(25);
     ls.drain_timeout = Duration::from_secs(3);
-    let h = start(
-        broker.clone(),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        credeau,
-        ls,
-    )
-    .await;
+    let h = start(broker.clone(), quick(50), credeau, ls).await;
     wait_for(Duration::from_secs(2), || false).await;
     let began = tokio::time::Instant::now();
     h.shutdown.cancel();
@@ -492,24 +454,8 @@ async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
     assert_eq!(broker.violations(), Vec::<String>::new());
     // A second run (the next owner) finishes the rest, each user once.
     broker.restart_member();
-    let h2 = start(
-        broker.clone(),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(50))),
-        loop_settings(),
-    )
-    .await;
-    let done = wait_for(Duration::from_secs(60), || {
-        combined(&h2.broker).len() == users.len()
-    })
-    .await;
-    stop(&h2).await;
-    assert!(
-        done,
-        "only {} of {} users done",
-        combined(&h2.broker).len(),
-        users.len()
-    );
+    let h2 = start(broker.clone(), quick(50), quick(50), loop_settings()).await;
+    finish(&h2, &users, Duration::from_secs(60)).await;
     assert_exactly_once(&h2, &users);
 }
 
@@ -536,24 +482,13 @@ fn dead_letters(broker: &FakeBroker) -> HashMap<String, (String, String)> {
 async fn an_answer_over_max_response_bytes_is_the_polls_failure_not_the_publish_stages() {
     let broker = broker(Duration::from_secs(30));
     let users = onboard(&broker, "big", 3);
-    let credeau = Arc::new(FakeProvider::new(60_000, Duration::from_millis(10)));
+    let credeau = quick(10);
     credeau.failing.lock().unwrap().insert(
         "big-1".into(),
         crate::providers::ProviderErrorKind::TooLarge,
     );
-    let h = start(
-        broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
-        credeau,
-        loop_settings(),
-    )
-    .await;
-    let done = wait_for(Duration::from_secs(30), || {
-        combined(&h.broker).len() == users.len()
-    })
-    .await;
-    stop(&h).await;
-    assert!(done);
+    let h = start(broker, quick(10), credeau, loop_settings()).await;
+    finish(&h, &users, Duration::from_secs(30)).await;
     let dl = dead_letters(&h.broker);
     assert_eq!(
         dl.get("big-1"),
@@ -571,18 +506,13 @@ async fn an_sms_entry_larger_than_a_record_is_the_publish_stages_failure() {
     credeau.sms_bytes = 20_000;
     let h = start_with(
         broker,
-        Arc::new(FakeProvider::new(60_000, Duration::from_millis(10))),
+        quick(10),
         Arc::new(credeau),
         loop_settings(),
         10_000,
     )
     .await;
-    let done = wait_for(Duration::from_secs(30), || {
-        combined(&h.broker).len() == users.len()
-    })
-    .await;
-    stop(&h).await;
-    assert!(done);
+    finish(&h, &users, Duration::from_secs(30)).await;
     let dl = dead_letters(&h.broker);
     for u in &users {
         assert_eq!(
