@@ -314,8 +314,8 @@ impl ConsumeLoop {
             self.held.retain(|tp, _| !revoked.contains(tp));
             self.throttled.retain(|tp| !revoked.contains(tp));
         }
-        let (generation, assigned) = self.parts.consumer.assignment();
-        if generation != self.generation_seen {
+        if self.parts.consumer.assignment_changes() != self.generation_seen {
+            let (generation, assigned) = self.parts.consumer.assignment();
             self.generation_seen = generation;
             self.assigned = assigned;
             let share = if self.parts.total_partitions == 0 {
@@ -461,6 +461,12 @@ impl ConsumeLoop {
     }
 
     fn on_polled(&mut self, polled: Polled) {
+        // The poll that returned this may also have revoked and assigned
+        // partitions (one librdkafka poll serves rebalance events before it
+        // returns a record): learn of that first, so a record of a new
+        // assignment is never handled as one of the old (taken under a
+        // stale epoch, or dropped as held, and then skipped for good).
+        self.sync_assignment();
         let rec = match polled {
             Polled::Idle => return,
             Polled::Error(e) => {
@@ -475,20 +481,11 @@ impl ConsumeLoop {
             // from the held offset.
             return;
         }
-        let epoch = match self.assigned.get(&tp) {
-            Some(e) => *e,
-            None => {
-                self.sync_assignment();
-                match self.assigned.get(&tp) {
-                    Some(e) => *e,
-                    None => {
-                        // Not ours (any more): never take it, and never
-                        // let a later record of it commit past it.
-                        self.parts.consumer.seek(&tp, rec.offset);
-                        return;
-                    }
-                }
-            }
+        let Some(epoch) = self.assigned.get(&tp).copied() else {
+            // Not ours (any more): never take it, and never let a later
+            // record of it commit past it.
+            self.parts.consumer.seek(&tp, rec.offset);
+            return;
         };
         let offset = rec.offset;
         let job = match rec.kind {

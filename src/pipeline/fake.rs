@@ -74,6 +74,7 @@ struct State {
     disruptions: Vec<(u32, Disruption)>,
     lost_pending: bool,
     max_poll_gap: Duration,
+    rebalance_in_poll: bool,
 }
 
 /// The broker, its one consumer group member and the transactional
@@ -128,6 +129,7 @@ impl FakeBroker {
                 disruptions: vec![],
                 lost_pending: false,
                 max_poll_gap: Duration::ZERO,
+                rebalance_in_poll: false,
             }),
             gate: TransactionGate::new(Duration::from_secs(1)),
         };
@@ -199,6 +201,13 @@ impl FakeBroker {
         let mut s = self.lock();
         let at = s.commits + s.aborts + n;
         s.fail_commits.push(at);
+    }
+
+    /// Makes the next poll revoke every partition, assign them again (new
+    /// epochs, positions at the committed offsets) and return a record of
+    /// the new assignment, as one librdkafka poll can.
+    pub fn rebalance_in_next_poll(&self) {
+        self.lock().rebalance_in_poll = true;
     }
 
     /// A new process takes the member's place (its predecessor closed):
@@ -343,6 +352,13 @@ impl LoopConsumer for FakeBroker {
             let mut s = self.lock();
             let now = Instant::now();
             s.tick(now);
+            if std::mem::take(&mut s.rebalance_in_poll) {
+                // Revoked and assigned again, and records of the new
+                // assignment returned, all within this one poll.
+                s.leave();
+                s.deliver_lost();
+                s.join();
+            }
             s.deliver_lost();
             if s.member.is_none() && s.rejoin_at.is_none_or(|at| now >= at) {
                 s.rejoin_at = None;
@@ -391,6 +407,10 @@ impl LoopConsumer for FakeBroker {
     fn assignment(&self) -> (u64, HashMap<TopicPartition, Epoch>) {
         let s = self.lock();
         (s.changes, s.assigned.clone())
+    }
+
+    fn assignment_changes(&self) -> u64 {
+        self.lock().changes
     }
 
     fn connection(&self) -> (bool, bool) {

@@ -549,6 +549,10 @@ impl LoopConsumer for KafkaConsumer {
         self.consumer.context().assigned()
     }
 
+    fn assignment_changes(&self) -> u64 {
+        self.consumer.context().with_assignment(|a| a.generation)
+    }
+
     fn connection(&self) -> (bool, bool) {
         let ctx = self.consumer.context();
         (

@@ -522,3 +522,18 @@ async fn an_sms_entry_larger_than_a_record_is_the_publish_stages_failure() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn records_of_an_assignment_made_within_the_poll_that_returned_them_are_kept() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "inpoll", 400);
+    let mut ls = loop_settings();
+    ls.max_batch = 50;
+    let h = start(broker.clone(), quick(300), quick(400), ls).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        broker.rebalance_in_next_poll();
+    }
+    finish(&h, &users, Duration::from_secs(60)).await;
+    assert_exactly_once(&h, &users);
+}

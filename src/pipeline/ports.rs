@@ -39,6 +39,8 @@ pub trait LoopConsumer: Send + Sync + 'static {
     /// A counter that changes with every assignment change, and the
     /// partitions assigned now with their epochs.
     fn assignment(&self) -> (u64, HashMap<TopicPartition, Epoch>);
+    /// The counter alone (cheap: the loop asks after every poll).
+    fn assignment_changes(&self) -> u64;
     /// Whether the consumer is in the group and a broker is reachable.
     fn connection(&self) -> (bool, bool);
     /// Unread records per assigned partition, as last reported (statistics).
