@@ -26,6 +26,7 @@
 //!   in, so a rewind can never move a partition's new owner backwards.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,14 +37,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::pipeline::batch::{rewind_points, Batch, Running, RunningGuard};
 use crate::pipeline::deadletter::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
-use crate::pipeline::record::{BatchOffsets, Epoch, OffsetRange, PartitionRead, TopicPartition};
+use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::transaction;
 use crate::pipeline::worker::{
-    classify_tier_record, now_ms, Job, OutKind, Processed, SourceKind, TierDecision, Transient,
-    Worker,
+    classify_tier_record, now_ms, Job, OutKind, Processed, SourceKind, TierDecision, Worker,
 };
 use crate::task::Millis;
 
@@ -78,60 +79,6 @@ const POLL_WAIT: Duration = Duration::from_millis(200);
 /// How long the loop reads nothing after a transient failure (the schema
 /// registry is down) before the batch is read again.
 const TRANSIENT_COOLDOWN: Duration = Duration::from_secs(1);
-
-type Running = JoinHandle<Result<Processed, Transient>>;
-
-/// Records read in one stretch, their work already running, in read order.
-#[derive(Default)]
-struct Batch {
-    jobs: Vec<(TopicPartition, Running)>,
-    offsets: BatchOffsets,
-    started: Option<Instant>,
-}
-
-impl Batch {
-    fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Running) {
-        self.offsets
-            .entry(tp.clone())
-            .and_modify(|r| r.range.last = offset)
-            .or_insert(PartitionRead {
-                range: OffsetRange {
-                    first: offset,
-                    last: offset,
-                },
-                epoch,
-            });
-        self.jobs.push((tp.clone(), job));
-        self.started.get_or_insert_with(Instant::now);
-    }
-
-    fn len(&self) -> usize {
-        self.jobs.len()
-    }
-
-    fn is_finished(&self) -> bool {
-        self.jobs.iter().all(|(_, r)| r.is_finished())
-    }
-
-    /// Forgets revoked partitions: their records' work is cancelled (the
-    /// next owner reads them again from the committed offset).
-    fn drop_partitions(&mut self, gone: &HashSet<TopicPartition>) {
-        self.jobs.retain(|(tp, running)| {
-            let keep = !gone.contains(tp);
-            if !keep {
-                running.abort();
-            }
-            keep
-        });
-        self.offsets.retain(|tp, _| !gone.contains(tp));
-    }
-
-    fn cancel(&self) {
-        for (_, r) in &self.jobs {
-            r.abort();
-        }
-    }
-}
 
 /// A batch whose records are processed and which waits for its
 /// transaction.
@@ -220,23 +167,9 @@ impl ConsumeLoop {
             self.apply_backpressure();
             self.report_liveness();
             let wait = self.poll_wait();
-            let consumer = self.parts.consumer.clone();
-            let job_done = self.job_done.clone();
-            let mut committing = self.committing.take();
-            let event = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => Event::Nothing,
-                r = commit_end(&mut committing) => Event::Committed(r),
-                _ = job_done.notified() => Event::Nothing,
-                polled = consumer.poll(wait) => Event::Polled(polled),
-            };
-            self.committing = committing;
-            match event {
-                Event::Nothing => {}
-                Event::Committed(r) => {
-                    self.committing = None;
-                    self.finish_commit(r).await?;
-                }
+            match self.next_event(wait, shutdown.cancelled()).await {
+                Event::Stop | Event::Nothing => {}
+                Event::Committed(r) => self.finish_commit(r)?,
                 Event::Polled(polled) => self.on_polled(polled),
             }
         }
@@ -259,30 +192,26 @@ impl ConsumeLoop {
                 result = Err(e);
                 break;
             }
-            let consumer = self.parts.consumer.clone();
-            let job_done = self.job_done.clone();
-            let mut committing = self.committing.take();
-            let event = tokio::select! {
-                biased;
-                r = commit_end(&mut committing) => Event::Committed(r),
-                _ = tokio::time::sleep_until(deadline) => {
+            // Polling keeps the group membership alive; records that still
+            // arrive lie after every batch and are left for the next owner.
+            match self
+                .next_event(POLL_WAIT, tokio::time::sleep_until(deadline))
+                .await
+            {
+                Event::Stop => {
                     let left: usize = self.queued.iter().map(Batch::len).sum();
-                    tracing::warn!(records = left, "shutdown bound reached; handing the rest back uncommitted");
-                    self.committing = committing;
+                    tracing::warn!(
+                        records = left,
+                        "shutdown bound reached; handing the rest back uncommitted"
+                    );
                     break;
                 }
-                _ = job_done.notified() => Event::Nothing,
-                // Keeps the group membership alive; records that still
-                // arrive lie after every batch and are left for the next
-                // owner.
-                _ = consumer.poll(POLL_WAIT) => Event::Nothing,
-            };
-            self.committing = committing;
-            if let Event::Committed(r) = event {
-                self.committing = None;
-                if let Err(e) = self.finish_commit(r).await {
-                    result = Err(e);
+                Event::Committed(r) => {
+                    if let Err(e) = self.finish_commit(r) {
+                        result = Err(e);
+                    }
                 }
+                Event::Nothing | Event::Polled(_) => {}
             }
         }
         for b in self.queued.drain(..) {
@@ -291,7 +220,7 @@ impl ConsumeLoop {
         if let Some(c) = self.committing.take() {
             // A transaction in flight ends either way (its own deadline).
             if let Ok(r) = c.await {
-                if let Err(e) = self.finish_commit(Ok(r)).await {
+                if let Err(e) = self.finish_commit(Ok(r)) {
                     result = result.and(Err(e));
                 }
             }
@@ -629,8 +558,27 @@ impl ConsumeLoop {
         })
     }
 
+    /// Waits for whichever comes first: `stop`, the end of the transaction
+    /// in flight, the end of a record's work, or a poll (at most `wait`).
+    async fn next_event(&mut self, wait: Duration, stop: impl Future<Output = ()>) -> Event {
+        let consumer = self.parts.consumer.clone();
+        let job_done = self.job_done.clone();
+        let mut committing = self.committing.take();
+        let event = tokio::select! {
+            biased;
+            _ = stop => Event::Stop,
+            r = commit_end(&mut committing) => Event::Committed(r),
+            _ = job_done.notified() => Event::Nothing,
+            polled = consumer.poll(wait) => Event::Polled(polled),
+        };
+        if !matches!(event, Event::Committed(_)) {
+            self.committing = committing;
+        }
+        event
+    }
+
     /// Handles the end of a batch's transaction.
-    async fn finish_commit(&mut self, joined: CommitEnd) -> Result<(), LoopError> {
+    fn finish_commit(&mut self, joined: CommitEnd) -> Result<(), LoopError> {
         let (prepared, result) =
             joined.map_err(|e| LoopError::Fatal(format!("transaction task failed: {e}")))?;
         let Prepared {
@@ -679,28 +627,17 @@ impl ConsumeLoop {
     /// cancelled and each partition is rewound to the first offset any of
     /// them took, in the epoch it was read in.
     fn hand_back(&mut self, offsets: &BatchOffsets) {
-        let mut rewind: HashMap<TopicPartition, PartitionRead> = HashMap::new();
-        let later = self
+        let later: Vec<Batch> = self
             .queued
             .drain(..)
-            .chain(std::iter::once(std::mem::take(&mut self.collecting)));
-        let mut all = vec![offsets.clone()];
-        for b in later {
+            .chain(std::iter::once(std::mem::take(&mut self.collecting)))
+            .collect();
+        for b in &later {
             b.cancel();
-            all.push(b.offsets);
         }
-        for o in all {
-            for (tp, read) in o {
-                rewind
-                    .entry(tp)
-                    .and_modify(|r| {
-                        if read.epoch == r.epoch {
-                            r.range.first = r.range.first.min(read.range.first);
-                        }
-                    })
-                    .or_insert(read);
-            }
-        }
+        let rewind = rewind_points(
+            std::iter::once(offsets.clone()).chain(later.into_iter().map(|b| b.offsets)),
+        );
         let mut resume = Vec::new();
         for (tp, read) in rewind {
             if self.assigned.get(&tp) != Some(&read.epoch) {
@@ -717,27 +654,12 @@ impl ConsumeLoop {
     }
 }
 
-/// Counts a record as running until dropped (its task ended or was
-/// cancelled).
-struct RunningGuard(Arc<AtomicUsize>);
-
-impl RunningGuard {
-    fn new(count: Arc<AtomicUsize>) -> RunningGuard {
-        count.fetch_add(1, Ordering::Relaxed);
-        RunningGuard(count)
-    }
-}
-
-impl Drop for RunningGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 type CommitEnd = Result<(Prepared, Result<(), CommitError>), tokio::task::JoinError>;
 
 /// What woke the loop.
 enum Event {
+    /// The stop condition it was given.
+    Stop,
     Nothing,
     Committed(CommitEnd),
     Polled(Polled),

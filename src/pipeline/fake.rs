@@ -441,13 +441,7 @@ impl LoopConsumer for FakeBroker {
     }
 
     fn still_owned(&self, offsets: &BatchOffsets) -> Result<(), TopicPartition> {
-        let s = self.lock();
-        for (tp, read) in offsets {
-            if s.assigned.get(tp) != Some(&read.epoch) {
-                return Err(tp.clone());
-            }
-        }
-        Ok(())
+        crate::pipeline::record::still_owned(&self.lock().assigned, offsets)
     }
 
     fn transaction_gate(&self) -> &TransactionGate {
@@ -638,15 +632,12 @@ impl FakeProvider {
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match failing.get(user) {
             None => Ok(()),
-            Some(kind) => Err(ProviderError {
+            Some(kind) => Err(crate::providers::http::error(
                 provider,
-                kind: *kind,
-                http_status: None,
-                message: format!("injected {}", kind.as_str()),
-                provider_request_id: None,
-                retry_after: None,
-                attempts: 1,
-            }),
+                *kind,
+                None,
+                format!("injected {}", kind.as_str()),
+            )),
         }
     }
 

@@ -289,14 +289,7 @@ impl PipelineContext {
     /// Whether every partition of a batch is still assigned under the
     /// epoch the batch read it with.
     pub fn still_owned(&self, offsets: &BatchOffsets) -> Result<(), TopicPartition> {
-        self.with_assignment(|a| {
-            for (tp, read) in offsets {
-                if a.assigned.get(tp) != Some(&read.epoch) {
-                    return Err(tp.clone());
-                }
-            }
-            Ok(())
-        })
+        self.with_assignment(|a| crate::pipeline::record::still_owned(&a.assigned, offsets))
     }
 
     pub fn lag(&self) -> Vec<(TopicPartition, i64)> {

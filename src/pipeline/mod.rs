@@ -2,6 +2,7 @@
 //! event codecs, the Kafka clients, the health server and the consume loop,
 //! and shuts them down in order.
 
+mod batch;
 pub mod consume;
 pub mod deadletter;
 #[cfg(test)]
@@ -75,6 +76,23 @@ fn instance_name() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Runs a start-up step, or gives up on it when SIGTERM comes first
+/// (`None`): the blocking steps of start-up hold nothing that needs closing,
+/// and their threads end by themselves within their own timeouts.
+async fn unless_stopped<T>(
+    shutdown: &CancellationToken,
+    step: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        r = fut => Some(r),
+        _ = shutdown.cancelled() => {
+            tracing::info!(step, "stopped during start-up");
+            None
+        }
+    }
+}
+
 /// Runs the service until `shutdown` is cancelled (SIGTERM) or a fatal
 /// error. Returns an error naming what failed.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -98,15 +116,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let check = tokio::task::spawn_blocking(move || {
         kafka::check_connection(&probe_settings, Duration::from_secs(30))
     });
-    // SIGTERM during start-up stops at once: the check holds nothing that
-    // needs closing (its thread ends by itself within its timeout).
-    let checked = tokio::select! {
-        r = check => r,
-        _ = shutdown.cancelled() => {
-            tracing::info!("stopped during the start-up connection check");
-            server_stop.cancel();
-            return Ok(());
-        }
+    let Some(checked) = unless_stopped(&shutdown, "the start-up connection check", check).await
+    else {
+        server_stop.cancel();
+        return Ok(());
     };
     checked.context("kafka connection check task")??;
 
@@ -279,13 +292,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let p = producer.clone();
         let timeout = k.transaction_timeout;
         let init = tokio::task::spawn_blocking(move || p.init_transactions(timeout));
-        let initialised = tokio::select! {
-            r = init => r,
-            _ = shutdown.cancelled() => {
-                tracing::info!("stopped while initialising transactions");
-                server_stop.cancel();
-                return Ok(());
-            }
+        let Some(initialised) = unless_stopped(&shutdown, "init_transactions", init).await else {
+            server_stop.cancel();
+            return Ok(());
         };
         initialised.context("init_transactions task")?.context(
             "kafka: init_transactions (is the broker reachable and are the credentials right?)",

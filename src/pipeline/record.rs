@@ -1,7 +1,7 @@
 //! The vocabulary of the consume loop: which partition a record came from,
 //! which offsets a batch took, and under which assignment it read them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// One partition of one topic.
@@ -56,3 +56,18 @@ pub struct PartitionRead {
 
 /// Offsets taken by one batch, per partition.
 pub type BatchOffsets = BTreeMap<TopicPartition, PartitionRead>;
+
+/// Whether every partition a batch read is still assigned under the epoch
+/// it was read in; the first one that is not, if any.
+pub fn still_owned(
+    assigned: &HashMap<TopicPartition, Epoch>,
+    offsets: &BatchOffsets,
+) -> Result<(), TopicPartition> {
+    match offsets
+        .iter()
+        .find(|(tp, read)| assigned.get(*tp) != Some(&read.epoch))
+    {
+        Some((tp, _)) => Err(tp.clone()),
+        None => Ok(()),
+    }
+}

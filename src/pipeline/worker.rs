@@ -493,18 +493,15 @@ async fn within_budget<T>(
     let scoped = crate::providers::http::RECORD_DEADLINE.scope(deadline, call);
     match tokio::time::timeout_at(deadline, scoped).await {
         Ok(r) => r,
-        Err(_) => Err(crate::providers::ProviderError {
+        Err(_) => Err(crate::providers::http::error(
             provider,
-            kind: crate::providers::ProviderErrorKind::Timeout,
-            http_status: None,
-            message: format!(
+            crate::providers::ProviderErrorKind::Timeout,
+            None,
+            format!(
                 "no answer within the record budget ({}, schedule.record_budget); polled again when due",
                 humantime::format_duration(budget)
             ),
-            provider_request_id: None,
-            retry_after: None,
-            attempts: 1,
-        }),
+        )),
     }
 }
 

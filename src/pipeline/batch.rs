@@ -1,0 +1,105 @@
+//! A batch of records the loop read in one stretch, their work already
+//! running, and where to read again when batches are handed back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::pipeline::record::{BatchOffsets, Epoch, OffsetRange, PartitionRead, TopicPartition};
+use crate::pipeline::worker::{Processed, Transient};
+
+pub(super) type Running = JoinHandle<Result<Processed, Transient>>;
+
+/// Records read in one stretch, their work already running, in read order.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) jobs: Vec<(TopicPartition, Running)>,
+    pub(super) offsets: BatchOffsets,
+    pub(super) started: Option<Instant>,
+}
+
+impl Batch {
+    pub(super) fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Running) {
+        self.offsets
+            .entry(tp.clone())
+            .and_modify(|r| r.range.last = offset)
+            .or_insert(PartitionRead {
+                range: OffsetRange {
+                    first: offset,
+                    last: offset,
+                },
+                epoch,
+            });
+        self.jobs.push((tp.clone(), job));
+        self.started.get_or_insert_with(Instant::now);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub(super) fn is_finished(&self) -> bool {
+        self.jobs.iter().all(|(_, r)| r.is_finished())
+    }
+
+    /// Forgets revoked partitions: their records' work is cancelled (the
+    /// next owner reads them again from the committed offset).
+    pub(super) fn drop_partitions(&mut self, gone: &HashSet<TopicPartition>) {
+        self.jobs.retain(|(tp, running)| {
+            let keep = !gone.contains(tp);
+            if !keep {
+                running.abort();
+            }
+            keep
+        });
+        self.offsets.retain(|tp, _| !gone.contains(tp));
+    }
+
+    pub(super) fn cancel(&self) {
+        for (_, r) in &self.jobs {
+            r.abort();
+        }
+    }
+}
+
+/// Where to read again when batches are handed back: per partition, the
+/// first offset any of them took in the epoch the first of them read it in
+/// (a read under another epoch belongs to another assignment).
+pub(super) fn rewind_points(
+    batches: impl IntoIterator<Item = BatchOffsets>,
+) -> HashMap<TopicPartition, PartitionRead> {
+    let mut rewind: HashMap<TopicPartition, PartitionRead> = HashMap::new();
+    for offsets in batches {
+        for (tp, read) in offsets {
+            rewind
+                .entry(tp)
+                .and_modify(|r| {
+                    if read.epoch == r.epoch {
+                        r.range.first = r.range.first.min(read.range.first);
+                    }
+                })
+                .or_insert(read);
+        }
+    }
+    rewind
+}
+
+/// Counts a record as running until dropped (its task ended or was
+/// cancelled).
+pub(super) struct RunningGuard(Arc<AtomicUsize>);
+
+impl RunningGuard {
+    pub(super) fn new(count: Arc<AtomicUsize>) -> RunningGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(count)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
