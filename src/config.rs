@@ -454,6 +454,8 @@ pub struct ScheduleSettings {
     pub batch_linger: Duration,
     #[serde(with = "humantime_serde")]
     pub record_budget: Duration,
+    #[serde(with = "humantime_serde")]
+    pub straggler_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -969,6 +971,12 @@ impl Settings {
                     "must be at most half of server.stall_timeout ({}), or a slow provider fails liveness",
                     humantime::format_duration(self.server.stall_timeout)
                 ),
+            );
+        }
+        if s.straggler_wait > s.record_budget {
+            errs.fail(
+                "schedule.straggler_wait",
+                "must be at most schedule.record_budget (\"0s\" never cuts a record short)",
             );
         }
         if s.record_budget * 2 > self.kafka.max_poll_interval {

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub provider_requests: IntCounterVec,
     pub provider_request_duration: HistogramVec,
     pub provider_retries: IntCounterVec,
+    pub stragglers_cut: IntCounterVec,
     pub rate_limiter_wait: HistogramVec,
     pub provider_healthy: IntGaugeVec,
     pub provider_unexpected_data: IntCounterVec,
@@ -116,6 +117,12 @@ impl Metrics {
                 "provider_retries_total",
                 "In-process retries of a provider call, by reason.",
                 &["provider", "reason"],
+            ),
+            stragglers_cut: counter_vec(
+                &registry,
+                "stragglers_cut_total",
+                "Provider polls cut short because their record was the last one holding its batch (schedule.straggler_wait); polled again when due.",
+                &["provider"],
             ),
             rate_limiter_wait: histogram_vec(
                 &registry,

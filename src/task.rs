@@ -86,6 +86,11 @@ pub struct ProviderTrack {
     /// before it existed, which read as 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_polls: u32,
+    /// Polls in a row cut short because the record was holding its batch
+    /// (see `schedule.straggler_wait`); each one doubles the next poll's
+    /// leash. Any answer resets it. Absent when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cut_polls: u32,
     /// The provider's `request_id` of its latest answer that was not an
     /// error (FinBox sends one with every status). Absent in older tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +120,7 @@ impl ProviderTrack {
             last_error: None,
             done: None,
             failed_polls: 0,
+            cut_polls: 0,
             request_id: None,
         }
     }

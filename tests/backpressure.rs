@@ -124,13 +124,46 @@ async fn a_backlog_beyond_the_credeau_limit_is_worked_off_once_without_a_missed_
     let _ = sim.shutdown().await;
 }
 
-/// One run of the brown-out: `n` users, those whose index is a multiple of
-/// `slow_every` (if any) with Credeau answers delayed 65 s. Returns the
-/// seconds until every other user had its combined event, and the log.
-async fn brownout_run(n: usize, slow_every: Option<usize>) -> (f64, Vec<String>, String) {
+/// Which users misbehave in a brown-out run.
+#[derive(Clone, Copy)]
+enum Brownout {
+    /// Nobody: the baseline.
+    None,
+    /// Credeau answers these users after 65 s (above its 30 s timeout).
+    CredeauHangs,
+    /// FinBox answers these users with 503, every time.
+    FinboxStorm,
+}
+
+/// What one brown-out run saw.
+struct BrownoutRun {
+    /// Seconds from producing the users until every well-behaved one had
+    /// its combined event.
+    fast_done: f64,
+    /// The misbehaving users' combined events (each exactly once).
+    slow: HashMap<String, serde_json::Value>,
+    log: String,
+    /// /healthz answers other than 200 seen while the run went on.
+    unhealthy: usize,
+}
+
+/// One run of the brown-out: `n` users, every 20th of them misbehaving as
+/// `kind` says. The providers' deadlines are 1 minute so the misbehaving
+/// users end within the test.
+async fn brownout_run(n: usize, kind: Brownout) -> BrownoutRun {
+    let slow_faults = match kind {
+        Brownout::None | Brownout::CredeauHangs => json!({
+            "finbox": {"predictors": 3},
+            "credeau": {"sms_count": 2, "faults": {"latency": "65s"}}
+        }),
+        Brownout::FinboxStorm => json!({
+            "finbox": {"predictors": 3, "faults": {"server_error_ratio": 1.0}},
+            "credeau": {"sms_count": 2}
+        }),
+    };
     let sim = simulator_with(json!({
         "default": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2}},
-        "prefixes": {"hang-": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2, "faults": {"latency": "65s"}}}}
+        "prefixes": {"slow-": slow_faults}
     }))
     .await;
     sim_admin(
@@ -143,8 +176,9 @@ async fn brownout_run(n: usize, slow_every: Option<usize>) -> (f64, Vec<String>,
     create_topic(&topics.input, 3).await;
     let users: Vec<String> = (0..n)
         .map(|i| {
-            let prefix = match slow_every {
-                Some(k) if i % k == 0 => "hang-",
+            let prefix = match kind {
+                Brownout::None => "fast-",
+                _ if i % 20 == 0 => "slow-",
                 _ => "fast-",
             };
             format!("{prefix}{i}-{}", unique("u"))
@@ -155,57 +189,131 @@ async fn brownout_run(n: usize, slow_every: Option<usize>) -> (f64, Vec<String>,
     let mut env = service_env(&topics, &unique("g"), &sim.base_url());
     env.extend(
         [
-            // The shipped poll interval and stall timeout.
+            // The shipped poll interval, stall timeout, record budget and
+            // straggler wait.
             ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
             ("INSIGHTS__SERVER__STALL_TIMEOUT", "60s"),
+            ("INSIGHTS__SCHEDULE__RECORD_BUDGET", "15s"),
+            ("INSIGHTS__SCHEDULE__STRAGGLER_WAIT", "2s"),
             ("INSIGHTS__CREDEAU__REQUEST_TIMEOUT", "30s"),
-            ("INSIGHTS__CREDEAU__DEADLINE", "3m"),
-            ("INSIGHTS__FINBOX__DEADLINE", "3m"),
+            ("INSIGHTS__CREDEAU__DEADLINE", "1m"),
+            ("INSIGHTS__FINBOX__DEADLINE", "1m"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let service = Service::start(&env, &log);
     wait_ready(&service).await;
+    let port = metrics_port(&service.log_text()).expect("metrics port");
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let health = {
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let mut unhealthy = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = format!("http://127.0.0.1:{port}/healthz");
+                match reqwest::get(url).await {
+                    Ok(r) if r.status().is_success() => {}
+                    _ => unhealthy += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            unhealthy
+        })
+    };
     let started = Instant::now();
     produce_users(&topics.input, &users).await;
-    let fast: Vec<String> = users
-        .iter()
-        .filter(|u| u.starts_with("fast-"))
-        .cloned()
-        .collect();
+    let (fast, slow): (Vec<String>, Vec<String>) =
+        users.iter().cloned().partition(|u| u.starts_with("fast-"));
     let by_user = combined_by_user(&topics, fast.len(), Duration::from_secs(120));
     let fast_done = started.elapsed().as_secs_f64();
     let text = service.log_text();
-    assert_each_once(
-        &by_user
-            .into_iter()
-            .filter(|(u, _)| u.starts_with("fast-"))
-            .collect(),
-        &fast,
-        &text,
-    );
+    let fast_seen: HashMap<String, Vec<ReadRecord>> = by_user
+        .iter()
+        .filter(|(u, _)| u.starts_with("fast-"))
+        .map(|(u, v)| (u.clone(), v.clone()))
+        .collect();
+    assert_each_once(&fast_seen, &fast, &text);
+    // Then every user, the misbehaving ones past their 1-minute deadline.
+    let all = combined_by_user(&topics, users.len(), Duration::from_secs(150));
+    let text = service.log_text();
+    assert_each_once(&all, &users, &text);
+    let again = read_topic(&topics.combined, None, Duration::from_secs(3));
+    assert_eq!(again.len(), users.len(), "combined events after a pause");
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let unhealthy = health.await.expect("health watcher");
     drop(service);
     let _ = sim.shutdown().await;
-    (fast_done, users, text)
+    BrownoutRun {
+        fast_done,
+        slow: slow
+            .iter()
+            .map(|u| (u.clone(), all[u][0].value.clone()))
+            .collect(),
+        log: text,
+        unhealthy,
+    }
+}
+
+fn assert_rode_it_out(run: &BrownoutRun) {
+    assert_no_poll_interval_trouble(&run.log);
+    assert!(
+        !run.log.contains("transaction aborted"),
+        "a transaction was aborted"
+    );
+    assert_eq!(run.unhealthy, 0, "/healthz failed during the brown-out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_whose_credeau_calls_hang_do_not_hold_the_others_or_the_group() {
-    let (baseline, _, _) = brownout_run(1000, None).await;
-    let (with_slow, users, text) = brownout_run(1000, Some(20)).await;
-    eprintln!("brown-out: 950 fast users done in {with_slow:.1} s with 50 hanging users, {baseline:.1} s without");
-    assert_no_poll_interval_trouble(&text);
-    assert!(
-        !text.contains("transaction aborted"),
-        "a transaction was aborted"
+    let baseline = brownout_run(1000, Brownout::None).await;
+    assert_rode_it_out(&baseline);
+    let run = brownout_run(1000, Brownout::CredeauHangs).await;
+    eprintln!(
+        "brown-out: 950 fast users done in {:.1} s with 50 hanging Credeau users, {:.1} s without",
+        run.fast_done, baseline.fast_done
     );
-    // The fast users are read and answered while the hanging calls run;
-    // batches commit in order, so a fast user waits for the record budget
-    // (5 s in these tests) of a hanging call read before it, counted from
-    // when that call was read: about 9 s more than the baseline here.
+    assert_rode_it_out(&run);
+    // A hanging call is cut short after the straggler wait (2 s) once the
+    // rest of its batch is done: the others wait for that, not for the
+    // 15 s record budget or the 30 s request timeout.
     assert!(
-        with_slow <= baseline + 15.0,
-        "950 fast users took {with_slow:.1} s (baseline {baseline:.1} s)"
+        run.fast_done <= baseline.fast_done + 6.0,
+        "950 fast users took {:.1} s (baseline {:.1} s)",
+        run.fast_done,
+        baseline.fast_done
     );
-    let _ = users;
+    // Credeau never answered them: cut short three times (2, 4, 8 s),
+    // then a timed-out poll within the record budget; still failing at the
+    // deadline, so `failed` with the timeout, FinBox complete, each exactly
+    // once.
+    assert_eq!(run.slow.len(), 50);
+    for (user, event) in &run.slow {
+        assert_eq!(event["credeau"]["outcome"], "failed", "{user}: {event}");
+        assert_eq!(event["credeau"]["error_kind"], "timeout", "{user}: {event}");
+        assert_eq!(event["finbox"]["outcome"], "complete", "{user}: {event}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_whose_finbox_calls_fail_do_not_hold_the_others_or_the_group() {
+    let baseline = brownout_run(1000, Brownout::None).await;
+    let run = brownout_run(1000, Brownout::FinboxStorm).await;
+    eprintln!(
+        "brown-out: 950 fast users done in {:.1} s with 50 users in a FinBox 5xx storm, {:.1} s without",
+        run.fast_done, baseline.fast_done
+    );
+    assert_rode_it_out(&run);
+    assert!(
+        run.fast_done <= baseline.fast_done + 6.0,
+        "950 fast users took {:.1} s (baseline {:.1} s)",
+        run.fast_done,
+        baseline.fast_done
+    );
+    // FinBox kept failing: `failed` after max_failed_polls (3) polls,
+    // Credeau complete, each exactly once.
+    assert_eq!(run.slow.len(), 50);
+    for (user, event) in &run.slow {
+        assert_eq!(event["finbox"]["outcome"], "failed", "{user}: {event}");
+        assert_eq!(event["credeau"]["outcome"], "complete", "{user}: {event}");
+    }
 }

@@ -51,6 +51,7 @@ async fn worker(settings: &Settings, metrics: Arc<Metrics>) -> Worker {
         tiers,
         max_message_bytes: 8 << 20,
         record_budget: settings.schedule.record_budget,
+        straggler_wait: settings.schedule.straggler_wait,
         metrics,
     }
 }
@@ -127,7 +128,13 @@ async fn run(w: &Worker, event: Vec<u8>, rounds: usize) -> Run {
     let mut out = Run::default();
     let mut job = Job::Input(record(SourceKind::Input, event));
     for _ in 0..rounds {
-        let processed = w.process(job).await.expect("no transient failure");
+        let processed = w
+            .process(
+                job,
+                insights_enricher::providers::budget::RecordClock::new(),
+            )
+            .await
+            .expect("no transient failure");
         let mut next = None;
         for o in processed.outputs {
             match o.kind {

@@ -112,6 +112,9 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
     }
     track.polls = track.polls.saturating_add(1);
     track.first_poll_at.get_or_insert(now);
+    // Answered, even with an error: the next poll starts from the shortest
+    // leash again.
+    track.cut_polls = 0;
 
     let finish = |track: &mut ProviderTrack, outcome: Outcome, items: Option<u32>| {
         track.done = Some(Done {
@@ -201,6 +204,46 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
     }
     task.refresh_due();
     effects
+}
+
+/// A poll cut short because its record was holding its batch: no answer
+/// came, so nothing is learnt; the provider is polled again when due (as
+/// after an empty answer), and its next poll gets twice the leash
+/// ([`straggler_leash`]). Terminal providers are never changed.
+pub fn cut_short(task: &mut Task, provider: Provider, now: Millis, policies: &Policies) {
+    let policy = policies.get(provider).clone();
+    let deadline_at = task.user.onboarded_at.saturating_add(ms(policy.deadline));
+    let track = task.track_mut(provider);
+    if track.is_done() {
+        return;
+    }
+    track.polls = track.polls.saturating_add(1);
+    track.first_poll_at.get_or_insert(now);
+    track.cut_polls = track.cut_polls.saturating_add(1);
+    schedule(provider, track, &policy, now, 0, deadline_at);
+    task.refresh_due();
+}
+
+/// How long a record may wait on providers while it holds its batch
+/// before it is cut short: `wait` doubled for every poll of a due provider
+/// cut short in a row, `None` once that reaches `budget` (the record
+/// budget then bounds the call, and an unanswered call is a timeout).
+pub fn straggler_leash(
+    task: &Task,
+    due: &[Provider],
+    wait: std::time::Duration,
+    budget: std::time::Duration,
+) -> Option<std::time::Duration> {
+    if wait.is_zero() {
+        return None;
+    }
+    let cut = due
+        .iter()
+        .map(|p| task.track(*p).cut_polls)
+        .max()
+        .unwrap_or(0);
+    let leash = wait.saturating_mul(1u32.checked_shl(cut.min(31)).unwrap_or(u32::MAX));
+    (leash < budget).then_some(leash)
 }
 
 /// Schedules the next poll no sooner than the current spacing (and `hint`),

@@ -10,19 +10,27 @@ use tokio::time::Instant;
 
 use crate::pipeline::record::{BatchOffsets, Epoch, OffsetRange, PartitionRead, TopicPartition};
 use crate::pipeline::worker::{Processed, Transient};
+use crate::providers::budget::RecordClock;
 
 pub(super) type Running = JoinHandle<Result<Processed, Transient>>;
+
+/// A record's work: the task running it and the clock of its provider
+/// calls.
+pub(super) struct Work {
+    pub(super) running: Running,
+    pub(super) clock: Arc<RecordClock>,
+}
 
 /// Records read in one stretch, their work already running, in read order.
 #[derive(Default)]
 pub(super) struct Batch {
-    pub(super) jobs: Vec<(TopicPartition, Running)>,
+    pub(super) jobs: Vec<(TopicPartition, Work)>,
     pub(super) offsets: BatchOffsets,
     pub(super) started: Option<Instant>,
 }
 
 impl Batch {
-    pub(super) fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Running) {
+    pub(super) fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Work) {
         self.offsets
             .entry(tp.clone())
             .and_modify(|r| r.range.last = offset)
@@ -42,16 +50,16 @@ impl Batch {
     }
 
     pub(super) fn is_finished(&self) -> bool {
-        self.jobs.iter().all(|(_, r)| r.is_finished())
+        self.jobs.iter().all(|(_, w)| w.running.is_finished())
     }
 
     /// Forgets revoked partitions: their records' work is cancelled (the
     /// next owner reads them again from the committed offset).
     pub(super) fn drop_partitions(&mut self, gone: &HashSet<TopicPartition>) {
-        self.jobs.retain(|(tp, running)| {
+        self.jobs.retain(|(tp, work)| {
             let keep = !gone.contains(tp);
             if !keep {
-                running.abort();
+                work.running.abort();
             }
             keep
         });
@@ -59,9 +67,32 @@ impl Batch {
     }
 
     pub(super) fn cancel(&self) {
-        for (_, r) in &self.jobs {
-            r.abort();
+        for (_, w) in &self.jobs {
+            w.running.abort();
         }
+    }
+
+    /// Cuts short the records still waiting on a provider once every
+    /// other record of the batch is done and each of them has waited its
+    /// leash (`schedule.straggler_wait`, doubled per cut in a row).
+    /// Returns how many were cut.
+    pub(super) fn cut_stragglers(&self) -> usize {
+        let mut unfinished = self
+            .jobs
+            .iter()
+            .filter(|(_, w)| !w.running.is_finished() && !w.clock.is_cut())
+            .peekable();
+        if unfinished.peek().is_none() {
+            return 0;
+        }
+        let stragglers: Vec<&Work> = unfinished.map(|(_, w)| w).collect();
+        if !stragglers.iter().all(|w| w.clock.is_straggling()) {
+            return 0;
+        }
+        for w in &stragglers {
+            w.clock.cut();
+        }
+        stragglers.len()
     }
 }
 

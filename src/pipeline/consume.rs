@@ -12,6 +12,12 @@
 //! half of `schedule.record_budget` (or `schedule.max_in_flight`), every
 //! partition is paused until they drain, and polling goes on.
 //!
+//! Since batches commit in read order, a record still waiting on a slow
+//! provider would hold every record read after it. Once the rest of the
+//! oldest batch is done, its records that have waited on a provider past
+//! their leash (`schedule.straggler_wait`) are cut short: the poll is asked
+//! again when due, through a delay tier, like any repoll.
+//!
 //! Exactly once rests on four rules:
 //! - batches commit one at a time, in read order; when one is aborted,
 //!   every batch read after it is dropped too and all of them are read
@@ -37,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pipeline::batch::{rewind_points, Batch, Running, RunningGuard};
+use crate::pipeline::batch::{rewind_points, Batch, RunningGuard, Work};
 use crate::pipeline::deadletter::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
@@ -46,6 +52,7 @@ use crate::pipeline::transaction;
 use crate::pipeline::worker::{
     classify_tier_record, now_ms, Job, OutKind, Processed, SourceKind, TierDecision, Worker,
 };
+use crate::providers::budget::RecordClock;
 use crate::task::Millis;
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +170,7 @@ impl ConsumeLoop {
             self.sync_assignment();
             self.resume_due_partitions();
             self.cut_batch(false);
+            self.cut_stragglers();
             self.start_next_commit().await?;
             self.apply_backpressure();
             self.report_liveness();
@@ -436,20 +444,23 @@ impl ConsumeLoop {
 
     /// Starts a record's work on the runtime, at most `max_in_flight` at a
     /// time.
-    fn start(&self, job: Job) -> Running {
+    fn start(&self, job: Job) -> Work {
         let worker = self.parts.worker.clone();
+        let clock = RecordClock::new();
+        let record_clock = clock.clone();
         let in_flight = self.in_flight.clone();
         let done = self.job_done.clone();
         let running = RunningGuard::new(self.running.clone());
-        tokio::spawn(async move {
+        let running = tokio::spawn(async move {
             // Counted until the work ends or is cancelled.
             let _running = running;
             // The semaphore is never closed, so acquiring only waits.
             let _permit = in_flight.acquire_owned().await;
-            let r = worker.process(job).await;
+            let r = worker.process(job, record_clock).await;
             done.notify_one();
             r
-        })
+        });
+        Work { running, clock }
     }
 
     /// Pauses a partition and rewinds it to `offset`, to be resumed at
@@ -474,6 +485,18 @@ impl ConsumeLoop {
         {
             let batch = std::mem::take(&mut self.collecting);
             self.queued.push_back(batch);
+        }
+    }
+
+    /// Batches commit in read order: the oldest one's last records, when
+    /// they only wait on a slow provider, are cut short (polled again when
+    /// due) rather than holding every record read after them.
+    fn cut_stragglers(&mut self) {
+        if let Some(head) = self.queued.front() {
+            let cut = head.cut_stragglers();
+            if cut > 0 {
+                tracing::debug!(records = cut, "stragglers cut short; polled again when due");
+            }
         }
     }
 
@@ -504,7 +527,7 @@ impl ConsumeLoop {
     async fn prepare(&mut self, batch: Batch) -> Result<Option<Prepared>, LoopError> {
         let Batch { jobs, offsets, .. } = batch;
         let mut processed = Vec::with_capacity(jobs.len());
-        for (_, running) in jobs {
+        for (_, Work { running, .. }) in jobs {
             match running.await {
                 Ok(Ok(p)) => processed.push(p),
                 Ok(Err(e)) => {

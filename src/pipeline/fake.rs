@@ -648,6 +648,8 @@ impl FakeProvider {
             let slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
             slow.get(user).copied().unwrap_or(self.latency)
         };
+        // Waiting on the provider, as the HTTP retry loop marks it.
+        let _waiting = crate::providers::budget::current().map(|c| c.waiting());
         tokio::time::sleep(latency).await;
     }
 }

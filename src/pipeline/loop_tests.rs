@@ -24,6 +24,8 @@ use crate::pipeline::fake::{Disruption, FakeBroker, FakeProvider};
 use crate::pipeline::health::Health;
 use crate::pipeline::record::TopicPartition;
 use crate::pipeline::worker::{now_ms, OutputTopics, SourceKind, Worker};
+use crate::providers::Provider;
+use crate::task::Task;
 
 const INPUT: &str = "users.onboarded";
 const COMBINED: &str = "insights.ready";
@@ -83,8 +85,9 @@ async fn start(
     credeau: Arc<FakeProvider>,
     ls: LoopSettings,
 ) -> Harness {
-    let max = settings().topics.max_message_bytes;
-    start_with(broker, finbox, credeau, ls, max).await
+    let s = settings();
+    let max = s.topics.max_message_bytes;
+    start_with(broker, finbox, credeau, ls, max, s.schedule.straggler_wait).await
 }
 
 async fn start_with(
@@ -93,6 +96,7 @@ async fn start_with(
     credeau: Arc<FakeProvider>,
     ls: LoopSettings,
     max_message_bytes: usize,
+    straggler_wait: Duration,
 ) -> Harness {
     let s = settings();
     let metrics = Arc::new(Metrics::new());
@@ -128,6 +132,7 @@ async fn start_with(
         },
         max_message_bytes,
         record_budget: ls.record_budget,
+        straggler_wait,
         metrics: metrics.clone(),
     });
     let health = Arc::new(Health::new(Duration::from_secs(60)));
@@ -369,7 +374,9 @@ async fn a_provider_that_hangs_holds_its_batch_no_longer_than_the_record_budget(
         .insert("hang-7".to_string(), Duration::from_secs(65));
     let mut ls = loop_settings();
     ls.record_budget = Duration::from_secs(10);
-    let h = start(broker, quick(50), credeau, ls).await;
+    // Never cut short: the record budget alone.
+    let max = settings().topics.max_message_bytes;
+    let h = start_with(broker, quick(50), credeau, ls, max, Duration::ZERO).await;
     let began = tokio::time::Instant::now();
     let others: Vec<String> = users.iter().filter(|u| *u != "hang-7").cloned().collect();
     let done = wait_for(Duration::from_secs(60), || {
@@ -401,6 +408,74 @@ async fn a_provider_that_hangs_holds_its_batch_no_longer_than_the_record_budget(
         .sum();
     assert_eq!(waiting, 1);
     assert_eq!(h.broker.violations(), Vec::<String>::new());
+}
+
+/// Seconds until every user but the `hang-` ones has its combined event,
+/// with Credeau hanging 65 s for every 20th user when `hang` is set.
+async fn others_done_after(hang: bool) -> (Duration, Harness, Vec<String>) {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "brown", 300);
+    let credeau = quick(50);
+    let hanging: Vec<String> = users.iter().step_by(20).cloned().collect();
+    if hang {
+        let mut slow = credeau.slow.lock().unwrap();
+        for u in &hanging {
+            slow.insert(u.clone(), Duration::from_secs(65));
+        }
+    }
+    let h = start(broker, quick(50), credeau, loop_settings()).await;
+    let began = tokio::time::Instant::now();
+    let others: Vec<String> = users
+        .iter()
+        .filter(|u| !hanging.contains(u))
+        .cloned()
+        .collect();
+    let done = wait_for(Duration::from_secs(60), || {
+        let c = combined(&h.broker);
+        others.iter().all(|u| c.contains_key(u))
+    })
+    .await;
+    assert!(done, "the other users were not done within 60 s");
+    (began.elapsed(), h, hanging)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_straggler_is_cut_short_so_the_others_commit_about_as_fast_as_without_it() {
+    let (baseline, h0, _) = others_done_after(false).await;
+    stop(&h0).await;
+    let (took, h, hanging) = others_done_after(true).await;
+    // Cut after the default 2 s of waiting once the rest of the batch is
+    // done, plus a loop tick and the commit.
+    assert!(
+        took <= baseline + Duration::from_millis(2600),
+        "with 15 hanging users the others took {took:?}, without {baseline:?}"
+    );
+    wait_for(Duration::from_secs(2), || false).await;
+    stop(&h).await;
+    assert_eq!(h.broker.times_left(), 0);
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+    let c = combined(&h.broker);
+    assert!(hanging.iter().all(|u| !c.contains_key(u)));
+    // Each hanging user waits in a delay tier, exactly once, for its next
+    // Credeau poll: not failed, its leash doubled, FinBox done.
+    let s = settings();
+    for user in &hanging {
+        let tasks: Vec<Task> = DelayTiers::new(&s.schedule.delay_tiers)
+            .topics(&s.topics.delay_prefix)
+            .iter()
+            .flat_map(|topic| h.broker.read_topic(topic))
+            .filter(|r| r.key.as_deref() == Some(user.as_bytes()))
+            .map(|r| Task::decode(r.value.as_deref().unwrap_or_default()).expect("a task"))
+            .collect();
+        assert_eq!(tasks.len(), 1, "{user}: {tasks:?}");
+        let credeau = tasks[0].track(Provider::Credeau);
+        assert_eq!(
+            (credeau.cut_polls, credeau.failed_polls, credeau.is_done()),
+            (1, 0, false),
+            "{user}"
+        );
+        assert!(tasks[0].track(Provider::Finbox).is_done(), "{user}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -510,6 +585,7 @@ async fn an_sms_entry_larger_than_a_record_is_the_publish_stages_failure() {
         Arc::new(credeau),
         loop_settings(),
         10_000,
+        settings().schedule.straggler_wait,
     )
     .await;
     finish(&h, &users, Duration::from_secs(30)).await;

@@ -320,6 +320,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         },
         max_message_bytes: settings.topics.max_message_bytes,
         record_budget: settings.schedule.record_budget,
+        straggler_wait: settings.schedule.straggler_wait,
         metrics: metrics.clone(),
     });
 

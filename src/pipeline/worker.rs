@@ -11,6 +11,7 @@ use crate::core::{self, Answer, Effects, Policies};
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::Metrics;
 use crate::pipeline::deadletter::{DeadLetter, Stage};
+use crate::providers::budget::{self, RecordClock};
 use crate::providers::{CredeauApi, FinboxApi, Provider};
 use crate::task::{LastError, Millis, Outcome, SourceRef, Task, TaskDecodeError};
 
@@ -128,6 +129,10 @@ pub struct Worker {
     /// timed-out poll, and the core schedules the next one through a delay
     /// tier, so no record holds its batch longer.
     pub record_budget: std::time::Duration,
+    /// How long a record may wait on a provider while the rest of its batch
+    /// is done before the loop cuts it short (`schedule.straggler_wait`;
+    /// zero: never), doubled for every poll cut short in a row.
+    pub straggler_wait: std::time::Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -135,7 +140,9 @@ pub struct Worker {
 pub const EVENT_TYPE_HEADER: &str = "insights.event_type";
 
 impl Worker {
-    pub async fn process(&self, job: Job) -> Result<Processed, Transient> {
+    /// Processes one record; its provider calls run on `clock` (the record
+    /// budget, and the loop's cut of a straggler).
+    pub async fn process(&self, job: Job, clock: Arc<RecordClock>) -> Result<Processed, Transient> {
         let mut out = Processed::default();
         match job {
             Job::Input(rec) => match self.decoder.decode(rec.value.as_deref()).await {
@@ -151,7 +158,7 @@ impl Worker {
                         .events_consumed
                         .with_label_values(&["input", "accepted"])
                         .inc();
-                    self.advance(task, &rec, now, &mut out).await;
+                    self.advance(task, &rec, now, &clock, &mut out).await;
                 }
                 Err(e) if e.is_transient() => return Err(Transient(e.to_string())),
                 Err(e) => {
@@ -183,7 +190,7 @@ impl Worker {
                     .events_consumed
                     .with_label_values(&["delay", "due"])
                     .inc();
-                self.advance(task, &rec, now, &mut out).await;
+                self.advance(task, &rec, now, &clock, &mut out).await;
             }
             Job::Forward(rec, task, tier) => {
                 if let SourceKind::Tier(from) = rec.kind {
@@ -212,7 +219,14 @@ impl Worker {
 
     /// Polls whatever is due for this task, applies the answers, and emits
     /// the outputs plus the next task record (or the combined event).
-    async fn advance(&self, mut task: Task, rec: &Incoming, now: Millis, out: &mut Processed) {
+    async fn advance(
+        &self,
+        mut task: Task,
+        rec: &Incoming,
+        now: Millis,
+        clock: &Arc<RecordClock>,
+        out: &mut Processed,
+    ) {
         let due = task.due_providers(now);
         // The time the decisions below were made at: the next wait is routed
         // from it, so a 10 s spacing goes to the 10 s tier in one hop rather
@@ -225,12 +239,13 @@ impl Worker {
             let finbox_id = task.user.finbox_customer_id.clone();
             let credeau_id = task.user.credeau_user_id.clone();
             let budget = self.record_budget;
-            let deadline = tokio::time::Instant::now() + budget;
+            let leash = core::straggler_leash(&task, &due, self.straggler_wait, budget);
+            clock.begin(budget, leash);
             let (fa, ca) = tokio::join!(
                 async {
                     if poll_finbox {
                         let call = self.finbox.fetch_predictors(&finbox_id);
-                        Some(within_budget(Provider::Finbox, deadline, budget, call).await)
+                        Some(within_budget(Provider::Finbox, clock, budget, call).await)
                     } else {
                         None
                     }
@@ -238,7 +253,7 @@ impl Worker {
                 async {
                     if poll_credeau {
                         let call = self.credeau.fetch_sms(&credeau_id);
-                        Some(within_budget(Provider::Credeau, deadline, budget, call).await)
+                        Some(within_budget(Provider::Credeau, clock, budget, call).await)
                     } else {
                         None
                     }
@@ -246,13 +261,23 @@ impl Worker {
             );
             let answered_at = now_ms();
             decided_at = answered_at;
-            if let Some(a) = fa {
-                let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
-                self.effects(&mut task, fx, rec, answered_at, out);
+            // `None`: not polled; `Some(None)`: cut short.
+            match fa {
+                Some(Some(a)) => {
+                    let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
+                    self.effects(&mut task, fx, rec, answered_at, out);
+                }
+                Some(None) => self.cut_short(&mut task, Provider::Finbox, answered_at),
+                None => {}
             }
-            if let Some(a) = ca {
-                let fx = core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
-                self.effects(&mut task, fx, rec, answered_at, out);
+            match ca {
+                Some(Some(a)) => {
+                    let fx =
+                        core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
+                    self.effects(&mut task, fx, rec, answered_at, out);
+                }
+                Some(None) => self.cut_short(&mut task, Provider::Credeau, answered_at),
+                None => {}
             }
         }
         let now = now_ms();
@@ -292,6 +317,21 @@ impl Worker {
                 .inc();
             out.outputs.push(self.delay_record(&task, tier));
         }
+    }
+
+    /// A poll cut short while its record held the batch: polled again
+    /// when due.
+    fn cut_short(&self, task: &mut Task, provider: Provider, now: Millis) {
+        self.metrics
+            .stragglers_cut
+            .with_label_values(&[provider.as_str()])
+            .inc();
+        tracing::debug!(
+            provider = provider.as_str(),
+            user_id = %task.user.user_id,
+            "poll cut short: the record was holding its batch; polled again when due"
+        );
+        core::cut_short(task, provider, now, &self.policies);
     }
 
     fn effects(
@@ -480,28 +520,39 @@ impl Worker {
     }
 }
 
-/// Runs one provider call within the record's budget: its in-process
-/// retries see the deadline (`providers::http::RECORD_DEADLINE`) and stop
-/// rather than sleep past it, and a call still running at the deadline is
-/// cut off and reported as a timeout, to be polled again when due.
+/// Runs one provider call on the record's clock: its in-process retries
+/// see the deadline and stop rather than sleep past it, a call still
+/// running at the deadline is cut off and reported as a timeout (polled
+/// again when due), and a call the loop cuts short because the record
+/// holds its batch ends with `None` (polled again when due, with a longer
+/// leash).
 async fn within_budget<T>(
     provider: Provider,
-    deadline: tokio::time::Instant,
+    clock: &Arc<RecordClock>,
     budget: std::time::Duration,
     call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
-) -> Result<T, crate::providers::ProviderError> {
-    let scoped = crate::providers::http::RECORD_DEADLINE.scope(deadline, call);
-    match tokio::time::timeout_at(deadline, scoped).await {
-        Ok(r) => r,
-        Err(_) => Err(crate::providers::http::error(
-            provider,
-            crate::providers::ProviderErrorKind::Timeout,
-            None,
-            format!(
-                "no answer within the record budget ({}, schedule.record_budget); polled again when due",
-                humantime::format_duration(budget)
-            ),
-        )),
+) -> Option<Result<T, crate::providers::ProviderError>> {
+    let deadline = clock
+        .deadline()
+        .unwrap_or_else(|| tokio::time::Instant::now() + budget);
+    let scoped = budget::RECORD.scope(clock.clone(), call);
+    tokio::select! {
+        // A retry's sleep ends with the failed attempt's error when the
+        // record is cut: that answer is taken first.
+        biased;
+        r = tokio::time::timeout_at(deadline, scoped) => Some(match r {
+            Ok(r) => r,
+            Err(_) => Err(crate::providers::http::error(
+                provider,
+                crate::providers::ProviderErrorKind::Timeout,
+                None,
+                format!(
+                    "no answer within the record budget ({}, schedule.record_budget); polled again when due",
+                    humantime::format_duration(budget)
+                ),
+            )),
+        }),
+        _ = clock.cut_off() => None,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 
+use super::budget;
 use super::ratelimit::RateLimiter;
 use super::retry::{random_jitter, RetryPolicy};
 use super::{Provider, ProviderError, ProviderErrorKind};
@@ -282,22 +283,6 @@ pub(crate) trait AnswerOutcome {
     fn outcome(&self) -> &'static str;
 }
 
-tokio::task_local! {
-    /// When the record being processed must be done with its provider
-    /// calls (set by the pipeline's worker). A retry that would wait past
-    /// it is not made in process: the error is returned, and the task is
-    /// polled again through a delay tier.
-    pub static RECORD_DEADLINE: tokio::time::Instant;
-}
-
-/// Whether waiting `delay` before the next attempt stays within the
-/// record's deadline (always, outside a record).
-fn retry_fits(delay: Duration) -> bool {
-    RECORD_DEADLINE
-        .try_with(|deadline| tokio::time::Instant::now() + delay < *deadline)
-        .unwrap_or(true)
-}
-
 /// The only place a retry waits, so the policy's delays are all there is.
 pub(crate) async fn sleep_before_retry(delay: Duration) {
     tokio::time::sleep(delay).await;
@@ -328,6 +313,10 @@ where
     loop {
         let number = retry + 1;
         ctx.limiter.acquire().await;
+        // From here until the answer (or the end of a retry's sleep) the
+        // record waits on the provider: the time a straggler is cut for.
+        let clock = budget::current();
+        let waiting = clock.as_ref().map(|c| c.waiting());
         let started = Instant::now();
         let Attempt {
             http_status,
@@ -391,7 +380,7 @@ where
         let Some(delay) = delay else {
             return Err(err);
         };
-        if !retry_fits(delay) {
+        if !budget::retry_fits(delay) {
             tracing::debug!(
                 provider,
                 reason = err.kind.as_str(),
@@ -411,7 +400,24 @@ where
             delay_ms = delay.as_millis() as u64,
             "retrying provider request"
         );
-        sleep_before_retry(delay).await;
+        match &clock {
+            Some(clock) => {
+                tokio::select! {
+                    _ = sleep_before_retry(delay) => {}
+                    _ = clock.cut_off() => {
+                        tracing::debug!(
+                            provider,
+                            reason = err.kind.as_str(),
+                            attempt = number,
+                            "record cut short while it held its batch; polled again when due"
+                        );
+                        return Err(err);
+                    }
+                }
+            }
+            None => sleep_before_retry(delay).await,
+        }
+        drop(waiting);
         retry += 1;
     }
 }

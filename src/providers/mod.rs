@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod budget;
 pub mod credeau;
 pub mod finbox;
 pub mod http;
