@@ -198,6 +198,23 @@ yaml.safe_dump(docs[0]["spec"], open(sys.argv[2], "w"))
         cat "$OUT/promtool.log"
         fail "promtool test rules"
     fi
+    # The same rules rendered in StatefulSet mode, where pods are named by
+    # ordinal.
+    mkdir -p "$OUT/rules-sts"
+    "$HELM" template insights-enricher "$CHART" --namespace lending --kube-version "$K8S_VERSION" \
+        -f "$VALUES/statefulset.yaml" >"$OUT/rules-sts/rendered.yaml" || true
+    "$PY" -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule"]
+yaml.safe_dump(docs[0]["spec"], open(sys.argv[2], "w"))
+' "$OUT/rules-sts/rendered.yaml" "$OUT/rules-sts/rules.yaml" || true
+    cp "$VALUES/alerts-test-statefulset.yaml" "$OUT/rules-sts/"
+    if (cd "$OUT/rules-sts" && "$PROMTOOL" test rules alerts-test-statefulset.yaml) >"$OUT/promtool.log" 2>&1; then
+        pass "promtool test rules (StatefulSet): the pod restart alert matches ordinal pod names, and only this release's"
+    else
+        cat "$OUT/promtool.log"
+        fail "promtool test rules (StatefulSet)"
+    fi
 else
     fail "promtool unavailable (scripts/tools.sh promtool)"
 fi
