@@ -1,6 +1,6 @@
 //! The pipeline benchmark: runs the service binary against a local broker and
-//! the provider simulator (both child processes) through five scenarios
-//! (throughput, memory, rate limit, timeliness, recovery) and prints their
+//! the provider simulator (both child processes) through six scenarios
+//! (throughput, memory, rate limit, timeliness, recovery, brown-out) and prints their
 //! figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
 //! figures.
 //!
@@ -20,12 +20,13 @@ use serde_json::{json, Value};
 
 use support::{Ctx, Report};
 
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
     "throughput",
     "memory",
     "ratelimit",
     "timeliness",
     "recovery",
+    "brownout",
 ];
 
 async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
@@ -35,6 +36,7 @@ async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
         "ratelimit" => support::ratelimit::run(ctx).await,
         "timeliness" => support::timeliness::run(ctx).await,
         "recovery" => support::recovery::run(ctx).await,
+        "brownout" => support::brownout::run(ctx).await,
         other => bail!("unknown scenario {other} (known: {})", SCENARIOS.join(", ")),
     }
 }

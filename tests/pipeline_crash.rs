@@ -218,6 +218,134 @@ async fn sigterm_finishes_within_the_bound_and_the_next_start_resumes() {
     let _ = sim.shutdown().await;
 }
 
+/// The chart's `terminationGracePeriodSeconds` and the shipped
+/// `shutdown.timeout`, read from the files that ship them.
+fn shipped_shutdown_bounds() -> (Duration, Duration) {
+    let values = std::fs::read_to_string(repo_root().join("helm/insights-enricher/values.yaml"))
+        .expect("values.yaml");
+    let grace: u64 = values
+        .lines()
+        .find_map(|l| l.strip_prefix("terminationGracePeriodSeconds:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("terminationGracePeriodSeconds in values.yaml");
+    let defaults: toml::Value = insights_enricher::config::DEFAULTS_TOML
+        .parse()
+        .expect("default.toml");
+    let timeout = humantime::parse_duration(
+        defaults["shutdown"]["timeout"]
+            .as_str()
+            .expect("shutdown.timeout"),
+    )
+    .expect("a duration");
+    (Duration::from_secs(grace), timeout)
+}
+
+/// SIGTERM with the shipped shutdown timeout while users' Credeau calls
+/// hang and batches wait behind them: the process ends, its last commit
+/// included, within the timeout and so within the chart's grace period,
+/// and the next process finishes the rest exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_hanging_calls_exits_within_the_charts_grace_period() {
+    let (grace, timeout) = shipped_shutdown_bounds();
+    assert!(
+        timeout < grace,
+        "shutdown.timeout {timeout:?} vs grace {grace:?}"
+    );
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    sim_admin(
+        &sim.base_url(),
+        "/admin/scenarios",
+        &json!({
+            "default": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2}},
+            "prefixes": {"slow-": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2, "faults": {"latency": "65s"}}}}
+        }),
+    )
+    .await;
+    let topics = Topics::new("grace");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: Vec<(String, String)> = crash_env(&topics, &unique("g"), &sim)
+        .into_iter()
+        .filter(|(k, _)| k != "INSIGHTS__SHUTDOWN__TIMEOUT")
+        .collect();
+    env.extend(
+        [
+            // Never cut short: the hanging calls run until SIGTERM.
+            ("INSIGHTS__SCHEDULE__STRAGGLER_WAIT", "0s"),
+            ("INSIGHTS__SCHEDULE__RECORD_BUDGET", "15s"),
+            ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
+            ("INSIGHTS__SERVER__STALL_TIMEOUT", "60s"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let log = dir.path().join("service.log");
+    let mut service = Service::start(&env, &log);
+    wait_ready(&service).await;
+    let mut events = Vec::new();
+    let p = producer();
+    for i in 0..400 {
+        let user = format!(
+            "{}{i}-{}",
+            if i % 40 == 0 { "slow-" } else { "fast-" },
+            unique("u")
+        );
+        let ev = format!("ev-{user}");
+        produce(
+            &p,
+            &topics.input,
+            Some(user.as_bytes()),
+            Some(&onboarded_json(&ev, &user)),
+        )
+        .await;
+        events.push(ev);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let took = service.terminate(grace).unwrap_or_else(|| {
+        panic!(
+            "no exit within the grace period {grace:?}:\n{}",
+            service.log_text()
+        )
+    });
+    eprintln!("SIGTERM to exit with hanging calls: {took:?} (shutdown.timeout {timeout:?}, grace {grace:?})");
+    assert!(
+        took <= timeout,
+        "exit took {took:?}, above shutdown.timeout {timeout:?}"
+    );
+    // The calls still hanging were handed back: the next process (with the
+    // providers well again) finishes every user exactly once.
+    sim_admin(
+        &sim.base_url(),
+        "/admin/scenarios",
+        &json!({"default": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2}}}),
+    )
+    .await;
+    let next = Service::start(&env, &log);
+    let combined = read_topic(
+        &topics.combined,
+        Some(events.len()),
+        Duration::from_secs(60),
+    );
+    let again = read_topic(&topics.combined, None, Duration::from_secs(3));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &combined {
+        *seen
+            .entry(r.value["event_id"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    let missing = events.iter().filter(|e| !seen.contains_key(*e)).count();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(
+        (missing, twice, again.len()),
+        (0, 0, events.len()),
+        "{}",
+        next.log_text()
+    );
+    drop(next);
+    let _ = sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared broker: scripts/test.sh runs it alone with --ignored"]
 async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
@@ -238,6 +366,110 @@ async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
         .expect("kafka.sh restart");
     assert!(status.success(), "broker restart failed");
     assert_exactly_once_or_show(&topics, &events, "after a broker restart", &[&service]);
+    let _ = sim.shutdown().await;
+}
+
+/// Stops the shared broker for `down`, starts it again, and returns the
+/// wall-clock time (ms) it was back.
+fn broker_outage(kafka_dir: &str, down: Duration) -> i64 {
+    let kafka = |cmd: &str| {
+        let status = std::process::Command::new(repo_root().join("scripts/kafka.sh"))
+            .args([cmd, "--dir", kafka_dir])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("kafka.sh");
+        assert!(status.success(), "kafka.sh {cmd} failed");
+    };
+    kafka("stop");
+    std::thread::sleep(down);
+    kafka("start");
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Seconds from the broker's return until a combined event completed after
+/// it can be read.
+async fn resumed_after(topics: &Topics, back_ms: i64) -> f64 {
+    let began = Instant::now();
+    eventually(Duration::from_secs(120), || {
+        read_topic(&topics.combined, None, Duration::from_millis(500))
+            .iter()
+            .any(|r| r.value["completed_at"].as_i64().unwrap_or(0) >= back_ms)
+            .then_some(())
+    })
+    .await
+    .expect("a combined event completed after the broker came back");
+    began.elapsed().as_secs_f64()
+}
+
+/// A 9 s broker restart and a 60 s outage (the transaction timeout) while
+/// transactions are in flight: the service stays up, keeps its group, and
+/// resumes within seconds of each return, losing and duplicating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared broker: scripts/test.sh runs it alone with --ignored"]
+async fn broker_outages_of_9_s_and_60_s_are_ridden_out() {
+    let Ok(kafka_dir) = std::env::var("KAFKA_DIR") else {
+        panic!("KAFKA_DIR is not set: run the tests with ./scripts/test.sh");
+    };
+    let sim = simulator_with_mix().await;
+    let topics = Topics::new("outage");
+    create_topic(&topics.input, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = crash_env(&topics, &unique("g"), &sim);
+    // The shipped transaction timeout, session timeout and poll interval,
+    // as the chart's StatefulSet mode runs them: a static member, which
+    // takes its partitions back at once after an outage that outlived its
+    // session (a dynamic member waits for its old membership to expire).
+    env.extend(
+        [
+            ("INSIGHTS__KAFKA__TRANSACTION_TIMEOUT", "60s"),
+            ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "45s"),
+            ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
+            ("INSIGHTS__KAFKA__STATIC_MEMBERSHIP", "true"),
+            ("POD_NAME", "insights-enricher-0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let log = dir.path().join("service.log");
+    let mut service = Service::start(&env, &log);
+    wait_ready(&service).await;
+    let mut events = Vec::new();
+    let mut figures = Vec::new();
+    for down in [Duration::from_secs(9), Duration::from_secs(60)] {
+        events.extend(produce_users(&topics.input, 1000).await);
+        // Transactions in flight, a quarter of the users waiting in tiers.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let back_ms = broker_outage(&kafka_dir, down);
+        let resumed = resumed_after(&topics, back_ms).await;
+        eprintln!("broker down {down:?}: output resumed {resumed:.1} s after its return");
+        figures.push((down, resumed));
+        if let Some((status, _)) = service.wait_exit(Duration::ZERO) {
+            panic!(
+                "the service exited ({status}) during a {down:?} outage; log:\n{}",
+                service.log_text()
+            );
+        }
+    }
+    assert_exactly_once_or_show(&topics, &events, "after broker outages", &[&service]);
+    let text = service.log_text();
+    for (down, resumed) in figures {
+        let events: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("DEBUG") && (l.contains("WARN") || l.contains("INFO")))
+            .collect();
+        assert!(
+            resumed <= 20.0,
+            "output resumed {resumed:.1} s after a {down:?} outage; log:\n{}",
+            events.join("\n")
+        );
+    }
+    assert!(
+        !text.contains("kafka transaction failed fatally"),
+        "a transaction failed fatally"
+    );
+    drop(service);
     let _ = sim.shutdown().await;
 }
 

@@ -61,8 +61,6 @@ pub enum LoopError {
     Guard(#[from] GuardTripped),
     #[error("kafka transaction failed fatally (fenced or invalid state): {0}")]
     Fatal(String),
-    #[error("kafka transaction did not finish within {0:?}")]
-    TransactionTimeout(Duration),
     #[error("processing a record panicked: {0}")]
     WorkerPanicked(String),
 }
@@ -86,6 +84,10 @@ const POLL_WAIT: Duration = Duration::from_millis(200);
 /// How long the loop reads nothing after a transient failure (the schema
 /// registry is down) before the batch is read again.
 const TRANSIENT_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// How long past the drain bound a transaction in flight is still waited
+/// for (a commit takes milliseconds when the brokers are up).
+const COMMIT_GRACE: Duration = Duration::from_secs(1);
 
 /// A batch whose records are processed and which waits for its
 /// transaction.
@@ -226,11 +228,21 @@ impl ConsumeLoop {
             b.cancel();
         }
         if let Some(c) = self.committing.take() {
-            // A transaction in flight ends either way (its own deadline).
-            if let Ok(r) = c.await {
-                if let Err(e) = self.finish_commit(Ok(r)) {
-                    result = result.and(Err(e));
+            // A transaction in flight ends either way, but during a broker
+            // outage not soon: it is waited for within the drain bound only.
+            // Left open, it is aborted by the next process with the same
+            // transactional.id (or by the coordinator's timeout), and its
+            // batch is read again.
+            match tokio::time::timeout_at(deadline + COMMIT_GRACE, c).await {
+                Ok(Ok(r)) => {
+                    if let Err(e) = self.finish_commit(Ok(r)) {
+                        result = result.and(Err(e));
+                    }
                 }
+                Ok(Err(_)) => {}
+                Err(_) => tracing::warn!(
+                    "the transaction in flight did not end within the shutdown bound; left to be aborted"
+                ),
             }
         }
         result
@@ -364,6 +376,12 @@ impl ConsumeLoop {
     /// loop is idle, which is progress unless a partition it is free to read
     /// has records waiting: a consumer that reads nothing then is stuck.
     fn report_liveness(&self) {
+        // With every broker down nothing can commit, and a restart would not
+        // help: readiness reports it, liveness waits for the brokers.
+        if !self.parts.consumer.connection().1 {
+            self.parts.health.progress();
+            return;
+        }
         if self.outstanding() > 0 || self.committing.is_some() {
             return;
         }
@@ -642,7 +660,6 @@ impl ConsumeLoop {
                 Ok(())
             }
             Err(CommitError::Fatal(e)) => Err(LoopError::Fatal(e)),
-            Err(CommitError::Timeout(d)) => Err(LoopError::TransactionTimeout(d)),
         }
     }
 

@@ -71,6 +71,8 @@ struct State {
     commits: u32,
     aborts: u32,
     fail_commits: Vec<u32>,
+    fatal_commits: Vec<u32>,
+    renewals: u32,
     disruptions: Vec<(u32, Disruption)>,
     lost_pending: bool,
     max_poll_gap: Duration,
@@ -126,6 +128,8 @@ impl FakeBroker {
                 commits: 0,
                 aborts: 0,
                 fail_commits: vec![],
+                fatal_commits: vec![],
+                renewals: 0,
                 disruptions: vec![],
                 lost_pending: false,
                 max_poll_gap: Duration::ZERO,
@@ -201,6 +205,19 @@ impl FakeBroker {
         let mut s = self.lock();
         let at = s.commits + s.aborts + n;
         s.fail_commits.push(at);
+    }
+
+    /// Makes the `n`th commit from now fail fatally, as librdkafka's does
+    /// when the coordinator aborted the transaction during an outage.
+    pub fn fail_commit_fatally(&self, n: u32) {
+        let mut s = self.lock();
+        let at = s.commits + s.aborts + n;
+        s.fatal_commits.push(at);
+    }
+
+    /// How many times the producer was replaced.
+    pub fn renewals(&self) -> u32 {
+        self.lock().renewals
     }
 
     /// Makes the next poll revoke every partition, assign them again (new
@@ -527,6 +544,16 @@ impl TxnProducer for FakeBroker {
             s.fail_commits.remove(i);
             return Err(CommitError::Abortable("injected commit failure".into()));
         }
+        if let Some(i) = s.fatal_commits.iter().position(|at| *at == n) {
+            s.fatal_commits.remove(i);
+            // The transaction is gone with the producer.
+            s.staged = None;
+            s.staged_offsets.clear();
+            s.aborts += 1;
+            return Err(CommitError::Fatal(
+                "Failed to end transaction: Broker: Producer attempted a transactional operation in an invalid state".into(),
+            ));
+        }
         let staged = s.staged.take().unwrap_or_default();
         for (tp, rec) in staged {
             s.logs.entry(tp).or_default().push(rec);
@@ -549,6 +576,17 @@ impl TxnProducer for FakeBroker {
         s.staged = None;
         s.staged_offsets.clear();
         s.aborts += 1;
+        Ok(())
+    }
+
+    async fn renew(&self, _reason: &str) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        if s.renewals >= 3 {
+            return Err(CommitError::Fatal("renewed too often".into()));
+        }
+        s.staged = None;
+        s.staged_offsets.clear();
+        s.renewals += 1;
         Ok(())
     }
 }

@@ -316,6 +316,41 @@ async fn an_aborted_batch_is_read_again_with_the_batch_read_after_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_producer_that_fails_fatally_is_replaced_and_its_batch_read_again() {
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "fatal", 400);
+    // As after a long broker outage: the coordinator aborted the second
+    // transaction and refuses to end it.
+    broker.fail_commit_fatally(2);
+    let mut ls = loop_settings();
+    ls.max_batch = 50;
+    let h = start(broker, quick(200), quick(300), ls).await;
+    finish(&h, &users, Duration::from_secs(120)).await;
+    assert_exactly_once(&h, &users);
+    assert_eq!(h.broker.renewals(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_that_keeps_failing_fatally_stops_the_loop() {
+    let broker = broker(Duration::from_secs(30));
+    onboard(&broker, "fatal", 400);
+    for n in 1..=4 {
+        broker.fail_commit_fatally(n);
+    }
+    let mut ls = loop_settings();
+    ls.max_batch = 50;
+    let h = start(broker, quick(10), quick(10), ls).await;
+    let result = tokio::time::timeout(Duration::from_secs(60), h.running)
+        .await
+        .expect("the loop stops by itself")
+        .expect("no panic");
+    assert!(matches!(result, Err(LoopError::Fatal(_))), "{result:?}");
+    assert_eq!(h.broker.renewals(), 3);
+    assert!(combined(&h.broker).is_empty());
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_member_removed_mid_transaction_never_commits_what_it_read_before() {
     let broker = broker(Duration::from_secs(30));
     onboard(&broker, "zombie", 200);

@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OutputEncoding, Settings};
@@ -42,7 +42,7 @@ use self::consume::{ConsumeLoop, LoopParts, LoopSettings};
 use self::deadletter::DeadLetterGuard;
 use self::health::Health;
 use self::kafka::{base_config, KafkaConsumer, PipelineContext};
-use self::transaction::KafkaTransactions;
+use self::transaction::{KafkaTransactions, MakeProducer};
 use self::worker::{OutputTopics, SourceKind, Worker};
 
 /// The codec of everything the service produces, and of the topics it
@@ -270,8 +270,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .subscribe(&subscribe)
         .context("kafka: cannot subscribe")?;
 
-    let producer: FutureProducer = base_config(k)
-        .set(
+    let producer_config = {
+        let mut c = base_config(k);
+        c.set(
             "transactional.id",
             transactional_id(&k.transactional_id_prefix),
         )
@@ -285,21 +286,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .set(
             "message.max.bytes",
             (settings.topics.max_message_bytes + 64 * 1024).to_string(),
-        )
-        .create()
-        .context("kafka: cannot create producer")?;
-    {
-        let p = producer.clone();
-        let timeout = k.transaction_timeout;
-        let init = tokio::task::spawn_blocking(move || p.init_transactions(timeout));
-        let Some(initialised) = unless_stopped(&shutdown, "init_transactions", init).await else {
+        );
+        c
+    };
+    let make_producer: MakeProducer = Box::new(move || producer_config.create());
+    let transactions = {
+        let start = KafkaTransactions::start(make_producer, k.transaction_timeout);
+        let Some(started) = unless_stopped(&shutdown, "init_transactions", start).await else {
             server_stop.cancel();
             return Ok(());
         };
-        initialised.context("init_transactions task")?.context(
+        Arc::new(started.context(
             "kafka: init_transactions (is the broker reachable and are the credentials right?)",
-        )?;
-    }
+        )?)
+    };
 
     let worker = Arc::new(Worker {
         finbox,
@@ -345,13 +345,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         consumer: consumer.clone(),
         topic_kinds: topic_kinds.clone(),
     });
-    let transactions = Arc::new(KafkaTransactions {
-        producer: producer.clone(),
-        timeout: k.transaction_timeout,
-    });
     let mut consume_loop = ConsumeLoop::new(LoopParts {
         consumer: kafka_consumer,
-        producer: transactions,
+        producer: transactions.clone(),
         worker,
         settings: LoopSettings {
             max_batch: settings.schedule.max_batch,
@@ -384,6 +380,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let close = tokio::task::spawn_blocking(move || {
         consumer.unsubscribe();
         drop(consumer);
+        let producer = transactions.producer();
+        drop(transactions);
         let _ = producer.flush(Duration::from_secs(5));
         drop(producer);
     });

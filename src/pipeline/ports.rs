@@ -92,8 +92,6 @@ pub enum CommitError {
     Abortable(String),
     /// The producer cannot go on (fenced, invalid state): stop the process.
     Fatal(String),
-    /// A transactional call did not return within our own deadline.
-    Timeout(Duration),
 }
 
 /// The transactional producer: the steps of one transaction. The protocol
@@ -113,4 +111,10 @@ pub trait TxnProducer: Send + Sync + 'static {
     ) -> Result<(), CommitError>;
     async fn commit(&self) -> Result<(), CommitError>;
     async fn abort(&self) -> Result<(), CommitError>;
+    /// Replaces a producer that failed fatally (after a broker outage the
+    /// coordinator may have aborted its transaction and refuse its next
+    /// call) with a new one under the same transactional id, whose start
+    /// aborts whatever the old one left open. `Fatal` when that fails, or
+    /// when renewals come too often to be anything but a lasting problem.
+    async fn renew(&self, reason: &str) -> Result<(), CommitError>;
 }

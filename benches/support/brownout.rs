@@ -1,0 +1,128 @@
+//! Scenario 6, brown-out: N users ready at once, and in a second run the
+//! same number with every 20th user's Credeau calls hanging 65 s (above
+//! Credeau's 30 s request timeout). The well-behaved users' time from the
+//! first input produced to their last combined event, with and without the
+//! hanging users; the hanging users each end exactly once, `failed` with a
+//! timeout at their (1 minute) Credeau deadline. Production settings for
+//! the record budget (15 s) and the straggler wait (2 s).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use super::kafka::{self, Names, Reader};
+use super::procs::{Service, Simulator};
+use super::{round, secs, Ctx, Report};
+
+/// One run: seconds until every well-behaved user had its combined event.
+async fn run_once(ctx: &Ctx, n: u64, hanging: bool, tag: &str) -> Result<(f64, u64)> {
+    let slow = json!({
+        "finbox": {"ready_after": "0s", "predictors": 5},
+        "credeau": {"ready_after": "0s", "sms_count": 2, "faults": {"latency": "65s"}}
+    });
+    let sim = Simulator::start(
+        &json!({
+            "default": {
+                "finbox": {"ready_after": "0s", "predictors": 5},
+                "credeau": {"ready_after": "0s", "sms_count": 2}
+            },
+            "prefixes": {"hang-": slow}
+        }),
+        &ctx.logs,
+    )
+    .await?;
+    sim.limits(0, 0).await?;
+    let names = Names::new(&format!("brown{tag}"));
+    kafka::create_run_topics(&names).await?;
+    let mut env = names.service_env(&sim.url)?;
+    kafka::set_env(&mut env, "INSIGHTS__CREDEAU__DEADLINE", "1m");
+    kafka::set_env(&mut env, "INSIGHTS__FINBOX__DEADLINE", "1m");
+    let mut svc = Service::start(&env, &ctx.log(&format!("brownout-{tag}-service")))?;
+    svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
+    let reader = Reader::start(&names.combined)?;
+    let ids: Vec<String> = (0..n)
+        .map(|i| {
+            if hanging && i % 20 == 0 {
+                format!("hang-{i}")
+            } else {
+                format!("fast-{i}")
+            }
+        })
+        .collect();
+    let fast: HashSet<String> = ids
+        .iter()
+        .filter(|u| u.starts_with("fast-"))
+        .cloned()
+        .collect();
+    let slow_count = n - fast.len() as u64;
+    let input = names.input.clone();
+    let at = kafka::now_ms();
+    let records: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (id.clone(), kafka::onboarded(id, at)))
+        .collect();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || kafka::produce_all(&input, records.into_iter())).await??;
+    let fast_done = loop {
+        let done = reader
+            .seen
+            .lock()
+            .map(|g| fast.iter().all(|u| g.keys.contains(u)))
+            .unwrap_or(false);
+        if done {
+            break started.elapsed();
+        }
+        svc.proc.check_alive()?;
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the well-behaved users were not done within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The hanging users end at their deadline.
+    reader
+        .wait_distinct(n as usize, Duration::from_secs(120), || {
+            svc.proc.check_alive()
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if reader.records() != n {
+        bail!(
+            "{} combined events for {n} users (exactly one each expected)",
+            reader.records()
+        );
+    }
+    let cut = svc
+        .counter(
+            &ctx.http,
+            "insights_stragglers_cut_total",
+            "provider=\"credeau\"",
+        )
+        .await
+        .unwrap_or(0.0);
+    if hanging && cut < slow_count as f64 {
+        bail!("{cut} Credeau polls cut short for {slow_count} hanging users");
+    }
+    Ok((secs(fast_done), slow_count))
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Report> {
+    let n = ctx.size("BROWNOUT_USERS", 200, 2_000);
+    let (baseline, _) = run_once(ctx, n, false, "base").await?;
+    let (with_slow, slow) = run_once(ctx, n, true, "hang").await?;
+    let mut r = Report::default();
+    r.fig("users", n);
+    r.fig("hanging_users", slow);
+    r.fig("others_done_without_hanging_s", baseline);
+    r.fig("others_done_with_hanging_s", with_slow);
+    r.fig("extra_s", round(with_slow - baseline, 3));
+    r.fig("ratio", round(with_slow / baseline.max(0.001), 3));
+    if !ctx.smoke {
+        r.goal(
+            "the others are done within the straggler wait (2 s) plus 1 s of a run without hanging users",
+            with_slow <= baseline + 3.0,
+        );
+    }
+    Ok(r)
+}
