@@ -4,8 +4,9 @@
 # Everything lands under ~/.cache/insights-enricher and a second call is a
 # cheap check. This is the only script that installs a tool or names a tool's
 # version; every other script asks it for a path.
-# Usage: scripts/tools.sh python|helm|promtool|shellcheck|kafka|all
-# (kafka prints the directory of the broker's jars, for scripts/kafka.sh)
+# Usage: scripts/tools.sh python|helm|promtool|shellcheck|kafka|asyncapi|all
+# (kafka prints the directory of the broker's jars, for scripts/kafka.sh;
+# asyncapi the node_modules of the AsyncAPI parser, for asyncapi-check.sh)
 set -euo pipefail
 
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
@@ -199,21 +200,48 @@ ensure_kafka() {
     echo "$libs"
 }
 
+# The AsyncAPI parser (scripts/asyncapi-check.sh), from npm, pinned by
+# tools/asyncapi/package-lock.json, into $CACHE/asyncapi.
+ensure_asyncapi() {
+    local here tool prefix stamp want
+    here="$(cd "$(dirname "$0")" && pwd)"
+    tool="$here/../tools/asyncapi"
+    prefix="$CACHE/asyncapi"
+    stamp="$prefix/.lock-sha256"
+    want="$(sha256sum "$tool/package-lock.json" | cut -d' ' -f1)"
+    if [[ -d "$prefix/node_modules/@asyncapi/parser" ]] && stamp_matches "$stamp" "$want"; then
+        echo "$prefix/node_modules"
+        return
+    fi
+    command -v npm >/dev/null || die "npm is required to install the AsyncAPI parser"
+    log "installing the AsyncAPI parser into $prefix"
+    mkdir -p "$prefix"
+    cp "$tool/package.json" "$tool/package-lock.json" "$prefix/"
+    # --ignore-scripts: nothing here needs an install script, and one
+    # dependency's only script phones home.
+    npm ci --prefix "$prefix" --cache "$CACHE/npm" --ignore-scripts \
+        --no-audit --no-fund --loglevel=error >&2
+    printf '%s' "$want" >"$stamp"
+    echo "$prefix/node_modules"
+}
+
 case "${1:-}" in
 python) ensure_python ;;
 shellcheck) ensure_shellcheck ;;
 helm) ensure_helm ;;
 promtool) ensure_promtool ;;
 kafka) ensure_kafka ;;
+asyncapi) ensure_asyncapi ;;
 all)
     ensure_python
     ensure_helm
     ensure_promtool
     ensure_shellcheck
     ensure_kafka
+    ensure_asyncapi
     ;;
 *)
-    echo "usage: $0 python|helm|promtool|shellcheck|kafka|all" >&2
+    echo "usage: $0 python|helm|promtool|shellcheck|kafka|asyncapi|all" >&2
     exit 2
     ;;
 esac
