@@ -12,6 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::Settings;
 use crate::pipeline::deadletter::{headers as h, Reason, ReplayTarget, Stage};
 use crate::pipeline::kafka::base_config;
+use crate::providers::Provider;
 
 /// One dead-letter record as read back.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -51,8 +52,8 @@ pub struct Filter {
     #[arg(long)]
     pub reason: Option<Reason>,
     /// Only this provider (finbox or credeau).
-    #[arg(long)]
-    pub provider: Option<String>,
+    #[arg(long, value_parser = parse_provider)]
+    pub provider: Option<Provider>,
     /// Only this stage (decode, task_decode, poll_finbox, poll_credeau, publish).
     #[arg(long)]
     pub stage: Option<Stage>,
@@ -72,6 +73,21 @@ pub struct Filter {
     /// Last offset to read (inclusive; with --partition).
     #[arg(long)]
     pub end_offset: Option<i64>,
+}
+
+/// `--provider`: one of the providers' names.
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    Provider::ALL
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| {
+            let known: Vec<&str> = Provider::ALL.iter().map(|p| p.as_str()).collect();
+            format!(
+                "unknown provider {:?}: expected one of {}",
+                s.chars().take(64).collect::<String>(),
+                known.join(", ")
+            )
+        })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +139,6 @@ impl Filter {
     }
 
     pub fn matches(&self, r: &DlqRecord, since: Option<i64>, until: Option<i64>) -> bool {
-        let eq = |want: &Option<String>, header: &str| {
-            want.as_deref().is_none_or(|w| r.header(header) == Some(w))
-        };
         let at = r
             .header(h::FAILED_AT)
             .and_then(|v| v.parse::<i64>().ok())
@@ -135,7 +148,7 @@ impl Filter {
             want.is_none_or(|w| r.header(header) == Some(w))
         };
         is(self.reason.map(Reason::as_str), h::ERROR_CLASS)
-            && eq(&self.provider, h::PROVIDER)
+            && is(self.provider.map(Provider::as_str), h::PROVIDER)
             && is(self.stage.map(Stage::as_str), h::STAGE)
             && since.is_none_or(|s| at >= s)
             && until.is_none_or(|u| at < u)
@@ -321,12 +334,18 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000;
 
     #[test]
-    fn an_unknown_reason_or_stage_is_refused_naming_the_known_ones() {
+    fn an_unknown_reason_stage_or_provider_is_refused_naming_the_known_ones() {
         let e = parse(&["--reason", "forbid"]).unwrap_err().to_string();
         assert!(e.contains("--reason"), "{e}");
         assert!(
             e.contains("unknown reason \"forbid\": expected one of empty,")
                 && e.contains("forbidden"),
+            "{e}"
+        );
+        let e = parse(&["--provider", "experian"]).unwrap_err().to_string();
+        assert!(e.contains("--provider"), "{e}");
+        assert!(
+            e.contains("unknown provider \"experian\": expected one of finbox, credeau"),
             "{e}"
         );
         let e = parse(&["--stage", "poll"]).unwrap_err().to_string();
@@ -369,11 +388,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(f.reason, Some(Reason::Forbidden));
-        assert_eq!(f.provider.as_deref(), Some("finbox"));
-        assert_eq!(
-            f.stage,
-            Some(Stage::Poll(crate::providers::Provider::Finbox))
-        );
+        assert_eq!(f.provider, Some(Provider::Finbox));
+        assert_eq!(f.stage, Some(Stage::Poll(Provider::Finbox)));
         assert_eq!(f.since.as_deref(), Some("2h"));
         assert_eq!(f.until.as_deref(), Some("2023-11-14T22:13:20Z"));
         assert_eq!(
@@ -519,7 +535,7 @@ mod tests {
         );
         let f = |reason: Option<&str>, provider: Option<&str>, stage: Option<&str>| Filter {
             reason: reason.map(|s| s.parse().unwrap()),
-            provider: provider.map(str::to_string),
+            provider: provider.map(|s| parse_provider(s).unwrap()),
             stage: stage.map(|s| s.parse().unwrap()),
             ..Filter::default()
         };
