@@ -354,6 +354,41 @@ mod tests {
         }
     }
 
+    /// The `enum:` list of a dlq header in docs/asyncapi.yaml.
+    fn documented(header: &str) -> Vec<String> {
+        let doc = include_str!("../../docs/asyncapi.yaml");
+        let at = doc
+            .find(&format!("        {header}:\n"))
+            .unwrap_or_else(|| panic!("{header} is not described"));
+        let line = doc[at..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("          "))
+            .find_map(|l| l.trim().strip_prefix("enum: "))
+            .unwrap_or_else(|| panic!("{header} has no enum"));
+        line.trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|v| v.trim().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_asyncapi_document_lists_exactly_the_values_written() {
+        let strs = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            documented("dlq.stage"),
+            strs(Stage::ALL.iter().map(|s| s.as_str()).collect())
+        );
+        assert_eq!(
+            documented("dlq.error.class"),
+            strs(Reason::ALL.iter().map(|r| r.as_str()).collect())
+        );
+        assert_eq!(
+            documented("dlq.replay.target"),
+            strs(ReplayTarget::ALL.iter().map(|t| t.as_str()).collect())
+        );
+    }
+
     #[test]
     fn unknown_values_are_rejected_naming_what_is_expected() {
         let e = "poll_experian".parse::<Stage>().unwrap_err().to_string();
