@@ -3,33 +3,14 @@
 # resolving its $refs to schemas/*.avsc, and proves the check can fail: broken
 # copies of the document (a missing required field, a dangling $ref, an
 # invalid Avro schema, an undocumented dead-letter header) must be rejected.
-# Installs the parser from npm (pinned by tools/asyncapi/package-lock.json)
-# into ~/.cache/insights-enricher/asyncapi. Prints "N passed, N failed".
+# The parser comes from scripts/tools.sh asyncapi (npm, pinned by
+# tools/asyncapi/package-lock.json). Prints "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
-PREFIX="$CACHE/asyncapi"
 TOOL=tools/asyncapi
-
-install() {
-    local stamp="$PREFIX/.lock-sha256" want have=""
-    want=$(sha256sum "$TOOL/package-lock.json" | cut -d' ' -f1)
-    [[ -f "$stamp" ]] && have=$(cat "$stamp")
-    if [[ "$want" != "$have" || ! -d "$PREFIX/node_modules/@asyncapi/parser" ]]; then
-        echo "installing the AsyncAPI parser into $PREFIX" >&2
-        mkdir -p "$PREFIX"
-        cp "$TOOL/package.json" "$TOOL/package-lock.json" "$PREFIX/"
-        # --ignore-scripts: nothing here needs an install script, and one
-        # dependency's only script phones home.
-        npm ci --prefix "$PREFIX" --cache "$CACHE/npm" --ignore-scripts \
-            --no-audit --no-fund --loglevel=error >&2
-        echo "$want" >"$stamp"
-    fi
-}
-
-install
-export NODE_PATH="$PREFIX/node_modules"
+NODE_PATH="$(scripts/tools.sh asyncapi)"
+export NODE_PATH
 
 passed=0
 failed=0

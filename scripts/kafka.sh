@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real Apache Kafka broker (KRaft, single node) for tests and local runs,
-# resolved from Maven Central with the pom in scripts/kafka/ and cached under
-# ~/.cache/insights-enricher/kafka/<version>/libs.
+# from the jars scripts/tools.sh installs (it pins the version and resolves
+# them from Maven Central with the pom in scripts/kafka/).
 #
-#   scripts/kafka.sh fetch                      resolve the jars (once)
+#   scripts/kafka.sh fetch                      install the jars (tools.sh kafka)
 #   scripts/kafka.sh start --dir DIR [--port N] [--sasl-ssl]
 #                                               start a broker, print host:port
 #   scripts/kafka.sh stop --dir DIR             SIGTERM, then SIGKILL if needed
@@ -23,15 +23,12 @@
 # (default 768m), INSIGHTS_CACHE (default ~/.cache/insights-enricher).
 set -euo pipefail
 
-KAFKA_VERSION="3.9.1"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-POM="$HERE/kafka/pom.xml"
 TEMPLATE="$HERE/kafka/server.properties.template"
 LOG4J="$HERE/kafka/log4j.properties"
 TOOLS_LOG4J="$HERE/kafka/tools-log4j.properties"
-CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
-KAFKA_HOME="$CACHE/kafka/$KAFKA_VERSION"
-LIBS="$KAFKA_HOME/libs"
+# Set by fetch.
+LIBS=""
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 HEAP_MAX="${KAFKA_HEAP_MAX:-768m}"
@@ -49,39 +46,9 @@ usage() {
 
 # ---------------------------------------------------------------- fetch
 
+# The broker's jars: scripts/tools.sh installs them once and prints where.
 fetch() {
-    local stamp="$KAFKA_HOME/.pom.sha256" want
-    want="$(sha256sum "$POM" | cut -d' ' -f1)"
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$LIBS" ]]; then
-        return
-    fi
-    command -v java >/dev/null || die "java (17 or newer) is required"
-    command -v mvn >/dev/null || die "maven (mvn) is required to resolve Kafka"
-    mkdir -p "$KAFKA_HOME"
-    # Several checkouts on one machine may fetch at once: one resolves, the
-    # others wait and then find the stamp.
-    exec 9>"$KAFKA_HOME/.lock"
-    flock 9
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$LIBS" ]]; then
-        exec 9>&-
-        return
-    fi
-    log "resolving Apache Kafka $KAFKA_VERSION from Maven Central"
-    local staging="$KAFKA_HOME/libs.partial"
-    rm -rf "$staging"
-    if ! mvn -B --no-transfer-progress -Dstyle.color=never \
-        -f "$POM" -Dmaven.repo.local="$CACHE/m2" \
-        dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="$staging" >"$KAFKA_HOME/fetch.log" 2>&1; then
-        exec 9>&-
-        tail -n 40 "$KAFKA_HOME/fetch.log" >&2
-        die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION"
-    fi
-    [[ -f "$staging/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka_2.13 jar missing after resolution"
-    rm -rf "$LIBS"
-    mv "$staging" "$LIBS"
-    echo "$want" >"$stamp"
-    exec 9>&-
+    LIBS="$("$HERE/tools.sh" kafka)" || die "scripts/tools.sh kafka failed"
 }
 
 # ---------------------------------------------------------------- helpers

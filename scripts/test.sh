@@ -113,7 +113,7 @@ tools_ok=1
 banner "tools: Kafka jars, Python venv, helm, promtool"
 start=$SECONDS
 {
-    scripts/kafka.sh fetch >/dev/null &&
+    scripts/tools.sh kafka >/dev/null &&
         INSIGHTS_PYTHON="$(scripts/tools.sh python)" &&
         HELM="$(scripts/tools.sh helm)" &&
         PROMTOOL="$(scripts/tools.sh promtool)"

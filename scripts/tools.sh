@@ -4,13 +4,18 @@
 # Everything lands under ~/.cache/insights-enricher and a second call is a
 # cheap check. This is the only script that installs a tool or names a tool's
 # version; every other script asks it for a path.
-# Usage: scripts/tools.sh python|helm|promtool|shellcheck|all
+# Usage: scripts/tools.sh python|helm|promtool|shellcheck|kafka|asyncapi|all
+# (kafka prints the directory of the broker's jars, for scripts/kafka.sh;
+# asyncapi the node_modules of the AsyncAPI parser, for asyncapi-check.sh)
 set -euo pipefail
 
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 BIN="$CACHE/bin"
 
 HELM_VERSION="v3.19.0"
+# Apache Kafka (Scala 2.13) for the test broker, resolved with
+# scripts/kafka/pom.xml.
+KAFKA_VERSION="3.9.1"
 PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
 # Pinned so a cold machine resolves exactly what was tested here.
 PY_REQUIREMENTS=(
@@ -149,19 +154,94 @@ ensure_shellcheck() {
     echo "$sc"
 }
 
+# The jars of a single-node broker and its command-line tools, resolved from
+# Maven Central with scripts/kafka/pom.xml (given the version) into
+# $CACHE/kafka-runtime/<version>/libs; resolved again only when the version
+# or the pom changes. Several checkouts on one machine may ask at once: one
+# resolves, the others wait and then find the stamp.
+ensure_kafka() {
+    local here pom home libs stamp want
+    here="$(cd "$(dirname "$0")" && pwd)"
+    pom="$here/kafka/pom.xml"
+    home="$CACHE/kafka-runtime/$KAFKA_VERSION"
+    libs="$home/libs"
+    stamp="$home/.stamp"
+    want="$KAFKA_VERSION $(sha256sum "$pom" | cut -d' ' -f1)"
+    if [[ -d "$libs" ]] && stamp_matches "$stamp" "$want"; then
+        echo "$libs"
+        return
+    fi
+    command -v java >/dev/null || die "java (17 or newer) is required"
+    command -v mvn >/dev/null || die "maven (mvn) is required to resolve Kafka"
+    mkdir -p "$home"
+    exec 9>"$home/.lock"
+    flock 9
+    if [[ -d "$libs" ]] && stamp_matches "$stamp" "$want"; then
+        exec 9>&-
+        echo "$libs"
+        return
+    fi
+    log "resolving Apache Kafka $KAFKA_VERSION from Maven Central"
+    local staging="$home/libs.partial"
+    rm -rf "$staging"
+    if ! mvn -B --no-transfer-progress -Dstyle.color=never \
+        -f "$pom" -Dmaven.repo.local="$CACHE/m2" -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$staging" >"$home/fetch.log" 2>&1; then
+        exec 9>&-
+        tail -n 40 "$home/fetch.log" >&2
+        die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION"
+    fi
+    [[ -f "$staging/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka_2.13 jar missing after resolution"
+    rm -rf "$libs"
+    mv "$staging" "$libs"
+    printf '%s' "$want" >"$stamp"
+    exec 9>&-
+    echo "$libs"
+}
+
+# The AsyncAPI parser (scripts/asyncapi-check.sh), from npm, pinned by
+# tools/asyncapi/package-lock.json, into $CACHE/asyncapi.
+ensure_asyncapi() {
+    local here tool prefix stamp want
+    here="$(cd "$(dirname "$0")" && pwd)"
+    tool="$here/../tools/asyncapi"
+    prefix="$CACHE/asyncapi"
+    stamp="$prefix/.lock-sha256"
+    want="$(sha256sum "$tool/package-lock.json" | cut -d' ' -f1)"
+    if [[ -d "$prefix/node_modules/@asyncapi/parser" ]] && stamp_matches "$stamp" "$want"; then
+        echo "$prefix/node_modules"
+        return
+    fi
+    command -v npm >/dev/null || die "npm is required to install the AsyncAPI parser"
+    log "installing the AsyncAPI parser into $prefix"
+    mkdir -p "$prefix"
+    cp "$tool/package.json" "$tool/package-lock.json" "$prefix/"
+    # --ignore-scripts: nothing here needs an install script, and one
+    # dependency's only script phones home.
+    npm ci --prefix "$prefix" --cache "$CACHE/npm" --ignore-scripts \
+        --no-audit --no-fund --loglevel=error >&2
+    printf '%s' "$want" >"$stamp"
+    echo "$prefix/node_modules"
+}
+
 case "${1:-}" in
 python) ensure_python ;;
 shellcheck) ensure_shellcheck ;;
 helm) ensure_helm ;;
 promtool) ensure_promtool ;;
+kafka) ensure_kafka ;;
+asyncapi) ensure_asyncapi ;;
 all)
     ensure_python
     ensure_helm
     ensure_promtool
     ensure_shellcheck
+    ensure_kafka
+    ensure_asyncapi
     ;;
 *)
-    echo "usage: $0 python|helm|promtool|shellcheck|all" >&2
+    echo "usage: $0 python|helm|promtool|shellcheck|kafka|asyncapi|all" >&2
     exit 2
     ;;
 esac

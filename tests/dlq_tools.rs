@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use insights_enricher::pipeline::deadletter::{DeadLetter, Stage};
+use insights_enricher::pipeline::deadletter::{DeadLetter, Reason, ReplayTarget, Stage};
 use insights_enricher::simulator::{self, SimulatorConfig};
 use serde_json::{json, Value};
 
@@ -396,7 +396,7 @@ fn input_dead_letter(input: &str, user: &str, offset: i64, failed_at: i64) -> De
         key: Some(user.as_bytes().to_vec()),
         value: Some(onboarded_json(&format!("ev-{user}"), user)),
         stage: Stage::Decode,
-        reason: "invalid_event".into(),
+        reason: Reason::InvalidField,
         message: "user_id: missing".into(),
         original_topic: input.to_string(),
         original_partition: 0,
@@ -408,7 +408,7 @@ fn input_dead_letter(input: &str, user: &str, offset: i64, failed_at: i64) -> De
         provider_request_id: None,
         user_id: None,
         event_id: None,
-        replay_target: "input",
+        replay_target: ReplayTarget::Input,
         failed_at,
         original_headers: vec![],
     }

@@ -3,17 +3,12 @@
 //! output event decoded back with apache-avro against the schema the
 //! encoder registered.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use apache_avro::types::Value as Av;
 use apache_avro::Schema;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use insights_enricher::config::{InputEncoding, OutputEncoding, TopicSettings};
 use insights_enricher::events::avro::EventSchema;
 use insights_enricher::events::{
@@ -25,90 +20,16 @@ use insights_enricher::task::{
 };
 use serde_json::{json, Map, Value};
 
+mod common;
+use common::{confluent_wire as framed, FakeRegistry};
+
 // ---------------------------------------------------------------- registry
 
-#[derive(Default)]
-struct Registry {
-    schemas: Mutex<Vec<String>>,
-    subjects: Mutex<HashMap<String, Vec<u32>>>,
-    down: AtomicBool,
-    gets: AtomicUsize,
-}
-
-impl Registry {
-    /// Ids start at 1, as in Confluent's registry.
-    fn add(&self, schema: &str) -> u32 {
-        let mut s = self.schemas.lock().unwrap();
-        if let Some(i) = s.iter().position(|x| x == schema) {
-            return i as u32 + 1;
-        }
-        s.push(schema.to_string());
-        s.len() as u32
-    }
-}
-
-async fn get_schema(
-    State(r): State<Arc<Registry>>,
-    Path(id): Path<u32>,
-) -> (StatusCode, Json<Value>) {
-    r.gets.fetch_add(1, Ordering::SeqCst);
-    if r.down.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error_code": 50003, "message": "store unavailable"})),
-        );
-    }
-    let schemas = r.schemas.lock().unwrap();
-    match id.checked_sub(1).and_then(|i| schemas.get(i as usize)) {
-        Some(s) => (StatusCode::OK, Json(json!({ "schema": s }))),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error_code": 40403, "message": "Schema not found"})),
-        ),
-    }
-}
-
-async fn register(
-    State(r): State<Arc<Registry>>,
-    Path(subject): Path<String>,
-    body: String,
-) -> (StatusCode, Json<Value>) {
-    let body: Value = serde_json::from_str(&body).unwrap();
-    let schema = body["schema"].as_str().unwrap();
-    if Schema::parse_str(schema).is_err() {
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"error_code": 42201, "message": "Invalid schema"})),
-        );
-    }
-    let id = r.add(schema);
-    r.subjects
-        .lock()
-        .unwrap()
-        .entry(subject)
-        .or_default()
-        .push(id);
-    (StatusCode::OK, Json(json!({ "id": id })))
-}
-
-async fn start_registry() -> (Arc<Registry>, Arc<RegistryClient>) {
-    let state = Arc::new(Registry::default());
-    let app = Router::new()
-        .route("/schemas/ids/{id}", get(get_schema))
-        .route("/subjects/{subject}/versions", post(register))
-        .with_state(Arc::clone(&state));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let client = RegistryClient::new(&format!("http://{addr}/")).unwrap();
+async fn start_registry() -> (Arc<FakeRegistry>, Arc<RegistryClient>) {
+    let state = Arc::new(FakeRegistry::default());
+    let url = state.serve().await;
+    let client = RegistryClient::new(&format!("{url}/")).unwrap();
     (state, Arc::new(client))
-}
-
-fn framed(id: u32, datum: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8];
-    v.extend_from_slice(&id.to_be_bytes());
-    v.extend_from_slice(datum);
-    v
 }
 
 // ------------------------------------------------------------------ input
@@ -477,7 +398,7 @@ fn task() -> Task {
     }
 }
 
-async fn avro_encoder() -> (Arc<Registry>, Arc<RegistryClient>, OutputEncoder) {
+async fn avro_encoder() -> (Arc<FakeRegistry>, Arc<RegistryClient>, OutputEncoder) {
     let (reg, client) = start_registry().await;
     let enc = OutputEncoder::new(OutputEncoding::Avro, Some(Arc::clone(&client)), &topics())
         .await

@@ -1,6 +1,6 @@
 //! Fuzzing, with proptest, of everything that parses bytes from outside:
-//! the JSON and Avro (Confluent wire format, writer schemas from a registry
-//! stub) input decoders, the FinBox and Credeau response mappers, and the
+//! the JSON and Avro (Confluent wire format, writer schemas from the registry
+//! fake of tests/common) input decoders, the FinBox and Credeau response mappers, and the
 //! task record decoder. Each target is fed arbitrary bytes, structure-aware
 //! inputs (well-formed values with arbitrary contents, Avro with lying
 //! length prefixes) and byte-level mutations of valid inputs. Every case
@@ -26,6 +26,8 @@ use insights_enricher::task::{OnboardedUser, ProviderTrack, SourceRef, Task, TAS
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Value};
+
+mod common;
 
 // ---------------------------------------------------------------- heap
 
@@ -338,40 +340,17 @@ fn writer_schema(id: u32) -> Option<String> {
     }
 }
 
-/// A schema registry stand-in on its own thread, for the whole binary.
+/// The registry fake (tests/common) on its own thread, for the whole
+/// binary, holding the writer schemas above under ids 1 to 3.
 fn registry_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            runtime().block_on(async move {
-                use axum::extract::Path;
-                use axum::http::StatusCode;
-                use axum::response::IntoResponse;
-                let app = axum::Router::new().route(
-                    "/schemas/ids/{id}",
-                    axum::routing::get(|Path(id): Path<u32>| async move {
-                        match writer_schema(id) {
-                            Some(schema) => axum::Json(json!({ "schema": schema })).into_response(),
-                            None => (
-                                StatusCode::NOT_FOUND,
-                                axum::Json(
-                                    json!({"error_code": 40403, "message": "Schema not found"}),
-                                ),
-                            )
-                                .into_response(),
-                        }
-                    }),
-                );
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind registry stub");
-                let addr = listener.local_addr().expect("addr");
-                tx.send(format!("http://{addr}")).expect("send url");
-                axum::serve(listener, app).await.expect("registry stub");
-            });
-        });
-        rx.recv().expect("registry stub url")
+        let registry = Arc::new(common::FakeRegistry::default());
+        for id in 1..=3 {
+            let schema = writer_schema(id).expect("writer schema");
+            assert_eq!(registry.add(&schema), id, "ids are given in order");
+        }
+        registry.serve_on_own_thread()
     })
 }
 

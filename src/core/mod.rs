@@ -2,15 +2,18 @@
 //! policy) to what happens next. No I/O, no clocks: the Kafka loop feeds it
 //! and carries out its decisions, and property tests cover its state space.
 
+pub mod dead_letter;
 pub mod tiers;
 
 use crate::config::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
 use crate::providers::{
-    CredeauAnswer, FinboxAnswer, FinboxInsights, Provider, ProviderError, SmsExtraction,
+    CredeauAnswer, FinboxAnswer, FinboxInsights, Provider, ProviderError, ProviderErrorKind,
+    SmsExtraction,
 };
 use crate::task::{
     Done, LastError, Millis, OnboardedUser, Outcome, ProviderTrack, SourceRef, Task, TASK_VERSION,
 };
+use dead_letter::{Reason, Stage};
 
 /// The polling policies of both providers.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +92,14 @@ pub struct ProviderFailure {
     /// `max_failed_polls` polls in a row had failed (exhausted retries),
     /// false for an answer that is never retryable.
     pub exhausted: bool,
+}
+
+impl ProviderFailure {
+    /// The stage and reason the failure is counted under at once (by the
+    /// dead-letter guard) and dead-lettered with when the task ends.
+    pub fn stage_reason(&self) -> (Stage, Reason) {
+        dead_letter::provider_failed(self.provider, self.error.kind)
+    }
 }
 
 /// The effects of applying one answer.
@@ -244,6 +255,28 @@ pub fn straggler_leash(
         .unwrap_or(0);
     let leash = wait.saturating_mul(1u32.checked_shl(cut.min(31)).unwrap_or(u32::MAX));
     (leash < budget).then_some(leash)
+}
+
+/// An output of provider `p` that cannot be published (an SMS entry larger
+/// than a record): the provider ends `failed` at `now` with `message` as its
+/// last error, so the task is dead-lettered when it ends and a replay
+/// reopens only this provider. Returns the stage and reason the failure is
+/// counted under.
+pub fn fail_publish(task: &mut Task, p: Provider, now: Millis, message: &str) -> (Stage, Reason) {
+    let kind = ProviderErrorKind::OutputTooLarge;
+    let track = task.track_mut(p);
+    track.done = Some(Done {
+        outcome: Outcome::Failed,
+        at: now,
+        items: None,
+    });
+    track.last_error = Some(LastError {
+        kind,
+        http_status: None,
+        message: message.to_string(),
+        provider_request_id: None,
+    });
+    dead_letter::provider_failed(p, kind)
 }
 
 /// Schedules the next poll no sooner than the current spacing (and `hint`),

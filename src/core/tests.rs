@@ -486,3 +486,70 @@ fn a_cut_short_poll_past_the_deadline_ends_the_provider_timed_out() {
     cut_short(&mut task, Provider::Credeau, after_deadline + 1, &p);
     assert_eq!(task, before);
 }
+
+#[test]
+fn an_output_that_cannot_be_published_fails_only_its_provider_under_publish_too_large() {
+    use dead_letter::{Reason, Stage};
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let credeau_before = t.credeau.clone();
+    let label = fail_publish(&mut t, Provider::Finbox, 2_000_000, "entry 3 is 2 MiB");
+    assert_eq!(label, (Stage::Publish, Reason::TooLarge));
+    assert_eq!(t.finbox.outcome(), Some(Outcome::Failed));
+    assert_eq!(t.finbox.done.as_ref().map(|d| d.at), Some(2_000_000));
+    let last = t.finbox.last_error.as_ref().expect("last error");
+    assert_eq!(last.kind, ProviderErrorKind::OutputTooLarge);
+    assert_eq!(last.message, "entry 3 is 2 MiB");
+    assert_eq!(last.http_status, None);
+    assert_eq!(t.credeau, credeau_before);
+    // The dead letter written when the task ends says the same.
+    assert_eq!(
+        dead_letter::provider_failed(Provider::Finbox, last.kind),
+        label
+    );
+}
+
+#[test]
+fn a_failure_is_counted_under_the_stage_and_reason_it_is_dead_lettered_with() {
+    use dead_letter::{Reason, Stage};
+    // A final answer: its own label.
+    let p = policies();
+    let mut t = start(user(), origin(), 0, &p);
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::Forbidden, Some(403)))),
+        1_030_000,
+        &p,
+    );
+    let f = fx.failure.expect("failed");
+    assert_eq!(
+        f.stage_reason(),
+        (Stage::Poll(Provider::Finbox), Reason::Forbidden)
+    );
+    let kind = t.finbox.last_error.as_ref().expect("last error").kind;
+    assert_eq!(
+        dead_letter::provider_failed(Provider::Finbox, kind),
+        f.stage_reason()
+    );
+    // Retries spent: exhausted.
+    let mut p = policies();
+    p.finbox.max_failed_polls = Some(1);
+    let mut t = start(user(), origin(), 0, &p);
+    let fx = apply(
+        &mut t,
+        Answer::Finbox(Err(err(ProviderErrorKind::ServerError, Some(503)))),
+        1_030_000,
+        &p,
+    );
+    let f = fx.failure.expect("failed");
+    assert!(f.exhausted);
+    assert_eq!(
+        f.stage_reason(),
+        (Stage::Poll(Provider::Finbox), Reason::Exhausted)
+    );
+    let kind = t.finbox.last_error.as_ref().expect("last error").kind;
+    assert_eq!(
+        dead_letter::provider_failed(Provider::Finbox, kind),
+        f.stage_reason()
+    );
+}

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use crate::task::Millis;
+use crate::task::{Millis, Task, TaskDecodeError};
 
 /// What to do with a task record read from a tier topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,21 @@ pub enum ReadAction {
     Hold { resume_at: Millis },
     /// Send it on to tier `tier` for the rest of the wait.
     Forward { tier: usize },
+}
+
+/// What to do with one record read from a tier topic, all told: a record
+/// that is not a task is poison; a task is processed, forwarded, or its
+/// partition held.
+#[derive(Debug)]
+pub enum TierRead {
+    /// Not a task record (dead-lettered as `task_decode` / `invalid_task`).
+    Poison(TaskDecodeError),
+    /// Due: process it now.
+    Due(Task),
+    /// Send it on to tier `tier` for the rest of the wait.
+    Forward(Task, usize),
+    /// Pause the partition until `resume_at` and read the record again then.
+    Hold { resume_at: Millis },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +129,30 @@ impl DelayTiers {
             }
         }
     }
+
+    /// Decides about a record of tier `tier` with value `value`, written at
+    /// `written` (its timestamp; a record without one counts as written
+    /// `now`), read at `now`.
+    pub fn classify(
+        &self,
+        tier: usize,
+        value: Option<&[u8]>,
+        written: Option<Millis>,
+        now: Millis,
+    ) -> TierRead {
+        let task = match value.map(Task::decode) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return TierRead::Poison(e),
+            None => return TierRead::Poison(TaskDecodeError::Malformed("empty value".into())),
+        };
+        match self.on_read(tier, written.unwrap_or(now), task.due_at, now) {
+            ReadAction::Process => TierRead::Due(task),
+            ReadAction::Forward { tier } => TierRead::Forward(task, tier),
+            ReadAction::NotYet { resume_at } | ReadAction::Hold { resume_at } => {
+                TierRead::Hold { resume_at }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +185,75 @@ mod tests {
             ReadAction::NotYet { resume_at: 300 }
         );
         assert_eq!(t.on_read(0, 0, 300, 300), ReadAction::Process);
+    }
+
+    fn task_due_at(due_at: Millis) -> Vec<u8> {
+        use crate::task::{OnboardedUser, ProviderTrack, SourceRef, TASK_VERSION};
+        Task {
+            v: TASK_VERSION,
+            user: OnboardedUser {
+                event_id: "e".into(),
+                user_id: "u".into(),
+                finbox_customer_id: "u".into(),
+                credeau_user_id: "u".into(),
+                onboarded_at: 0,
+            },
+            origin: SourceRef {
+                topic: "in".into(),
+                partition: 0,
+                offset: 0,
+            },
+            created_at: 0,
+            due_at,
+            finbox: ProviderTrack::pending(due_at, 10_000),
+            credeau: ProviderTrack::pending(due_at, 15_000),
+            replay_of: None,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_tier_record_that_is_not_a_task_is_poison() {
+        let t = tiers();
+        match t.classify(0, None, Some(0), 10) {
+            TierRead::Poison(TaskDecodeError::Malformed(m)) => assert_eq!(m, "empty value"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.classify(0, Some(b"{not a task"), Some(0), 10),
+            TierRead::Poison(_)
+        ));
+    }
+
+    #[test]
+    fn a_tier_record_is_processed_forwarded_or_held_by_its_due_time() {
+        let t = tiers();
+        let v = task_due_at(100_000);
+        // Due: processed, whatever its tier.
+        match t.classify(3, Some(&v), Some(0), 100_000) {
+            TierRead::Due(task) => assert_eq!(task.due_at, 100_000),
+            other => panic!("{other:?}"),
+        }
+        // Its 10 s tier wait is not over: held until then.
+        assert!(matches!(
+            t.classify(2, Some(&v), Some(50_000), 55_000),
+            TierRead::Hold { resume_at: 60_000 }
+        ));
+        // Tier wait over, 40 s still to go: forwarded to the 30 s tier.
+        assert!(matches!(
+            t.classify(2, Some(&v), Some(50_000), 60_000),
+            TierRead::Forward(_, 3)
+        ));
+        // Less than the smallest tier to go: held until due.
+        assert!(matches!(
+            t.classify(2, Some(&v), Some(50_000), 99_500),
+            TierRead::Hold { resume_at: 100_000 }
+        ));
+        // No timestamp: counts as written now, so its tier wait starts now.
+        assert!(matches!(
+            t.classify(0, Some(&v), None, 10_000),
+            TierRead::Hold { resume_at: 11_000 }
+        ));
     }
 
     #[test]

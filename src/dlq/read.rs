@@ -10,8 +10,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
-use crate::pipeline::deadletter::headers as h;
+use crate::pipeline::deadletter::{headers as h, Reason, ReplayTarget, Stage};
 use crate::pipeline::kafka::base_config;
+use crate::providers::Provider;
 
 /// One dead-letter record as read back.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -34,6 +35,11 @@ impl DlqRecord {
     pub fn reason(&self) -> &str {
         self.header(h::ERROR_CLASS).unwrap_or("unknown")
     }
+    /// How `dlq replay` may send it back; `None` when the header is missing
+    /// or holds a value this version does not know (not replayable).
+    pub fn replay_target(&self) -> Option<ReplayTarget> {
+        self.header(h::REPLAY_TARGET)?.parse().ok()
+    }
     pub fn id(&self, topic: &str) -> String {
         format!("{topic}/{}/{}", self.partition, self.offset)
     }
@@ -44,13 +50,13 @@ impl DlqRecord {
 pub struct Filter {
     /// Only this error class (dlq.error.class), e.g. forbidden, unauthorized, malformed_json.
     #[arg(long)]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// Only this provider (finbox or credeau).
-    #[arg(long)]
-    pub provider: Option<String>,
+    #[arg(long, value_parser = parse_provider)]
+    pub provider: Option<Provider>,
     /// Only this stage (decode, task_decode, poll_finbox, poll_credeau, publish).
     #[arg(long)]
-    pub stage: Option<String>,
+    pub stage: Option<Stage>,
     /// Only records dead-lettered at or after this time (RFC 3339, or a
     /// duration ago such as "2h").
     #[arg(long)]
@@ -67,6 +73,21 @@ pub struct Filter {
     /// Last offset to read (inclusive; with --partition).
     #[arg(long)]
     pub end_offset: Option<i64>,
+}
+
+/// `--provider`: one of the providers' names.
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    Provider::ALL
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| {
+            let known: Vec<&str> = Provider::ALL.iter().map(|p| p.as_str()).collect();
+            format!(
+                "unknown provider {:?}: expected one of {}",
+                s.chars().take(64).collect::<String>(),
+                known.join(", ")
+            )
+        })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,17 +139,17 @@ impl Filter {
     }
 
     pub fn matches(&self, r: &DlqRecord, since: Option<i64>, until: Option<i64>) -> bool {
-        let eq = |want: &Option<String>, header: &str| {
-            want.as_deref().is_none_or(|w| r.header(header) == Some(w))
-        };
         let at = r
             .header(h::FAILED_AT)
             .and_then(|v| v.parse::<i64>().ok())
             .or(r.timestamp)
             .unwrap_or(0);
-        eq(&self.reason, h::ERROR_CLASS)
-            && eq(&self.provider, h::PROVIDER)
-            && eq(&self.stage, h::STAGE)
+        let is = |want: Option<&'static str>, header: &str| {
+            want.is_none_or(|w| r.header(header) == Some(w))
+        };
+        is(self.reason.map(Reason::as_str), h::ERROR_CLASS)
+            && is(self.provider.map(Provider::as_str), h::PROVIDER)
+            && is(self.stage.map(Stage::as_str), h::STAGE)
             && since.is_none_or(|s| at >= s)
             && until.is_none_or(|u| at < u)
             && self.end_offset.is_none_or(|e| r.offset <= e)
@@ -313,6 +334,39 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000;
 
     #[test]
+    fn an_unknown_reason_stage_or_provider_is_refused_naming_the_known_ones() {
+        let e = parse(&["--reason", "forbid"]).unwrap_err().to_string();
+        assert!(e.contains("--reason"), "{e}");
+        assert!(
+            e.contains("unknown reason \"forbid\": expected one of empty,")
+                && e.contains("forbidden"),
+            "{e}"
+        );
+        let e = parse(&["--provider", "experian"]).unwrap_err().to_string();
+        assert!(e.contains("--provider"), "{e}");
+        assert!(
+            e.contains("unknown provider \"experian\": expected one of finbox, credeau"),
+            "{e}"
+        );
+        let e = parse(&["--stage", "poll"]).unwrap_err().to_string();
+        assert!(e.contains("--stage"), "{e}");
+        assert!(
+            e.contains("expected one of decode, task_decode, poll_finbox, poll_credeau, publish"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_replay_target_header_is_read_as_a_target() {
+        let r = |v: &str| record(0, None, &[(h::REPLAY_TARGET, v)]).replay_target();
+        assert_eq!(r("input"), Some(ReplayTarget::Input));
+        assert_eq!(r("task"), Some(ReplayTarget::Task));
+        assert_eq!(r("none"), Some(ReplayTarget::None));
+        assert_eq!(r("Task"), None);
+        assert_eq!(record(0, None, &[]).replay_target(), None);
+    }
+
+    #[test]
     fn every_filter_flag_parses_into_its_field() {
         let f = parse(&[
             "--reason",
@@ -333,9 +387,9 @@ mod tests {
             "20",
         ])
         .unwrap();
-        assert_eq!(f.reason.as_deref(), Some("forbidden"));
-        assert_eq!(f.provider.as_deref(), Some("finbox"));
-        assert_eq!(f.stage.as_deref(), Some("poll_finbox"));
+        assert_eq!(f.reason, Some(Reason::Forbidden));
+        assert_eq!(f.provider, Some(Provider::Finbox));
+        assert_eq!(f.stage, Some(Stage::Poll(Provider::Finbox)));
         assert_eq!(f.since.as_deref(), Some("2h"));
         assert_eq!(f.until.as_deref(), Some("2023-11-14T22:13:20Z"));
         assert_eq!(
@@ -480,13 +534,13 @@ mod tests {
             ],
         );
         let f = |reason: Option<&str>, provider: Option<&str>, stage: Option<&str>| Filter {
-            reason: reason.map(str::to_string),
-            provider: provider.map(str::to_string),
-            stage: stage.map(str::to_string),
+            reason: reason.map(|s| s.parse().unwrap()),
+            provider: provider.map(|s| parse_provider(s).unwrap()),
+            stage: stage.map(|s| s.parse().unwrap()),
             ..Filter::default()
         };
         assert!(f(Some("forbidden"), Some("finbox"), Some("poll_finbox")).matches(&r, None, None));
-        assert!(!f(Some("forbid"), None, None).matches(&r, None, None));
+        assert!(!f(Some("unauthorized"), None, None).matches(&r, None, None));
         assert!(!f(None, Some("credeau"), None).matches(&r, None, None));
         assert!(!f(None, None, Some("decode")).matches(&r, None, None));
         let bare = record(0, None, &[]);

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::core::tiers::DelayTiers;
 use crate::dlq::read::{read_all, read_filtered, DlqRecord, Filter, ReadError};
-use crate::pipeline::deadletter::headers as h;
+use crate::pipeline::deadletter::{headers as h, ReplayTarget};
 use crate::pipeline::kafka::base_config;
 use crate::providers::Provider;
 use crate::task::{Outcome, Task};
@@ -127,9 +127,9 @@ fn plan(settings: &Settings, r: &DlqRecord, now: i64) -> Option<Planned> {
         .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
         .collect();
     headers.push((h::REPLAYED_FROM.to_string(), id.clone().into_bytes()));
-    let (topic, value) = match r.header(h::REPLAY_TARGET) {
-        Some("input") => (settings.topics.input.clone(), r.value.clone()),
-        Some("task") => {
+    let (topic, value) = match r.replay_target()? {
+        ReplayTarget::Input => (settings.topics.input.clone(), r.value.clone()),
+        ReplayTarget::Task => {
             let mut task = Task::decode(r.value.as_deref()?).ok()?;
             if !reopen(&mut task, now, id.clone()) {
                 return None;
@@ -140,7 +140,7 @@ fn plan(settings: &Settings, r: &DlqRecord, now: i64) -> Option<Planned> {
                 Some(task.encode()),
             )
         }
-        _ => return None,
+        ReplayTarget::None => return None,
     };
     Some(Planned {
         item: ReplayItem {

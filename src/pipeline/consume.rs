@@ -642,7 +642,7 @@ impl ConsumeLoop {
                     }
                     for (stage, reason) in &p.dead_letters {
                         m.dead_letters
-                            .with_label_values(&[stage.as_str(), reason])
+                            .with_label_values(&[stage.as_str(), reason.as_str()])
                             .inc();
                     }
                     if let Some(s) = p.combined_latency {

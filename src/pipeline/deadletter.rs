@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 
 use crate::config::DeadLetterSettings;
+pub use crate::core::dead_letter::{Reason, ReplayTarget, Stage};
 use crate::providers::Provider;
 use crate::task::Millis;
 
@@ -32,31 +33,6 @@ pub mod headers {
     pub const REPLAYED_FROM: &str = "dlq.replayed.from";
 }
 
-/// Where in the pipeline a record failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Decoding or validating an input event.
-    Decode,
-    /// Decoding a task record from a delay topic.
-    TaskDecode,
-    /// A provider answer that ended the provider as failed.
-    Poll(Provider),
-    /// Encoding an output that cannot be published.
-    Publish,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Decode => "decode",
-            Stage::TaskDecode => "task_decode",
-            Stage::Poll(Provider::Finbox) => "poll_finbox",
-            Stage::Poll(Provider::Credeau) => "poll_credeau",
-            Stage::Publish => "publish",
-        }
-    }
-}
-
 /// One dead letter, before it becomes a Kafka record.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -64,7 +40,7 @@ pub struct DeadLetter {
     pub value: Option<Vec<u8>>,
     pub stage: Stage,
     /// Stable, low-cardinality label (`malformed_json`, `forbidden`, ...).
-    pub reason: String,
+    pub reason: Reason,
     /// Human-readable detail: never secrets or SMS bodies.
     pub message: String,
     pub original_topic: String,
@@ -77,7 +53,7 @@ pub struct DeadLetter {
     pub provider_request_id: Option<String>,
     pub user_id: Option<String>,
     pub event_id: Option<String>,
-    pub replay_target: &'static str,
+    pub replay_target: ReplayTarget,
     pub failed_at: Millis,
     /// Headers of the original record, kept (prefixed names are ours).
     pub original_headers: Vec<(String, Vec<u8>)>,
@@ -103,7 +79,7 @@ impl DeadLetter {
             put(headers::ORIGINAL_TIMESTAMP, ts.to_string());
         }
         put(headers::STAGE, self.stage.as_str().to_string());
-        put(headers::ERROR_CLASS, self.reason.clone());
+        put(headers::ERROR_CLASS, self.reason.as_str().to_string());
         put(headers::ERROR_MESSAGE, truncate(&self.message, 1024));
         put(headers::ATTEMPTS, self.attempts.to_string());
         if let Some(p) = self.provider {
@@ -121,7 +97,10 @@ impl DeadLetter {
         if let Some(e) = &self.event_id {
             put(headers::EVENT_ID, e.clone());
         }
-        put(headers::REPLAY_TARGET, self.replay_target.to_string());
+        put(
+            headers::REPLAY_TARGET,
+            self.replay_target.as_str().to_string(),
+        );
         put(headers::FAILED_AT, self.failed_at.to_string());
         h
     }
@@ -280,7 +259,7 @@ mod tests {
             key: None,
             value: None,
             stage: Stage::Poll(Provider::Credeau),
-            reason: "unauthorized".into(),
+            reason: Reason::Unauthorized,
             message: "m".repeat(2000),
             original_topic: "t".into(),
             original_partition: 3,
@@ -292,7 +271,7 @@ mod tests {
             provider_request_id: Some("rid".into()),
             user_id: Some("u".into()),
             event_id: Some("e".into()),
-            replay_target: "task",
+            replay_target: ReplayTarget::Task,
             failed_at: 9,
             original_headers: vec![("trace".into(), b"1".to_vec())],
         };
@@ -305,6 +284,8 @@ mod tests {
         assert_eq!(get(headers::ORIGINAL_OFFSET).as_deref(), Some("42"));
         assert_eq!(get(headers::STAGE).as_deref(), Some("poll_credeau"));
         assert_eq!(get(headers::HTTP_STATUS).as_deref(), Some("401"));
+        assert_eq!(get(headers::ERROR_CLASS).as_deref(), Some("unauthorized"));
+        assert_eq!(get(headers::REPLAY_TARGET).as_deref(), Some("task"));
         assert_eq!(get("trace").as_deref(), Some("1"));
         assert!(get(headers::ERROR_MESSAGE).unwrap().len() < 1100);
     }

@@ -6,14 +6,15 @@
 
 use std::sync::Arc;
 
-use crate::core::tiers::DelayTiers;
+use crate::core::dead_letter::{self, Reason, ReplayTarget};
+use crate::core::tiers::{DelayTiers, TierRead};
 use crate::core::{self, Answer, Effects, Policies};
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::Metrics;
 use crate::pipeline::deadletter::{DeadLetter, Stage};
 use crate::providers::budget::{self, RecordClock};
 use crate::providers::{CredeauApi, FinboxApi, Provider};
-use crate::task::{LastError, Millis, Outcome, SourceRef, Task, TaskDecodeError};
+use crate::task::{Millis, Outcome, SourceRef, Task, TaskDecodeError};
 
 pub fn now_ms() -> Millis {
     chrono::Utc::now().timestamp_millis()
@@ -76,12 +77,12 @@ pub struct OutRecord {
 pub struct Processed {
     pub outputs: Vec<OutRecord>,
     /// The dead-letter reasons among the outputs (for metrics).
-    pub dead_letters: Vec<(Stage, String)>,
+    pub dead_letters: Vec<(Stage, Reason)>,
     /// Providers that ended `failed` while processing this record. Their
     /// dead letter is written when the user's task finishes (so it holds the
     /// final state and a replay re-asks only the failed provider), but the
     /// guard counts them at once.
-    pub failures: Vec<(Stage, String)>,
+    pub failures: Vec<(Stage, Reason)>,
     /// Onboarding-to-combined latency to observe once committed (seconds).
     pub combined_latency: Option<f64>,
 }
@@ -160,18 +161,20 @@ impl Worker {
                         .inc();
                     self.advance(task, &rec, now, &clock, &mut out).await;
                 }
-                Err(e) if e.is_transient() => return Err(Transient(e.to_string())),
-                Err(e) => {
-                    self.metrics
-                        .events_consumed
-                        .with_label_values(&["input", "dead_lettered"])
-                        .inc();
-                    tracing::warn!(
-                        topic = %rec.topic, partition = rec.partition, offset = rec.offset,
-                        reason = e.reason(), error = %e, "input event dead-lettered"
-                    );
-                    self.dead_letter_input(&rec, Stage::Decode, e.reason(), &e, &mut out);
-                }
+                Err(e) => match dead_letter::decode_failed(&e) {
+                    None => return Err(Transient(e.to_string())),
+                    Some(reason) => {
+                        self.metrics
+                            .events_consumed
+                            .with_label_values(&["input", "dead_lettered"])
+                            .inc();
+                        tracing::warn!(
+                            topic = %rec.topic, partition = rec.partition, offset = rec.offset,
+                            reason = reason.as_str(), error = %e, "input event dead-lettered"
+                        );
+                        self.dead_letter_input(&rec, Stage::Decode, reason, &e, &mut out);
+                    }
+                },
             },
             Job::Due(rec, task) => {
                 let now = now_ms();
@@ -211,7 +214,7 @@ impl Worker {
                     .with_label_values(&["delay", "dead_lettered"])
                     .inc();
                 tracing::warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %e, "task record dead-lettered");
-                self.dead_letter_input(&rec, Stage::TaskDecode, "invalid_task", &e, &mut out);
+                self.dead_letter_input(&rec, Stage::TaskDecode, Reason::InvalidTask, &e, &mut out);
             }
         }
         Ok(out)
@@ -265,7 +268,7 @@ impl Worker {
             match fa {
                 Some(Some(a)) => {
                     let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
-                    self.effects(&mut task, fx, rec, answered_at, out);
+                    self.effects(&mut task, fx, answered_at, out);
                 }
                 Some(None) => self.cut_short(&mut task, Provider::Finbox, answered_at),
                 None => {}
@@ -274,7 +277,7 @@ impl Worker {
                 Some(Some(a)) => {
                     let fx =
                         core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
-                    self.effects(&mut task, fx, rec, answered_at, out);
+                    self.effects(&mut task, fx, answered_at, out);
                 }
                 Some(None) => self.cut_short(&mut task, Provider::Credeau, answered_at),
                 None => {}
@@ -303,7 +306,7 @@ impl Worker {
                         &task,
                         rec,
                         Stage::Publish,
-                        "encode_failed",
+                        Reason::EncodeFailed,
                         &e.to_string(),
                     );
                     self.push_dead_letter(dl, out);
@@ -334,14 +337,7 @@ impl Worker {
         core::cut_short(task, provider, now, &self.policies);
     }
 
-    fn effects(
-        &self,
-        task: &mut Task,
-        fx: Effects,
-        rec: &Incoming,
-        now: Millis,
-        out: &mut Processed,
-    ) {
+    fn effects(&self, task: &mut Task, fx: Effects, now: Millis, out: &mut Processed) {
         if let Some(insights) = fx.finbox_insights {
             match self.encoder.finbox_predictors(task, &insights, now) {
                 Ok(value) => out.outputs.push(self.output(
@@ -351,7 +347,7 @@ impl Worker {
                     value,
                     vec![],
                 )),
-                Err(e) => self.fail_publish(task, Provider::Finbox, rec, &e.to_string(), out),
+                Err(e) => self.fail_publish(task, Provider::Finbox, &e.to_string(), out),
             }
         }
         if let Some(sms) = fx.sms {
@@ -378,21 +374,17 @@ impl Worker {
                         ));
                     }
                 }
-                Err(e) => self.fail_publish(task, Provider::Credeau, rec, &e.to_string(), out),
+                Err(e) => self.fail_publish(task, Provider::Credeau, &e.to_string(), out),
             }
         }
         if let Some(f) = fx.failure {
-            let reason = if f.exhausted {
-                "exhausted".to_string()
-            } else {
-                f.error.kind.as_str().to_string()
-            };
+            let (stage, reason) = f.stage_reason();
             tracing::warn!(
-                provider = %f.provider, reason = %reason, http_status = ?f.error.http_status,
+                provider = %f.provider, reason = reason.as_str(), http_status = ?f.error.http_status,
                 provider_request_id = ?f.error.provider_request_id,
                 error = %f.error, "provider failed for a user; dead-lettered when the user's task ends"
             );
-            out.failures.push((Stage::Poll(f.provider), reason));
+            out.failures.push((stage, reason));
         }
     }
 
@@ -407,19 +399,8 @@ impl Worker {
             let Some(err) = &track.last_error else {
                 continue;
             };
-            // An answer over `<provider>.max_response_bytes` is the poll's
-            // failure (poll_<provider> / too_large); an answer whose event
-            // cannot be published is the publish stage's (publish /
-            // too_large, fixed by topics.max_message_bytes).
-            let (stage, reason) = if err.kind == crate::providers::ProviderErrorKind::OutputTooLarge
-            {
-                (Stage::Publish, "too_large".to_string())
-            } else if err.kind.is_retryable() {
-                (Stage::Poll(p), "exhausted".to_string())
-            } else {
-                (Stage::Poll(p), err.kind.as_str().to_string())
-            };
-            let mut dl = task_dead_letter(task, rec, stage, &reason, &err.message);
+            let (stage, reason) = dead_letter::provider_failed(p, err.kind);
+            let mut dl = task_dead_letter(task, rec, stage, reason, &err.message);
             dl.attempts = track.polls;
             dl.provider = Some(p);
             dl.http_status = err.http_status;
@@ -430,51 +411,27 @@ impl Worker {
 
     /// An output that cannot be encoded (an SMS entry larger than a record):
     /// the provider ends as failed and the task is dead-lettered.
-    fn fail_publish(
-        &self,
-        task: &mut Task,
-        p: Provider,
-        rec: &Incoming,
-        msg: &str,
-        out: &mut Processed,
-    ) {
-        let now = now_ms();
-        let track = task.track_mut(p);
-        track.done = Some(crate::task::Done {
-            outcome: Outcome::Failed,
-            at: now,
-            items: None,
-        });
-        track.last_error = Some(LastError {
-            kind: crate::providers::ProviderErrorKind::OutputTooLarge,
-            http_status: None,
-            message: msg.to_string(),
-            provider_request_id: None,
-        });
+    fn fail_publish(&self, task: &mut Task, p: Provider, msg: &str, out: &mut Processed) {
+        let failure = core::fail_publish(task, p, now_ms(), msg);
         tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered when the user's task ends");
-        let _ = rec;
-        out.failures.push((Stage::Publish, "too_large".to_string()));
+        out.failures.push(failure);
     }
 
     fn dead_letter_input(
         &self,
         rec: &Incoming,
         stage: Stage,
-        reason: &str,
+        reason: Reason,
         error: &dyn std::fmt::Display,
         out: &mut Processed,
     ) {
         let mut dl = record_dead_letter(rec, stage, reason, &error.to_string());
-        dl.replay_target = if stage == Stage::Decode {
-            "input"
-        } else {
-            "none"
-        };
+        dl.replay_target = dead_letter::record_replay_target(stage);
         self.push_dead_letter(dl, out);
     }
 
     fn push_dead_letter(&self, dl: DeadLetter, out: &mut Processed) {
-        out.dead_letters.push((dl.stage, dl.reason.clone()));
+        out.dead_letters.push((dl.stage, dl.reason));
         out.outputs.push(OutRecord {
             kind: OutKind::DeadLetter,
             topic: self.topics.dead_letter.clone(),
@@ -558,12 +515,12 @@ async fn within_budget<T>(
 
 /// A dead letter of the consumed record itself (its key, value and headers),
 /// not replayable until the caller says how.
-fn record_dead_letter(rec: &Incoming, stage: Stage, reason: &str, message: &str) -> DeadLetter {
+fn record_dead_letter(rec: &Incoming, stage: Stage, reason: Reason, message: &str) -> DeadLetter {
     DeadLetter {
         key: rec.key.clone(),
         value: rec.value.clone(),
         stage,
-        reason: reason.to_string(),
+        reason,
         message: message.to_string(),
         original_topic: rec.topic.clone(),
         original_partition: rec.partition,
@@ -575,7 +532,7 @@ fn record_dead_letter(rec: &Incoming, stage: Stage, reason: &str, message: &str)
         provider_request_id: None,
         user_id: None,
         event_id: None,
-        replay_target: "none",
+        replay_target: ReplayTarget::None,
         failed_at: now_ms(),
         original_headers: rec.headers.clone(),
     }
@@ -586,7 +543,7 @@ fn task_dead_letter(
     task: &Task,
     rec: &Incoming,
     stage: Stage,
-    reason: &str,
+    reason: Reason,
     message: &str,
 ) -> DeadLetter {
     DeadLetter {
@@ -594,7 +551,7 @@ fn task_dead_letter(
         value: Some(task.encode()),
         user_id: Some(task.user.user_id.clone()),
         event_id: Some(task.user.event_id.clone()),
-        replay_target: "task",
+        replay_target: ReplayTarget::Task,
         original_headers: vec![],
         ..record_dead_letter(rec, stage, reason, message)
     }
@@ -613,25 +570,13 @@ pub fn classify_tier_record(
     rec: Incoming,
     now: Millis,
 ) -> TierDecision {
-    let task = match rec.value.as_deref().map(Task::decode) {
-        Some(Ok(t)) => t,
-        Some(Err(e)) => return TierDecision::Job(Box::new(Job::PoisonTask(rec, e))),
-        None => {
-            return TierDecision::Job(Box::new(Job::PoisonTask(
-                rec,
-                TaskDecodeError::Malformed("empty value".into()),
-            )))
-        }
+    let job = match tiers.classify(tier, rec.value.as_deref(), rec.timestamp, now) {
+        TierRead::Poison(e) => Job::PoisonTask(rec, e),
+        TierRead::Due(task) => Job::Due(rec, task),
+        TierRead::Forward(task, tier) => Job::Forward(rec, task, tier),
+        TierRead::Hold { resume_at } => return TierDecision::Hold { resume_at },
     };
-    let written = rec.timestamp.unwrap_or(now);
-    match tiers.on_read(tier, written, task.due_at, now) {
-        core::tiers::ReadAction::Process => TierDecision::Job(Box::new(Job::Due(rec, task))),
-        core::tiers::ReadAction::Forward { tier } => {
-            TierDecision::Job(Box::new(Job::Forward(rec, task, tier)))
-        }
-        core::tiers::ReadAction::NotYet { resume_at }
-        | core::tiers::ReadAction::Hold { resume_at } => TierDecision::Hold { resume_at },
-    }
+    TierDecision::Job(Box::new(job))
 }
 
 impl From<DecodeError> for Transient {
