@@ -391,16 +391,23 @@ fn broker_outage(kafka_dir: &str, down: Duration) -> i64 {
 
 /// Seconds from the broker's return until a combined event completed after
 /// it can be read.
-async fn resumed_after(topics: &Topics, back_ms: i64) -> f64 {
+async fn resumed_after(topics: &Topics, back_ms: i64, service: &Service) -> f64 {
     let began = Instant::now();
-    eventually(Duration::from_secs(120), || {
+    let resumed = eventually(Duration::from_secs(120), || {
         read_topic(&topics.combined, None, Duration::from_millis(500))
             .iter()
             .any(|r| r.value["completed_at"].as_i64().unwrap_or(0) >= back_ms)
             .then_some(())
     })
-    .await
-    .expect("a combined event completed after the broker came back");
+    .await;
+    if resumed.is_none() {
+        let text = service.log_text();
+        let events: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+        panic!(
+            "no combined event completed within 120 s of the broker's return; log:\n{}",
+            events.join("\n")
+        );
+    }
     began.elapsed().as_secs_f64()
 }
 
@@ -442,7 +449,7 @@ async fn broker_outages_of_9_s_and_60_s_are_ridden_out() {
         // Transactions in flight, a quarter of the users waiting in tiers.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let back_ms = broker_outage(&kafka_dir, down);
-        let resumed = resumed_after(&topics, back_ms).await;
+        let resumed = resumed_after(&topics, back_ms, &service).await;
         eprintln!("broker down {down:?}: output resumed {resumed:.1} s after its return");
         figures.push((down, resumed));
         if let Some((status, _)) = service.wait_exit(Duration::ZERO) {

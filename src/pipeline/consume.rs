@@ -50,7 +50,7 @@ use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
 use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::transaction;
 use crate::pipeline::worker::{
-    classify_tier_record, now_ms, Job, OutKind, Processed, SourceKind, TierDecision, Worker,
+    classify_tier_record, now_ms, Job, Processed, SourceKind, TierDecision, Worker,
 };
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
@@ -633,21 +633,9 @@ impl ConsumeLoop {
                 self.parts.consumer.record_committed(&offsets);
                 m.transactions.with_label_values(&["committed"]).inc();
                 m.batch_size.observe(processed.len() as f64);
-                for p in &processed {
-                    for o in &p.outputs {
-                        match o.kind {
-                            OutKind::Delay(_) | OutKind::DeadLetter => {}
-                            k => m.published.with_label_values(&[k.label()]).inc(),
-                        }
-                    }
-                    for (stage, reason) in &p.dead_letters {
-                        m.dead_letters
-                            .with_label_values(&[stage.as_str(), reason.as_str()])
-                            .inc();
-                    }
-                    if let Some(s) = p.combined_latency {
-                        m.onboarding_to_combined.observe(s);
-                    }
+                // Counted once, now that it is committed (metrics::events).
+                for event in processed.iter().flat_map(Processed::committed) {
+                    event.emit(m);
                 }
                 self.parts.health.progress();
                 Ok(())

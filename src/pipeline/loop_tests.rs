@@ -61,6 +61,7 @@ struct Harness {
     credeau: Arc<FakeProvider>,
     shutdown: CancellationToken,
     running: JoinHandle<Result<(), LoopError>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The broker with the input topic and the default delay tiers.
@@ -148,7 +149,7 @@ async fn start_with(
         topic_kinds,
         guard: DeadLetterGuard::new(s.dead_letter.clone()),
         health,
-        metrics,
+        metrics: metrics.clone(),
         on_share: Box::new(|_| {}),
         admission_rate: Box::new(move || rate),
         total_partitions: 0,
@@ -162,6 +163,7 @@ async fn start_with(
         credeau,
         shutdown,
         running,
+        metrics,
     }
 }
 
@@ -307,6 +309,24 @@ async fn an_aborted_batch_is_read_again_with_the_batch_read_after_it() {
     finish(&h, &users, Duration::from_secs(120)).await;
     assert_exactly_once(&h, &users);
     assert_eq!(h.broker.commits_and_aborts().1, 1);
+    // Counted once each, when committed, though the aborted batch's
+    // records were processed twice.
+    let text = h.metrics.render();
+    let counted = |line: &str| {
+        text.lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        counted(r#"insights_events_consumed_total{result="accepted",topic="input"}"#),
+        users.len() as f64
+    );
+    assert_eq!(
+        counted(r#"insights_published_total{topic="insights_ready"}"#),
+        users.len() as f64
+    );
     // The aborted batch's users were asked again.
     assert!(
         h.credeau.calls() > users.len(),

@@ -10,6 +10,7 @@ use crate::core::dead_letter::{self, Reason, ReplayTarget};
 use crate::core::tiers::{DelayTiers, TierRead};
 use crate::core::{self, Answer, Effects, Policies};
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
+use crate::metrics::events::{Committed, Fate, Source};
 use crate::metrics::Metrics;
 use crate::pipeline::deadletter::{DeadLetter, Stage};
 use crate::providers::budget::{self, RecordClock};
@@ -76,15 +77,38 @@ pub struct OutRecord {
 #[derive(Debug, Default)]
 pub struct Processed {
     pub outputs: Vec<OutRecord>,
-    /// The dead-letter reasons among the outputs (for metrics).
+    /// The dead-letter reasons among the outputs (for the guard).
     pub dead_letters: Vec<(Stage, Reason)>,
     /// Providers that ended `failed` while processing this record. Their
     /// dead letter is written when the user's task finishes (so it holds the
     /// final state and a replay re-asks only the failed provider), but the
     /// guard counts them at once.
     pub failures: Vec<(Stage, Reason)>,
-    /// Onboarding-to-combined latency to observe once committed (seconds).
-    pub combined_latency: Option<f64>,
+    /// What to count once the batch commits (`metrics::events`).
+    pub counted: Vec<Committed>,
+}
+
+impl Processed {
+    fn count(&mut self, event: Committed) {
+        self.counted.push(event);
+    }
+
+    /// Every event this record's processing leads to once committed: its
+    /// own, one per event published, one per dead letter.
+    pub fn committed(&self) -> impl Iterator<Item = Committed> + '_ {
+        let published = self.outputs.iter().filter_map(|o| match o.kind {
+            OutKind::Delay(_) | OutKind::DeadLetter => None,
+            k => Some(Committed::Published { kind: k.label() }),
+        });
+        let dead = self
+            .dead_letters
+            .iter()
+            .map(|(stage, reason)| Committed::DeadLettered {
+                stage: *stage,
+                reason: *reason,
+            });
+        self.counted.iter().cloned().chain(published).chain(dead)
+    }
 }
 
 /// A failure that is not the record's fault (the schema registry is down):
@@ -155,19 +179,19 @@ impl Worker {
                         offset: rec.offset,
                     };
                     let task = core::start(event.into_user(), origin, now, &self.policies);
-                    self.metrics
-                        .events_consumed
-                        .with_label_values(&["input", "accepted"])
-                        .inc();
+                    out.count(Committed::Consumed {
+                        from: Source::Input,
+                        fate: Fate::Accepted,
+                    });
                     self.advance(task, &rec, now, &clock, &mut out).await;
                 }
                 Err(e) => match dead_letter::decode_failed(&e) {
                     None => return Err(Transient(e.to_string())),
                     Some(reason) => {
-                        self.metrics
-                            .events_consumed
-                            .with_label_values(&["input", "dead_lettered"])
-                            .inc();
+                        out.count(Committed::Consumed {
+                            from: Source::Input,
+                            fate: Fate::DeadLettered,
+                        });
                         tracing::warn!(
                             topic = %rec.topic, partition = rec.partition, offset = rec.offset,
                             reason = reason.as_str(), error = %e, "input event dead-lettered"
@@ -178,41 +202,37 @@ impl Worker {
             },
             Job::Due(rec, task) => {
                 let now = now_ms();
-                let tier = match rec.kind {
-                    SourceKind::Tier(t) => self.tiers.label(t),
-                    SourceKind::Input => "input".to_string(),
-                };
-                if let SourceKind::Tier(_) = rec.kind {
-                    self.metrics.tasks_due.with_label_values(&[&tier]).inc();
-                }
-                self.metrics
-                    .poll_lateness
-                    .with_label_values(&[&tier])
-                    .observe((now - task.due_at).max(0) as f64 / 1000.0);
-                self.metrics
-                    .events_consumed
-                    .with_label_values(&["delay", "due"])
-                    .inc();
+                let late_s = (now - task.due_at).max(0) as f64 / 1000.0;
+                out.count(match rec.kind {
+                    SourceKind::Tier(t) => Committed::TaskDue {
+                        tier: self.tiers.label(t),
+                        late_s,
+                    },
+                    SourceKind::Input => Committed::InputDue { late_s },
+                });
+                out.count(Committed::Consumed {
+                    from: Source::Delay,
+                    fate: Fate::Due,
+                });
                 self.advance(task, &rec, now, &clock, &mut out).await;
             }
             Job::Forward(rec, task, tier) => {
                 if let SourceKind::Tier(from) = rec.kind {
-                    self.metrics
-                        .tasks_forwarded
-                        .with_label_values(&[&self.tiers.label(from)])
-                        .inc();
+                    out.count(Committed::TaskForwarded {
+                        from: self.tiers.label(from),
+                    });
                 }
-                self.metrics
-                    .events_consumed
-                    .with_label_values(&["delay", "forwarded"])
-                    .inc();
+                out.count(Committed::Consumed {
+                    from: Source::Delay,
+                    fate: Fate::Forwarded,
+                });
                 out.outputs.push(self.delay_record(&task, tier));
             }
             Job::PoisonTask(rec, e) => {
-                self.metrics
-                    .events_consumed
-                    .with_label_values(&["delay", "dead_lettered"])
-                    .inc();
+                out.count(Committed::Consumed {
+                    from: Source::Delay,
+                    fate: Fate::DeadLettered,
+                });
                 tracing::warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %e, "task record dead-lettered");
                 self.dead_letter_input(&rec, Stage::TaskDecode, Reason::InvalidTask, &e, &mut out);
             }
@@ -295,8 +315,9 @@ impl Worker {
                         value,
                         vec![],
                     ));
-                    out.combined_latency =
-                        Some((now - task.user.onboarded_at).max(0) as f64 / 1000.0);
+                    out.count(Committed::CombinedLatency(
+                        (now - task.user.onboarded_at).max(0) as f64 / 1000.0,
+                    ));
                 }
                 Err(e) => {
                     // The combined event is built from our own task state; if
@@ -314,10 +335,9 @@ impl Worker {
             }
         } else {
             let tier = self.tiers.route(task.due_at - decided_at);
-            self.metrics
-                .tasks_scheduled
-                .with_label_values(&[&self.tiers.label(tier)])
-                .inc();
+            out.count(Committed::TaskScheduled {
+                tier: self.tiers.label(tier),
+            });
             out.outputs.push(self.delay_record(&task, tier));
         }
     }

@@ -7,6 +7,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+pub mod events;
+
 /// All metrics of one process. Cheap to clone handles out of; share it in an
 /// `Arc`.
 pub struct Metrics {
