@@ -10,12 +10,11 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::core::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
+
 /// The documented defaults, compiled into the binary so the file and the
 /// behaviour can never disagree.
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
-
-/// FinBox asks clients to poll no more often than this.
-pub const FINBOX_MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -461,21 +460,6 @@ pub struct ScheduleSettings {
 pub enum FinboxEnvironment {
     Production,
     Staging,
-}
-
-/// How one provider is polled over time (the durable, Kafka-scheduled part).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PollPolicy {
-    pub initial_delay: Duration,
-    pub poll_interval: Duration,
-    pub max_poll_interval: Duration,
-    pub backoff_multiplier: f64,
-    pub deadline: Duration,
-    /// FinBox only: how long `not_found` is retried before it is final.
-    pub not_found_grace: Option<Duration>,
-    /// After this many polls in a row end in a retryable error, the
-    /// provider ends `failed`; `None` polls on until the deadline.
-    pub max_failed_polls: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
