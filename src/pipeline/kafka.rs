@@ -30,17 +30,17 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
         .set("security.protocol", k.security_protocol.as_librdkafka())
         .set_log_level(RDKafkaLogLevel::Warning);
     if k.security_protocol.uses_sasl() {
-        c.set("sasl.mechanism", &k.sasl_mechanism)
+        c.set("sasl.mechanism", k.sasl_mechanism.as_deref().unwrap_or(""))
             .set("sasl.username", &k.sasl_username)
             .set("sasl.password", k.sasl_password.expose());
     }
     if k.security_protocol.uses_tls() {
-        if !k.ssl_ca_location.is_empty() {
-            c.set("ssl.ca.location", &k.ssl_ca_location);
+        if let Some(ca) = &k.ssl_ca_location {
+            c.set("ssl.ca.location", ca.display().to_string());
         }
-        if !k.ssl_certificate_location.is_empty() {
-            c.set("ssl.certificate.location", &k.ssl_certificate_location)
-                .set("ssl.key.location", &k.ssl_key_location);
+        if let (Some(cert), Some(key)) = (&k.ssl_certificate_location, &k.ssl_key_location) {
+            c.set("ssl.certificate.location", cert.display().to_string())
+                .set("ssl.key.location", key.display().to_string());
         }
         if k.ssl_key_password.is_set() {
             c.set("ssl.key.password", k.ssl_key_password.expose());

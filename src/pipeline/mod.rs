@@ -160,13 +160,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .context("kafka topics")?
     };
 
-    let registry = if settings.encoding.schema_registry_url.is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            RegistryClient::new(&settings.encoding.schema_registry_url)
-                .context("encoding.schema_registry_url")?,
-        ))
+    let registry = match &settings.encoding.schema_registry_url {
+        None => None,
+        Some(url) => Some(Arc::new(
+            RegistryClient::new(url.as_str()).context("encoding.schema_registry_url")?,
+        )),
     };
     let decoder = Arc::new(
         InputDecoder::new(settings.encoding.input, registry.clone())
@@ -188,12 +186,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let finbox_limit = Arc::new(RateLimiter::new(
         Provider::Finbox,
-        settings.finbox.rate_limit_per_minute,
+        settings.finbox.http.rate_limit_per_minute,
         metrics.clone(),
     ));
     let credeau_limit = Arc::new(RateLimiter::new(
         Provider::Credeau,
-        settings.credeau.rate_limit_per_minute,
+        settings.credeau.http.rate_limit_per_minute,
         metrics.clone(),
     ));
     let finbox = Arc::new(
@@ -323,8 +321,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         metrics: metrics.clone(),
     });
 
-    let finbox_total = settings.finbox.rate_limit_per_minute;
-    let credeau_total = settings.credeau.rate_limit_per_minute;
+    let finbox_total = settings.finbox.http.rate_limit_per_minute;
+    let credeau_total = settings.credeau.http.rate_limit_per_minute;
     let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
     let on_share = Box::new(move |share: f64| {
         let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
