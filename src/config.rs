@@ -196,6 +196,26 @@ fn load_reason(e: &config::ConfigError) -> String {
     }
 }
 
+/// An unknown key in a section with flattened parts is reported without
+/// the list of the keys the section has: add them, from the defaults
+/// (which name every key).
+fn with_known_keys(key: &str, reason: String) -> String {
+    let Some((section, _)) = key.split_once('.') else {
+        return reason;
+    };
+    if !reason.starts_with("unknown field") || reason.contains("expected") {
+        return reason;
+    }
+    let Ok(defaults) = toml::from_str::<toml::Table>(DEFAULTS_TOML) else {
+        return reason;
+    };
+    let Some(toml::Value::Table(known)) = defaults.get(section) else {
+        return reason;
+    };
+    let known: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+    format!("{reason}, expected one of {}", known.join(", "))
+}
+
 /// The paths of every value in a TOML table (a nested table is a section,
 /// not a value, unless it is empty).
 fn flatten_keys(prefix: &mut Vec<String>, table: &toml::Table, out: &mut Vec<Vec<String>>) {
@@ -1265,7 +1285,7 @@ impl Settings {
                 let origin = Origin::File(path.to_path_buf());
                 let source = toml::to_string(&single_key_table(table, &p)).unwrap_or_default();
                 if let Err(e) = with_defaults(Some(&source), BTreeMap::new()) {
-                    errs.fail_from(&key, origin.clone(), load_reason(&e));
+                    errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
                     bad.push(p);
                 }
                 origins.set.insert(key, origin);
@@ -1279,7 +1299,7 @@ impl Settings {
             let origin = Origin::Env(var.clone());
             let single = BTreeMap::from([(var.clone(), value)]);
             if let Err(e) = with_defaults(None, single) {
-                errs.fail_from(&key, origin.clone(), load_reason(&e));
+                errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
                 env_vars.remove(&var);
             }
             origins.set.insert(key, origin);
@@ -1587,6 +1607,11 @@ mod tests {
     fn unknown_key_is_rejected() {
         let t = err_text(with(&[("INSIGHTS__FINBOX__POLL_INTERVL", "10s")]));
         assert!(t.contains("poll_intervl"), "{t}");
+        // The section's keys, flattened parts included, as a hint.
+        assert!(t.contains("expected one of `api_key`"), "{t}");
+        assert!(t.contains("`poll_interval`"), "{t}");
+        let t = err_text(with(&[("INSIGHTS__KAFKA__SASL_PASWORD", "x")]));
+        assert!(t.contains("`sasl_password_file`"), "{t}");
     }
 
     #[test]
