@@ -10,12 +10,11 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::core::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
+
 /// The documented defaults, compiled into the binary so the file and the
 /// behaviour can never disagree.
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
-
-/// FinBox asks clients to poll no more often than this.
-pub const FINBOX_MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -197,6 +196,26 @@ fn load_reason(e: &config::ConfigError) -> String {
     }
 }
 
+/// An unknown key in a section with flattened parts is reported without
+/// the list of the keys the section has: add them, from the defaults
+/// (which name every key).
+fn with_known_keys(key: &str, reason: String) -> String {
+    let Some((section, _)) = key.split_once('.') else {
+        return reason;
+    };
+    if !reason.starts_with("unknown field") || reason.contains("expected") {
+        return reason;
+    }
+    let Ok(defaults) = toml::from_str::<toml::Table>(DEFAULTS_TOML) else {
+        return reason;
+    };
+    let Some(toml::Value::Table(known)) = defaults.get(section) else {
+        return reason;
+    };
+    let known: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+    format!("{reason}, expected one of {}", known.join(", "))
+}
+
 /// The paths of every value in a TOML table (a nested table is a section,
 /// not a value, unless it is empty).
 fn flatten_keys(prefix: &mut Vec<String>, table: &toml::Table, out: &mut Vec<Vec<String>>) {
@@ -249,45 +268,311 @@ fn remove_key(table: &mut toml::Table, path: &[String]) {
     t.remove(last);
 }
 
-/// A secret value. Serializes as `"<redacted>"` (or `""` when unset) so
-/// printing a configuration can never leak it; `Debug` is redacted too.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(Option<SecretString>);
+/// A secret and the file it may be read from instead (`<key>` and
+/// `<key>_file`, side by side in their section). The file is read once, at
+/// load; the value is held in `secrecy` and never printed: `Debug` and the
+/// redacted TOML show `<redacted>` (or nothing when unset), the file's path
+/// is shown as given.
+#[derive(Clone, Default)]
+pub struct SecretSource {
+    value: Option<SecretString>,
+    file: Option<PathBuf>,
+    /// The value came from `file` (already read).
+    read: bool,
+}
 
-impl Secret {
+impl SecretSource {
+    /// A secret given as a value (an empty one is unset).
     pub fn new(value: impl Into<String>) -> Self {
         let v: String = value.into();
-        if v.is_empty() {
-            Secret(None)
-        } else {
-            Secret(Some(SecretString::from(v)))
+        SecretSource {
+            value: (!v.is_empty()).then(|| SecretString::from(v)),
+            file: None,
+            read: false,
         }
     }
+    /// Whether there is a value (given, or read from the file).
     pub fn is_set(&self) -> bool {
-        self.0
+        self.value
             .as_ref()
             .is_some_and(|s| !s.expose_secret().is_empty())
     }
+    /// Whether a value or a file was given.
+    fn is_given(&self) -> bool {
+        self.is_set() || self.file.is_some()
+    }
     /// The secret's value; call only where it is sent to its destination.
     pub fn expose(&self) -> &str {
-        self.0.as_ref().map(|s| s.expose_secret()).unwrap_or("")
+        self.value.as_ref().map(|s| s.expose_secret()).unwrap_or("")
+    }
+    /// Reads the file, if one was given (once; `key` names the secret in
+    /// errors, `<key>_file` the file).
+    fn resolve(&mut self, key: &str) -> Result<(), ConfigError> {
+        let Some(file) = self.file.as_ref().filter(|_| !self.read) else {
+            return Ok(());
+        };
+        let file_key = format!("{key}_file");
+        if self.is_set() {
+            return Err(ConfigError::invalid(
+                &file_key,
+                format!("set both {key} and {key}_file; choose one"),
+            ));
+        }
+        let shown = file.display();
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {shown}: {e}")))?;
+        let value = text.trim_end_matches(['\n', '\r']);
+        if value.is_empty() {
+            return Err(ConfigError::invalid(&file_key, format!("{shown} is empty")));
+        }
+        self.value = Some(SecretString::from(value.to_string()));
+        self.read = true;
+        Ok(())
+    }
+
+    /// Reads the pair `keys` (`[<key>, <key>_file]`) from a section
+    /// (through `#[serde(flatten)]`).
+    fn deserialize_keys<'de, D: serde::Deserializer<'de>>(
+        d: D,
+        keys: &'static [&'static str; 2],
+    ) -> Result<Self, D::Error> {
+        struct Pair(&'static [&'static str; 2]);
+        impl<'de> serde::de::Visitor<'de> for Pair {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{} or {}", self.0[0], self.0[1])
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<SecretSource, A::Error> {
+                let mut out = SecretSource::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == self.0[0] {
+                        out.value = lenient::optional(map.next_value::<lenient::Scalar>()?.0)
+                            .map(SecretString::from);
+                    } else if key == self.0[1] {
+                        out.file = lenient::optional(map.next_value::<lenient::Scalar>()?.0)
+                            .map(PathBuf::from);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_struct("SecretSource", keys, Pair(keys))
+    }
+
+    fn serialize_keys<S: Serializer>(
+        &self,
+        s: S,
+        keys: &'static [&'static str; 2],
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("SecretSource", 2)?;
+        st.serialize_field(keys[0], if self.is_set() { "<redacted>" } else { "" })?;
+        st.serialize_field(keys[1], &show_path(&self.file))?;
+        st.end()
     }
 }
 
-impl std::fmt::Debug for Secret {
+impl std::fmt::Debug for SecretSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.is_set() {
             "<redacted>"
         } else {
             "<unset>"
-        })
+        })?;
+        if let Some(file) = &self.file {
+            write!(f, " (file {})", file.display())?;
+        }
+        Ok(())
     }
 }
 
-impl Serialize for Secret {
+/// The (de)serialisation of one `<key>` / `<key>_file` pair, for
+/// `#[serde(flatten, with = "...")]`.
+macro_rules! secret_keys {
+    ($module:ident, $value:literal, $file:literal) => {
+        mod $module {
+            const KEYS: &[&str; 2] = &[$value, $file];
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<super::SecretSource, D::Error> {
+                super::SecretSource::deserialize_keys(d, KEYS)
+            }
+            pub fn serialize<S: serde::Serializer>(
+                v: &super::SecretSource,
+                s: S,
+            ) -> Result<S::Ok, S::Error> {
+                v.serialize_keys(s, KEYS)
+            }
+        }
+    };
+}
+secret_keys!(api_key_keys, "api_key", "api_key_file");
+secret_keys!(server_hash_keys, "server_hash", "server_hash_file");
+secret_keys!(auth_token_keys, "auth_token", "auth_token_file");
+secret_keys!(sasl_password_keys, "sasl_password", "sasl_password_file");
+secret_keys!(
+    ssl_key_password_keys,
+    "ssl_key_password",
+    "ssl_key_password_file"
+);
+
+/// An optional value as configured: unset is the empty string.
+fn show_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Scalars read as text whatever their type: a section with flattened
+/// parts is read through a buffer, which keeps an environment variable
+/// that looks like a number (`INSIGHTS__CREDEAU__CLIENT_ID=1234`) a number
+/// where the `config` crate alone would have handed it over as text. And
+/// the empty string, in TOML or the environment, means "unset".
+mod lenient {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Any scalar, as text.
+    pub struct Scalar(pub String);
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_unit<E: serde::de::Error>(self) -> Result<Scalar, E> {
+                    Ok(Scalar(String::new()))
+                }
+                fn visit_none<E: serde::de::Error>(self) -> Result<Scalar, E> {
+                    Ok(Scalar(String::new()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// `None` for the empty string.
+    pub fn optional(s: String) -> Option<String> {
+        (!s.is_empty()).then_some(s)
+    }
+
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Scalar::deserialize(d).map(|s| s.0)
+    }
+
+    pub fn string_map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
+        let map = BTreeMap::<String, Scalar>::deserialize(d)?;
+        Ok(map.into_iter().map(|(k, v)| (k, v.0)).collect())
+    }
+
+    /// An optional text: empty = unset.
+    pub mod opt_string {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+            Ok(optional(Scalar::deserialize(d)?.0))
+        }
+        pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(v.as_deref().unwrap_or(""))
+        }
+    }
+
+    /// An optional file path: empty = unset.
+    pub mod opt_path {
+        use super::*;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+            Ok(optional(Scalar::deserialize(d)?.0).map(PathBuf::from))
+        }
+        pub fn serialize<S: Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&super::super::show_path(v))
+        }
+    }
+
+    /// An optional http(s) URL: empty = unset.
+    pub mod opt_url {
+        use super::*;
+        use crate::config::HttpUrl;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HttpUrl>, D::Error> {
+            optional(Scalar::deserialize(d)?.0)
+                .map(|s| HttpUrl::parse(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+        pub fn serialize<S: Serializer>(v: &Option<HttpUrl>, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(v.as_ref().map(HttpUrl::as_str).unwrap_or(""))
+        }
+    }
+}
+
+/// An absolute `https` URL (or `http`, for a local simulator) with a host,
+/// checked when the configuration is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(url::Url);
+
+impl HttpUrl {
+    pub fn parse(value: &str) -> Result<HttpUrl, String> {
+        let url = url::Url::parse(value).map_err(|e| format!("not a URL ({e})"))?;
+        match url.scheme() {
+            "https" | "http" => {}
+            other => {
+                return Err(format!(
+                    "scheme must be https (or http for a local simulator), got {other}"
+                ))
+            }
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("has no host".to_string());
+        }
+        Ok(HttpUrl(url))
+    }
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+    pub fn url(&self) -> &url::Url {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HttpUrl::parse(&lenient::string(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HttpUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.is_set() { "<redacted>" } else { "" })
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -376,19 +661,31 @@ impl SecurityProtocol {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
+    #[serde(deserialize_with = "lenient::string")]
     pub bootstrap_servers: String,
+    #[serde(deserialize_with = "lenient::string")]
     pub group_id: String,
+    #[serde(deserialize_with = "lenient::string")]
     pub transactional_id_prefix: String,
     pub security_protocol: SecurityProtocol,
-    pub sasl_mechanism: String,
+    /// Only with a `sasl_*` protocol.
+    #[serde(with = "lenient::opt_string")]
+    pub sasl_mechanism: Option<String>,
+    #[serde(deserialize_with = "lenient::string")]
     pub sasl_username: String,
-    pub sasl_password: Secret,
-    pub sasl_password_file: String,
-    pub ssl_ca_location: String,
-    pub ssl_certificate_location: String,
-    pub ssl_key_location: String,
-    pub ssl_key_password: Secret,
-    pub ssl_key_password_file: String,
+    /// `sasl_password` / `sasl_password_file`.
+    #[serde(flatten, with = "sasl_password_keys")]
+    pub sasl_password: SecretSource,
+    /// Unset: the system's roots.
+    #[serde(with = "lenient::opt_path")]
+    pub ssl_ca_location: Option<PathBuf>,
+    #[serde(with = "lenient::opt_path")]
+    pub ssl_certificate_location: Option<PathBuf>,
+    #[serde(with = "lenient::opt_path")]
+    pub ssl_key_location: Option<PathBuf>,
+    /// `ssl_key_password` / `ssl_key_password_file`.
+    #[serde(flatten, with = "ssl_key_password_keys")]
+    pub ssl_key_password: SecretSource,
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -400,7 +697,8 @@ pub struct KafkaSettings {
     /// once instead of after a rebalance.
     pub static_membership: bool,
     pub partition_assignment: PartitionAssignment,
-    pub extra: std::collections::BTreeMap<String, String>,
+    #[serde(deserialize_with = "lenient::string_map")]
+    pub extra: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -438,7 +736,9 @@ pub enum OutputEncoding {
 pub struct EncodingSettings {
     pub input: InputEncoding,
     pub output: OutputEncoding,
-    pub schema_registry_url: String,
+    /// Needed for Avro in or out.
+    #[serde(with = "lenient::opt_url")]
+    pub schema_registry_url: Option<HttpUrl>,
     /// Input records larger than this are dead-lettered unparsed.
     pub max_input_bytes: usize,
 }
@@ -465,42 +765,44 @@ pub enum FinboxEnvironment {
     Staging,
 }
 
-/// How one provider is polled over time (the durable, Kafka-scheduled part).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PollPolicy {
-    pub initial_delay: Duration,
-    pub poll_interval: Duration,
-    pub max_poll_interval: Duration,
-    pub backoff_multiplier: f64,
-    pub deadline: Duration,
-    /// FinBox only: how long `not_found` is retried before it is final.
-    pub not_found_grace: Option<Duration>,
-    /// After this many polls in a row end in a retryable error, the
-    /// provider ends `failed`; `None` polls on until the deadline.
-    pub max_failed_polls: Option<u32>,
-}
-
+/// The HTTP client of one provider and its rate limit: the same keys in
+/// `[finbox]` and `[credeau]` (flattened there).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FinboxSettings {
-    pub base_url: String,
-    pub environment: FinboxEnvironment,
-    pub api_key: Secret,
-    pub api_key_file: String,
-    pub server_hash: Secret,
-    pub server_hash_file: String,
-    pub predictors_version: i64,
+pub struct ProviderHttpSettings {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// For the whole deployment; each instance takes its share.
     pub rate_limit_per_minute: u32,
     pub max_response_bytes: usize,
-    pub ca_bundle: String,
-    #[serde(with = "humantime_list")]
-    pub retry_delays: Vec<Duration>,
-    #[serde(with = "humantime_serde")]
-    pub retry_max_wait: Duration,
+    /// Extra CAs to trust (PEM); unset = the system's roots only.
+    #[serde(with = "lenient::opt_path")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl ProviderHttpSettings {
+    fn validate(&self, section: &str, errs: &mut Checks) {
+        let key = |k: &str| format!("{section}.{k}");
+        errs.check(positive(&key("request_timeout"), self.request_timeout));
+        errs.check(positive(&key("connect_timeout"), self.connect_timeout));
+        if self.rate_limit_per_minute == 0 {
+            errs.fail(&key("rate_limit_per_minute"), "must be >= 1");
+        }
+        if self.max_response_bytes < 1024 {
+            errs.fail(&key("max_response_bytes"), "must be at least 1024");
+        }
+        if let Some(path) = &self.ca_bundle {
+            errs.check(must_exist(&key("ca_bundle"), path));
+        }
+    }
+}
+
+/// How one provider is polled over time: the same keys in `[finbox]` and
+/// `[credeau]` (flattened there).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PollSettings {
+    /// First poll this long after onboarding.
     #[serde(with = "humantime_serde")]
     pub initial_delay: Duration,
     #[serde(with = "humantime_serde")]
@@ -509,24 +811,69 @@ pub struct FinboxSettings {
     pub max_poll_interval: Duration,
     pub backoff_multiplier: f64,
     #[serde(with = "humantime_serde")]
-    pub not_found_grace: Duration,
-    #[serde(with = "humantime_serde")]
     pub deadline: Duration,
-    /// Consecutive failed polls before FinBox ends `failed`; 0 = no limit.
+    /// Consecutive failed polls before the provider ends `failed`; 0 = no
+    /// limit.
     pub max_failed_polls: u32,
 }
 
-impl FinboxSettings {
-    pub fn poll_policy(&self) -> PollPolicy {
+impl PollSettings {
+    /// The policy the decision core follows; `not_found_grace` is FinBox's.
+    pub fn policy(&self, not_found_grace: Option<Duration>) -> PollPolicy {
         PollPolicy {
             initial_delay: self.initial_delay,
             poll_interval: self.poll_interval,
             max_poll_interval: self.max_poll_interval,
             backoff_multiplier: self.backoff_multiplier,
             deadline: self.deadline,
-            not_found_grace: Some(self.not_found_grace),
+            not_found_grace,
             max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
         }
+    }
+
+    fn validate(&self, section: &str, errs: &mut Checks) {
+        let key = |k: &str| format!("{section}.{k}");
+        errs.check(positive(&key("poll_interval"), self.poll_interval));
+        errs.check(positive(&key("deadline"), self.deadline));
+        if self.max_poll_interval < self.poll_interval {
+            errs.fail(&key("max_poll_interval"), "must be >= poll_interval");
+        }
+        if !(self.backoff_multiplier >= 1.0 && self.backoff_multiplier <= 10.0) {
+            errs.fail(&key("backoff_multiplier"), "must be between 1.0 and 10.0");
+        }
+        if self.initial_delay >= self.deadline {
+            errs.fail(&key("initial_delay"), "must be shorter than the deadline");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinboxSettings {
+    pub base_url: HttpUrl,
+    pub environment: FinboxEnvironment,
+    /// `api_key` / `api_key_file`.
+    #[serde(flatten, with = "api_key_keys")]
+    pub api_key: SecretSource,
+    /// `server_hash` / `server_hash_file`.
+    #[serde(flatten, with = "server_hash_keys")]
+    pub server_hash: SecretSource,
+    pub predictors_version: i64,
+    #[serde(flatten)]
+    pub http: ProviderHttpSettings,
+    #[serde(with = "humantime_list")]
+    pub retry_delays: Vec<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_wait: Duration,
+    #[serde(flatten)]
+    pub poll: PollSettings,
+    #[serde(with = "humantime_serde")]
+    pub not_found_grace: Duration,
+}
+
+impl FinboxSettings {
+    pub fn poll_policy(&self) -> PollPolicy {
+        self.poll.policy(Some(self.not_found_grace))
     }
     /// The predictors endpoint for the configured environment.
     pub fn endpoint(&self) -> String {
@@ -534,41 +881,57 @@ impl FinboxSettings {
             FinboxEnvironment::Production => "/v2/risk/predictors",
             FinboxEnvironment::Staging => "/staging/risk/predictors",
         };
-        format!("{}{}", self.base_url.trim_end_matches('/'), path)
+        format!("{}{}", self.base_url.as_str().trim_end_matches('/'), path)
+    }
+
+    fn validate(&self, errs: &mut Checks) {
+        // A finbox.api_key_file that could not be read is reported on its own.
+        if !self.api_key.is_given() {
+            errs.fail("finbox.api_key", "is required (or finbox.api_key_file)");
+        }
+        // A finbox.server_hash_file that could not be read is reported on its own.
+        if !self.server_hash.is_given() {
+            errs.fail(
+                "finbox.server_hash",
+                "is required (or finbox.server_hash_file)",
+            );
+        }
+        if self.retry_delays.len() > 10 {
+            errs.fail("finbox.retry_delays", "at most 10 retries");
+        }
+        if self.predictors_version < 1 {
+            errs.fail("finbox.predictors_version", "must be >= 1");
+        }
+        if self.poll.poll_interval < FINBOX_MIN_POLL_INTERVAL {
+            errs.fail(
+                "finbox.poll_interval",
+                "must be at least 10s (FinBox asks for polls at least 10 s apart)",
+            );
+        }
+        self.http.validate("finbox", errs);
+        self.poll.validate("finbox", errs);
     }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredeauSettings {
-    pub base_url: String,
+    pub base_url: HttpUrl,
+    #[serde(deserialize_with = "lenient::string")]
     pub client_id: String,
-    pub auth_token: Secret,
-    pub auth_token_file: String,
+    /// `auth_token` / `auth_token_file`.
+    #[serde(flatten, with = "auth_token_keys")]
+    pub auth_token: SecretSource,
     pub cnt_sms_threshold: u32,
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    pub rate_limit_per_minute: u32,
-    pub max_response_bytes: usize,
-    pub ca_bundle: String,
+    #[serde(flatten)]
+    pub http: ProviderHttpSettings,
     pub max_retries: u32,
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_cap: Duration,
-    #[serde(with = "humantime_serde")]
-    pub initial_delay: Duration,
-    #[serde(with = "humantime_serde")]
-    pub poll_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max_poll_interval: Duration,
-    pub backoff_multiplier: f64,
-    #[serde(with = "humantime_serde")]
-    pub deadline: Duration,
-    /// Consecutive failed polls before Credeau ends `failed`; 0 = no limit.
-    pub max_failed_polls: u32,
+    #[serde(flatten)]
+    pub poll: PollSettings,
     /// Sent as `groupings` in every request when set (a string, a list,
     /// any JSON value); an empty list or string (the default) is not sent.
     /// Read it through [`CredeauSettings::groupings`].
@@ -582,15 +945,7 @@ fn no_groupings() -> serde_json::Value {
 
 impl CredeauSettings {
     pub fn poll_policy(&self) -> PollPolicy {
-        PollPolicy {
-            initial_delay: self.initial_delay,
-            poll_interval: self.poll_interval,
-            max_poll_interval: self.max_poll_interval,
-            backoff_multiplier: self.backoff_multiplier,
-            deadline: self.deadline,
-            not_found_grace: None,
-            max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
-        }
+        self.poll.policy(None)
     }
     /// The `groupings` to send, if any: an empty list, empty string or
     /// null means none.
@@ -607,8 +962,39 @@ impl CredeauSettings {
     pub fn endpoint(&self) -> String {
         format!(
             "{}/api/fetch_extracted_data",
-            self.base_url.trim_end_matches('/')
+            self.base_url.as_str().trim_end_matches('/')
         )
+    }
+
+    fn validate(&self, errs: &mut Checks) {
+        errs.check(non_empty("credeau.client_id", &self.client_id));
+        // A credeau.auth_token_file that could not be read is reported on its own.
+        if !self.auth_token.is_given() {
+            errs.fail(
+                "credeau.auth_token",
+                "is required (or credeau.auth_token_file)",
+            );
+        }
+        errs.check(positive("credeau.retry_base", self.retry_base));
+        if self.retry_cap < self.retry_base {
+            errs.fail("credeau.retry_cap", "must be >= credeau.retry_base");
+        }
+        if self.max_retries > 10 {
+            errs.fail("credeau.max_retries", "must be <= 10");
+        }
+        if self.cnt_sms_threshold == 0 {
+            errs.fail("credeau.cnt_sms_threshold", "must be >= 1");
+        }
+        if let serde_json::Value::Array(items) = &self.groupings {
+            if items
+                .iter()
+                .any(|g| g.as_str().is_some_and(|s| s.trim().is_empty()))
+            {
+                errs.fail("credeau.groupings", "holds an empty name");
+            }
+        }
+        self.http.validate("credeau", errs);
+        self.poll.validate("credeau", errs);
     }
 }
 
@@ -668,6 +1054,195 @@ mod humantime_list {
     }
 }
 
+impl LogSettings {
+    fn validate(&self, errs: &mut Checks) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            errs.fail("log.level", e.to_string());
+        }
+    }
+}
+
+impl KafkaSettings {
+    fn validate(&self, errs: &mut Checks) {
+        for key in self.extra.keys() {
+            if let Some(instead) = owned_kafka_property(key) {
+                errs.fail(
+                    &format!("kafka.extra.{key}"),
+                    format!("is set by the service itself; {instead}"),
+                );
+            }
+        }
+        errs.check(non_empty(
+            "kafka.bootstrap_servers",
+            &self.bootstrap_servers,
+        ));
+        errs.check(non_empty("kafka.group_id", &self.group_id));
+        errs.check(non_empty(
+            "kafka.transactional_id_prefix",
+            &self.transactional_id_prefix,
+        ));
+        if self.security_protocol.uses_sasl() {
+            match self.sasl_mechanism.as_deref() {
+                Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
+                other => {
+                    errs.fail(
+                        "kafka.sasl_mechanism",
+                        format!(
+                            "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL, got {:?}",
+                            other.unwrap_or("")
+                        ),
+                    );
+                }
+            }
+            errs.check(non_empty("kafka.sasl_username", &self.sasl_username));
+            if !self.sasl_password.is_given() {
+                errs.fail(
+                    "kafka.sasl_password",
+                    "is required with SASL (or kafka.sasl_password_file)",
+                );
+            }
+        } else if self.sasl_mechanism.is_some() {
+            errs.fail(
+                "kafka.sasl_mechanism",
+                "is set but kafka.security_protocol does not use SASL",
+            );
+        }
+        for (key, path) in [
+            ("kafka.ssl_ca_location", &self.ssl_ca_location),
+            (
+                "kafka.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.ssl_key_location", &self.ssl_key_location),
+        ] {
+            if let Some(path) = path {
+                if !self.security_protocol.uses_tls() {
+                    errs.fail(key, "is set but kafka.security_protocol does not use TLS");
+                } else {
+                    errs.check(must_exist(key, path));
+                }
+            }
+        }
+        if self.ssl_certificate_location.is_none() != self.ssl_key_location.is_none() {
+            errs.fail(
+                "kafka.ssl_key_location",
+                "a client certificate needs both ssl_certificate_location and ssl_key_location",
+            );
+        }
+        errs.check(positive(
+            "kafka.transaction_timeout",
+            self.transaction_timeout,
+        ));
+        errs.check(positive("kafka.session_timeout", self.session_timeout));
+        if self.max_poll_interval < self.session_timeout {
+            errs.fail(
+                "kafka.max_poll_interval",
+                "must be at least kafka.session_timeout",
+            );
+        }
+    }
+}
+
+impl TopicSettings {
+    fn validate(&self, errs: &mut Checks) {
+        let names = [
+            ("topics.input", &self.input),
+            ("topics.finbox_predictors", &self.finbox_predictors),
+            ("topics.sms_extraction", &self.sms_extraction),
+            ("topics.combined", &self.combined),
+            ("topics.dead_letter", &self.dead_letter),
+            ("topics.delay_prefix", &self.delay_prefix),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            errs.check(topic_name(key, name));
+            if names[..i].iter().any(|(_, other)| other == name) {
+                errs.fail(key, format!("topic {name:?} is used twice"));
+            }
+        }
+        if self.partitions < 1 {
+            errs.fail("topics.partitions", "must be >= 1");
+        }
+        if self.replication_factor < 1 {
+            errs.fail("topics.replication_factor", "must be >= 1");
+        }
+        if self.max_message_bytes < 1024 * 1024 {
+            errs.fail("topics.max_message_bytes", "must be at least 1048576");
+        }
+    }
+}
+
+impl EncodingSettings {
+    fn validate(&self, errs: &mut Checks) {
+        // The URL itself was checked when it was read.
+        let avro = self.output == OutputEncoding::Avro || self.input == InputEncoding::Avro;
+        if avro && self.schema_registry_url.is_none() {
+            errs.fail(
+                "encoding.schema_registry_url",
+                "is required when Avro is used",
+            );
+        }
+        if self.max_input_bytes < 1024 {
+            errs.fail("encoding.max_input_bytes", "must be at least 1024");
+        }
+    }
+}
+
+impl ScheduleSettings {
+    fn validate(&self, errs: &mut Checks) {
+        if self.delay_tiers.is_empty() {
+            errs.fail("schedule.delay_tiers", "needs at least one tier");
+        }
+        if self.delay_tiers.windows(2).any(|w| w[0] >= w[1]) {
+            errs.fail("schedule.delay_tiers", "must be strictly increasing");
+        }
+        if self.delay_tiers.iter().any(|d| d.as_millis() < 100) {
+            errs.fail("schedule.delay_tiers", "each tier must be at least 100ms");
+        }
+        if self.max_in_flight == 0 {
+            errs.fail("schedule.max_in_flight", "must be >= 1");
+        }
+        if self.max_batch == 0 {
+            errs.fail("schedule.max_batch", "must be >= 1");
+        }
+        errs.check(positive("schedule.record_budget", self.record_budget));
+        if self.straggler_wait > self.record_budget {
+            errs.fail(
+                "schedule.straggler_wait",
+                "must be at most schedule.record_budget (\"0s\" never cuts a record short)",
+            );
+        }
+    }
+}
+
+impl DeadLetterSettings {
+    fn validate(&self, errs: &mut Checks) {
+        if !(self.max_ratio > 0.0 && self.max_ratio <= 1.0) {
+            errs.fail("dead_letter.max_ratio", "must be in (0, 1]");
+        }
+        if self.window == 0 {
+            errs.fail("dead_letter.window", "must be >= 1");
+        }
+        if self.max_consecutive == 0 {
+            errs.fail("dead_letter.max_consecutive", "must be >= 1");
+        }
+    }
+}
+
+impl ServerSettings {
+    fn validate(&self, errs: &mut Checks) {
+        if let Err(e) = self.listen.parse::<std::net::SocketAddr>() {
+            errs.fail("server.listen", e.to_string());
+        }
+        errs.check(positive("server.stall_timeout", self.stall_timeout));
+    }
+}
+
+impl ShutdownSettings {
+    fn validate(&self, errs: &mut Checks) {
+        errs.check(positive("shutdown.timeout", self.timeout));
+    }
+}
+
 impl Settings {
     /// Defaults, then `file`, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -718,7 +1293,7 @@ impl Settings {
                 let origin = Origin::File(path.to_path_buf());
                 let source = toml::to_string(&single_key_table(table, &p)).unwrap_or_default();
                 if let Err(e) = with_defaults(Some(&source), BTreeMap::new()) {
-                    errs.fail_from(&key, origin.clone(), load_reason(&e));
+                    errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
                     bad.push(p);
                 }
                 origins.set.insert(key, origin);
@@ -732,7 +1307,7 @@ impl Settings {
             let origin = Origin::Env(var.clone());
             let single = BTreeMap::from([(var.clone(), value)]);
             if let Err(e) = with_defaults(None, single) {
-                errs.fail_from(&key, origin.clone(), load_reason(&e));
+                errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
                 env_vars.remove(&var);
             }
             origins.set.insert(key, origin);
@@ -776,43 +1351,20 @@ impl Settings {
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
         let mut s = with_defaults(file_toml.as_deref(), env)?;
-        read_secret_file(
-            "finbox.server_hash",
-            &mut s.finbox.server_hash,
-            &s.finbox.server_hash_file,
-        )?;
+        s.finbox.server_hash.resolve("finbox.server_hash")?;
         Ok(s.finbox.server_hash.expose().to_string())
     }
 
+    /// Reads every secret given as a file (once).
     fn resolve_secret_files(&mut self, errs: &mut Checks) {
-        for (key, secret, file) in [
-            (
-                "finbox.api_key",
-                &mut self.finbox.api_key,
-                &self.finbox.api_key_file,
-            ),
-            (
-                "finbox.server_hash",
-                &mut self.finbox.server_hash,
-                &self.finbox.server_hash_file,
-            ),
-            (
-                "credeau.auth_token",
-                &mut self.credeau.auth_token,
-                &self.credeau.auth_token_file,
-            ),
-            (
-                "kafka.sasl_password",
-                &mut self.kafka.sasl_password,
-                &self.kafka.sasl_password_file,
-            ),
-            (
-                "kafka.ssl_key_password",
-                &mut self.kafka.ssl_key_password,
-                &self.kafka.ssl_key_password_file,
-            ),
+        for (key, secret) in [
+            ("finbox.api_key", &mut self.finbox.api_key),
+            ("finbox.server_hash", &mut self.finbox.server_hash),
+            ("credeau.auth_token", &mut self.credeau.auth_token),
+            ("kafka.sasl_password", &mut self.kafka.sasl_password),
+            ("kafka.ssl_key_password", &mut self.kafka.ssl_key_password),
         ] {
-            errs.check(read_secret_file(key, secret, file));
+            errs.check(secret.resolve(key));
         }
     }
 
@@ -824,147 +1376,28 @@ impl Settings {
         errs.into_result(&Origins::default())
     }
 
+    /// Each section's own checks, in the order of the file, then the
+    /// checks that span sections.
     fn check_values(&self, errs: &mut Checks) {
-        let level = &self.log.level;
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
-            errs.fail("log.level", e.to_string());
-        }
+        self.log.validate(errs);
+        self.kafka.validate(errs);
+        self.topics.validate(errs);
+        self.encoding.validate(errs);
+        self.schedule.validate(errs);
+        self.finbox.validate(errs);
+        self.credeau.validate(errs);
+        self.dead_letter.validate(errs);
+        self.server.validate(errs);
+        self.shutdown.validate(errs);
+        self.check_across_sections(errs);
+    }
 
-        let k = &self.kafka;
-        for key in k.extra.keys() {
-            if let Some(instead) = owned_kafka_property(key) {
-                errs.fail(
-                    &format!("kafka.extra.{key}"),
-                    format!("is set by the service itself; {instead}"),
-                );
-            }
-        }
-        errs.check(non_empty("kafka.bootstrap_servers", &k.bootstrap_servers));
-        errs.check(non_empty("kafka.group_id", &k.group_id));
-        errs.check(non_empty(
-            "kafka.transactional_id_prefix",
-            &k.transactional_id_prefix,
-        ));
-        if k.security_protocol.uses_sasl() {
-            match k.sasl_mechanism.as_str() {
-                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
-                other => {
-                    errs.fail(
-                        "kafka.sasl_mechanism",
-                        format!(
-                        "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL, got {other:?}"
-                    ),
-                    );
-                }
-            }
-            errs.check(non_empty("kafka.sasl_username", &k.sasl_username));
-            if !k.sasl_password.is_set() && k.sasl_password_file.is_empty() {
-                errs.fail(
-                    "kafka.sasl_password",
-                    "is required with SASL (or kafka.sasl_password_file)",
-                );
-            }
-        } else if !k.sasl_mechanism.is_empty() {
-            errs.fail(
-                "kafka.sasl_mechanism",
-                "is set but kafka.security_protocol does not use SASL",
-            );
-        }
-        for (key, path) in [
-            ("kafka.ssl_ca_location", &k.ssl_ca_location),
-            (
-                "kafka.ssl_certificate_location",
-                &k.ssl_certificate_location,
-            ),
-            ("kafka.ssl_key_location", &k.ssl_key_location),
-        ] {
-            if !path.is_empty() {
-                if !k.security_protocol.uses_tls() {
-                    errs.fail(key, "is set but kafka.security_protocol does not use TLS");
-                } else {
-                    errs.check(must_exist(key, path));
-                }
-            }
-        }
-        if k.ssl_certificate_location.is_empty() != k.ssl_key_location.is_empty() {
-            errs.fail(
-                "kafka.ssl_key_location",
-                "a client certificate needs both ssl_certificate_location and ssl_key_location",
-            );
-        }
-        errs.check(positive("kafka.transaction_timeout", k.transaction_timeout));
-        errs.check(positive("kafka.session_timeout", k.session_timeout));
-        if k.max_poll_interval < k.session_timeout {
-            errs.fail(
-                "kafka.max_poll_interval",
-                "must be at least kafka.session_timeout",
-            );
-        }
-
-        let t = &self.topics;
-        let names = [
-            ("topics.input", &t.input),
-            ("topics.finbox_predictors", &t.finbox_predictors),
-            ("topics.sms_extraction", &t.sms_extraction),
-            ("topics.combined", &t.combined),
-            ("topics.dead_letter", &t.dead_letter),
-            ("topics.delay_prefix", &t.delay_prefix),
-        ];
-        for (i, (key, name)) in names.iter().enumerate() {
-            errs.check(topic_name(key, name));
-            if names[..i].iter().any(|(_, other)| other == name) {
-                errs.fail(key, format!("topic {name:?} is used twice"));
-            }
-        }
-        if t.partitions < 1 {
-            errs.fail("topics.partitions", "must be >= 1");
-        }
-        if t.replication_factor < 1 {
-            errs.fail("topics.replication_factor", "must be >= 1");
-        }
-        if t.max_message_bytes < 1024 * 1024 {
-            errs.fail("topics.max_message_bytes", "must be at least 1048576");
-        }
-
-        let e = &self.encoding;
-        let needs_registry = e.output == OutputEncoding::Avro || e.input != InputEncoding::Json;
-        if !e.schema_registry_url.is_empty() {
-            errs.check(http_url(
-                "encoding.schema_registry_url",
-                &e.schema_registry_url,
-            ));
-        } else if e.output == OutputEncoding::Avro || e.input == InputEncoding::Avro {
-            errs.fail(
-                "encoding.schema_registry_url",
-                "is required when Avro is used",
-            );
-        }
-        let _ = needs_registry;
-        if e.max_input_bytes < 1024 {
-            errs.fail("encoding.max_input_bytes", "must be at least 1024");
-        }
-
-        let s = &self.schedule;
-        if s.delay_tiers.is_empty() {
-            errs.fail("schedule.delay_tiers", "needs at least one tier");
-        }
-        if s.delay_tiers.windows(2).any(|w| w[0] >= w[1]) {
-            errs.fail("schedule.delay_tiers", "must be strictly increasing");
-        }
-        if s.delay_tiers.iter().any(|d| d.as_millis() < 100) {
-            errs.fail("schedule.delay_tiers", "each tier must be at least 100ms");
-        }
-        if s.max_in_flight == 0 {
-            errs.fail("schedule.max_in_flight", "must be >= 1");
-        }
-        if s.max_batch == 0 {
-            errs.fail("schedule.max_batch", "must be >= 1");
-        }
-        errs.check(positive("schedule.record_budget", s.record_budget));
+    fn check_across_sections(&self, errs: &mut Checks) {
         // A batch waits for its slowest record: the budget must leave room
         // for the transaction within the stall timeout, and keep a batch
         // far inside the group's poll interval.
-        if s.record_budget * 2 > self.server.stall_timeout {
+        let budget = self.schedule.record_budget;
+        if budget * 2 > self.server.stall_timeout {
             errs.fail(
                 "schedule.record_budget",
                 format!(
@@ -973,13 +1406,7 @@ impl Settings {
                 ),
             );
         }
-        if s.straggler_wait > s.record_budget {
-            errs.fail(
-                "schedule.straggler_wait",
-                "must be at most schedule.record_budget (\"0s\" never cuts a record short)",
-            );
-        }
-        if s.record_budget * 2 > self.kafka.max_poll_interval {
+        if budget * 2 > self.kafka.max_poll_interval {
             errs.fail(
                 "schedule.record_budget",
                 format!(
@@ -987,134 +1414,6 @@ impl Settings {
                     humantime::format_duration(self.kafka.max_poll_interval)
                 ),
             );
-        }
-
-        let f = &self.finbox;
-        errs.check(http_url("finbox.base_url", &f.base_url));
-        // A finbox.api_key_file that could not be read is reported on its own.
-        if !f.api_key.is_set() && f.api_key_file.is_empty() {
-            errs.fail("finbox.api_key", "is required (or finbox.api_key_file)");
-        }
-        // A finbox.server_hash_file that could not be read is reported on its own.
-        if !f.server_hash.is_set() && f.server_hash_file.is_empty() {
-            errs.fail(
-                "finbox.server_hash",
-                "is required (or finbox.server_hash_file)",
-            );
-        }
-        if f.retry_delays.len() > 10 {
-            errs.fail("finbox.retry_delays", "at most 10 retries");
-        }
-        if f.predictors_version < 1 {
-            errs.fail("finbox.predictors_version", "must be >= 1");
-        }
-        if f.poll_interval < FINBOX_MIN_POLL_INTERVAL {
-            errs.fail(
-                "finbox.poll_interval",
-                "must be at least 10s (FinBox asks for polls at least 10 s apart)",
-            );
-        }
-        Self::common_provider_checks(
-            errs,
-            "finbox",
-            f.request_timeout,
-            f.connect_timeout,
-            f.rate_limit_per_minute,
-            f.max_response_bytes,
-            &f.ca_bundle,
-            &f.poll_policy(),
-        );
-
-        let c = &self.credeau;
-        errs.check(http_url("credeau.base_url", &c.base_url));
-        errs.check(non_empty("credeau.client_id", &c.client_id));
-        // A credeau.auth_token_file that could not be read is reported on its own.
-        if !c.auth_token.is_set() && c.auth_token_file.is_empty() {
-            errs.fail(
-                "credeau.auth_token",
-                "is required (or credeau.auth_token_file)",
-            );
-        }
-        errs.check(positive("credeau.retry_base", c.retry_base));
-        if c.retry_cap < c.retry_base {
-            errs.fail("credeau.retry_cap", "must be >= credeau.retry_base");
-        }
-        if c.max_retries > 10 {
-            errs.fail("credeau.max_retries", "must be <= 10");
-        }
-        if c.cnt_sms_threshold == 0 {
-            errs.fail("credeau.cnt_sms_threshold", "must be >= 1");
-        }
-        if let serde_json::Value::Array(items) = &c.groupings {
-            if items
-                .iter()
-                .any(|g| g.as_str().is_some_and(|s| s.trim().is_empty()))
-            {
-                errs.fail("credeau.groupings", "holds an empty name");
-            }
-        }
-        Self::common_provider_checks(
-            errs,
-            "credeau",
-            c.request_timeout,
-            c.connect_timeout,
-            c.rate_limit_per_minute,
-            c.max_response_bytes,
-            &c.ca_bundle,
-            &c.poll_policy(),
-        );
-
-        let d = &self.dead_letter;
-        if !(d.max_ratio > 0.0 && d.max_ratio <= 1.0) {
-            errs.fail("dead_letter.max_ratio", "must be in (0, 1]");
-        }
-        if d.window == 0 {
-            errs.fail("dead_letter.window", "must be >= 1");
-        }
-        if d.max_consecutive == 0 {
-            errs.fail("dead_letter.max_consecutive", "must be >= 1");
-        }
-
-        if let Err(e) = self.server.listen.parse::<std::net::SocketAddr>() {
-            errs.fail("server.listen", e.to_string());
-        }
-        errs.check(positive("server.stall_timeout", self.server.stall_timeout));
-        errs.check(positive("shutdown.timeout", self.shutdown.timeout));
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn common_provider_checks(
-        errs: &mut Checks,
-        section: &str,
-        request_timeout: Duration,
-        connect_timeout: Duration,
-        rate_limit_per_minute: u32,
-        max_response_bytes: usize,
-        ca_bundle: &str,
-        policy: &PollPolicy,
-    ) {
-        let key = |k: &str| format!("{section}.{k}");
-        errs.check(positive(&key("request_timeout"), request_timeout));
-        errs.check(positive(&key("connect_timeout"), connect_timeout));
-        if rate_limit_per_minute == 0 {
-            errs.fail(&key("rate_limit_per_minute"), "must be >= 1");
-        }
-        if max_response_bytes < 1024 {
-            errs.fail(&key("max_response_bytes"), "must be at least 1024");
-        }
-        if !ca_bundle.is_empty() {
-            errs.check(must_exist(&key("ca_bundle"), ca_bundle));
-        }
-        errs.check(positive(&key("poll_interval"), policy.poll_interval));
-        errs.check(positive(&key("deadline"), policy.deadline));
-        if policy.max_poll_interval < policy.poll_interval {
-            errs.fail(&key("max_poll_interval"), "must be >= poll_interval");
-        }
-        if !(policy.backoff_multiplier >= 1.0 && policy.backoff_multiplier <= 10.0) {
-            errs.fail(&key("backoff_multiplier"), "must be between 1.0 and 10.0");
-        }
-        if policy.initial_delay >= policy.deadline {
-            errs.fail(&key("initial_delay"), "must be shorter than the deadline");
         }
     }
 
@@ -1127,34 +1426,17 @@ impl Settings {
             .last()
             .copied()
             .unwrap_or_default();
-        self.finbox.deadline.max(self.credeau.deadline).max(tier)
+        self.finbox
+            .poll
+            .deadline
+            .max(self.credeau.poll.deadline)
+            .max(tier)
     }
 
     /// The configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
-}
-
-fn read_secret_file(key: &str, secret: &mut Secret, file: &str) -> Result<(), ConfigError> {
-    if file.is_empty() {
-        return Ok(());
-    }
-    let file_key = format!("{key}_file");
-    if secret.is_set() {
-        return Err(ConfigError::invalid(
-            &file_key,
-            format!("set both {key} and {key}_file; choose one"),
-        ));
-    }
-    let text = std::fs::read_to_string(PathBuf::from(file))
-        .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {file}: {e}")))?;
-    let value = text.trim_end_matches(['\n', '\r']);
-    if value.is_empty() {
-        return Err(ConfigError::invalid(&file_key, format!("{file} is empty")));
-    }
-    *secret = Secret::new(value);
-    Ok(())
 }
 
 /// Parses the file on our side so a syntax error is reported by line
@@ -1193,9 +1475,9 @@ fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// librdkafka properties the service sets itself: exactly-once and the
-/// loop depend on them, so `kafka.extra` may not override them. Returns
-/// what to use instead.
+/// librdkafka properties the service sets itself (src/pipeline/kafka.rs):
+/// exactly-once and the loop depend on them, so `kafka.extra` may not
+/// override them. Returns what to use instead.
 fn owned_kafka_property(key: &str) -> Option<&'static str> {
     Some(match key {
         "bootstrap.servers" => "use kafka.bootstrap_servers",
@@ -1210,12 +1492,33 @@ fn owned_kafka_property(key: &str) -> Option<&'static str> {
         "sasl.mechanism" | "sasl.mechanisms" => "use kafka.sasl_mechanism",
         "sasl.username" => "use kafka.sasl_username",
         "sasl.password" => "use kafka.sasl_password or kafka.sasl_password_file",
+        "ssl.ca.location" => "use kafka.ssl_ca_location",
+        "ssl.certificate.location" => "use kafka.ssl_certificate_location",
+        "ssl.key.location" => "use kafka.ssl_key_location",
+        "ssl.key.password" => "use kafka.ssl_key_password or kafka.ssl_key_password_file",
+        "message.max.bytes" => "use topics.max_message_bytes",
         "isolation.level"
         | "enable.auto.commit"
         | "enable.auto.offset.store"
         | "enable.idempotence"
         | "auto.offset.reset"
         | "enable.partition.eof" => "exactly-once depends on the service's own value",
+        "statistics.interval.ms" => {
+            "the lag and readiness metrics depend on the service's own value"
+        }
+        "queued.max.messages.kbytes"
+        | "queued.min.messages"
+        | "fetch.queue.backoff.ms"
+        | "fetch.message.max.bytes"
+        | "fetch.wait.max.ms" => {
+            "the consumer's read-ahead and delay-tier latency depend on the service's own value"
+        }
+        "compression.type" | "compression.codec" => {
+            "the service compresses with zstd (record sizes depend on it)"
+        }
+        "linger.ms" | "queue.buffering.max.ms" => {
+            "the batch commit latency depends on the service's own value"
+        }
         _ => return None,
     })
 }
@@ -1228,33 +1531,15 @@ fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     }
 }
 
-fn must_exist(key: &str, path: &str) -> Result<(), ConfigError> {
-    if Path::new(path).exists() {
+fn must_exist(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.exists() {
         Ok(())
     } else {
         Err(ConfigError::invalid(
             key,
-            format!("file {path} does not exist"),
+            format!("file {} does not exist", path.display()),
         ))
     }
-}
-
-fn http_url(key: &str, value: &str) -> Result<(), ConfigError> {
-    let url = url::Url::parse(value)
-        .map_err(|e| ConfigError::invalid(key, format!("not a URL ({e})")))?;
-    match url.scheme() {
-        "https" | "http" => {}
-        other => {
-            return Err(ConfigError::invalid(
-                key,
-                format!("scheme must be https (or http for a local simulator), got {other}"),
-            ))
-        }
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(ConfigError::invalid(key, "has no host"));
-    }
-    Ok(())
 }
 
 fn topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -1299,7 +1584,7 @@ mod tests {
     #[test]
     fn defaults_with_required_secrets_load() {
         let s = Settings::load_from(None, base_env()).unwrap();
-        assert_eq!(s.finbox.poll_interval, Duration::from_secs(10));
+        assert_eq!(s.finbox.poll.poll_interval, Duration::from_secs(10));
         assert_eq!(s.schedule.delay_tiers.len(), 9);
         assert_eq!(s.finbox.api_key.expose(), "fb-key");
         assert_eq!(
@@ -1330,6 +1615,11 @@ mod tests {
     fn unknown_key_is_rejected() {
         let t = err_text(with(&[("INSIGHTS__FINBOX__POLL_INTERVL", "10s")]));
         assert!(t.contains("poll_intervl"), "{t}");
+        // The section's keys, flattened parts included, as a hint.
+        assert!(t.contains("expected one of `api_key`"), "{t}");
+        assert!(t.contains("`poll_interval`"), "{t}");
+        let t = err_text(with(&[("INSIGHTS__KAFKA__SASL_PASWORD", "x")]));
+        assert!(t.contains("`sasl_password_file`"), "{t}");
     }
 
     #[test]
@@ -1526,5 +1816,169 @@ mod tests {
         .unwrap();
         let ok = Settings::load_from(Some(&path), base_env());
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    /// The keys both providers share (read into `ProviderHttpSettings` and
+    /// `PollSettings`) keep their names, in TOML and in the environment.
+    #[test]
+    fn shared_provider_keys_load_from_toml_and_env_for_both_providers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").unwrap();
+        let p = dir.path().join("c.toml");
+        for section in ["finbox", "credeau"] {
+            std::fs::write(
+                &p,
+                format!(
+                    "[{section}]\nrequest_timeout = \"7s\"\nconnect_timeout = \"3s\"\n\
+                     rate_limit_per_minute = 77\nmax_response_bytes = 4096\n\
+                     ca_bundle = \"{}\"\ninitial_delay = \"40s\"\npoll_interval = \"20s\"\n\
+                     max_poll_interval = \"3m\"\nbackoff_multiplier = 3.0\ndeadline = \"2h\"\n\
+                     max_failed_polls = 4\n",
+                    ca.display()
+                ),
+            )
+            .unwrap();
+            let s = Settings::load_from(Some(&p), base_env()).unwrap();
+            let (http, poll) = match section {
+                "finbox" => (&s.finbox.http, &s.finbox.poll),
+                _ => (&s.credeau.http, &s.credeau.poll),
+            };
+            assert_eq!(http.request_timeout, Duration::from_secs(7), "{section}");
+            assert_eq!(http.connect_timeout, Duration::from_secs(3), "{section}");
+            assert_eq!(http.rate_limit_per_minute, 77, "{section}");
+            assert_eq!(http.max_response_bytes, 4096, "{section}");
+            assert_eq!(http.ca_bundle.as_deref(), Some(ca.as_path()), "{section}");
+            assert_eq!(poll.initial_delay, Duration::from_secs(40), "{section}");
+            assert_eq!(poll.poll_interval, Duration::from_secs(20), "{section}");
+            assert_eq!(
+                poll.max_poll_interval,
+                Duration::from_secs(180),
+                "{section}"
+            );
+            assert_eq!(poll.backoff_multiplier, 3.0, "{section}");
+            assert_eq!(poll.deadline, Duration::from_secs(7200), "{section}");
+            assert_eq!(poll.max_failed_polls, 4, "{section}");
+
+            let var = |k: &str| format!("INSIGHTS__{}__{k}", section.to_uppercase());
+            let env: Vec<(String, String)> = base_env()
+                .into_iter()
+                .chain(
+                    [
+                        ("REQUEST_TIMEOUT", "8s"),
+                        ("CONNECT_TIMEOUT", "2s"),
+                        ("RATE_LIMIT_PER_MINUTE", "88"),
+                        ("MAX_RESPONSE_BYTES", "8192"),
+                        ("CA_BUNDLE", ca.to_str().unwrap()),
+                        ("INITIAL_DELAY", "50s"),
+                        ("POLL_INTERVAL", "30s"),
+                        ("MAX_POLL_INTERVAL", "4m"),
+                        ("BACKOFF_MULTIPLIER", "2"),
+                        ("DEADLINE", "3h"),
+                        ("MAX_FAILED_POLLS", "6"),
+                    ]
+                    .iter()
+                    .map(|(k, v)| (var(k), v.to_string())),
+                )
+                .collect();
+            let s = Settings::load_from(None, env).unwrap();
+            let (http, poll) = match section {
+                "finbox" => (&s.finbox.http, &s.finbox.poll),
+                _ => (&s.credeau.http, &s.credeau.poll),
+            };
+            assert_eq!(http.request_timeout, Duration::from_secs(8), "{section}");
+            assert_eq!(http.connect_timeout, Duration::from_secs(2), "{section}");
+            assert_eq!(http.rate_limit_per_minute, 88, "{section}");
+            assert_eq!(http.max_response_bytes, 8192, "{section}");
+            assert_eq!(http.ca_bundle.as_deref(), Some(ca.as_path()), "{section}");
+            assert_eq!(poll.initial_delay, Duration::from_secs(50), "{section}");
+            assert_eq!(poll.poll_interval, Duration::from_secs(30), "{section}");
+            assert_eq!(
+                poll.max_poll_interval,
+                Duration::from_secs(240),
+                "{section}"
+            );
+            assert_eq!(poll.backoff_multiplier, 2.0, "{section}");
+            assert_eq!(poll.deadline, Duration::from_secs(3 * 3600), "{section}");
+            assert_eq!(poll.max_failed_polls, 6, "{section}");
+            // The redacted TOML keeps the flat keys.
+            let shown: toml::Table = toml::from_str(&s.to_redacted_toml()).unwrap();
+            let shown = shown[section].as_table().unwrap();
+            for key in [
+                "request_timeout",
+                "ca_bundle",
+                "poll_interval",
+                "max_failed_polls",
+            ] {
+                assert!(shown.contains_key(key), "{section}.{key} in {shown:?}");
+            }
+            // A misspelt shared key is still refused.
+            let t = err_text(with(&[(var("POLL_INTERVL").as_str(), "10s")]));
+            assert!(t.contains(&format!("{section}.poll_intervl")), "{t}");
+        }
+    }
+
+    /// An empty string (the documented default) means unset; values that
+    /// look like numbers stay text where text is expected.
+    #[test]
+    fn empty_strings_are_unset_and_numeric_looking_text_stays_text() {
+        let s = Settings::load_from(None, base_env()).unwrap();
+        assert_eq!(s.kafka.sasl_mechanism, None);
+        assert_eq!(s.kafka.ssl_ca_location, None);
+        assert_eq!(s.encoding.schema_registry_url, None);
+        assert_eq!(s.finbox.http.ca_bundle, None);
+        assert!(s.to_redacted_toml().contains("schema_registry_url = \"\""));
+        let s = Settings::load_from(
+            None,
+            with(&[
+                ("INSIGHTS__CREDEAU__CLIENT_ID", "12345"),
+                ("INSIGHTS__KAFKA__GROUP_ID", "42"),
+                ("INSIGHTS__KAFKA__EXTRA__LINGER_MS", "5"),
+                ("INSIGHTS__FINBOX__API_KEY", "987654"),
+                (
+                    "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+                    "http://registry:8081",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.credeau.client_id, "12345");
+        assert_eq!(s.kafka.group_id, "42");
+        assert_eq!(s.finbox.api_key.expose(), "987654");
+        assert_eq!(
+            s.encoding.schema_registry_url.as_ref().map(HttpUrl::as_str),
+            Some("http://registry:8081/")
+        );
+        let t = err_text(with(&[(
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+            "ftp://r",
+        )]));
+        assert!(t.contains("encoding.schema_registry_url"), "{t}");
+        assert!(t.contains("scheme must be https"), "{t}");
+    }
+
+    /// A secret file is read once, at load; the value is never shown.
+    #[test]
+    fn a_secret_source_reads_its_file_once_and_never_shows_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hash");
+        std::fs::write(&p, "hash-from-file\n").unwrap();
+        let env: Vec<_> = base_env()
+            .into_iter()
+            .filter(|(k, _)| k != "INSIGHTS__FINBOX__SERVER_HASH")
+            .chain([(
+                "INSIGHTS__FINBOX__SERVER_HASH_FILE".to_string(),
+                p.display().to_string(),
+            )])
+            .collect();
+        let s = Settings::load_from(None, env).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let mut again = s.finbox.server_hash.clone();
+        again.resolve("finbox.server_hash").unwrap();
+        assert_eq!(again.expose(), "hash-from-file");
+        let shown = format!("{:?}", s.finbox.server_hash);
+        assert!(!shown.contains("hash-from-file"), "{shown}");
+        assert!(shown.contains(&p.display().to_string()), "{shown}");
+        s.validate().unwrap();
     }
 }

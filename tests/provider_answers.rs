@@ -381,7 +381,7 @@ async fn finbox_ends_failed_after_the_failed_poll_budget_and_is_dead_lettered_wi
         ..FinboxScenario::default()
     });
     let (sim, s) = setup(&[("u-down", storm.clone()), ("u-down-nobudget", storm)]).await;
-    assert_eq!(s.finbox.max_failed_polls, 3, "the documented default");
+    assert_eq!(s.finbox.poll.max_failed_polls, 3, "the documented default");
     let w = worker(&s, Arc::new(Metrics::new())).await;
     let r = run(&w, onboarded(json!({"user_id": "u-down"})), 10).await;
     let ready = r.ready();
@@ -408,7 +408,7 @@ async fn finbox_ends_failed_after_the_failed_poll_budget_and_is_dead_lettered_wi
 
     // With the budget off, the same answers keep the user polling.
     let mut unlimited = s.clone();
-    unlimited.finbox.max_failed_polls = 0;
+    unlimited.finbox.poll.max_failed_polls = 0;
     let w = worker(&unlimited, Arc::new(Metrics::new())).await;
     let r = run(&w, onboarded(json!({"user_id": "u-down-nobudget"})), 5).await;
     assert!(r.of(OutKind::InsightsReady).is_empty());

@@ -155,7 +155,7 @@ async fn wrong_api_key_is_forbidden_at_once_and_marks_finbox_unhealthy_until_a_s
     let sim = simulator(&[]).await;
     let metrics = Arc::new(Metrics::new());
     let mut wrong = settings(&sim.base_url());
-    wrong.finbox.api_key = insights_enricher::config::Secret::new("wrong-key-123");
+    wrong.finbox.api_key = insights_enricher::config::SecretSource::new("wrong-key-123");
     let f = finbox(&wrong, metrics.clone());
     let err = f.client.fetch_predictors("u-1").await.unwrap_err();
     assert_eq!(
@@ -176,7 +176,7 @@ async fn wrong_api_key_is_forbidden_at_once_and_marks_finbox_unhealthy_until_a_s
 async fn wrong_server_hash_gives_forbidden_incorrect_salt() {
     let sim = simulator(&[]).await;
     let mut wrong = settings(&sim.base_url());
-    wrong.finbox.server_hash = insights_enricher::config::Secret::new("not-the-hash");
+    wrong.finbox.server_hash = insights_enricher::config::SecretSource::new("not-the-hash");
     let f = finbox(&wrong, Arc::new(Metrics::new()));
     let err = f.client.fetch_predictors("u-salt").await.unwrap_err();
     assert_eq!((err.kind, err.http_status), (Kind::Forbidden, Some(403)));
@@ -347,7 +347,7 @@ async fn every_attempt_including_retries_takes_a_rate_limit_permit() {
     )])
     .await;
     let mut s = settings(&sim.base_url());
-    s.finbox.rate_limit_per_minute = 120; // one permit per 500 ms
+    s.finbox.http.rate_limit_per_minute = 120; // one permit per 500 ms
     s.finbox.retry_delays = vec![ms(1), ms(1)];
     let f = finbox(&s, Arc::new(Metrics::new()));
     let started = Instant::now();
@@ -373,7 +373,7 @@ async fn latency_beyond_the_request_timeout_is_a_timeout() {
     )])
     .await;
     let mut s = settings(&sim.base_url());
-    s.finbox.request_timeout = ms(200);
+    s.finbox.http.request_timeout = ms(200);
     let f = finbox(&s, Arc::new(Metrics::new()));
     let err = f.client.fetch_predictors("u-slow").await.unwrap_err();
     assert_eq!(
@@ -473,7 +473,7 @@ async fn a_response_over_the_size_cap_is_refused_as_too_large() {
     )])
     .await;
     let mut s = settings(&sim.base_url());
-    s.finbox.max_response_bytes = 2048;
+    s.finbox.http.max_response_bytes = 2048;
     let f = finbox(&s, Arc::new(Metrics::new()));
     let err = f.client.fetch_predictors("u-big").await.unwrap_err();
     assert_eq!(
@@ -552,7 +552,7 @@ async fn an_endless_body_without_length_is_refused_while_streaming() {
         }
     });
     let mut s = settings(&format!("http://{addr}"));
-    s.finbox.max_response_bytes = 100_000;
+    s.finbox.http.max_response_bytes = 100_000;
     let f = finbox(&s, Arc::new(Metrics::new()));
     let started = Instant::now();
     let err = f.client.fetch_predictors("u-endless").await.unwrap_err();
@@ -601,7 +601,7 @@ async fn debug_and_warn_logs_never_hold_secrets_or_salts() {
     let f = finbox(&settings(&sim.base_url()), Arc::new(Metrics::new()));
     f.client.fetch_predictors("u-log").await.unwrap();
     let mut wrong = settings(&sim.base_url());
-    wrong.finbox.api_key = insights_enricher::config::Secret::new("wrong-key-789");
+    wrong.finbox.api_key = insights_enricher::config::SecretSource::new("wrong-key-789");
     let bad = finbox(&wrong, Arc::new(Metrics::new()));
     bad.client.fetch_predictors("u-log").await.unwrap_err();
 

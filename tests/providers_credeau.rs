@@ -171,7 +171,7 @@ async fn a_5000_sms_answer_is_parsed_whole_and_the_threshold_is_sent() {
 async fn wrong_token_is_unauthorized_with_the_providers_request_id() {
     let sim = simulator(&[]).await;
     let mut s = settings(&sim.base_url());
-    s.credeau.auth_token = insights_enricher::config::Secret::new("wrong-token-456");
+    s.credeau.auth_token = insights_enricher::config::SecretSource::new("wrong-token-456");
     let c = credeau(&s, Arc::new(Metrics::new()));
     let err = c.client.fetch_sms("u-1").await.unwrap_err();
     assert_eq!(
@@ -376,7 +376,7 @@ async fn timeouts_drops_and_proxy_pages_map_to_their_kinds() {
     ])
     .await;
     let mut s = settings(&sim.base_url());
-    s.credeau.request_timeout = Duration::from_millis(200);
+    s.credeau.http.request_timeout = Duration::from_millis(200);
     let c = credeau(&s, Arc::new(Metrics::new()));
     let slow = c.client.fetch_sms("u-slow").await.unwrap_err();
     assert_eq!((slow.kind, slow.attempts), (Kind::Timeout, 4));
@@ -444,7 +444,7 @@ async fn a_response_over_the_size_cap_is_too_large_and_not_retried() {
     )])
     .await;
     let mut s = settings(&sim.base_url());
-    s.credeau.max_response_bytes = 10_000;
+    s.credeau.http.max_response_bytes = 10_000;
     let c = credeau(&s, Arc::new(Metrics::new()));
     let err = c.client.fetch_sms("u-big").await.unwrap_err();
     assert_eq!((err.kind, err.attempts), (Kind::TooLarge, 1));

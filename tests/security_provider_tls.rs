@@ -114,8 +114,9 @@ impl Drop for TlsFront {
 /// `https_url`, trusting `ca_bundle` (empty: system roots only).
 fn https_settings(https_url: &str, ca_bundle: &str) -> Settings {
     let mut s = settings(https_url);
-    s.finbox.ca_bundle = ca_bundle.to_string();
-    s.credeau.ca_bundle = ca_bundle.to_string();
+    let ca_bundle = (!ca_bundle.is_empty()).then(|| std::path::PathBuf::from(ca_bundle));
+    s.finbox.http.ca_bundle = ca_bundle.clone();
+    s.credeau.http.ca_bundle = ca_bundle;
     s
 }
 

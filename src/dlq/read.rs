@@ -11,7 +11,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
 use crate::pipeline::deadletter::{headers as h, Reason, ReplayTarget, Stage};
-use crate::pipeline::kafka::base_config;
+use crate::pipeline::kafka::dlq_reader_config;
 use crate::providers::Provider;
 
 /// One dead-letter record as read back.
@@ -182,12 +182,8 @@ pub fn read_all(
     start_offset: Option<i64>,
     since: Option<i64>,
 ) -> Result<Vec<DlqRecord>, ReadError> {
-    let consumer: BaseConsumer<QuietEof> = base_config(&settings.kafka)
-        .set("group.id", "insights-enricher-dlq-tool")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create_with_context(QuietEof)?;
+    let consumer: BaseConsumer<QuietEof> =
+        dlq_reader_config(&settings.kafka).create_with_context(QuietEof)?;
     let timeout = Duration::from_secs(15);
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = md

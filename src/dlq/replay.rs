@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::core::tiers::DelayTiers;
 use crate::dlq::read::{read_all, read_filtered, DlqRecord, Filter, ReadError};
 use crate::pipeline::deadletter::{headers as h, ReplayTarget};
-use crate::pipeline::kafka::base_config;
+use crate::pipeline::kafka::{base_config, dlq_replay_config};
 use crate::providers::Provider;
 use crate::task::{Outcome, Task};
 
@@ -217,17 +217,8 @@ pub async fn replay(
 
 fn send(settings: &Settings, planned: &[Planned], now: i64) -> Result<usize, ReplayError> {
     let timeout = settings.kafka.transaction_timeout;
-    let producer: ThreadedProducer<DefaultProducerContext> = base_config(&settings.kafka)
-        .set(
-            "transactional.id",
-            format!("{}-dlq-replay", settings.kafka.transactional_id_prefix),
-        )
-        .set("compression.type", "zstd")
-        .set(
-            "message.max.bytes",
-            (settings.topics.max_message_bytes + 64 * 1024).to_string(),
-        )
-        .create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        dlq_replay_config(&settings.kafka, settings.topics.max_message_bytes).create()?;
     producer.init_transactions(timeout)?;
     producer.begin_transaction()?;
     let ledger = ledger_topic(settings);

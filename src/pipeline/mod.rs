@@ -1,6 +1,25 @@
-//! `insights-enricher run`: wires configuration, the provider clients, the
-//! event codecs, the Kafka clients, the health server and the consume loop,
-//! and shuts them down in order.
+//! `insights-enricher run`: the [`Pipeline`], which wires configuration,
+//! the provider clients, the event codecs, the Kafka clients, the health
+//! server and the consume loop, and shuts them down in order.
+//!
+//! Its lifecycle has three steps:
+//!
+//! 1. [`Pipeline::build`] starts the metrics and health server, checks that
+//!    the brokers answer with the configured security settings, creates
+//!    (when asked) and checks the topics, builds the codecs, the rate
+//!    limiters and the provider clients, creates and subscribes the
+//!    consumer, and creates the transactional producer and initialises its
+//!    transactions. Every librdkafka property comes from [`kafka`]. A
+//!    SIGTERM during the blocking steps (the connection check,
+//!    `init_transactions`) ends start-up cleanly: `build` then returns
+//!    `None`. Any error stops the health server and names what failed.
+//! 2. [`Pipeline::run`] runs the consume loop until SIGTERM or a fatal
+//!    error, then shuts down.
+//! 3. The shut-down step (part of `run`) marks the instance not ready,
+//!    leaves the group and flushes the producer off the runtime within
+//!    part of `shutdown.timeout`, then stops the health server.
+//!
+//! [`run`] does all three.
 
 mod batch;
 pub mod consume;
@@ -26,6 +45,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::producer::Producer;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OutputEncoding, Settings};
@@ -41,40 +61,11 @@ use crate::providers::Provider;
 use self::consume::{ConsumeLoop, LoopParts, LoopSettings};
 use self::deadletter::DeadLetterGuard;
 use self::health::Health;
-use self::kafka::{base_config, KafkaConsumer, PipelineContext};
+use self::kafka::{KafkaConsumer, PipelineContext};
 use self::transaction::{KafkaTransactions, MakeProducer};
 use self::worker::{OutputTopics, SourceKind, Worker};
 
-/// The codec of everything the service produces, and of the topics it
-/// creates for itself. zstd because SMS extraction events are megabytes of
-/// text (5,000 SMS a request), where its ratio decides how many fit in one
-/// record; on the small records it costs about 4 % of the service's CPU
-/// (docs/benchmarks.md, profile).
-pub const COMPRESSION: &str = "zstd";
-
-/// The transactional.id of this instance: the prefix plus the pod (or host)
-/// name. KIP-447 fences zombies through the consumer group generation, so
-/// the id need not follow partitions; keeping it stable across restarts of
-/// the same pod lets a restarted process abort its predecessor's open
-/// transaction at once (init_transactions) instead of every read_committed
-/// consumer waiting for the transaction timeout. Two live processes must
-/// never share an id: pod names are unique; on one host, give each process
-/// its own `kafka.transactional_id_prefix`.
-/// Without a pod or host name, a random suffix keeps two processes apart
-/// (a restart then waits for the transaction timeout instead).
-fn transactional_id(prefix: &str) -> String {
-    let instance = instance_name()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
-    format!("{prefix}-{instance}")
-}
-
-/// The pod (or host) name this process runs as, if it has one.
-fn instance_name() -> Option<String> {
-    std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .ok()
-        .filter(|s| !s.is_empty())
-}
+pub use self::kafka::COMPRESSION;
 
 /// Runs a start-up step, or gives up on it when SIGTERM comes first
 /// (`None`): the blocking steps of start-up hold nothing that needs closing,
@@ -94,47 +85,236 @@ async fn unless_stopped<T>(
 }
 
 /// Runs the service until `shutdown` is cancelled (SIGTERM) or a fatal
-/// error. Returns an error naming what failed.
+/// error: [`Pipeline::build`], then [`Pipeline::run`]. Returns an error
+/// naming what failed.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::new(settings.server.stall_timeout));
-    let server_stop = CancellationToken::new();
-    let (server, server_addr) = health::serve(
-        &settings.server.listen,
-        metrics.clone(),
-        health.clone(),
-        server_stop.clone(),
-    )
-    .await
-    .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
-    tracing::info!(listen = %server_addr, "metrics and health server up");
-
-    let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
-    let k = &settings.kafka;
-
-    let probe_settings = k.clone();
-    let check = tokio::task::spawn_blocking(move || {
-        kafka::check_connection(&probe_settings, Duration::from_secs(30))
-    });
-    let Some(checked) = unless_stopped(&shutdown, "the start-up connection check", check).await
-    else {
-        server_stop.cancel();
-        return Ok(());
-    };
-    checked.context("kafka connection check task")??;
-
-    if settings.topics.create {
-        let admin: AdminClient<DefaultClientContext> = base_config(k)
-            .create()
-            .context("kafka: cannot create admin client")?;
-        topics::create_topics(&admin, &settings, &tiers)
-            .await
-            .context("topics.create")?;
+    match Pipeline::build(settings, shutdown).await? {
+        Some(pipeline) => pipeline.run().await,
+        None => Ok(()),
     }
-    let probe: BaseConsumer = base_config(k)
-        .create()
-        .context("kafka: cannot create client")?;
-    let total_partitions = {
+}
+
+/// The metrics and health server; dropping it stops it (so a start-up
+/// step that fails takes it down on the way out).
+struct Server {
+    task: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Server {
+    async fn start(
+        settings: &Settings,
+        metrics: &Arc<Metrics>,
+        health: &Arc<Health>,
+    ) -> anyhow::Result<Server> {
+        let stop = CancellationToken::new();
+        let (task, addr) = health::serve(
+            &settings.server.listen,
+            metrics.clone(),
+            health.clone(),
+            stop.clone(),
+        )
+        .await
+        .with_context(|| format!("server.listen: cannot listen on {}", settings.server.listen))?;
+        tracing::info!(listen = %addr, "metrics and health server up");
+        Ok(Server {
+            task: Some(task),
+            stop,
+        })
+    }
+
+    /// Stops the server and waits (briefly) for it to finish.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The service, built and ready to consume. See the module docs for its
+/// lifecycle.
+pub struct Pipeline {
+    consume_loop: ConsumeLoop,
+    consumer: Arc<StreamConsumer<PipelineContext>>,
+    producer: Arc<KafkaTransactions>,
+    health: Arc<Health>,
+    server: Server,
+    shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+/// What the start-up checks of the brokers found.
+struct Brokers {
+    /// Partitions of every topic the loop consumes.
+    total_partitions: usize,
+}
+
+impl Pipeline {
+    /// Step 1: starts the health server and builds everything the loop
+    /// needs (see the module docs). `None` when `shutdown` was cancelled
+    /// during start-up; nothing is left running then.
+    pub async fn build(
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Option<Pipeline>> {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(settings.server.stall_timeout));
+        let server = Server::start(&settings, &metrics, &health).await?;
+        let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
+
+        let Some(brokers) = Self::check_brokers(&settings, &tiers, &shutdown).await? else {
+            server.stop().await;
+            return Ok(None);
+        };
+        let worker = Self::worker(&settings, &tiers, &metrics).await?;
+        let tier_topics = tiers.topics(&settings.topics.delay_prefix);
+        let mut topic_kinds: HashMap<String, SourceKind> = HashMap::new();
+        topic_kinds.insert(settings.topics.input.clone(), SourceKind::Input);
+        for (i, t) in tier_topics.iter().enumerate() {
+            topic_kinds.insert(t.clone(), SourceKind::Tier(i));
+        }
+
+        let consumer = Self::consumer(&settings, &metrics, &tier_topics, &topic_kinds)?;
+        let Some(producer) = Self::transactions(&settings, &shutdown).await? else {
+            server.stop().await;
+            return Ok(None);
+        };
+
+        let shutdown_timeout = settings.shutdown.timeout;
+        let (finbox_limit, credeau_limit) = (worker.limits.0.clone(), worker.limits.1.clone());
+        let finbox_total = settings.finbox.http.rate_limit_per_minute;
+        let credeau_total = settings.credeau.http.rate_limit_per_minute;
+        let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
+        let on_share = Box::new(move |share: f64| {
+            let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
+            finbox_share.set_rate_per_minute(part(finbox_total));
+            credeau_share.set_rate_per_minute(part(credeau_total));
+        });
+        // A record may need both providers: admit what the slower one serves.
+        let admission_rate = Box::new(move || {
+            let per_minute = finbox_limit
+                .effective_rate_per_minute()
+                .min(credeau_limit.effective_rate_per_minute());
+            per_minute as f64 / 60.0
+        });
+        let consume_loop = ConsumeLoop::new(LoopParts {
+            consumer: Arc::new(KafkaConsumer {
+                consumer: consumer.clone(),
+                topic_kinds: topic_kinds.clone(),
+            }),
+            producer: producer.clone(),
+            worker: worker.worker,
+            settings: LoopSettings {
+                max_batch: settings.schedule.max_batch,
+                batch_linger: settings.schedule.batch_linger,
+                max_in_flight: settings.schedule.max_in_flight,
+                record_budget: settings.schedule.record_budget,
+                drain_timeout: shutdown_timeout.mul_f64(0.6),
+            },
+            topic_kinds,
+            guard: DeadLetterGuard::new(settings.dead_letter.clone()),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            on_share,
+            admission_rate,
+            total_partitions: brokers.total_partitions,
+        });
+        tracing::info!(
+            input = %settings.topics.input,
+            tiers = tier_topics.len(),
+            total_partitions = brokers.total_partitions,
+            "pipeline started"
+        );
+        Ok(Some(Pipeline {
+            consume_loop,
+            consumer,
+            producer,
+            health,
+            server,
+            shutdown,
+            shutdown_timeout,
+        }))
+    }
+
+    /// Step 2: consumes until SIGTERM or a fatal error, then shuts down
+    /// (step 3). Returns the loop's error, if any.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let result = self.consume_loop.run(self.shutdown.clone()).await;
+        self.shut_down().await;
+        result.map_err(anyhow::Error::from)
+    }
+
+    /// Step 3: not ready any more, leave the group, flush the producer,
+    /// stop the health server. Leaving the group can block for up to
+    /// session.timeout.ms, so it runs off the runtime, within 30 % of
+    /// `shutdown.timeout` (the loop's drain had 60 %).
+    async fn shut_down(self) {
+        let Pipeline {
+            consume_loop,
+            consumer,
+            producer,
+            health,
+            server,
+            shutdown_timeout,
+            ..
+        } = self;
+        health.set_stopping();
+        drop(consume_loop);
+        let close = tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+            let p = producer.producer();
+            drop(producer);
+            let _ = p.flush(Duration::from_secs(5));
+            drop(p);
+        });
+        if tokio::time::timeout(shutdown_timeout.mul_f64(0.3), close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the Kafka clients took too long; exiting anyway");
+        }
+        server.stop().await;
+    }
+
+    /// Connects once (wrong credentials or an untrusted certificate stop
+    /// start-up with a message that says so), creates the topics when
+    /// `topics.create` is on, and checks that every topic exists. `None`
+    /// when SIGTERM came during the connection check.
+    async fn check_brokers(
+        settings: &Settings,
+        tiers: &DelayTiers,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Brokers>> {
+        let k = &settings.kafka;
+        let probe_settings = k.clone();
+        let check = tokio::task::spawn_blocking(move || {
+            kafka::check_connection(&probe_settings, Duration::from_secs(30))
+        });
+        let Some(checked) = unless_stopped(shutdown, "the start-up connection check", check).await
+        else {
+            return Ok(None);
+        };
+        checked.context("kafka connection check task")??;
+
+        if settings.topics.create {
+            let admin: AdminClient<DefaultClientContext> = kafka::base_config(k)
+                .create()
+                .context("kafka: cannot create admin client")?;
+            topics::create_topics(&admin, settings, tiers)
+                .await
+                .context("topics.create")?;
+        }
+        let probe: BaseConsumer = kafka::base_config(k)
+            .create()
+            .context("kafka: cannot create client")?;
         let s = settings.clone();
         let t = tiers.clone();
         // Right after creating topics a broker's metadata may not list them
@@ -144,7 +324,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         } else {
             Duration::ZERO
         };
-        tokio::task::spawn_blocking(move || {
+        let total_partitions = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             loop {
                 match topics::check_topics(&probe, &s, &t, Duration::from_secs(30)) {
@@ -157,241 +337,145 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         })
         .await
         .context("topic check task")?
-        .context("kafka topics")?
-    };
-
-    let registry = if settings.encoding.schema_registry_url.is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            RegistryClient::new(&settings.encoding.schema_registry_url)
-                .context("encoding.schema_registry_url")?,
-        ))
-    };
-    let decoder = Arc::new(
-        InputDecoder::new(settings.encoding.input, registry.clone())
-            .with_max_input_bytes(settings.encoding.max_input_bytes),
-    );
-    let encoder = Arc::new(
-        OutputEncoder::new(
-            settings.encoding.output,
-            if settings.encoding.output == OutputEncoding::Avro {
-                registry.clone()
-            } else {
-                None
-            },
-            &settings.topics,
-        )
-        .await
-        .context("output schemas")?,
-    );
-
-    let finbox_limit = Arc::new(RateLimiter::new(
-        Provider::Finbox,
-        settings.finbox.rate_limit_per_minute,
-        metrics.clone(),
-    ));
-    let credeau_limit = Arc::new(RateLimiter::new(
-        Provider::Credeau,
-        settings.credeau.rate_limit_per_minute,
-        metrics.clone(),
-    ));
-    let finbox = Arc::new(
-        FinboxClient::new(&settings.finbox, finbox_limit.clone(), metrics.clone())
-            .context("finbox client")?,
-    );
-    let credeau = Arc::new(
-        CredeauClient::new(&settings.credeau, credeau_limit.clone(), metrics.clone())
-            .context("credeau client")?,
-    );
-
-    let tier_topics = tiers.topics(&settings.topics.delay_prefix);
-    let mut topic_kinds: HashMap<String, SourceKind> = HashMap::new();
-    topic_kinds.insert(settings.topics.input.clone(), SourceKind::Input);
-    for (i, t) in tier_topics.iter().enumerate() {
-        topic_kinds.insert(t.clone(), SourceKind::Tier(i));
+        .context("kafka topics")?;
+        Ok(Some(Brokers { total_partitions }))
     }
 
-    let ctx = PipelineContext::new(
-        metrics.clone(),
-        tier_topics.iter().cloned().collect::<HashSet<_>>(),
-        k.transaction_timeout,
-    );
-    let mut consumer_config = base_config(k);
-    if k.static_membership {
-        let instance = instance_name().context(
-            "kafka.static_membership needs the pod name in POD_NAME (or HOSTNAME) for group.instance.id",
-        )?;
-        let id = format!("{}-{instance}", k.transactional_id_prefix);
-        tracing::info!(group_instance_id = %id, "static group membership");
-        consumer_config.set("group.instance.id", id);
-    }
-    let consumer: StreamConsumer<PipelineContext> = consumer_config
-        .set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set(
-            "partition.assignment.strategy",
-            k.partition_assignment.as_librdkafka(),
-        )
-        .set(
-            "session.timeout.ms",
-            k.session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "max.poll.interval.ms",
-            k.max_poll_interval.as_millis().to_string(),
-        )
-        .set("statistics.interval.ms", "5000")
-        .set("enable.partition.eof", "false")
-        // librdkafka reads ahead per partition (by default up to 64 MB and
-        // 100k records); waiting users must cost Kafka storage, not memory.
-        // A delay tier's head is read and then held until due, so whatever
-        // was read ahead behind it sits in memory: 100 records a partition
-        // (a fifth of a batch) keep that small while a backlog still fills
-        // a batch from the partitions that have one.
-        .set("queued.max.messages.kbytes", "8192")
-        .set("queued.min.messages", "100")
-        // With read-ahead that small the per-partition threshold is often
-        // reached, and librdkafka then postpones that partition's next
-        // fetch by fetch.queue.backoff.ms (1 s by default): a tier record
-        // due now would wait for it. A resumed partition also waits for the
-        // fetch in flight, which the broker may hold for fetch.wait.max.ms.
-        .set("fetch.queue.backoff.ms", "50")
-        .set("fetch.message.max.bytes", "65536")
-        .set("fetch.wait.max.ms", "100")
-        .create_with_context(ctx)
-        .context("kafka: cannot create consumer")?;
-    let consumer = Arc::new(consumer);
-    let subscribe: Vec<&str> = topic_kinds.keys().map(String::as_str).collect();
-    consumer
-        .subscribe(&subscribe)
-        .context("kafka: cannot subscribe")?;
-
-    let producer_config = {
-        let mut c = base_config(k);
-        c.set(
-            "transactional.id",
-            transactional_id(&k.transactional_id_prefix),
-        )
-        .set(
-            "transaction.timeout.ms",
-            k.transaction_timeout.as_millis().to_string(),
-        )
-        .set("enable.idempotence", "true")
-        .set("compression.type", COMPRESSION)
-        .set("linger.ms", "5")
-        .set(
-            "message.max.bytes",
-            (settings.topics.max_message_bytes + 64 * 1024).to_string(),
-        );
-        c
-    };
-    let make_producer: MakeProducer = Box::new(move || producer_config.create());
-    let transactions = {
-        let start = KafkaTransactions::start(make_producer, k.transaction_timeout);
-        let Some(started) = unless_stopped(&shutdown, "init_transactions", start).await else {
-            server_stop.cancel();
-            return Ok(());
+    /// The codecs, the rate limiters and the provider clients, in the
+    /// worker that handles one record.
+    async fn worker(
+        settings: &Settings,
+        tiers: &DelayTiers,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<BuiltWorker> {
+        let registry = match &settings.encoding.schema_registry_url {
+            None => None,
+            Some(url) => Some(Arc::new(
+                RegistryClient::new(url.as_str()).context("encoding.schema_registry_url")?,
+            )),
         };
-        Arc::new(started.context(
-            "kafka: init_transactions (is the broker reachable and are the credentials right?)",
-        )?)
-    };
+        let decoder = Arc::new(
+            InputDecoder::new(settings.encoding.input, registry.clone())
+                .with_max_input_bytes(settings.encoding.max_input_bytes),
+        );
+        let encoder = Arc::new(
+            OutputEncoder::new(
+                settings.encoding.output,
+                if settings.encoding.output == OutputEncoding::Avro {
+                    registry.clone()
+                } else {
+                    None
+                },
+                &settings.topics,
+            )
+            .await
+            .context("output schemas")?,
+        );
 
-    let worker = Arc::new(Worker {
-        finbox,
-        credeau,
-        decoder,
-        encoder,
-        policies: Policies {
-            finbox: settings.finbox.poll_policy(),
-            credeau: settings.credeau.poll_policy(),
-        },
-        tiers: tiers.clone(),
-        topics: OutputTopics {
-            finbox_predictors: settings.topics.finbox_predictors.clone(),
-            sms_extraction: settings.topics.sms_extraction.clone(),
-            combined: settings.topics.combined.clone(),
-            dead_letter: settings.topics.dead_letter.clone(),
-            tiers: tier_topics.clone(),
-        },
-        max_message_bytes: settings.topics.max_message_bytes,
-        record_budget: settings.schedule.record_budget,
-        straggler_wait: settings.schedule.straggler_wait,
-        metrics: metrics.clone(),
-    });
-
-    let finbox_total = settings.finbox.rate_limit_per_minute;
-    let credeau_total = settings.credeau.rate_limit_per_minute;
-    let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
-    let on_share = Box::new(move |share: f64| {
-        let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
-        finbox_share.set_rate_per_minute(part(finbox_total));
-        credeau_share.set_rate_per_minute(part(credeau_total));
-    });
-    // A record may need both providers: admit what the slower one serves.
-    let admission_rate = Box::new(move || {
-        let per_minute = finbox_limit
-            .effective_rate_per_minute()
-            .min(credeau_limit.effective_rate_per_minute());
-        per_minute as f64 / 60.0
-    });
-
-    let shutdown_timeout = settings.shutdown.timeout;
-    let kafka_consumer = Arc::new(KafkaConsumer {
-        consumer: consumer.clone(),
-        topic_kinds: topic_kinds.clone(),
-    });
-    let mut consume_loop = ConsumeLoop::new(LoopParts {
-        consumer: kafka_consumer,
-        producer: transactions.clone(),
-        worker,
-        settings: LoopSettings {
-            max_batch: settings.schedule.max_batch,
-            batch_linger: settings.schedule.batch_linger,
-            max_in_flight: settings.schedule.max_in_flight,
+        let finbox_limit = Arc::new(RateLimiter::new(
+            Provider::Finbox,
+            settings.finbox.http.rate_limit_per_minute,
+            metrics.clone(),
+        ));
+        let credeau_limit = Arc::new(RateLimiter::new(
+            Provider::Credeau,
+            settings.credeau.http.rate_limit_per_minute,
+            metrics.clone(),
+        ));
+        let finbox = Arc::new(
+            FinboxClient::new(&settings.finbox, finbox_limit.clone(), metrics.clone())
+                .context("finbox client")?,
+        );
+        let credeau = Arc::new(
+            CredeauClient::new(&settings.credeau, credeau_limit.clone(), metrics.clone())
+                .context("credeau client")?,
+        );
+        let t = &settings.topics;
+        let worker = Arc::new(Worker {
+            finbox,
+            credeau,
+            decoder,
+            encoder,
+            policies: Policies {
+                finbox: settings.finbox.poll_policy(),
+                credeau: settings.credeau.poll_policy(),
+            },
+            tiers: tiers.clone(),
+            topics: OutputTopics {
+                finbox_predictors: t.finbox_predictors.clone(),
+                sms_extraction: t.sms_extraction.clone(),
+                combined: t.combined.clone(),
+                dead_letter: t.dead_letter.clone(),
+                tiers: tiers.topics(&t.delay_prefix),
+            },
+            max_message_bytes: t.max_message_bytes,
             record_budget: settings.schedule.record_budget,
-            drain_timeout: shutdown_timeout.mul_f64(0.6),
-        },
-        topic_kinds,
-        guard: DeadLetterGuard::new(settings.dead_letter.clone()),
-        health: health.clone(),
-        metrics: metrics.clone(),
-        on_share,
-        admission_rate,
-        total_partitions,
-    });
-    tracing::info!(
-        input = %settings.topics.input,
-        tiers = tier_topics.len(),
-        total_partitions,
-        "pipeline started"
-    );
-
-    let result = consume_loop.run(shutdown.clone()).await;
-    health.set_stopping();
-    drop(consume_loop);
-
-    // Leaving the group can block for up to session.timeout.ms: do it off
-    // the runtime, within the shutdown bound.
-    let close = tokio::task::spawn_blocking(move || {
-        consumer.unsubscribe();
-        drop(consumer);
-        let producer = transactions.producer();
-        drop(transactions);
-        let _ = producer.flush(Duration::from_secs(5));
-        drop(producer);
-    });
-    if tokio::time::timeout(shutdown_timeout.mul_f64(0.3), close)
-        .await
-        .is_err()
-    {
-        tracing::warn!("closing the Kafka clients took too long; exiting anyway");
+            straggler_wait: settings.schedule.straggler_wait,
+            metrics: metrics.clone(),
+        });
+        Ok(BuiltWorker {
+            worker,
+            limits: (finbox_limit, credeau_limit),
+        })
     }
-    server_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    result.map_err(anyhow::Error::from)
+
+    /// The consumer, subscribed to the input and every delay tier.
+    fn consumer(
+        settings: &Settings,
+        metrics: &Arc<Metrics>,
+        tier_topics: &[String],
+        topic_kinds: &HashMap<String, SourceKind>,
+    ) -> anyhow::Result<Arc<StreamConsumer<PipelineContext>>> {
+        let k = &settings.kafka;
+        let ctx = PipelineContext::new(
+            metrics.clone(),
+            tier_topics.iter().cloned().collect::<HashSet<_>>(),
+            k.transaction_timeout,
+        );
+        let member_id = kafka::static_member_id(k)?;
+        if let Some(id) = &member_id {
+            tracing::info!(group_instance_id = %id, "static group membership");
+        }
+        let consumer: StreamConsumer<PipelineContext> =
+            kafka::consumer_config(k, member_id.as_deref())
+                .create_with_context(ctx)
+                .context("kafka: cannot create consumer")?;
+        let subscribe: Vec<&str> = topic_kinds.keys().map(String::as_str).collect();
+        consumer
+            .subscribe(&subscribe)
+            .context("kafka: cannot subscribe")?;
+        Ok(Arc::new(consumer))
+    }
+
+    /// The transactional producer, its transactions initialised (which
+    /// aborts what a predecessor with the same transactional.id left
+    /// open), and able to replace itself with a new one under the same id
+    /// after a fatal error. `None` when SIGTERM came first.
+    async fn transactions(
+        settings: &Settings,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Arc<KafkaTransactions>>> {
+        let k = &settings.kafka;
+        let config = kafka::producer_config(
+            k,
+            &kafka::transactional_id(&k.transactional_id_prefix),
+            settings.topics.max_message_bytes,
+        );
+        let make: MakeProducer = Box::new(move || config.create());
+        let start = KafkaTransactions::start(make, k.transaction_timeout);
+        let Some(started) = unless_stopped(shutdown, "init_transactions", start).await else {
+            return Ok(None);
+        };
+        let transactions = started.context(
+            "kafka: init_transactions (is the broker reachable and are the credentials right?)",
+        )?;
+        Ok(Some(Arc::new(transactions)))
+    }
+}
+
+/// The worker and the two providers' rate limiters, which the loop
+/// resizes to this instance's share of the partitions.
+struct BuiltWorker {
+    worker: Arc<Worker>,
+    limits: (Arc<RateLimiter>, Arc<RateLimiter>),
 }

@@ -21,7 +21,7 @@ use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
 use super::ProviderErrorKind as Kind;
 use super::{CredeauAnswer, CredeauApi, Provider, ProviderError, SmsExtraction};
-use crate::config::{CredeauSettings, Secret};
+use crate::config::{CredeauSettings, SecretSource};
 use crate::metrics::Metrics;
 
 const PROVIDER: Provider = Provider::Credeau;
@@ -33,7 +33,7 @@ pub struct CredeauClient {
     client_id: String,
     client_id_header: HeaderValue,
     auth_token: HeaderValue,
-    auth_token_secret: Secret,
+    auth_token_secret: SecretSource,
     cnt_sms_threshold: u32,
     groupings: Option<Value>,
     max_response_bytes: usize,
@@ -60,10 +60,10 @@ impl CredeauClient {
     ) -> Result<CredeauClient, ClientBuildError> {
         let http = http::build_client(&ClientOptions {
             provider: PROVIDER,
-            base_url: &settings.base_url,
-            connect_timeout: settings.connect_timeout,
-            request_timeout: settings.request_timeout,
-            ca_bundle: &settings.ca_bundle,
+            base_url: settings.base_url.as_str(),
+            connect_timeout: settings.http.connect_timeout,
+            request_timeout: settings.http.request_timeout,
+            ca_bundle: settings.http.ca_bundle.as_deref(),
         })?;
         let client_id_header = HeaderValue::from_str(&settings.client_id).map_err(|_| {
             ClientBuildError::InvalidHeaderValue {
@@ -79,7 +79,7 @@ impl CredeauClient {
             auth_token_secret: settings.auth_token.clone(),
             cnt_sms_threshold: settings.cnt_sms_threshold,
             groupings: settings.groupings().cloned(),
-            max_response_bytes: settings.max_response_bytes,
+            max_response_bytes: settings.http.max_response_bytes,
             policy: retry_policy(settings),
             limiter,
             metrics,

@@ -20,7 +20,7 @@ use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
 use super::ProviderErrorKind as Kind;
 use super::{FinboxAnswer, FinboxApi, FinboxInsights, Predictor, Provider, ProviderError};
-use crate::config::{FinboxSettings, Secret};
+use crate::config::{FinboxSettings, SecretSource};
 use crate::metrics::Metrics;
 
 const PROVIDER: Provider = Provider::Finbox;
@@ -30,8 +30,8 @@ pub struct FinboxClient {
     http: reqwest::Client,
     endpoint: String,
     api_key: HeaderValue,
-    api_key_secret: Secret,
-    server_hash: Secret,
+    api_key_secret: SecretSource,
+    server_hash: SecretSource,
     version: i64,
     max_response_bytes: usize,
     policy: RetryPolicy,
@@ -57,10 +57,10 @@ impl FinboxClient {
     ) -> Result<FinboxClient, ClientBuildError> {
         let http = http::build_client(&ClientOptions {
             provider: PROVIDER,
-            base_url: &settings.base_url,
-            connect_timeout: settings.connect_timeout,
-            request_timeout: settings.request_timeout,
-            ca_bundle: &settings.ca_bundle,
+            base_url: settings.base_url.as_str(),
+            connect_timeout: settings.http.connect_timeout,
+            request_timeout: settings.http.request_timeout,
+            ca_bundle: settings.http.ca_bundle.as_deref(),
         })?;
         Ok(FinboxClient {
             http,
@@ -69,7 +69,7 @@ impl FinboxClient {
             api_key_secret: settings.api_key.clone(),
             server_hash: settings.server_hash.clone(),
             version: settings.predictors_version,
-            max_response_bytes: settings.max_response_bytes,
+            max_response_bytes: settings.http.max_response_bytes,
             policy: retry_policy(settings),
             limiter,
             metrics,

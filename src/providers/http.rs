@@ -50,7 +50,7 @@ pub(crate) struct ClientOptions<'a> {
     pub base_url: &'a str,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
-    pub ca_bundle: &'a str,
+    pub ca_bundle: Option<&'a std::path::Path>,
 }
 
 /// One pooled client per provider. HTTPS only, unless the base URL is
@@ -82,20 +82,19 @@ pub(crate) fn build_client(opts: &ClientOptions<'_>) -> Result<reqwest::Client, 
         .redirect(reqwest::redirect::Policy::none())
         .https_only(https)
         .user_agent(concat!("insights-enricher/", env!("CARGO_PKG_VERSION")));
-    if !opts.ca_bundle.is_empty() {
+    if let Some(ca_bundle) = opts.ca_bundle {
         let key = format!("{section}.ca_bundle");
-        let pem = std::fs::read(opts.ca_bundle).map_err(|source| {
-            ClientBuildError::CaBundleUnreadable {
+        let pem =
+            std::fs::read(ca_bundle).map_err(|source| ClientBuildError::CaBundleUnreadable {
                 key: key.clone(),
-                path: opts.ca_bundle.to_string(),
+                path: ca_bundle.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default();
         if certs.is_empty() {
             return Err(ClientBuildError::CaBundleInvalid {
                 key,
-                path: opts.ca_bundle.to_string(),
+                path: ca_bundle.display().to_string(),
             });
         }
         for cert in certs {
@@ -498,7 +497,7 @@ mod tests {
             base_url: "ftp://example.com",
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
-            ca_bundle: "",
+            ca_bundle: None,
         };
         let e = build_client(&opts).unwrap_err().to_string();
         assert!(e.contains("finbox.base_url"), "{e}");
@@ -509,13 +508,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate").unwrap();
-        let path = path.display().to_string();
         let opts = ClientOptions {
             provider: Provider::Credeau,
             base_url: "https://example.com",
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
-            ca_bundle: &path,
+            ca_bundle: Some(&path),
         };
         let e = build_client(&opts).unwrap_err().to_string();
         assert!(e.contains("credeau.ca_bundle"), "{e}");

@@ -79,7 +79,7 @@ pub struct Finbox {
 pub fn finbox(settings: &Settings, metrics: Arc<Metrics>) -> Finbox {
     let limiter = Arc::new(RateLimiter::new(
         Provider::Finbox,
-        settings.finbox.rate_limit_per_minute,
+        settings.finbox.http.rate_limit_per_minute,
         metrics.clone(),
     ));
     let client = FinboxClient::new(&settings.finbox, limiter.clone(), metrics.clone())
@@ -100,7 +100,7 @@ pub struct Credeau {
 pub fn credeau(settings: &Settings, metrics: Arc<Metrics>) -> Credeau {
     let limiter = Arc::new(RateLimiter::new(
         Provider::Credeau,
-        settings.credeau.rate_limit_per_minute,
+        settings.credeau.http.rate_limit_per_minute,
         metrics.clone(),
     ));
     let client = CredeauClient::new(&settings.credeau, limiter.clone(), metrics.clone())
