@@ -317,3 +317,107 @@ async fn users_whose_finbox_calls_fail_do_not_hold_the_others_or_the_group() {
         assert_eq!(event["credeau"]["outcome"], "complete", "{user}: {event}");
     }
 }
+
+/// Every live instance's `insights_rate_limit_per_minute{provider="finbox"}`
+/// added up.
+async fn finbox_shares(services: &[&Service]) -> u64 {
+    let mut sum = 0;
+    for s in services {
+        let Some(port) = metrics_port(&s.log_text()) else {
+            continue;
+        };
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let Ok(r) = reqwest::get(url).await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        sum += text
+            .lines()
+            .find(|l| l.starts_with(r#"insights_rate_limit_per_minute{provider="finbox"}"#))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    sum
+}
+
+/// Three instances share FinBox's limit while a backlog is worked off: a
+/// second and a third join (rebalances), then one is killed (its
+/// partitions are reassigned once its session expires). Sampled every
+/// 100 ms throughout, the live instances' shares never add up to more than
+/// the limit, and the provider never answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_shares_never_add_up_to_more_than_the_limit_as_instances_join_and_die() {
+    let sim = simulator_with(json!({
+        "default": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2}}
+    }))
+    .await;
+    sim_admin(
+        &sim.base_url(),
+        "/admin/limits",
+        &json!({"finbox_per_minute": 600, "credeau_per_minute": 0}),
+    )
+    .await;
+    let topics = Topics::new("shares");
+    create_topic(&topics.input, 6).await;
+    let users: Vec<String> = (0..400).map(|i| format!("s{i}-{}", unique("u"))).collect();
+    produce_users(&topics.input, &users).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g");
+    let env = |name: &str| {
+        let mut env = service_env(&topics, &group, &sim.base_url());
+        env.extend(
+            [
+                ("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", "600"),
+                ("INSIGHTS__FINBOX__DEADLINE", "10m"),
+                ("INSIGHTS__CREDEAU__DEADLINE", "10m"),
+                ("INSIGHTS__KAFKA__TRANSACTIONAL_ID_PREFIX", &unique(name)),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env
+    };
+    let a = Service::start(&env("a"), &dir.path().join("a.log"));
+    let mut b: Option<Service> = None;
+    let mut c: Option<Service> = None;
+    let started = Instant::now();
+    let mut max_sum = 0;
+    let mut killed = false;
+    let mut samples = 0;
+    while started.elapsed() < Duration::from_secs(45) {
+        let t = started.elapsed();
+        if b.is_none() && t > Duration::from_secs(6) {
+            b = Some(Service::start(&env("b"), &dir.path().join("b.log")));
+        }
+        if c.is_none() && t > Duration::from_secs(12) {
+            c = Some(Service::start(&env("c"), &dir.path().join("c.log")));
+        }
+        if !killed && t > Duration::from_secs(22) {
+            if let Some(b) = b.as_mut() {
+                b.kill();
+            }
+            killed = true;
+        }
+        let mut live: Vec<&Service> = vec![&a];
+        if !killed {
+            live.extend(b.as_ref());
+        }
+        live.extend(c.as_ref());
+        let sum = finbox_shares(&live).await;
+        max_sum = max_sum.max(sum);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("rate-limit shares: at most {max_sum}/min in all over {samples} samples");
+    assert!(max_sum > 0, "no share was ever read");
+    assert!(
+        max_sum <= 600,
+        "the instances' FinBox shares added up to {max_sum}/min, above the limit of 600"
+    );
+    let by_user = combined_by_user(&topics, users.len(), Duration::from_secs(120));
+    let text = a.log_text();
+    assert_each_once(&by_user, &users, &text);
+    let s = stats(&sim).await;
+    assert_eq!(s["finbox"]["by_status"].get("429"), None, "{s}");
+    let _ = sim.shutdown().await;
+}

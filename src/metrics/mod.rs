@@ -25,6 +25,7 @@ pub struct Metrics {
     pub stragglers_cut: IntCounterVec,
     pub rate_limiter_wait: HistogramVec,
     pub provider_healthy: IntGaugeVec,
+    pub rate_limit: IntGaugeVec,
     pub provider_unexpected_data: IntCounterVec,
     // pipeline
     pub events_consumed: IntCounterVec,
@@ -137,6 +138,12 @@ impl Metrics {
                 &registry,
                 "provider_healthy",
                 "0 after the provider rejected our credentials or IP (401/403), 1 otherwise.",
+                &["provider"],
+            ),
+            rate_limit: gauge_vec(
+                &registry,
+                "rate_limit_per_minute",
+                "Requests per minute this instance may send the provider now: its share of the deployment's limit (its share of all partitions), lower during a back-off after a 429.",
                 &["provider"],
             ),
             provider_unexpected_data: counter_vec(

@@ -66,6 +66,10 @@ impl RateLimiter<DefaultClock> {
     pub fn new(provider: Provider, per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let burst = (per_minute / 600).max(1);
         let mut limiter = Self::with_clock(provider, per_minute, burst, DefaultClock::default());
+        metrics
+            .rate_limit
+            .with_label_values(&[provider.as_str()])
+            .set(i64::from(per_minute.max(1)));
         limiter.metrics = Some(metrics);
         limiter
     }
@@ -126,6 +130,11 @@ impl<C: Clock + Clone> RateLimiter<C> {
             return;
         }
         state.effective = effective;
+        if let Some(m) = &self.metrics {
+            m.rate_limit
+                .with_label_values(&[self.provider.as_str()])
+                .set(i64::from(effective));
+        }
         let bucket =
             Bucket::<C>::direct_with_clock(quota(effective, self.burst), self.clock.clone());
         // Start empty: the old bucket may just have handed out its burst.
