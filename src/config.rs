@@ -449,6 +449,8 @@ pub struct ScheduleSettings {
     #[serde(with = "humantime_list")]
     pub delay_tiers: Vec<Duration>,
     pub max_in_flight: usize,
+    /// Bytes of consumed records read and not yet committed, at most.
+    pub max_in_flight_bytes: usize,
     pub max_batch: usize,
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
@@ -954,6 +956,15 @@ impl Settings {
         }
         if s.max_in_flight == 0 {
             errs.fail("schedule.max_in_flight", "must be >= 1");
+        }
+        if s.max_in_flight_bytes < self.encoding.max_input_bytes {
+            errs.fail(
+                "schedule.max_in_flight_bytes",
+                format!(
+                    "must be at least encoding.max_input_bytes ({}), or one record of that size stops the reading",
+                    self.encoding.max_input_bytes
+                ),
+            );
         }
         if s.max_batch == 0 {
             errs.fail("schedule.max_batch", "must be >= 1");
