@@ -1,6 +1,6 @@
 //! The pipeline benchmark: runs the service binary against a local broker and
 //! the provider simulator (both child processes) through six scenarios
-//! (throughput, memory, rate limit, timeliness, recovery, brown-out) and prints their
+//! (throughput, backlog, memory, rate limit, timeliness, recovery, brown-out) and prints their
 //! figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
 //! figures.
 //!
@@ -20,8 +20,9 @@ use serde_json::{json, Value};
 
 use support::{Ctx, Report};
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "throughput",
+    "backlog",
     "memory",
     "ratelimit",
     "timeliness",
@@ -32,6 +33,7 @@ const SCENARIOS: [&str; 6] = [
 async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
     match name {
         "throughput" => support::throughput::run(ctx).await,
+        "backlog" => support::backlog::run(ctx).await,
         "memory" => support::memory::run(ctx).await,
         "ratelimit" => support::ratelimit::run(ctx).await,
         "timeliness" => support::timeliness::run(ctx).await,

@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh [--smoke] [--out FILE] [--perf FILE] [scenario...]
 #
-# Scenarios: throughput memory ratelimit timeliness recovery (default: all).
+# Scenarios: throughput backlog memory ratelimit timeliness recovery (default: all).
 #   --smoke      tiny sizes, no timing goals (what the test suite runs)
 #   --out FILE   also write the figures as JSON to FILE
 #   --perf FILE  `perf record -g` the service during the throughput run
@@ -63,7 +63,7 @@ cargo bench --bench pipeline --no-run
 
 KAFKA_BOOTSTRAP="$(scripts/kafka.sh start --dir "$KAFKA_DIR")"
 export KAFKA_BOOTSTRAP
-export BENCH_SERVICE_BIN="$PWD/target/release/insights-enricher"
+export BENCH_SERVICE_BIN="${BENCH_SERVICE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/insights-enricher}"
 if [[ -n "$perf" ]]; then
     export BENCH_PERF_DATA="$perf"
 fi

@@ -749,6 +749,8 @@ pub struct ScheduleSettings {
     #[serde(with = "humantime_list")]
     pub delay_tiers: Vec<Duration>,
     pub max_in_flight: usize,
+    /// Bytes of consumed records read and not yet committed, at most.
+    pub max_in_flight_bytes: usize,
     pub max_batch: usize,
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
@@ -1393,6 +1395,15 @@ impl Settings {
     }
 
     fn check_across_sections(&self, errs: &mut Checks) {
+        if self.schedule.max_in_flight_bytes < self.encoding.max_input_bytes {
+            errs.fail(
+                "schedule.max_in_flight_bytes",
+                format!(
+                    "must be at least encoding.max_input_bytes ({}), or one record of that size stops the reading",
+                    self.encoding.max_input_bytes
+                ),
+            );
+        }
         // A batch waits for its slowest record: the budget must leave room
         // for the transaction within the stall timeout, and keep a batch
         // far inside the group's poll interval.

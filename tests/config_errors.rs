@@ -128,6 +128,11 @@ fn cases(dir: &std::path::Path) -> Vec<Case> {
             .set("INSIGHTS__ENCODING__OUTPUT", "protobuf"),
         Case::new("negative integer", "finbox.rate_limit_per_minute")
             .set("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", "-5"),
+        Case::new(
+            "byte budget below one input record",
+            "schedule.max_in_flight_bytes",
+        )
+        .set("INSIGHTS__SCHEDULE__MAX_IN_FLIGHT_BYTES", "1000"),
         Case::new("CA bundle missing", "finbox.ca_bundle")
             .set("INSIGHTS__FINBOX__CA_BUNDLE", "/nonexistent/ca.pem"),
         Case::new("config file with a syntax error on a secret", "--config")

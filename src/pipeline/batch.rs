@@ -27,10 +27,21 @@ pub(super) struct Batch {
     pub(super) jobs: Vec<(TopicPartition, Work)>,
     pub(super) offsets: BatchOffsets,
     pub(super) started: Option<Instant>,
+    /// Bytes of the consumed records (key, value, headers) it took; records
+    /// of revoked partitions stay counted (an overcount until it commits).
+    pub(super) bytes: usize,
 }
 
 impl Batch {
-    pub(super) fn take(&mut self, tp: &TopicPartition, offset: i64, epoch: Epoch, job: Work) {
+    pub(super) fn take(
+        &mut self,
+        tp: &TopicPartition,
+        offset: i64,
+        epoch: Epoch,
+        job: Work,
+        bytes: usize,
+    ) {
+        self.bytes += bytes;
         self.offsets
             .entry(tp.clone())
             .and_modify(|r| r.range.last = offset)

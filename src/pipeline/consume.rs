@@ -9,8 +9,9 @@
 //! `max.poll.interval` cannot run out because of slow providers or rate
 //! limits. Back-pressure is pausing, not blocking: when the records read
 //! but not yet committed reach what the provider rate limits serve within
-//! half of `schedule.record_budget` (or `schedule.max_in_flight`), every
-//! partition is paused until they drain, and polling goes on.
+//! half of `schedule.record_budget` (or `schedule.max_in_flight`, or
+//! `schedule.max_in_flight_bytes` of consumed records), every partition is
+//! paused until they drain, and polling goes on.
 //!
 //! Since batches commit in read order, a record still waiting on a slow
 //! provider would hold every record read after it. Once the rest of the
@@ -72,6 +73,9 @@ pub struct LoopSettings {
     pub batch_linger: Duration,
     /// Records processed at once, and the most read but not yet committed.
     pub max_in_flight: usize,
+    /// The most bytes of consumed records read but not yet handed to a
+    /// transaction (`schedule.max_in_flight_bytes`).
+    pub max_in_flight_bytes: usize,
     /// How long one record's provider calls may take (`schedule.record_budget`).
     pub record_budget: Duration,
     /// How long in-flight work may continue after SIGTERM before it is
@@ -327,6 +331,11 @@ impl ConsumeLoop {
         self.collecting.len() + self.queued.iter().map(Batch::len).sum::<usize>()
     }
 
+    /// Bytes of the records counted by `outstanding`.
+    fn outstanding_bytes(&self) -> usize {
+        self.collecting.bytes + self.queued.iter().map(|b| b.bytes).sum::<usize>()
+    }
+
     /// The most records read and not yet committed, finished or not: a
     /// slow record holds the batches behind it (they commit in order), so
     /// their finished records wait in memory.
@@ -335,9 +344,9 @@ impl ConsumeLoop {
     }
 
     /// Pauses every partition when as many records are being worked on as
-    /// the rate limits admit, when too many finished ones wait for an
-    /// earlier batch, or during a cool-down; resumes them once half of it
-    /// is done. Only records still running count against the rate: one
+    /// the rate limits admit, when too many finished ones (or too many
+    /// bytes of records) wait for an earlier batch, or during a cool-down;
+    /// resumes them once half of it is done. Only records still running count against the rate: one
     /// that hangs until its budget runs out does not stop the others from
     /// being read and answered meanwhile.
     fn apply_backpressure(&mut self) {
@@ -345,8 +354,10 @@ impl ConsumeLoop {
         let running = self.running.load(Ordering::Relaxed);
         let outstanding = self.outstanding();
         let max_outstanding = self.max_outstanding();
+        let bytes = self.outstanding_bytes();
+        let max_bytes = self.parts.settings.max_in_flight_bytes.max(1);
         let cooling = self.cooldown_until.is_some_and(|t| Instant::now() < t);
-        if running >= limit || outstanding >= max_outstanding || cooling {
+        if running >= limit || outstanding >= max_outstanding || bytes >= max_bytes || cooling {
             let pause: Vec<TopicPartition> = self
                 .assigned
                 .keys()
@@ -354,13 +365,20 @@ impl ConsumeLoop {
                 .cloned()
                 .collect();
             if !pause.is_empty() {
-                tracing::debug!(running, outstanding, limit, "pausing for back-pressure");
+                tracing::debug!(
+                    running,
+                    outstanding,
+                    bytes,
+                    limit,
+                    "pausing for back-pressure"
+                );
                 self.parts.consumer.pause(&pause);
                 self.throttled.extend(pause);
             }
         } else if !self.throttled.is_empty()
             && running <= limit / 2
             && outstanding <= max_outstanding / 2
+            && bytes <= max_bytes / 2
         {
             self.cooldown_until = None;
             let resume: Vec<TopicPartition> = self
@@ -443,6 +461,7 @@ impl ConsumeLoop {
             return;
         };
         let offset = rec.offset;
+        let bytes = record_bytes(&rec);
         let job = match rec.kind {
             SourceKind::Input => Job::Input(rec),
             SourceKind::Tier(tier) => {
@@ -456,7 +475,7 @@ impl ConsumeLoop {
             }
         };
         let running = self.start(job);
-        self.collecting.take(&tp, offset, epoch, running);
+        self.collecting.take(&tp, offset, epoch, running, bytes);
         self.cut_batch(false);
     }
 
@@ -680,6 +699,17 @@ impl ConsumeLoop {
         }
         self.parts.consumer.resume(&resume);
     }
+}
+
+/// What a consumed record weighs against `max_in_flight_bytes`.
+fn record_bytes(rec: &crate::pipeline::worker::Incoming) -> usize {
+    rec.key.as_ref().map_or(0, Vec::len)
+        + rec.value.as_ref().map_or(0, Vec::len)
+        + rec
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 type CommitEnd = Result<(Prepared, Result<(), CommitError>), tokio::task::JoinError>;

@@ -50,6 +50,7 @@ fn loop_settings() -> LoopSettings {
         max_batch: 500,
         batch_linger: Duration::from_millis(100),
         max_in_flight: 256,
+        max_in_flight_bytes: 16 << 20,
         record_budget: Duration::from_secs(15),
         drain_timeout: Duration::from_secs(18),
     }
@@ -667,4 +668,44 @@ async fn records_of_an_assignment_made_within_the_poll_that_returned_them_are_ke
     }
     finish(&h, &users, Duration::from_secs(60)).await;
     assert_exactly_once(&h, &users);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reading_pauses_at_the_byte_budget_of_records_not_yet_committed() {
+    // 200 users whose onboarding events weigh about 2 KB each; the byte
+    // budget holds about 5 of them, far fewer than the record limits
+    // (256 running, 1,000 read and not committed) would let in.
+    let broker = broker(Duration::from_secs(30));
+    let at = now_ms() - 3_600_000;
+    let users: Vec<String> = (0..200)
+        .map(|i| {
+            let user = format!("heavy-{i}");
+            let value = serde_json::json!({
+                "event_id": format!("ev-{user}"),
+                "user_id": user,
+                "onboarded_at": at,
+                "profile": "p".repeat(2000),
+            });
+            broker.produce(
+                INPUT,
+                i % INPUT_PARTITIONS,
+                &user,
+                value.to_string().into_bytes(),
+            );
+            user
+        })
+        .collect();
+    let mut ls = loop_settings();
+    ls.max_in_flight_bytes = 10_000;
+    let h = start(broker, quick(2000), quick(2000), ls).await;
+    // No call has answered yet: every record read is still held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = h.finbox.calls();
+    assert!(
+        (1..=6).contains(&started),
+        "{started} records read within a 10,000-byte budget of 2 KB records"
+    );
+    finish(&h, &users, Duration::from_secs(600)).await;
+    assert_exactly_once(&h, &users);
+    assert_eq!(h.finbox.calls(), users.len(), "one FinBox call per user");
 }

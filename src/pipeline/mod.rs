@@ -215,6 +215,7 @@ impl Pipeline {
                 max_batch: settings.schedule.max_batch,
                 batch_linger: settings.schedule.batch_linger,
                 max_in_flight: settings.schedule.max_in_flight,
+                max_in_flight_bytes: settings.schedule.max_in_flight_bytes,
                 record_budget: settings.schedule.record_budget,
                 drain_timeout: shutdown_timeout.mul_f64(0.6),
             },
