@@ -164,6 +164,10 @@ impl ConsumeLoop {
     /// bound and hands the rest back. Returns an error only for what must
     /// stop the process.
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), LoopError> {
+        // No share of the provider limits before partitions are assigned.
+        if self.parts.total_partitions > 0 {
+            (self.parts.on_share)(0.0);
+        }
         let result = self.work(&shutdown).await;
         let drained = self.drain(result.is_ok()).await;
         tracing::info!("consume loop stopped");

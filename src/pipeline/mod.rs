@@ -192,10 +192,22 @@ impl Pipeline {
         let finbox_total = settings.finbox.http.rate_limit_per_minute;
         let credeau_total = settings.credeau.http.rate_limit_per_minute;
         let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
+        let share_metrics = metrics.clone();
         let on_share = Box::new(move |share: f64| {
-            let part = |total: u32| ((total as f64 * share).floor() as u32).max(1);
-            finbox_share.set_rate_per_minute(part(finbox_total));
-            credeau_share.set_rate_per_minute(part(credeau_total));
+            // Shares are rounded down, so they never add up to more than
+            // the limit. An instance without partitions has no share (its
+            // limiter keeps the 1/min floor; it has nothing to call for).
+            let part = |total: u32| (total as f64 * share).floor() as u32;
+            for (provider, limiter, total) in [
+                (Provider::Finbox, &finbox_share, finbox_total),
+                (Provider::Credeau, &credeau_share, credeau_total),
+            ] {
+                limiter.set_rate_per_minute(part(total).max(1));
+                share_metrics
+                    .rate_limit
+                    .with_label_values(&[provider.as_str()])
+                    .set(i64::from(part(total)));
+            }
         });
         // A record may need both providers: admit what the slower one serves.
         let admission_rate = Box::new(move || {

@@ -66,10 +66,6 @@ impl RateLimiter<DefaultClock> {
     pub fn new(provider: Provider, per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let burst = (per_minute / 600).max(1);
         let mut limiter = Self::with_clock(provider, per_minute, burst, DefaultClock::default());
-        metrics
-            .rate_limit
-            .with_label_values(&[provider.as_str()])
-            .set(i64::from(per_minute.max(1)));
         limiter.metrics = Some(metrics);
         limiter
     }
