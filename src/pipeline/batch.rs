@@ -83,27 +83,19 @@ impl Batch {
         }
     }
 
-    /// Cuts short the records still waiting on a provider once every
-    /// other record of the batch is done and each of them has waited its
-    /// leash (`schedule.straggler_wait`, doubled per cut in a row).
+    /// Cuts short the records that have waited on a provider for their
+    /// leash (`schedule.straggler_wait`, doubled per cut in a row): each
+    /// holds this batch, and every batch after it, while it waits.
     /// Returns how many were cut.
     pub(super) fn cut_stragglers(&self) -> usize {
-        let mut unfinished = self
-            .jobs
-            .iter()
-            .filter(|(_, w)| !w.running.is_finished() && !w.clock.is_cut())
-            .peekable();
-        if unfinished.peek().is_none() {
-            return 0;
+        let mut cut = 0;
+        for (_, w) in &self.jobs {
+            if !w.running.is_finished() && !w.clock.is_cut() && w.clock.is_straggling() {
+                w.clock.cut();
+                cut += 1;
+            }
         }
-        let stragglers: Vec<&Work> = unfinished.map(|(_, w)| w).collect();
-        if !stragglers.iter().all(|w| w.clock.is_straggling()) {
-            return 0;
-        }
-        for w in &stragglers {
-            w.clock.cut();
-        }
-        stragglers.len()
+        cut
     }
 }
 

@@ -500,8 +500,8 @@ async fn a_straggler_is_cut_short_so_the_others_commit_about_as_fast_as_without_
     let (baseline, h0, _) = others_done_after(false).await;
     stop(&h0).await;
     let (took, h, hanging) = others_done_after(true).await;
-    // Cut after the default 2 s of waiting once the rest of the batch is
-    // done, plus a loop tick and the commit.
+    // Cut after the default 2 s of waiting on the provider,
+    // plus a loop tick and the commit.
     assert!(
         took <= baseline + Duration::from_millis(2600),
         "with 15 hanging users the others took {took:?}, without {baseline:?}"

@@ -154,8 +154,8 @@ pub struct Worker {
     /// timed-out poll, and the core schedules the next one through a delay
     /// tier, so no record holds its batch longer.
     pub record_budget: std::time::Duration,
-    /// How long a record may wait on a provider while the rest of its batch
-    /// is done before the loop cuts it short (`schedule.straggler_wait`;
+    /// How long a record may wait on a provider before the loop cuts it
+    /// short (`schedule.straggler_wait`;
     /// zero: never), doubled for every poll cut short in a row.
     pub straggler_wait: std::time::Duration,
     pub metrics: Arc<Metrics>,

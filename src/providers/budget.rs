@@ -55,7 +55,7 @@ impl RecordClock {
 
     /// Starts the record's provider calls: they must be over within
     /// `budget`, and may be cut short after `cut_after` of waiting on a
-    /// provider while the rest of the batch is done (`None`: never).
+    /// provider (`None`: never).
     pub fn begin(&self, budget: Duration, cut_after: Option<Duration>) {
         let now = self.now_ms();
         self.deadline_ms
