@@ -5,6 +5,7 @@
 //! `schemas/` and the contract for consumers in `docs/events.md`.
 
 pub mod avro;
+mod encode_error;
 pub mod input;
 pub mod output;
 pub mod registry;

@@ -13,45 +13,14 @@ use super::avro::{
     self, put_bool, put_double, put_int, put_long, put_opt, put_opt_str, put_str, EventSchema,
     SchemaError,
 };
-use super::registry::{RegistryClient, RegistryError};
+pub use super::encode_error::EncodeError;
+use super::registry::RegistryClient;
 use super::sms::{self, SmsHeader};
 use super::timestamps::parse_finbox_timestamp;
 use super::value_subject;
 use crate::config::{OutputEncoding, TopicSettings};
 use crate::providers::{FinboxInsights, Provider, SmsExtraction};
 use crate::task::{Millis, ProviderTrack, Task};
-
-#[derive(Debug, thiserror::Error)]
-pub enum EncodeError {
-    #[error("Avro output needs a schema registry, and none is configured")]
-    NoRegistry,
-    #[error("cannot register the schema for subject {subject}: {source}")]
-    Registry {
-        subject: String,
-        #[source]
-        source: RegistryError,
-    },
-    #[error(transparent)]
-    Schema(#[from] SchemaError),
-    /// A single SMS entry (`entry`), or the event's fixed fields alone
-    /// (`entry: None`), do not fit in `max` bytes.
-    #[error("{} is {size} bytes encoded; a value may be at most {max} bytes", .entry.map(|i| format!("SMS entry {i}")).unwrap_or_else(|| "the event without entries".into()))]
-    TooLarge {
-        entry: Option<usize>,
-        size: usize,
-        max: usize,
-    },
-    #[error("{0} has not finished yet; insights ready needs both providers final")]
-    NotFinal(Provider),
-    #[error("JSON serialization failed: {0}")]
-    Json(String),
-}
-
-impl From<serde_json::Error> for EncodeError {
-    fn from(e: serde_json::Error) -> Self {
-        EncodeError::Json(e.to_string())
-    }
-}
 
 /// Registered schema ids, one per output subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 use serde_json::{Map, Value};
 
 use super::avro::{self, put_bool, put_bytes, put_double, put_int, put_long, put_str};
-use super::output::EncodeError;
+use super::encode_error::EncodeError;
 use crate::task::Millis;
 
 type Entry = Map<String, Value>;
