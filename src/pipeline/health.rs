@@ -65,9 +65,20 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.joined.load(Ordering::Relaxed)
-            && self.broker_up.load(Ordering::Relaxed)
-            && !self.stopping.load(Ordering::Relaxed)
+        self.not_ready_because().is_none()
+    }
+
+    /// Why the instance is not ready, if it is not.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            Some("shutting down")
+        } else if !self.broker_up.load(Ordering::Relaxed) {
+            Some("no Kafka broker reachable")
+        } else if !self.joined.load(Ordering::Relaxed) {
+            Some("not (yet) a member of the consumer group with partitions to read")
+        } else {
+            None
+        }
     }
 }
 
@@ -102,10 +113,12 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.health.not_ready_because() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
@@ -143,4 +156,66 @@ pub async fn serve(
         }),
         addr,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .expect("the server answers");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn readiness_says_why_and_liveness_follows_progress_over_http() {
+        let health = Arc::new(Health::new(Duration::from_millis(300)));
+        let stop = CancellationToken::new();
+        let (server, addr) = serve(
+            "127.0.0.1:0",
+            Arc::new(Metrics::new()),
+            health.clone(),
+            stop.clone(),
+        )
+        .await
+        .expect("bind");
+
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: no Kafka broker reachable\n".into())
+        );
+        health.set_connection(false, true);
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (
+                503,
+                "not ready: not (yet) a member of the consumer group with partitions to read\n"
+                    .into()
+            )
+        );
+        health.set_connection(true, true);
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (status, body) = get(addr, "/healthz").await;
+        assert_eq!(status, 503);
+        assert!(body.starts_with("stalled: no progress for "), "{body}");
+        health.progress();
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+
+        health.set_stopping();
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: shutting down\n".into())
+        );
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("insights_assigned_partitions 0"), "{body}");
+        stop.cancel();
+        server.await.expect("the server stops");
+    }
 }
