@@ -89,6 +89,9 @@ const POLL_WAIT: Duration = Duration::from_millis(200);
 /// registry is down) before the batch is read again.
 const TRANSIENT_COOLDOWN: Duration = Duration::from_secs(1);
 
+/// How often the loop cuts stragglers and reports liveness.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
 /// How long past the drain bound a transaction in flight is still waited
 /// for (a commit takes milliseconds when the brokers are up).
 const COMMIT_GRACE: Duration = Duration::from_secs(1);
@@ -139,6 +142,10 @@ pub struct ConsumeLoop {
     /// Woken whenever a record's work ends.
     job_done: Arc<Notify>,
     cooldown_until: Option<Instant>,
+    /// When the straggler cut and the liveness report last ran: they look
+    /// at every record and partition, so they run at most every
+    /// [`HOUSEKEEPING`], not on every record's completion.
+    housekeeping_at: Option<Instant>,
 }
 
 impl ConsumeLoop {
@@ -157,6 +164,7 @@ impl ConsumeLoop {
             running: Arc::new(AtomicUsize::new(0)),
             job_done: Arc::new(Notify::new()),
             cooldown_until: None,
+            housekeeping_at: None,
         }
     }
 
@@ -180,10 +188,18 @@ impl ConsumeLoop {
             self.sync_assignment();
             self.resume_due_partitions();
             self.cut_batch(false);
-            self.cut_stragglers();
+            let housekeeping = self
+                .housekeeping_at
+                .is_none_or(|at| at.elapsed() >= HOUSEKEEPING);
+            if housekeeping {
+                self.housekeeping_at = Some(Instant::now());
+                self.cut_stragglers();
+            }
             self.start_next_commit().await?;
             self.apply_backpressure();
-            self.report_liveness();
+            if housekeeping {
+                self.report_liveness();
+            }
             let wait = self.poll_wait();
             match self.next_event(wait, shutdown.cancelled()).await {
                 Event::Stop | Event::Nothing => {}
@@ -319,8 +335,11 @@ impl ConsumeLoop {
         self.parts.consumer.resume(&resume);
     }
 
-    /// How many records read and not yet committed the rate limits allow:
-    /// what they serve in half the record budget, within max_in_flight.
+    /// How many records may be running at once: what the rate limits
+    /// serve in half the record budget, within the records read ahead of
+    /// a commit. Not `max_in_flight`: that bounds the provider calls in
+    /// flight (records beyond it wait for a permit, cheaply), and pausing
+    /// the partitions at it left a fast run waiting on fetches.
     fn admission_limit(&self) -> usize {
         let rate = (self.parts.admission_rate)();
         let by_rate = if rate.is_finite() {
@@ -328,7 +347,7 @@ impl ConsumeLoop {
         } else {
             usize::MAX
         };
-        by_rate.clamp(1, self.parts.settings.max_in_flight.max(1))
+        by_rate.clamp(1, self.max_outstanding())
     }
 
     fn outstanding(&self) -> usize {
