@@ -254,6 +254,13 @@ async fn credeau_retries_under_5xx_and_429_outages_double_from_one_second_to_the
             "INSIGHTS__SCHEDULE__RECORD_BUDGET".to_string(),
             "7s".to_string(),
         ),
+        // The documented schedule itself, not cut short when a record has
+        // waited on Credeau (its retries' sleeps included) past the
+        // straggler wait: that cut ends the poll with the attempt's error.
+        (
+            "INSIGHTS__SCHEDULE__STRAGGLER_WAIT".to_string(),
+            "0s".to_string(),
+        ),
     ]);
     let _service = Service::start(&env, &dir.path().join("service.log"));
     let users = send_users(&topics.input, &["c5xx-", "c429-", "c429ra-"], 2).await;
