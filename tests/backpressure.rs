@@ -189,8 +189,8 @@ async fn brownout_run(n: usize, kind: Brownout) -> BrownoutRun {
     let mut env = service_env(&topics, &unique("g"), &sim.base_url());
     env.extend(
         [
-            // The shipped poll interval, stall timeout, record budget and
-            // straggler wait.
+            // The shipped poll interval, stall timeout and record budget;
+            // a straggler wait of 2 s (5 s shipped) to show the cut.
             ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
             ("INSIGHTS__SERVER__STALL_TIMEOUT", "60s"),
             ("INSIGHTS__SCHEDULE__RECORD_BUDGET", "15s"),
@@ -273,9 +273,9 @@ async fn users_whose_credeau_calls_hang_do_not_hold_the_others_or_the_group() {
         run.fast_done, baseline.fast_done
     );
     assert_rode_it_out(&run);
-    // A hanging call is cut short after the straggler wait (2 s) once the
-    // rest of its batch is done: the others wait for that, not for the
-    // 15 s record budget or the 30 s request timeout.
+    // A hanging call is cut short after the straggler wait (2 s here): the
+    // others wait for that, not for the 15 s record budget or the 30 s
+    // request timeout.
     assert!(
         run.fast_done <= baseline.fast_done + 6.0,
         "950 fast users took {:.1} s (baseline {:.1} s)",

@@ -4,7 +4,7 @@
 //! first input produced to their last combined event, with and without the
 //! hanging users; the hanging users each end exactly once, `failed` with a
 //! timeout at their (1 minute) Credeau deadline. Production settings for
-//! the record budget (15 s) and the straggler wait (2 s).
+//! the record budget (15 s) and the straggler wait (5 s).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -120,8 +120,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig("ratio", round(with_slow / baseline.max(0.001), 3));
     if !ctx.smoke {
         r.goal(
-            "the others are done within the straggler wait (2 s) plus 1 s of a run without hanging users",
-            with_slow <= baseline + 3.0,
+            "the others are done within the straggler wait (5 s) plus 1 s of a run without hanging users",
+            with_slow <= baseline + 6.0,
         );
     }
     Ok(r)

@@ -479,7 +479,9 @@ async fn others_done_after(hang: bool) -> (Duration, Harness, Vec<String>) {
             slow.insert(u.clone(), Duration::from_secs(65));
         }
     }
-    let h = start(broker, quick(50), credeau, loop_settings()).await;
+    let max = settings().topics.max_message_bytes;
+    let wait = Duration::from_secs(2);
+    let h = start_with(broker, quick(50), credeau, loop_settings(), max, wait).await;
     let began = tokio::time::Instant::now();
     let others: Vec<String> = users
         .iter()
@@ -500,7 +502,7 @@ async fn a_straggler_is_cut_short_so_the_others_commit_about_as_fast_as_without_
     let (baseline, h0, _) = others_done_after(false).await;
     stop(&h0).await;
     let (took, h, hanging) = others_done_after(true).await;
-    // Cut after the default 2 s of waiting on the provider,
+    // Cut after a straggler wait of 2 s on the provider,
     // plus a loop tick and the commit.
     assert!(
         took <= baseline + Duration::from_millis(2600),
