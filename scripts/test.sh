@@ -144,7 +144,7 @@ if ((build_ok && broker_ok)); then
     count_cargo "$LOGS/cargo-test.log"
     # Tests that restart the shared broker are #[ignore]d by the run above
     # and run here alone, after the rest.
-    run_stage broker-restart cargo test --test pipeline_crash -- --ignored
+    run_stage broker-restart cargo test --test pipeline_crash -- --ignored --test-threads=1
     count_cargo "$LOGS/broker-restart.log"
 else
     skip cargo-test "needs a build and a broker"
