@@ -100,22 +100,27 @@ impl Batch {
 }
 
 /// Where to read again when batches are handed back: per partition, the
-/// first offset any of them took in the epoch the first of them read it in
-/// (a read under another epoch belongs to another assignment).
+/// first offset any of them took under the assignment current now
+/// (`assigned`). Reads under an older epoch are not rewound: that
+/// assignment ended, and the partition's current assignment started from
+/// the committed offset. A partition read under both (the member rejoined
+/// while an old batch's transaction was still out) goes back to the first
+/// offset of its current reads; rewinding by the old read alone would skip
+/// what the current assignment has read since.
 pub(super) fn rewind_points(
     batches: impl IntoIterator<Item = BatchOffsets>,
-) -> HashMap<TopicPartition, PartitionRead> {
-    let mut rewind: HashMap<TopicPartition, PartitionRead> = HashMap::new();
+    assigned: &HashMap<TopicPartition, Epoch>,
+) -> HashMap<TopicPartition, i64> {
+    let mut rewind: HashMap<TopicPartition, i64> = HashMap::new();
     for offsets in batches {
         for (tp, read) in offsets {
+            if assigned.get(&tp) != Some(&read.epoch) {
+                continue;
+            }
             rewind
                 .entry(tp)
-                .and_modify(|r| {
-                    if read.epoch == r.epoch {
-                        r.range.first = r.range.first.min(read.range.first);
-                    }
-                })
-                .or_insert(read);
+                .and_modify(|first| *first = (*first).min(read.range.first))
+                .or_insert(read.range.first);
         }
     }
     rewind
@@ -135,5 +140,60 @@ impl RunningGuard {
 impl Drop for RunningGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(tp: &TopicPartition, first: i64, last: i64, epoch: Epoch) -> BatchOffsets {
+        let mut o = BatchOffsets::new();
+        o.insert(
+            tp.clone(),
+            PartitionRead {
+                range: OffsetRange { first, last },
+                epoch,
+            },
+        );
+        o
+    }
+
+    #[test]
+    fn a_partition_read_under_an_old_and_the_current_epoch_rewinds_to_its_current_reads() {
+        let tp = TopicPartition::new("in", 0);
+        let assigned = HashMap::from([(tp.clone(), 7)]);
+        // The doomed batch read 300..=399 under epoch 3; after the rejoin
+        // the partition was read again from the committed offset (300)
+        // under epoch 7, into two later batches.
+        let batches = [
+            read(&tp, 300, 399, 3),
+            read(&tp, 300, 349, 7),
+            read(&tp, 350, 420, 7),
+        ];
+        assert_eq!(
+            rewind_points(batches, &assigned),
+            HashMap::from([(tp, 300)])
+        );
+    }
+
+    #[test]
+    fn reads_under_an_ended_assignment_alone_are_not_rewound() {
+        let tp = TopicPartition::new("in", 1);
+        let assigned = HashMap::from([(tp.clone(), 8)]);
+        assert!(rewind_points([read(&tp, 10, 20, 2)], &assigned).is_empty());
+        assert!(rewind_points([read(&tp, 10, 20, 8)], &HashMap::new()).is_empty());
+    }
+
+    #[test]
+    fn the_earliest_current_read_wins_whatever_the_batch_order() {
+        let tp = TopicPartition::new("in", 2);
+        let assigned = HashMap::from([(tp.clone(), 4)]);
+        let batches = [
+            read(&tp, 50, 60, 4),
+            read(&tp, 40, 45, 4),
+            read(&tp, 5, 9, 1),
+        ];
+        assert_eq!(rewind_points(batches, &assigned), HashMap::from([(tp, 40)]));
     }
 }

@@ -64,6 +64,8 @@ pub enum LoopError {
     Fatal(String),
     #[error("processing a record panicked: {0}")]
     WorkerPanicked(String),
+    #[error("the kafka consumer failed fatally and cannot go on (a restart joins the group afresh): {0}")]
+    ConsumerFatal(String),
 }
 
 /// Settings of the loop itself.
@@ -94,6 +96,8 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 /// How long past the drain bound a transaction in flight is still waited
 /// for (a commit takes milliseconds when the brokers are up).
+const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
+
 const COMMIT_GRACE: Duration = Duration::from_secs(1);
 
 /// A batch whose records are processed and which waits for its
@@ -146,6 +150,7 @@ pub struct ConsumeLoop {
     /// at every record and partition, so they run at most every
     /// [`HOUSEKEEPING`], not on every record's completion.
     housekeeping_at: Option<Instant>,
+    state_logged_at: Option<Instant>,
 }
 
 impl ConsumeLoop {
@@ -165,6 +170,7 @@ impl ConsumeLoop {
             job_done: Arc::new(Notify::new()),
             cooldown_until: None,
             housekeeping_at: None,
+            state_logged_at: None,
         }
     }
 
@@ -199,11 +205,19 @@ impl ConsumeLoop {
             self.apply_backpressure();
             if housekeeping {
                 self.report_liveness();
+                if self
+                    .state_logged_at
+                    .is_none_or(|at| at.elapsed() >= STATE_LOG_EVERY)
+                {
+                    self.state_logged_at = Some(Instant::now());
+                    self.log_state();
+                }
             }
             let wait = self.poll_wait();
             match self.next_event(wait, shutdown.cancelled()).await {
                 Event::Stop | Event::Nothing => {}
                 Event::Committed(r) => self.finish_commit(r)?,
+                Event::Polled(Polled::Fatal(e)) => return Err(LoopError::ConsumerFatal(e)),
                 Event::Polled(polled) => self.on_polled(polled),
             }
         }
@@ -244,6 +258,10 @@ impl ConsumeLoop {
                     if let Err(e) = self.finish_commit(r) {
                         result = Err(e);
                     }
+                }
+                Event::Polled(Polled::Fatal(e)) => {
+                    result = Err(LoopError::ConsumerFatal(e));
+                    break;
                 }
                 Event::Nothing | Event::Polled(_) => {}
             }
@@ -419,6 +437,21 @@ impl ConsumeLoop {
     /// Liveness follows commits. With nothing read and not committed the
     /// loop is idle, which is progress unless a partition it is free to read
     /// has records waiting: a consumer that reads nothing then is stuck.
+    /// What the loop holds, for a debug log every few seconds.
+    fn log_state(&self) {
+        tracing::debug!(
+            assigned = self.assigned.len(),
+            held = self.held.len(),
+            throttled = self.throttled.len(),
+            running = self.running.load(Ordering::Relaxed),
+            outstanding = self.outstanding(),
+            queued = self.queued.len(),
+            committing = self.committing.is_some(),
+            limit = self.admission_limit(),
+            "loop state"
+        );
+    }
+
     fn report_liveness(&self) {
         // With every broker down nothing can commit, and a restart would not
         // help: readiness reports it, liveness waits for the brokers.
@@ -468,7 +501,7 @@ impl ConsumeLoop {
         self.sync_assignment();
         let rec = match polled {
             Polled::Idle => return,
-            Polled::Error(e) => {
+            Polled::Error(e) | Polled::Fatal(e) => {
                 tracing::warn!(error = %e, "consumer error");
                 return;
             }
@@ -631,6 +664,11 @@ impl ConsumeLoop {
     }
 
     fn start_commit(&self, prepared: Prepared) -> Committing {
+        tracing::debug!(
+            records = prepared.processed.len(),
+            partitions = prepared.offsets.len(),
+            "committing a batch"
+        );
         let producer = self.parts.producer.clone();
         let consumer = self.parts.consumer.clone();
         tokio::spawn(async move {
@@ -711,15 +749,12 @@ impl ConsumeLoop {
         }
         let rewind = rewind_points(
             std::iter::once(offsets.clone()).chain(later.into_iter().map(|b| b.offsets)),
+            &self.assigned,
         );
         let mut resume = Vec::new();
-        for (tp, read) in rewind {
-            if self.assigned.get(&tp) != Some(&read.epoch) {
-                // Revoked (or lost) since: the next reader starts from the
-                // committed offset; moving it would repeat or skip records.
-                continue;
-            }
-            self.parts.consumer.seek(&tp, read.range.first);
+        for (tp, first) in rewind {
+            tracing::debug!(partition = %tp, offset = first, "reading again from");
+            self.parts.consumer.seek(&tp, first);
             if self.held.remove(&tp).is_some() && !self.throttled.contains(&tp) {
                 resume.push(tp);
             }

@@ -77,6 +77,9 @@ struct State {
     lost_pending: bool,
     max_poll_gap: Duration,
     rebalance_in_poll: bool,
+    /// Polls from this one on fail fatally (a fenced static member).
+    fenced_from_poll: Option<u32>,
+    polls: u32,
 }
 
 /// The broker, its one consumer group member and the transactional
@@ -134,6 +137,8 @@ impl FakeBroker {
                 lost_pending: false,
                 max_poll_gap: Duration::ZERO,
                 rebalance_in_poll: false,
+                fenced_from_poll: None,
+                polls: 0,
             }),
             gate: TransactionGate::new(Duration::from_secs(1)),
         };
@@ -227,6 +232,13 @@ impl FakeBroker {
         self.lock().rebalance_in_poll = true;
     }
 
+    /// From the `n`th poll from now on (1 = the next), the consumer fails
+    /// fatally, as librdkafka's does when a static member is fenced.
+    pub fn fence_consumer(&self, n: u32) {
+        let mut s = self.lock();
+        s.fenced_from_poll = Some(s.polls + n);
+    }
+
     /// A new process takes the member's place (its predecessor closed):
     /// nothing paused, positions at the committed offsets.
     pub fn restart_member(&self) {
@@ -257,6 +269,10 @@ pub enum Disruption {
     /// transaction sends its offsets (new generation and epochs), reading
     /// again from the committed offsets.
     Rejoin,
+    /// As `Rejoin`, and the transaction then takes `stalls_for` (a broker
+    /// outage): meanwhile the loop reads the same partitions again under
+    /// their new epochs, into the batches after the doomed one.
+    RejoinThenStall { stalls_for: Duration },
 }
 
 impl State {
@@ -365,6 +381,20 @@ impl State {
 #[async_trait]
 impl LoopConsumer for FakeBroker {
     async fn poll(&self, wait: Duration) -> Polled {
+        let fenced;
+        {
+            let mut s = self.lock();
+            s.polls += 1;
+            fenced = s.fenced_from_poll.is_some_and(|n| s.polls >= n);
+        }
+        if fenced {
+            // librdkafka repeats the error at every poll; a short pause
+            // lets paused time advance if the loop ignores it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            return Polled::Fatal(
+                "Message consumption error: FencedInstanceId (static consumer fenced)".into(),
+            );
+        }
         {
             let mut s = self.lock();
             let now = Instant::now();
@@ -466,11 +496,13 @@ impl LoopConsumer for FakeBroker {
     }
 }
 
-#[async_trait]
-impl TxnProducer for FakeBroker {
-    async fn begin(&self) -> Result<(), CommitError> {
+impl FakeBroker {
+    /// Opens a transaction (after the disruption planned for it, if any);
+    /// returns how long it then stalls.
+    fn begin_now(&self) -> Duration {
         let mut s = self.lock();
         let n = s.commits + s.aborts + 1;
+        let mut stall = Duration::ZERO;
         if let Some(i) = s.disruptions.iter().position(|(at, _)| *at == n) {
             let (_, how) = s.disruptions.remove(i);
             s.leave();
@@ -480,6 +512,11 @@ impl TxnProducer for FakeBroker {
                 Disruption::Rejoin => {
                     s.deliver_lost();
                     s.join();
+                }
+                Disruption::RejoinThenStall { stalls_for } => {
+                    s.deliver_lost();
+                    s.join();
+                    stall = stalls_for;
                 }
                 Disruption::OtherMemberTakesOver { out_for } => {
                     let ends: Vec<(TopicPartition, i64)> = s
@@ -495,6 +532,17 @@ impl TxnProducer for FakeBroker {
         }
         s.staged = Some(vec![]);
         s.staged_offsets.clear();
+        stall
+    }
+}
+
+#[async_trait]
+impl TxnProducer for FakeBroker {
+    async fn begin(&self) -> Result<(), CommitError> {
+        let stall = self.begin_now();
+        if !stall.is_zero() {
+            tokio::time::sleep(stall).await;
+        }
         Ok(())
     }
 

@@ -507,7 +507,7 @@ impl ClientContext for PipelineContext {
 }
 
 impl ConsumerContext for PipelineContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<TopicPartition> = tpl
                 .elements()
@@ -515,7 +515,19 @@ impl ConsumerContext for PipelineContext {
                 .map(|e| TopicPartition::new(e.topic(), e.partition()))
                 .collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked");
-            if self.transaction.is_open() && !self.transaction.wait_closed() {
+            // A lost assignment (the session expired, e.g. in a broker
+            // outage longer than the session timeout) is no longer ours to
+            // hold: the group already moved on, and the open transaction's
+            // offsets are refused under the old generation. Waiting here
+            // would only keep librdkafka from rejoining; held across the
+            // brokers' return it heartbeats with an empty member id, which
+            // fences a static member fatally.
+            if consumer.assignment_lost() {
+                tracing::warn!(
+                    partitions = revoked.len(),
+                    "assignment lost (session expired); rejoining the group"
+                );
+            } else if self.transaction.is_open() && !self.transaction.wait_closed() {
                 tracing::warn!("a transaction was still open when partitions were revoked");
             }
             {
@@ -653,6 +665,7 @@ impl LoopConsumer for KafkaConsumer {
     async fn poll(&self, wait: Duration) -> Polled {
         match tokio::time::timeout(wait, self.consumer.recv()).await {
             Err(_elapsed) => Polled::Idle,
+            Ok(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Polled::Fatal(e.to_string()),
             Ok(Err(e)) => Polled::Error(e.to_string()),
             Ok(Ok(msg)) => match self.topic_kinds.get(msg.topic()) {
                 Some(kind) => Polled::Record(detach(&msg, *kind)),

@@ -21,6 +21,10 @@ pub enum Polled {
     Idle,
     /// A consumer error that is not fatal (logged; the loop goes on).
     Error(String),
+    /// A fatal consumer error (librdkafka's consumer is unusable from now
+    /// on, e.g. a static member fenced by its own instance id): the loop
+    /// stops, so the process exits and its replacement joins afresh.
+    Fatal(String),
 }
 
 /// The consumer of the input and delay topics.
