@@ -118,12 +118,42 @@ impl Service {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Copies the whole log to `target/test-logs/<name>.log` (it outlives
+    /// the test's temporary directory) and returns its path.
+    pub fn keep_log(&self, name: &str) -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-logs");
+        let _ = std::fs::create_dir_all(&dir);
+        let kept = dir.join(format!("{name}.log"));
+        let _ = std::fs::copy(&self.log, &kept);
+        kept
+    }
+
+    /// The last `n` lines of the log that say something: no DEBUG lines,
+    /// and none of the connection errors librdkafka repeats while a
+    /// broker is down.
+    pub fn log_excerpt(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.contains("DEBUG")
+                    && !l.contains("Connect to ipv4")
+                    && !l.contains("brokers are down")
+                    && !l.contains("AllBrokersDown")
+                    && !l.contains("BrokerTransportFailure")
+            })
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
+            let kept = self.keep_log(&format!("service-{}", self.child.id()));
+            eprintln!("---- whole log kept in {}", kept.display());
             let text = self.log_text();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(60)..];
