@@ -120,6 +120,25 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         "provider_calls_per_user",
         round((fb + cr) as f64 / n as f64, 3),
     );
+    // How the records were cut into transactions (each costs broker
+    // round trips whatever its size).
+    let txns = svc
+        .counter(&ctx.http, "insights_transactions_total", "committed")
+        .await?;
+    let batched = svc
+        .counter(&ctx.http, "insights_batch_records_sum", "")
+        .await?;
+    r.fig("transactions", txns);
+    r.fig("records_per_transaction", round(batched / txns.max(1.0), 1));
+    r.fig(
+        "loop_iterations_per_record",
+        round(
+            svc.counter(&ctx.http, "insights_consume_loop_iterations_total", "")
+                .await?
+                / batched.max(1.0),
+            2,
+        ),
+    );
     let (rss, hwm) = svc.proc.memory()?;
     r.fig("service_rss_mb", round(rss as f64 / 1048576.0, 1));
     r.fig("service_hwm_mb", round(hwm as f64 / 1048576.0, 1));
