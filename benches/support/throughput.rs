@@ -129,6 +129,32 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         .counter(&ctx.http, "insights_batch_records_sum", "")
         .await?;
     r.fig("transactions", txns);
+    let txn_s = svc
+        .counter(&ctx.http, "insights_transaction_duration_seconds_sum", "")
+        .await?;
+    r.fig(
+        "transaction_ms_mean",
+        round(txn_s * 1000.0 / txns.max(1.0), 1),
+    );
+    r.fig("transaction_s_total", round(txn_s, 2));
+    let (req_s, reqs) = (
+        svc.counter(
+            &ctx.http,
+            "insights_provider_request_duration_seconds_sum",
+            "",
+        )
+        .await?,
+        svc.counter(
+            &ctx.http,
+            "insights_provider_request_duration_seconds_count",
+            "",
+        )
+        .await?,
+    );
+    r.fig(
+        "provider_request_ms_mean",
+        round(req_s * 1000.0 / reqs.max(1.0), 1),
+    );
     r.fig("records_per_transaction", round(batched / txns.max(1.0), 1));
     r.fig(
         "loop_iterations_per_record",

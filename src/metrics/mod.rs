@@ -38,6 +38,7 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub transactions: IntCounterVec,
     pub batch_size: Histogram,
+    pub transaction_duration: Histogram,
     pub onboarding_to_combined: Histogram,
     pub assigned_partitions: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -211,6 +212,12 @@ impl Metrics {
                 "batch_records",
                 "Records consumed per transaction.",
                 vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+            ),
+            transaction_duration: histogram(
+                &registry,
+                "transaction_duration_seconds",
+                "Time from a batch's transaction begin to its commit or abort (batches commit one at a time, in order).",
+                vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             ),
             onboarding_to_combined: histogram(
                 &registry,

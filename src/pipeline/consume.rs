@@ -106,6 +106,8 @@ struct Prepared {
     processed: Vec<Processed>,
     offsets: BatchOffsets,
     snapshot: GuardSnapshot,
+    /// When its transaction began.
+    began: Option<Instant>,
 }
 
 type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
@@ -660,10 +662,12 @@ impl ConsumeLoop {
             processed,
             offsets,
             snapshot,
+            began: None,
         }))
     }
 
-    fn start_commit(&self, prepared: Prepared) -> Committing {
+    fn start_commit(&self, mut prepared: Prepared) -> Committing {
+        prepared.began = Some(Instant::now());
         tracing::debug!(
             records = prepared.processed.len(),
             partitions = prepared.offsets.len(),
@@ -710,8 +714,13 @@ impl ConsumeLoop {
             processed,
             offsets,
             snapshot,
+            began,
         } = prepared;
         let m = &self.parts.metrics;
+        if let Some(began) = began {
+            m.transaction_duration
+                .observe(began.elapsed().as_secs_f64());
+        }
         match result {
             Ok(()) => {
                 self.parts.consumer.record_committed(&offsets);
