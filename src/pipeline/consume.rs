@@ -748,6 +748,9 @@ impl ConsumeLoop {
     /// cancelled and each partition is rewound to the first offset any of
     /// them took, in the epoch it was read in.
     fn hand_back(&mut self, offsets: &BatchOffsets) {
+        // Rewinds follow the assignment as it is now (a poll dropped for
+        // this commit's end may have served a rebalance).
+        self.sync_assignment();
         let later: Vec<Batch> = self
             .queued
             .drain(..)
