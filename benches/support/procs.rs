@@ -188,26 +188,35 @@ impl Service {
 }
 
 impl Service {
-    /// Sum of the samples of one Prometheus series whose line contains
-    /// every comma-separated part of `label` (e.g. `provider="finbox"`;
-    /// `""` matches every line), from /metrics.
-    pub async fn counter(&self, http: &reqwest::Client, name: &str, label: &str) -> Result<f64> {
-        let text = http
+    /// The text of /metrics now.
+    pub async fn metrics(&self, http: &reqwest::Client) -> Result<String> {
+        Ok(http
             .get(format!("{}/metrics", self.health_url))
             .send()
             .await?
             .text()
-            .await?;
-        Ok(text
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
-                    && label.split(',').all(|part| l.contains(part))
-            })
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum())
+            .await?)
     }
+
+    /// Sum of the samples of one Prometheus series whose line contains
+    /// every comma-separated part of `label` (e.g. `provider="finbox"`;
+    /// `""` matches every line), from /metrics.
+    pub async fn counter(&self, http: &reqwest::Client, name: &str, label: &str) -> Result<f64> {
+        Ok(series_sum(&self.metrics(http).await?, name, label))
+    }
+}
+
+/// Sum of the samples of series `name` in a /metrics text whose line
+/// contains every comma-separated part of `label` (`""` matches all).
+pub fn series_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && label.split(',').all(|part| l.contains(part))
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
 }
 
 /// The provider simulator as a child process, so its CPU is not the bench's.

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::kafka::{self, Names, Reader};
-use super::procs::{Service, Simulator};
+use super::procs::{series_sum, Service, Simulator};
 use super::{round, secs, Ctx, Report};
 
 const MAX_BATCH: usize = 500;
@@ -121,47 +121,31 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         round((fb + cr) as f64 / n as f64, 3),
     );
     // How the records were cut into transactions (each costs broker
-    // round trips whatever its size).
-    let txns = svc
-        .counter(&ctx.http, "insights_transactions_total", "committed")
-        .await?;
-    let batched = svc
-        .counter(&ctx.http, "insights_batch_records_sum", "")
-        .await?;
+    // round trips whatever its size) and where the time went.
+    let metrics = svc.metrics(&ctx.http).await?;
+    let sum = |name: &str, label: &str| series_sum(&metrics, name, label);
+    let txns = sum("insights_transactions_total", "committed");
+    let batched = sum("insights_batch_records_sum", "");
+    let txn_s = sum("insights_transaction_duration_seconds_sum", "");
+    let requests = sum("insights_provider_request_duration_seconds_count", "").max(1.0);
     r.fig("transactions", txns);
-    let txn_s = svc
-        .counter(&ctx.http, "insights_transaction_duration_seconds_sum", "")
-        .await?;
     r.fig(
         "transaction_ms_mean",
         round(txn_s * 1000.0 / txns.max(1.0), 1),
     );
     r.fig("transaction_s_total", round(txn_s, 2));
-    let (req_s, reqs) = (
-        svc.counter(
-            &ctx.http,
-            "insights_provider_request_duration_seconds_sum",
-            "",
-        )
-        .await?,
-        svc.counter(
-            &ctx.http,
-            "insights_provider_request_duration_seconds_count",
-            "",
-        )
-        .await?,
-    );
     r.fig(
         "provider_request_ms_mean",
-        round(req_s * 1000.0 / reqs.max(1.0), 1),
+        round(
+            sum("insights_provider_request_duration_seconds_sum", "") * 1000.0 / requests,
+            1,
+        ),
     );
     r.fig("records_per_transaction", round(batched / txns.max(1.0), 1));
     r.fig(
         "loop_iterations_per_record",
         round(
-            svc.counter(&ctx.http, "insights_consume_loop_iterations_total", "")
-                .await?
-                / batched.max(1.0),
+            sum("insights_consume_loop_iterations_total", "") / batched.max(1.0),
             2,
         ),
     );

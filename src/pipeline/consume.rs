@@ -96,9 +96,10 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 /// How long past the drain bound a transaction in flight is still waited
 /// for (a commit takes milliseconds when the brokers are up).
-const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
-
 const COMMIT_GRACE: Duration = Duration::from_secs(1);
+
+/// How often the loop's state is logged (at debug level).
+const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A batch whose records are processed and which waits for its
 /// transaction.
@@ -106,8 +107,6 @@ struct Prepared {
     processed: Vec<Processed>,
     offsets: BatchOffsets,
     snapshot: GuardSnapshot,
-    /// When its transaction began.
-    began: Option<Instant>,
 }
 
 type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
@@ -436,9 +435,6 @@ impl ConsumeLoop {
         }
     }
 
-    /// Liveness follows commits. With nothing read and not committed the
-    /// loop is idle, which is progress unless a partition it is free to read
-    /// has records waiting: a consumer that reads nothing then is stuck.
     /// What the loop holds, for a debug log every few seconds.
     fn log_state(&self) {
         tracing::debug!(
@@ -454,6 +450,9 @@ impl ConsumeLoop {
         );
     }
 
+    /// Liveness follows commits. With nothing read and not committed the
+    /// loop is idle, which is progress unless a partition it is free to read
+    /// has records waiting: a consumer that reads nothing then is stuck.
     fn report_liveness(&self) {
         // With every broker down nothing can commit, and a restart would not
         // help: readiness reports it, liveness waits for the brokers.
@@ -662,12 +661,10 @@ impl ConsumeLoop {
             processed,
             offsets,
             snapshot,
-            began: None,
         }))
     }
 
-    fn start_commit(&self, mut prepared: Prepared) -> Committing {
-        prepared.began = Some(Instant::now());
+    fn start_commit(&self, prepared: Prepared) -> Committing {
         tracing::debug!(
             records = prepared.processed.len(),
             partitions = prepared.offsets.len(),
@@ -675,7 +672,9 @@ impl ConsumeLoop {
         );
         let producer = self.parts.producer.clone();
         let consumer = self.parts.consumer.clone();
+        let metrics = self.parts.metrics.clone();
         tokio::spawn(async move {
+            let began = Instant::now();
             let result = transaction::run(
                 producer.as_ref(),
                 consumer.as_ref(),
@@ -683,6 +682,9 @@ impl ConsumeLoop {
                 &prepared.offsets,
             )
             .await;
+            metrics
+                .transaction_duration
+                .observe(began.elapsed().as_secs_f64());
             (prepared, result)
         })
     }
@@ -714,13 +716,8 @@ impl ConsumeLoop {
             processed,
             offsets,
             snapshot,
-            began,
         } = prepared;
         let m = &self.parts.metrics;
-        if let Some(began) = began {
-            m.transaction_duration
-                .observe(began.elapsed().as_secs_f64());
-        }
         match result {
             Ok(()) => {
                 self.parts.consumer.record_committed(&offsets);
@@ -746,7 +743,7 @@ impl ConsumeLoop {
 
     /// Hands a batch back, with every batch read after it: their work is
     /// cancelled and each partition is rewound to the first offset any of
-    /// them took, in the epoch it was read in.
+    /// them took under its current assignment (`rewind_points`).
     fn hand_back(&mut self, offsets: &BatchOffsets) {
         // Rewinds follow the assignment as it is now (a poll dropped for
         // this commit's end may have served a rebalance).
