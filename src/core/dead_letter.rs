@@ -157,6 +157,19 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// Whether a record dead-lettered for this reason counts for the
+    /// dead-letter guard. Exhausted retries do not: they are a provider's
+    /// outage or brown-out, the user already gets a final combined event
+    /// (`failed`), and stopping the service would hold back every other
+    /// user's answer without bringing the provider back. Every other reason
+    /// is something a person can fix (the input producer, a key, a limit),
+    /// so a run of them stops the service instead of dead-lettering a topic.
+    pub fn counts_for_guard(self) -> bool {
+        !matches!(self, Reason::Exhausted)
+    }
+}
+
 impl FromStr for Reason {
     type Err = UnknownValue;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

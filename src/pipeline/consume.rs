@@ -642,14 +642,13 @@ impl ConsumeLoop {
         }
         let snapshot = self.parts.guard.snapshot();
         for p in &processed {
-            let reason = p
+            let counted = p
                 .dead_letters
                 .iter()
                 .chain(&p.failures)
-                .map(|(_, r)| r.as_str())
-                .next()
-                .unwrap_or("");
-            let dead = !p.dead_letters.is_empty() || !p.failures.is_empty();
+                .map(|(_, r)| *r)
+                .find(|r| r.counts_for_guard());
+            let (dead, reason) = (counted.is_some(), counted.map_or("", |r| r.as_str()));
             if let Err(tripped) = self.parts.guard.observe(dead, reason) {
                 self.parts.guard.restore(snapshot);
                 tracing::error!(error = %tripped, "dead-letter guard tripped; stopping without committing the batch");

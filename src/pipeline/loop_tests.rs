@@ -171,7 +171,13 @@ async fn start_with(
 /// Onboarding events for `n` users, spread over the input partitions,
 /// onboarded an hour ago (so both providers are due at once).
 fn onboard(broker: &FakeBroker, prefix: &str, n: usize) -> Vec<String> {
-    let at = now_ms() - 3_600_000;
+    onboarded_ago(broker, prefix, n, Duration::from_secs(3_600))
+}
+
+/// Onboarding events for `n` users onboarded `ago` (in wall-clock time,
+/// which paused tests do not advance).
+fn onboarded_ago(broker: &FakeBroker, prefix: &str, n: usize, ago: Duration) -> Vec<String> {
+    let at = now_ms() - ago.as_millis() as i64;
     (0..n)
         .map(|i| {
             let user = format!("{prefix}-{i}");
@@ -603,6 +609,49 @@ async fn the_dead_letter_guard_stops_the_loop_without_committing_the_batch() {
         .broker
         .read_topic(&settings().topics.dead_letter)
         .is_empty());
+}
+
+/// 150 users (more than `max_consecutive`) whose FinBox calls all fail
+/// with `kind`. They were onboarded past FinBox's deadline (6 h), so a
+/// retryable error ends FinBox at once (exhausted), as the last of its
+/// failed polls would: a paused test cannot wait for wall-clock repolls.
+async fn all_failing_with(kind: crate::providers::ProviderErrorKind) -> (Harness, Vec<String>) {
+    let broker = broker(Duration::from_secs(30));
+    let ago = Duration::from_secs(6 * 3_600 + 600);
+    let users = onboarded_ago(&broker, kind.as_str(), 150, ago);
+    let finbox = quick(10);
+    for u in &users {
+        finbox.failing.lock().unwrap().insert(u.clone(), kind);
+    }
+    let h = start(broker, finbox, quick(10), loop_settings()).await;
+    (h, users)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_outage_that_exhausts_many_users_does_not_trip_the_guard() {
+    // A brown-out, not a person's mistake: each user gets its final answer
+    // (FinBox failed) and its dead letter, and the loop goes on.
+    let (h, users) = all_failing_with(crate::providers::ProviderErrorKind::ServerError).await;
+    finish(&h, &users, Duration::from_secs(60)).await;
+    assert_exactly_once(&h, &users);
+    let dl = dead_letters(&h.broker);
+    assert_eq!(dl.len(), users.len(), "{dl:?}");
+    assert!(
+        dl.values()
+            .all(|v| v == &("poll_finbox".to_string(), "exhausted".to_string())),
+        "{dl:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_key_failing_many_users_trips_the_guard() {
+    let (h, _) = all_failing_with(crate::providers::ProviderErrorKind::Forbidden).await;
+    let result = tokio::time::timeout(Duration::from_secs(60), h.running)
+        .await
+        .expect("the loop stops by itself")
+        .expect("no panic");
+    assert!(matches!(result, Err(LoopError::Guard(_))), "{result:?}");
+    assert!(h.broker.read_topic(&settings().topics.dead_letter).len() < 100);
 }
 
 #[tokio::test(start_paused = true)]
