@@ -189,12 +189,11 @@ async fn brownout_run(n: usize, kind: Brownout) -> BrownoutRun {
     let mut env = service_env(&topics, &unique("g"), &sim.base_url());
     env.extend(
         [
-            // The shipped poll interval, stall timeout and record budget;
-            // a straggler wait of 2 s (5 s shipped) to show the cut.
+            // The shipped poll interval, stall timeout, record budget and
+            // straggler wait.
             ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "60s"),
             ("INSIGHTS__SERVER__STALL_TIMEOUT", "60s"),
             ("INSIGHTS__SCHEDULE__RECORD_BUDGET", "15s"),
-            ("INSIGHTS__SCHEDULE__STRAGGLER_WAIT", "2s"),
             ("INSIGHTS__CREDEAU__REQUEST_TIMEOUT", "30s"),
             ("INSIGHTS__CREDEAU__DEADLINE", "1m"),
             ("INSIGHTS__FINBOX__DEADLINE", "1m"),
@@ -264,7 +263,10 @@ fn assert_rode_it_out(run: &BrownoutRun) {
 }
 
 /// The run rode the brown-out out, and its well-behaved users were done
-/// within a few seconds of the baseline's.
+/// within a few seconds of the baseline's. A hanging call is cut once it
+/// has awaited its answer four times as long as its batch's others: in
+/// this debug build on a busy machine answers take 0.3-1.2 s, so that is
+/// about the straggler wait; the release bench (`brownout`) measures it.
 fn assert_others_not_held(run: &BrownoutRun, baseline: &BrownoutRun, slow: &str) {
     eprintln!(
         "brown-out: 950 fast users done in {:.1} s with {slow}, {:.1} s without",
@@ -284,14 +286,15 @@ async fn users_whose_credeau_calls_hang_do_not_hold_the_others_or_the_group() {
     let baseline = brownout_run(1000, Brownout::None).await;
     assert_rode_it_out(&baseline);
     let run = brownout_run(1000, Brownout::CredeauHangs).await;
-    // A hanging call is cut short after the straggler wait (2 s here): the
-    // others wait for that, not for the 15 s record budget or the 30 s
-    // request timeout.
+    // A hanging call is cut short once the rest of its batch is done and it
+    // has awaited its answer four times as long as theirs (at the latest
+    // after the 5 s straggler wait): the others wait for that, not for the
+    // 15 s record budget or the 30 s request timeout.
     assert_others_not_held(&run, &baseline, "50 hanging Credeau users");
-    // Credeau never answered them: cut short three times (2, 4, 8 s),
-    // then a timed-out poll within the record budget; still failing at the
-    // deadline, so `failed` with the timeout, FinBox complete, each exactly
-    // once.
+    // Credeau never answered them: cut short on a leash doubled per cut
+    // until it reaches the record budget, then a timed-out poll; still
+    // failing at the deadline, so `failed` with the timeout, FinBox
+    // complete, each exactly once.
     assert_eq!(run.slow.len(), 50);
     for (user, event) in &run.slow {
         assert_eq!(event["credeau"]["outcome"], "failed", "{user}: {event}");

@@ -267,13 +267,18 @@ pub fn straggler_leash(
     if wait.is_zero() {
         return None;
     }
-    let cut = due
-        .iter()
-        .map(|p| task.track(*p).cut_polls)
-        .max()
-        .unwrap_or(0);
+    let cut = cuts_in_a_row(task, due);
     let leash = wait.saturating_mul(1u32.checked_shl(cut.min(31)).unwrap_or(u32::MAX));
     (leash < budget).then_some(leash)
+}
+
+/// How many polls of a due provider were cut short in a row: the times
+/// a record's leash has doubled.
+pub fn cuts_in_a_row(task: &Task, due: &[Provider]) -> u32 {
+    due.iter()
+        .map(|p| task.track(*p).cut_polls)
+        .max()
+        .unwrap_or(0)
 }
 
 /// An output of provider `p` that cannot be published (an SMS entry larger

@@ -125,7 +125,7 @@ impl Metrics {
             stragglers_cut: counter_vec(
                 &registry,
                 "stragglers_cut_total",
-                "Provider polls cut short because their record was the last one holding its batch (schedule.straggler_wait); polled again when due.",
+                "Provider polls cut short because their record was holding its batch (schedule.straggler_wait, or four times the longest wait for an answer of the batch's records done); polled again when due.",
                 &["provider"],
             ),
             rate_limiter_wait: histogram_vec(

@@ -14,6 +14,16 @@ use crate::providers::budget::RecordClock;
 
 pub(super) type Running = JoinHandle<Result<Processed, Transient>>;
 
+/// A request is cut once it has awaited its answer (status and headers)
+/// this many times as long as the longest such wait of its batch's records
+/// that are done ...
+const PEER_FACTOR: u32 = 4;
+/// ... but never before this ...
+const PEER_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
+/// ... and only once at most one in this many of the batch's records is
+/// still running (the rest of the batch waits for it).
+const PEER_SHARE_RUNNING_DIVISOR: usize = 10;
+
 /// A record's work: the task running it and the clock of its provider
 /// calls.
 pub(super) struct Work {
@@ -85,12 +95,47 @@ impl Batch {
 
     /// Cuts short the records that have waited on a provider for their
     /// leash (`schedule.straggler_wait`, doubled per cut in a row): each
-    /// holds this batch, and every batch after it, while it waits.
+    /// holds this batch, and every batch after it, while it waits. Once
+    /// all but a few of the batch's records are done, a request is cut
+    /// sooner: when it has awaited its answer [`PEER_FACTOR`] times as long
+    /// as the longest wait for an answer of the records done (at least
+    /// [`PEER_FLOOR`]; doubled per cut in a row too). The others' answers are the measure
+    /// of what is slow now, on this machine and under this load.
     /// Returns how many were cut.
     pub(super) fn cut_stragglers(&self) -> usize {
+        let running = self
+            .jobs
+            .iter()
+            .filter(|(_, w)| !w.running.is_finished())
+            .count();
+        if running == 0 {
+            return 0;
+        }
+        let peer_leash = (running * PEER_SHARE_RUNNING_DIVISOR <= self.jobs.len()).then(|| {
+            let longest = self
+                .jobs
+                .iter()
+                .filter(|(_, w)| w.running.is_finished())
+                .map(|(_, w)| w.clock.longest_await())
+                .max()
+                .unwrap_or_default();
+            (longest * PEER_FACTOR).max(PEER_FLOOR)
+        });
         let mut cut = 0;
         for (_, w) in &self.jobs {
-            if !w.running.is_finished() && !w.clock.is_cut() && w.clock.is_straggling() {
+            if w.running.is_finished() || w.clock.is_cut() {
+                continue;
+            }
+            let outlasts = peer_leash.is_some_and(|l| w.clock.outlasts(l));
+            if outlasts {
+                tracing::debug!(
+                    leash_ms = peer_leash.map_or(0, |l| l.as_millis() as u64),
+                    running,
+                    records = self.jobs.len(),
+                    "request cut short: its answer took four times the longest of its batch's others"
+                );
+            }
+            if outlasts || w.clock.is_straggling() {
                 w.clock.cut();
                 cut += 1;
             }

@@ -735,7 +735,9 @@ impl FakeProvider {
             slow.get(user).copied().unwrap_or(self.latency)
         };
         // Waiting on the provider, as the HTTP retry loop marks it.
-        let _waiting = crate::providers::budget::current().map(|c| c.waiting());
+        let clock = crate::providers::budget::current();
+        let _waiting = clock.as_ref().map(|c| c.waiting());
+        let _awaiting = clock.as_ref().map(|c| c.awaiting_answer());
         tokio::time::sleep(latency).await;
     }
 }

@@ -263,7 +263,7 @@ impl Worker {
             let credeau_id = task.user.credeau_user_id.clone();
             let budget = self.record_budget;
             let leash = core::straggler_leash(&task, &due, self.straggler_wait, budget);
-            clock.begin(budget, leash);
+            clock.begin(budget, leash, core::cuts_in_a_row(&task, &due));
             let (fa, ca) = tokio::join!(
                 async {
                     if poll_finbox {

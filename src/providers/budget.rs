@@ -28,6 +28,17 @@ pub struct RecordClock {
     /// When the current wait on providers began, in ms from `base` plus one
     /// (0: not waiting).
     waiting_since: AtomicU64,
+    /// Requests sent and not yet answered now (until the answer's status
+    /// and headers; not retry sleeps, not reading a body), and since when,
+    /// as `waiting` and `waiting_since`.
+    awaiting: AtomicU32,
+    awaiting_since: AtomicU64,
+    /// The longest wait for an answer of this record that has ended (not
+    /// cut short), in ms.
+    longest_await_ms: AtomicU64,
+    /// Polls of a due provider cut short in a row before this one: the
+    /// leash has doubled this many times.
+    doublings: AtomicU32,
     cut: CancellationToken,
 }
 
@@ -39,6 +50,10 @@ impl Default for RecordClock {
             cut_after_ms: AtomicU64::new(u64::MAX),
             waiting: AtomicU32::new(0),
             waiting_since: AtomicU64::new(0),
+            awaiting: AtomicU32::new(0),
+            awaiting_since: AtomicU64::new(0),
+            longest_await_ms: AtomicU64::new(0),
+            doublings: AtomicU32::new(0),
             cut: CancellationToken::new(),
         }
     }
@@ -55,9 +70,11 @@ impl RecordClock {
 
     /// Starts the record's provider calls: they must be over within
     /// `budget`, and may be cut short after `cut_after` of waiting on a
-    /// provider (`None`: never).
-    pub fn begin(&self, budget: Duration, cut_after: Option<Duration>) {
+    /// provider (`None`: never), a leash doubled `doublings` times since
+    /// the record's polls began to be cut short.
+    pub fn begin(&self, budget: Duration, cut_after: Option<Duration>, doublings: u32) {
         let now = self.now_ms();
+        self.doublings.store(doublings, Ordering::Relaxed);
         self.deadline_ms
             .store(now + budget.as_millis() as u64, Ordering::Relaxed);
         self.cut_after_ms.store(
@@ -97,6 +114,39 @@ impl RecordClock {
         }
     }
 
+    /// Marks a request sent to a provider and not yet answered (status
+    /// and headers) until the guard is dropped.
+    pub fn awaiting_answer(self: &Arc<Self>) -> AwaitingGuard {
+        if self.awaiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.awaiting_since
+                .store(self.now_ms() + 1, Ordering::Release);
+        }
+        AwaitingGuard(self.clone())
+    }
+
+    /// The longest wait for an answer of this record that has ended.
+    pub fn longest_await(&self) -> Duration {
+        Duration::from_millis(self.longest_await_ms.load(Ordering::Acquire))
+    }
+
+    /// Whether a request of the record has awaited its answer for `leash`
+    /// (doubled as the record's own leash was) and the record may be cut
+    /// at all. A retry's sleep (a documented backoff) and a large answer's
+    /// body being read are not waits for an answer.
+    pub fn outlasts(&self, leash: Duration) -> bool {
+        if self.cut_after_ms.load(Ordering::Relaxed) == u64::MAX
+            || self.awaiting.load(Ordering::Acquire) == 0
+        {
+            return false;
+        }
+        let doublings = self.doublings.load(Ordering::Relaxed).min(31);
+        let leash = leash.as_millis() as u64 * (1u64 << doublings);
+        match self.awaiting_since.load(Ordering::Acquire) {
+            0 => false,
+            since => self.now_ms() + 1 >= since.saturating_add(leash),
+        }
+    }
+
     /// Cuts the record's provider calls short.
     pub fn cut(&self) {
         self.cut.cancel();
@@ -115,6 +165,24 @@ impl RecordClock {
 /// Counts the record as waiting on a provider while alive.
 #[derive(Debug)]
 pub struct WaitingGuard(Arc<RecordClock>);
+
+/// Counts a request of the record as awaiting its answer while alive.
+#[derive(Debug)]
+pub struct AwaitingGuard(Arc<RecordClock>);
+
+impl Drop for AwaitingGuard {
+    fn drop(&mut self) {
+        let clock = &self.0;
+        if clock.awaiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let since = clock.awaiting_since.swap(0, Ordering::AcqRel);
+            // A request cut short is no measure of how long answers take.
+            if since > 0 && !clock.is_cut() {
+                let took = (clock.now_ms() + 1).saturating_sub(since);
+                clock.longest_await_ms.fetch_max(took, Ordering::AcqRel);
+            }
+        }
+    }
+}
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
@@ -154,7 +222,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_straggles_only_while_waiting_on_a_provider_past_its_cut_time() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(2)));
+        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(2)), 0);
         tokio::time::advance(Duration::from_secs(5)).await;
         // Five seconds waiting for a rate-limit permit do not count.
         assert!(!clock.is_straggling());
@@ -168,9 +236,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_request_outlasts_a_leash_doubled_per_cut_and_only_in_flight() {
+        let clock = RecordClock::new();
+        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(5)), 1);
+        let waiting = clock.waiting();
+        let answer = clock.awaiting_answer();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(answer);
+        assert_eq!(clock.longest_await(), Duration::from_millis(300));
+        // Sleeping before a retry: not a request in flight.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!clock.outlasts(Duration::from_millis(500)));
+        let _answer = clock.awaiting_answer();
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(
+            !clock.outlasts(Duration::from_millis(500)),
+            "doubled once: 1 s"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(clock.outlasts(Duration::from_millis(500)));
+        clock.cut();
+        drop(_answer);
+        drop(waiting);
+        assert_eq!(
+            clock.longest_await(),
+            Duration::from_millis(300),
+            "a request cut short is not counted"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_without_a_leash_is_never_cut_for_its_peers() {
+        let clock = RecordClock::new();
+        clock.begin(Duration::from_secs(15), None, 0);
+        let _answer = clock.awaiting_answer();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!clock.outlasts(Duration::from_millis(500)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_record_without_a_cut_time_never_straggles() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), None);
+        clock.begin(Duration::from_secs(15), None, 0);
         let _guard = clock.waiting();
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(!clock.is_straggling());
@@ -179,7 +286,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_fit_only_before_the_deadline() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(10), None);
+        clock.begin(Duration::from_secs(10), None, 0);
         let fits = |d| RECORD.sync_scope(clock.clone(), || retry_fits(d));
         assert!(fits(Duration::from_secs(9)));
         assert!(!fits(Duration::from_secs(10)));

@@ -12,6 +12,7 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::budget;
 use super::http::{
     self, error, json_error_summary, non_json_summary, parse_retry_after, read_capped, scrub,
     truncate, AnswerOutcome, Attempt, ClientBuildError, ClientOptions, RetryContext,
@@ -98,6 +99,9 @@ impl CredeauClient {
             self.cnt_sms_threshold,
             self.groupings.as_ref(),
         );
+        // Until the answer's status line and headers: a large body read
+        // after them is not a provider that hangs.
+        let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
             .post(&self.endpoint)
@@ -106,6 +110,7 @@ impl CredeauClient {
             .json(&body)
             .send()
             .await;
+        drop(awaiting);
         let response = match sent {
             Ok(r) => r,
             Err(e) => {

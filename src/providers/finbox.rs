@@ -11,6 +11,7 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::budget;
 use super::http::{
     self, error, json_error_summary, non_json_summary, parse_retry_after, read_capped, scrub,
     truncate, AnswerOutcome, Attempt, ClientBuildError, ClientOptions, RetryContext,
@@ -87,6 +88,9 @@ impl FinboxClient {
             "version": self.version,
             "salt": salt,
         });
+        // Until the answer's status line and headers: a large body read
+        // after them is not a provider that hangs.
+        let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
             .post(&self.endpoint)
@@ -94,6 +98,7 @@ impl FinboxClient {
             .json(&body)
             .send()
             .await;
+        drop(awaiting);
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
