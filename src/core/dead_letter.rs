@@ -155,9 +155,7 @@ impl Reason {
             Reason::EncodeFailed => "encode_failed",
         }
     }
-}
 
-impl Reason {
     /// Whether a record dead-lettered for this reason counts for the
     /// dead-letter guard. Exhausted retries do not: they are a provider's
     /// outage or brown-out, the user already gets a final combined event

@@ -99,8 +99,9 @@ impl Batch {
     /// all but a few of the batch's records are done, a request is cut
     /// sooner: when it has awaited its answer [`PEER_FACTOR`] times as long
     /// as the longest wait for an answer of the records done (at least
-    /// [`PEER_FLOOR`]; doubled per cut in a row too). The others' answers are the measure
-    /// of what is slow now, on this machine and under this load.
+    /// [`PEER_FLOOR`]; doubled per cut in a row too). The others' answers
+    /// are the measure of what is slow now, on this machine and under this
+    /// load.
     /// Returns how many were cut.
     pub(super) fn cut_stragglers(&self) -> usize {
         let running = self
@@ -126,16 +127,16 @@ impl Batch {
             if w.running.is_finished() || w.clock.is_cut() {
                 continue;
             }
-            let outlasts = peer_leash.is_some_and(|l| w.clock.outlasts(l));
-            if outlasts {
+            let outlasted = peer_leash.filter(|l| w.clock.outlasts(*l));
+            if let Some(leash) = outlasted {
                 tracing::debug!(
-                    leash_ms = peer_leash.map_or(0, |l| l.as_millis() as u64),
+                    leash_ms = leash.as_millis() as u64,
                     running,
                     records = self.jobs.len(),
                     "request cut short: its answer took four times the longest of its batch's others"
                 );
             }
-            if outlasts || w.clock.is_straggling() {
+            if outlasted.is_some() || w.clock.is_straggling() {
                 w.clock.cut();
                 cut += 1;
             }

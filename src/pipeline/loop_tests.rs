@@ -554,7 +554,6 @@ async fn a_straggler_is_cut_short_so_the_others_commit_about_as_fast_as_without_
     let (baseline, h0, _) = others_done_after(false).await;
     stop(&h0).await;
     let (took, h, hanging) = others_done_after(true).await;
-    eprintln!("others done after {took:?} with hanging users, {baseline:?} without");
     // Not the straggler wait (5 s): cut once the rest of its batch is done
     // and it has taken four times the others' longest request (50 ms), at
     // least 500 ms; plus a loop tick and the commit.

@@ -23,16 +23,11 @@ pub struct RecordClock {
     /// How long the record may wait on providers while it holds its batch
     /// before it is cut short (`u64::MAX`: never).
     cut_after_ms: AtomicU64,
-    /// Attempts in flight or retry sleeps in progress now.
-    waiting: AtomicU32,
-    /// When the current wait on providers began, in ms from `base` plus one
-    /// (0: not waiting).
-    waiting_since: AtomicU64,
-    /// Requests sent and not yet answered now (until the answer's status
-    /// and headers; not retry sleeps, not reading a body), and since when,
-    /// as `waiting` and `waiting_since`.
-    awaiting: AtomicU32,
-    awaiting_since: AtomicU64,
+    /// Attempts in flight or retry sleeps (waits on providers).
+    waiting: Stretch,
+    /// Requests sent and not yet answered (until the answer's status and
+    /// headers; not retry sleeps, not reading a body).
+    awaiting: Stretch,
     /// The longest wait for an answer of this record that has ended (not
     /// cut short), in ms.
     longest_await_ms: AtomicU64,
@@ -48,10 +43,8 @@ impl Default for RecordClock {
             base: Instant::now(),
             deadline_ms: AtomicU64::new(u64::MAX),
             cut_after_ms: AtomicU64::new(u64::MAX),
-            waiting: AtomicU32::new(0),
-            waiting_since: AtomicU64::new(0),
-            awaiting: AtomicU32::new(0),
-            awaiting_since: AtomicU64::new(0),
+            waiting: Stretch::default(),
+            awaiting: Stretch::default(),
             longest_await_ms: AtomicU64::new(0),
             doublings: AtomicU32::new(0),
             cut: CancellationToken::new(),
@@ -94,10 +87,7 @@ impl RecordClock {
     /// Marks the record as waiting on a provider until the guard is
     /// dropped.
     pub fn waiting(self: &Arc<Self>) -> WaitingGuard {
-        if self.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.waiting_since
-                .store(self.now_ms() + 1, Ordering::Release);
-        }
+        self.waiting.enter(self.now_ms());
         WaitingGuard(self.clone())
     }
 
@@ -105,22 +95,13 @@ impl RecordClock {
     /// time, and is waiting still.
     pub fn is_straggling(&self) -> bool {
         let cut_after = self.cut_after_ms.load(Ordering::Relaxed);
-        if cut_after == u64::MAX || self.waiting.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        match self.waiting_since.load(Ordering::Acquire) {
-            0 => false,
-            since => self.now_ms() + 1 >= since.saturating_add(cut_after),
-        }
+        cut_after != u64::MAX && self.waiting.lasted(self.now_ms(), cut_after)
     }
 
     /// Marks a request sent to a provider and not yet answered (status
     /// and headers) until the guard is dropped.
     pub fn awaiting_answer(self: &Arc<Self>) -> AwaitingGuard {
-        if self.awaiting.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.awaiting_since
-                .store(self.now_ms() + 1, Ordering::Release);
-        }
+        self.awaiting.enter(self.now_ms());
         AwaitingGuard(self.clone())
     }
 
@@ -134,17 +115,12 @@ impl RecordClock {
     /// at all. A retry's sleep (a documented backoff) and a large answer's
     /// body being read are not waits for an answer.
     pub fn outlasts(&self, leash: Duration) -> bool {
-        if self.cut_after_ms.load(Ordering::Relaxed) == u64::MAX
-            || self.awaiting.load(Ordering::Acquire) == 0
-        {
+        if self.cut_after_ms.load(Ordering::Relaxed) == u64::MAX {
             return false;
         }
         let doublings = self.doublings.load(Ordering::Relaxed).min(31);
         let leash = leash.as_millis() as u64 * (1u64 << doublings);
-        match self.awaiting_since.load(Ordering::Acquire) {
-            0 => false,
-            since => self.now_ms() + 1 >= since.saturating_add(leash),
-        }
+        self.awaiting.lasted(self.now_ms(), leash)
     }
 
     /// Cuts the record's provider calls short.
@@ -173,21 +149,56 @@ pub struct AwaitingGuard(Arc<RecordClock>);
 impl Drop for AwaitingGuard {
     fn drop(&mut self) {
         let clock = &self.0;
-        if clock.awaiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let since = clock.awaiting_since.swap(0, Ordering::AcqRel);
-            // A request cut short is no measure of how long answers take.
-            if since > 0 && !clock.is_cut() {
-                let took = (clock.now_ms() + 1).saturating_sub(since);
-                clock.longest_await_ms.fetch_max(took, Ordering::AcqRel);
-            }
+        let lasted = clock.awaiting.leave(clock.now_ms());
+        // A request cut short is no measure of how long answers take.
+        if let Some(took) = lasted.filter(|_| !clock.is_cut()) {
+            clock.longest_await_ms.fetch_max(took, Ordering::AcqRel);
         }
     }
 }
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.waiting_since.store(0, Ordering::Release);
+        self.0.waiting.leave(self.0.now_ms());
+    }
+}
+
+/// Overlapping spans of one kind (a FinBox and a Credeau call of the same
+/// record) counted as one stretch: how many are open, and since when.
+#[derive(Debug, Default)]
+struct Stretch {
+    open: AtomicU32,
+    /// When the stretch began, in ms from the clock's base plus one (0:
+    /// none open).
+    since: AtomicU64,
+}
+
+impl Stretch {
+    fn enter(&self, now_ms: u64) {
+        if self.open.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.since.store(now_ms + 1, Ordering::Release);
+        }
+    }
+
+    /// Closes one span; when it was the last, how long the stretch lasted.
+    fn leave(&self, now_ms: u64) -> Option<u64> {
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        match self.since.swap(0, Ordering::AcqRel) {
+            0 => None,
+            since => Some((now_ms + 1).saturating_sub(since)),
+        }
+    }
+
+    /// Whether a stretch is open and has lasted at least `ms`.
+    fn lasted(&self, now_ms: u64, ms: u64) -> bool {
+        if self.open.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        match self.since.load(Ordering::Acquire) {
+            0 => false,
+            since => now_ms + 1 >= since.saturating_add(ms),
         }
     }
 }
