@@ -334,6 +334,8 @@ pub struct PipelineContext {
     committed: Mutex<HashMap<TopicPartition, i64>>,
     /// Unread records per partition, from the last statistics.
     lag: Mutex<HashMap<TopicPartition, i64>>,
+    /// The broker leading each partition, from the last statistics.
+    leaders: Mutex<HashMap<TopicPartition, i32>>,
     /// Whether a transaction carrying consumed offsets is open.
     pub transaction: TransactionGate,
 }
@@ -414,6 +416,7 @@ impl PipelineContext {
             delay_topics,
             committed: Mutex::new(HashMap::new()),
             lag: Mutex::new(HashMap::new()),
+            leaders: Mutex::new(HashMap::new()),
             transaction: TransactionGate::new(transaction_timeout + Duration::from_secs(5)),
         }
     }
@@ -464,6 +467,7 @@ impl ClientContext for PipelineContext {
             .clone();
         let mut waiting = 0i64;
         let mut lags = HashMap::new();
+        let mut leaders = HashMap::new();
         for (topic, t) in &stats.topics {
             for (id, p) in &t.partitions {
                 if *id < 0 || !p.desired {
@@ -475,6 +479,7 @@ impl ClientContext for PipelineContext {
                     p.hi_offset
                 };
                 let tp = TopicPartition::new(topic.as_str(), *id);
+                leaders.insert(tp.clone(), p.leader);
                 let ours = committed.get(&tp).copied();
                 let position = [ours.unwrap_or(-1), p.committed_offset, p.lo_offset]
                     .into_iter()
@@ -493,6 +498,7 @@ impl ClientContext for PipelineContext {
         }
         self.metrics.users_waiting.set(waiting);
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = lags;
+        *self.leaders.lock().unwrap_or_else(|p| p.into_inner()) = leaders;
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -595,6 +601,43 @@ pub struct KafkaConsumer {
 }
 
 impl KafkaConsumer {
+    /// librdkafka takes a resume in on its broker thread's next wake-up,
+    /// and a broker thread whose partitions were all paused sleeps up to a
+    /// second: a backlog read in bursts then waited most of a second after
+    /// every resume (docs/benchmarks.md). Any request to that broker wakes
+    /// its thread, so one watermark query per leading broker (one unknown
+    /// leader stands for all before the first statistics) goes out on a
+    /// blocking thread; its answer is not used.
+    fn wake_fetchers(&self, partitions: &[TopicPartition]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let one_per_leader: Vec<TopicPartition> = {
+            let leaders = self
+                .consumer
+                .context()
+                .leaders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut seen = HashSet::new();
+            partitions
+                .iter()
+                .filter(|tp| seen.insert(leaders.get(*tp).copied().unwrap_or(-1)))
+                .cloned()
+                .collect()
+        };
+        let consumer = self.consumer.clone();
+        let wake = move || {
+            for tp in one_per_leader {
+                let _ = consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(1));
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(wake)),
+            Err(_) => drop(std::thread::spawn(wake)),
+        }
+    }
+
     /// The generation and member id librdkafka holds now.
     fn membership(&self) -> Option<Membership> {
         use rdkafka::bindings as rd;
@@ -685,6 +728,7 @@ impl LoopConsumer for KafkaConsumer {
         if let Err(e) = self.consumer.resume(&Self::tpl(partitions)) {
             tracing::debug!(error = %e, "resume failed");
         }
+        self.wake_fetchers(partitions);
     }
 
     fn seek(&self, tp: &TopicPartition, offset: i64) {
