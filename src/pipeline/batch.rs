@@ -70,6 +70,34 @@ impl Batch {
         self.jobs.len()
     }
 
+    /// Takes `next`, read after this batch, into this one, so both commit
+    /// in one transaction; gives it back untouched when a partition of
+    /// both was read under another epoch or out of order (a rewind in
+    /// between): those stay separate transactions.
+    pub(super) fn absorb(&mut self, next: Batch) -> Result<(), Batch> {
+        let fits = next.offsets.iter().all(|(tp, read)| {
+            self.offsets
+                .get(tp)
+                .is_none_or(|mine| mine.epoch == read.epoch && mine.range.last < read.range.first)
+        });
+        if !fits {
+            return Err(next);
+        }
+        for (tp, read) in next.offsets {
+            self.offsets
+                .entry(tp)
+                .and_modify(|mine| mine.range.last = read.range.last)
+                .or_insert(read);
+        }
+        self.jobs.extend(next.jobs);
+        self.bytes += next.bytes;
+        self.started = match (self.started, next.started) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(())
+    }
+
     pub(super) fn is_finished(&self) -> bool {
         self.jobs.iter().all(|(_, w)| w.running.is_finished())
     }

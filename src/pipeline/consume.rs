@@ -51,7 +51,7 @@ use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
 use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::transaction;
 use crate::pipeline::worker::{
-    classify_tier_record, now_ms, Job, Processed, SourceKind, TierDecision, Worker,
+    classify_tier_record, now_ms, HeldBytes, Job, Processed, SourceKind, TierDecision, Worker,
 };
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
@@ -101,6 +101,13 @@ const COMMIT_GRACE: Duration = Duration::from_secs(1);
 /// How often the loop's state is logged (at debug level).
 const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// How many batches' worth of records may be read and not yet committed.
+const READ_AHEAD_BATCHES: usize = 8;
+
+/// The most batches one transaction takes (finished ones waiting behind
+/// the transaction before it).
+const MERGED_BATCHES: usize = 4;
+
 /// A batch whose records are processed and which waits for its
 /// transaction.
 struct Prepared {
@@ -146,6 +153,9 @@ pub struct ConsumeLoop {
     running: Arc<AtomicUsize>,
     /// Woken whenever a record's work ends.
     job_done: Arc<Notify>,
+    /// Bytes of the outputs of records done and not yet handed to the
+    /// producer (`Processed::held`).
+    held_bytes: Arc<AtomicUsize>,
     cooldown_until: Option<Instant>,
     /// When the straggler cut and the liveness report last ran: they look
     /// at every record and partition, so they run at most every
@@ -169,6 +179,7 @@ impl ConsumeLoop {
             in_flight,
             running: Arc::new(AtomicUsize::new(0)),
             job_done: Arc::new(Notify::new()),
+            held_bytes: Arc::new(AtomicUsize::new(0)),
             cooldown_until: None,
             housekeeping_at: None,
             state_logged_at: None,
@@ -373,19 +384,25 @@ impl ConsumeLoop {
         self.collecting.len() + self.queued.iter().map(Batch::len).sum::<usize>()
     }
 
-    /// Bytes of the records counted by `outstanding`.
+    /// Bytes of the records counted by `outstanding`, and of the outputs
+    /// of those done (until they are handed to the producer).
     fn outstanding_bytes(&self) -> usize {
-        self.collecting.bytes + self.queued.iter().map(|b| b.bytes).sum::<usize>()
+        self.collecting.bytes
+            + self.queued.iter().map(|b| b.bytes).sum::<usize>()
+            + self.held_bytes.load(Ordering::Relaxed)
     }
 
     /// The most records read and not yet committed, finished or not: a
     /// slow record holds the batches behind it (they commit in order), so
-    /// their finished records wait in memory. Four batches: a straggler is
-    /// cut within its leash, and reading on meanwhile keeps the records
-    /// behind it flowing (with two, a brown-out of 5 % hanging users cost
-    /// the others one leash per two batches of backlog).
+    /// their finished records wait in memory (their outputs count against
+    /// the byte budget). [`READ_AHEAD_BATCHES`] batches: a straggler is cut
+    /// within its leash, and reading on meanwhile keeps the records behind
+    /// it flowing (with two, a brown-out of 5 % hanging users cost the
+    /// others one leash per two batches of backlog); and a backlog keeps
+    /// the providers busy while a transaction of up to
+    /// [`MERGED_BATCHES`] batches commits.
     fn max_outstanding(&self) -> usize {
-        self.parts.settings.max_batch.max(1) * 4
+        self.parts.settings.max_batch.max(1) * READ_AHEAD_BATCHES
     }
 
     /// Pauses every partition when as many records are being worked on as
@@ -547,13 +564,20 @@ impl ConsumeLoop {
         let record_clock = clock.clone();
         let in_flight = self.in_flight.clone();
         let done = self.job_done.clone();
+        let held = self.held_bytes.clone();
         let running = RunningGuard::new(self.running.clone());
         let running = tokio::spawn(async move {
             // Counted until the work ends or is cancelled.
             let _running = running;
             // The semaphore is never closed, so acquiring only waits.
             let _permit = in_flight.acquire_owned().await;
-            let r = worker.process(job, record_clock).await;
+            // Boxed: a task's size is its future's largest state, and the
+            // provider calls' state is several kilobytes, which every record
+            // read ahead would take while it only waits for a permit.
+            let mut r = Box::pin(worker.process(job, record_clock)).await;
+            if let Ok(p) = &mut r {
+                p.held = Some(HeldBytes::new(p.output_bytes(), held));
+            }
             done.notify_one();
             r
         });
@@ -605,18 +629,41 @@ impl ConsumeLoop {
             return Ok(());
         }
         while self.queued.front().is_some_and(Batch::is_finished) {
-            let Some(batch) = self.queued.pop_front() else {
+            let Some(mut batch) = self.queued.pop_front() else {
                 break;
             };
             if batch.jobs.is_empty() {
                 continue;
             }
+            self.take_finished_behind(&mut batch);
             if let Some(prepared) = self.prepare(batch).await? {
                 self.committing = Some(self.start_commit(prepared));
                 break;
             }
         }
         Ok(())
+    }
+
+    /// A transaction's cost is mostly fixed (the commit's round trips to
+    /// the coordinator): when batches finished while the one before them
+    /// committed, they go into one transaction with `batch`, up to
+    /// [`MERGED_BATCHES`] batches' worth of records. Commits stay in read
+    /// order; only fewer of them.
+    fn take_finished_behind(&mut self, batch: &mut Batch) {
+        let most = self.parts.settings.max_batch.max(1) * MERGED_BATCHES;
+        while self
+            .queued
+            .front()
+            .is_some_and(|b| b.is_finished() && batch.len() + b.len() <= most)
+        {
+            let Some(next) = self.queued.pop_front() else {
+                break;
+            };
+            if let Err(next) = batch.absorb(next) {
+                self.queued.push_front(next);
+                break;
+            }
+        }
     }
 
     /// Takes a finished batch's results and checks the dead-letter guard.
@@ -663,7 +710,7 @@ impl ConsumeLoop {
         }))
     }
 
-    fn start_commit(&self, prepared: Prepared) -> Committing {
+    fn start_commit(&self, mut prepared: Prepared) -> Committing {
         tracing::debug!(
             records = prepared.processed.len(),
             partitions = prepared.offsets.len(),
@@ -677,7 +724,7 @@ impl ConsumeLoop {
             let result = transaction::run(
                 producer.as_ref(),
                 consumer.as_ref(),
-                &prepared.processed,
+                &mut prepared.processed,
                 &prepared.offsets,
             )
             .await;

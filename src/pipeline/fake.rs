@@ -71,6 +71,8 @@ struct State {
     commits: u32,
     aborts: u32,
     fail_commits: Vec<u32>,
+    /// How long every commit takes (a broker's round trips).
+    commit_latency: Duration,
     fatal_commits: Vec<u32>,
     renewals: u32,
     disruptions: Vec<(u32, Disruption)>,
@@ -131,6 +133,7 @@ impl FakeBroker {
                 commits: 0,
                 aborts: 0,
                 fail_commits: vec![],
+                commit_latency: Duration::ZERO,
                 fatal_commits: vec![],
                 renewals: 0,
                 disruptions: vec![],
@@ -203,6 +206,11 @@ impl FakeBroker {
     pub fn commits_and_aborts(&self) -> (u32, u32) {
         let s = self.lock();
         (s.commits, s.aborts)
+    }
+
+    /// Makes every commit from now on take `latency`.
+    pub fn slow_commits(&self, latency: Duration) {
+        self.lock().commit_latency = latency;
     }
 
     /// Makes the `n`th commit from now (1 = the next) fail as abortable.
@@ -586,6 +594,10 @@ impl TxnProducer for FakeBroker {
     }
 
     async fn commit(&self) -> Result<(), CommitError> {
+        let latency = self.lock().commit_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut s = self.lock();
         let n = s.commits + s.aborts + 1;
         if let Some(i) = s.fail_commits.iter().position(|at| *at == n) {

@@ -380,7 +380,9 @@ async fn a_producer_that_keeps_failing_fatally_stops_the_loop() {
 #[tokio::test(start_paused = true)]
 async fn a_consumer_that_fails_fatally_stops_the_loop_without_committing_more() {
     let broker = broker(Duration::from_secs(30));
-    let users = onboard(&broker, "fenced", 400);
+    // More than the loop reads ahead (eight batches) and commits at once
+    // (four), so that some are left when the fence is seen.
+    let users = onboard(&broker, "fenced", 2000);
     let mut ls = loop_settings();
     ls.max_batch = 50;
     let h = start(broker, quick(10), quick(10), ls).await;
@@ -833,4 +835,27 @@ async fn reading_pauses_at_the_byte_budget_of_records_not_yet_committed() {
     finish(&h, &users, Duration::from_secs(600)).await;
     assert_exactly_once(&h, &users);
     assert_eq!(h.finbox.calls(), users.len(), "one FinBox call per user");
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_that_finish_during_a_slow_commit_go_into_the_next_transaction_together() {
+    // Commits take 200 ms and a batch of 50 quick users far less: the
+    // batches that finish meanwhile commit together (up to four), in read
+    // order, each user once.
+    let broker = broker(Duration::from_secs(30));
+    broker.slow_commits(Duration::from_millis(200));
+    let users = onboard(&broker, "merged", 2000);
+    let mut ls = loop_settings();
+    ls.max_batch = 50;
+    let h = start(broker, quick(10), quick(10), ls).await;
+    finish(&h, &users, Duration::from_secs(600)).await;
+    assert_exactly_once(&h, &users);
+    let (commits, aborts) = h.broker.commits_and_aborts();
+    assert_eq!(aborts, 0);
+    // 40 batches; with four a transaction, at least 10 commits.
+    assert!(
+        (10..=20).contains(&commits),
+        "{commits} transactions for 40 batches"
+    );
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
 }

@@ -24,7 +24,7 @@ use crate::pipeline::worker::{OutRecord, Processed};
 pub async fn run(
     producer: &dyn TxnProducer,
     consumer: &dyn LoopConsumer,
-    processed: &[Processed],
+    processed: &mut [Processed],
     offsets: &BatchOffsets,
 ) -> Result<(), CommitError> {
     let gate = consumer.transaction_gate();
@@ -58,14 +58,18 @@ async fn renewed(producer: &dyn TxnProducer, reason: String) -> Result<(), Commi
 async fn steps(
     producer: &dyn TxnProducer,
     consumer: &dyn LoopConsumer,
-    processed: &[Processed],
+    processed: &mut [Processed],
     offsets: &BatchOffsets,
 ) -> Result<(), CommitError> {
     producer.begin().await?;
     for p in processed {
-        for o in &p.outputs {
+        for o in &mut p.outputs {
             producer.send(o).await?;
+            // The producer holds its own copy now; ours would double what a
+            // transaction in flight keeps in memory.
+            o.release_payload();
         }
+        p.held = None;
     }
     let Some(group) = consumer.group_token() else {
         return Err(CommitError::Abortable("no consumer group metadata".into()));

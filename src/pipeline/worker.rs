@@ -73,6 +73,16 @@ pub struct OutRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+impl OutRecord {
+    /// Drops the key, value and headers once they were handed to the
+    /// producer; the kind and topic stay for what is counted on commit.
+    pub fn release_payload(&mut self) {
+        self.key = None;
+        self.value = None;
+        self.headers = Vec::new();
+    }
+}
+
 /// Everything one consumed record leads to.
 #[derive(Debug, Default)]
 pub struct Processed {
@@ -86,6 +96,47 @@ pub struct Processed {
     pub failures: Vec<(Stage, Reason)>,
     /// What to count once the batch commits (`metrics::events`).
     pub counted: Vec<Committed>,
+    /// The outputs' bytes, counted against `schedule.max_in_flight_bytes`
+    /// while they wait for their transaction.
+    pub held: Option<HeldBytes>,
+}
+
+impl Processed {
+    /// Bytes of the outputs (key, value, headers).
+    pub fn output_bytes(&self) -> usize {
+        self.outputs
+            .iter()
+            .map(|o| {
+                o.key.as_ref().map_or(0, Vec::len)
+                    + o.value.as_ref().map_or(0, Vec::len)
+                    + o.headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// Bytes counted in a shared total for as long as this lives.
+#[derive(Debug)]
+pub struct HeldBytes {
+    bytes: usize,
+    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HeldBytes {
+    pub fn new(bytes: usize, total: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> HeldBytes {
+        total.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        HeldBytes { bytes, total }
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Processed {
