@@ -51,7 +51,8 @@ use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
 use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::transaction;
 use crate::pipeline::worker::{
-    classify_tier_record, now_ms, HeldBytes, Job, Processed, SourceKind, TierDecision, Worker,
+    classify_tier_record, now_ms, record_size, HeldBytes, Job, Processed, SourceKind, TierDecision,
+    Worker,
 };
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
@@ -820,13 +821,7 @@ impl ConsumeLoop {
 
 /// What a consumed record weighs against `max_in_flight_bytes`.
 fn record_bytes(rec: &crate::pipeline::worker::Incoming) -> usize {
-    rec.key.as_ref().map_or(0, Vec::len)
-        + rec.value.as_ref().map_or(0, Vec::len)
-        + rec
-            .headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
+    record_size(&rec.key, &rec.value, &rec.headers)
 }
 
 type CommitEnd = Result<(Prepared, Result<(), CommitError>), tokio::task::JoinError>;

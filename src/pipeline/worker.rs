@@ -4,6 +4,7 @@
 //! events and the dead letters. It never touches Kafka itself: the loop
 //! produces what it returns, inside the batch's transaction.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::core::dead_letter::{self, Reason, ReplayTarget};
@@ -106,36 +107,43 @@ impl Processed {
     pub fn output_bytes(&self) -> usize {
         self.outputs
             .iter()
-            .map(|o| {
-                o.key.as_ref().map_or(0, Vec::len)
-                    + o.value.as_ref().map_or(0, Vec::len)
-                    + o.headers
-                        .iter()
-                        .map(|(k, v)| k.len() + v.len())
-                        .sum::<usize>()
-            })
+            .map(|o| record_size(&o.key, &o.value, &o.headers))
             .sum()
     }
+}
+
+/// What a record weighs in memory against `schedule.max_in_flight_bytes`:
+/// its key, value and headers.
+pub fn record_size(
+    key: &Option<Vec<u8>>,
+    value: &Option<Vec<u8>>,
+    headers: &[(String, Vec<u8>)],
+) -> usize {
+    key.as_ref().map_or(0, Vec::len)
+        + value.as_ref().map_or(0, Vec::len)
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// Bytes counted in a shared total for as long as this lives.
 #[derive(Debug)]
 pub struct HeldBytes {
     bytes: usize,
-    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    total: Arc<AtomicUsize>,
 }
 
 impl HeldBytes {
-    pub fn new(bytes: usize, total: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> HeldBytes {
-        total.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    pub fn new(bytes: usize, total: Arc<AtomicUsize>) -> HeldBytes {
+        total.fetch_add(bytes, Ordering::Relaxed);
         HeldBytes { bytes, total }
     }
 }
 
 impl Drop for HeldBytes {
     fn drop(&mut self) {
-        self.total
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
