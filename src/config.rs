@@ -1519,7 +1519,7 @@ fn owned_kafka_property(key: &str) -> Option<&'static str> {
             "the consumer's read-ahead and delay-tier latency depend on the service's own value"
         }
         "compression.type" | "compression.codec" => {
-            "the service compresses with zstd (record sizes depend on it)"
+            "the service chooses the codec of what it produces (lz4)"
         }
         "linger.ms" | "queue.buffering.max.ms" => {
             "the batch commit latency depends on the service's own value"

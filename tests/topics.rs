@@ -94,7 +94,7 @@ async fn created_topics_get_the_partitions_retention_compression_and_size_of_the
         let compression = if *topic == topics.input {
             "producer"
         } else {
-            "zstd"
+            "lz4"
         };
         assert_eq!(c["compression.type"], compression, "{topic}");
     }

@@ -23,11 +23,15 @@ use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
 use crate::pipeline::worker::{Incoming, SourceKind};
 
 /// The codec of everything the service produces, and of the topics it
-/// creates for itself. zstd because SMS extraction events are megabytes of
-/// text (5,000 SMS a request), where its ratio decides how many fit in one
-/// record; on the small records it costs about 4 % of the service's CPU
-/// (docs/benchmarks.md, profile).
-pub const COMPRESSION: &str = "zstd";
+/// creates for itself. lz4 rather than zstd: librdkafka builds a zstd
+/// context of a megabyte or more for every batch it compresses, which cost
+/// 6-9 % of the service's CPU (and as many page faults) on the small
+/// records of a backlog; lz4 costs about 1 %. The record size limit is
+/// checked before compression either way, so the codec changes what the
+/// brokers store, not what fits in a record (docs/benchmarks.md). Records
+/// compressed otherwise (the lender's input, an older version's delay
+/// records) are still read.
+pub const COMPRESSION: &str = "lz4";
 
 /// Settings shared by every client (the admin client, the start-up probe,
 /// the DLQ tools, and the base of the consumer and the producer): brokers
