@@ -129,7 +129,12 @@ fn main() -> ExitCode {
             let log_error = settings.log.format == insights_enricher::config::LogFormat::Json;
             block_on(log_error, async move {
                 let shutdown = shutdown_on_signal();
-                pipeline::run(settings, shutdown).await
+                // On a worker thread, not the main one: the loop and the
+                // records' tasks wake each other within the pool.
+                match tokio::spawn(pipeline::run(settings, shutdown)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow::anyhow!("the pipeline task failed: {e}")),
+                }
             })
         }
     }
