@@ -14,7 +14,9 @@ use insights_enricher::events::avro::EventSchema;
 use insights_enricher::events::{
     DecodeError, EncodeError, InputDecoder, OutputEncoder, RegistryClient,
 };
-use insights_enricher::providers::{FinboxInsights, Predictor, ProviderErrorKind, SmsExtraction};
+use insights_enricher::providers::{
+    FinboxInsights, Predictor, ProviderErrorKind, SmsEntry, SmsExtraction,
+};
 use insights_enricher::task::{
     Done, LastError, OnboardedUser, Outcome, ProviderTrack, SourceRef, Task, TASK_VERSION,
 };
@@ -615,13 +617,18 @@ fn seed_entry(i: usize) -> Map<String, Value> {
     serde_json::from_value(v).unwrap()
 }
 
+/// An entry as the Credeau client keeps it: the JSON text of the object.
+fn as_entry(m: Map<String, Value>) -> SmsEntry {
+    serde_json::value::to_raw_value(&m).unwrap()
+}
+
 #[tokio::test]
 async fn sms_extraction_round_trips_through_avro_with_unknown_fields_in_extra() {
     let (_reg, client, enc) = avro_encoder().await;
     let mut odd = seed_entry(2);
     odd.insert("transaction".into(), json!("80 rupees"));
     let sms = SmsExtraction {
-        entries: vec![seed_entry(1), odd],
+        entries: vec![as_entry(seed_entry(1)), as_entry(odd)],
         cnt_sms_threshold: Some(5000),
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
@@ -709,7 +716,7 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
         .await
         .unwrap();
     let sms = SmsExtraction {
-        entries: vec![seed_entry(1), seed_entry(2)],
+        entries: vec![as_entry(seed_entry(1)), as_entry(seed_entry(2))],
         cnt_sms_threshold: Some(2),
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
@@ -730,12 +737,16 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
     );
     assert_eq!(v["cnt_sms_threshold"], 2);
     let entries: Vec<Map<String, Value>> = serde_json::from_value(v["entries"].clone()).unwrap();
-    assert_eq!(entries, sms.entries);
+    assert_eq!(entries, vec![seed_entry(1), seed_entry(2)]);
+    // Byte for byte: the entries' text is carried over, not encoded again.
+    let text = String::from_utf8(parts[0].clone()).unwrap();
+    let joined = format!("[{},{}]", sms.entries[0].get(), sms.entries[1].get());
+    assert!(text.contains(&format!("\"entries\":{joined}")), "{text}");
 }
 
 async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
     let sms = SmsExtraction {
-        entries: (0..40).map(seed_entry).collect(),
+        entries: (0..40).map(|i| as_entry(seed_entry(i))).collect(),
         cnt_sms_threshold: Some(i32::MAX as u32),
     };
     let max = 4096;
@@ -785,7 +796,10 @@ async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
     let expected: Vec<String> = sms
         .entries
         .iter()
-        .map(|e| e["_id"].as_str().unwrap().to_string())
+        .map(|e| {
+            let v: Value = serde_json::from_str(e.get()).unwrap();
+            v["_id"].as_str().unwrap().to_string()
+        })
         .collect();
     assert_eq!(ids, expected, "every entry exactly once, in order");
 
@@ -795,7 +809,7 @@ async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
         .sms_extraction(
             &task(),
             &SmsExtraction {
-                entries: vec![seed_entry(1), huge],
+                entries: vec![as_entry(seed_entry(1)), as_entry(huge)],
                 ..Default::default()
             },
             T0,
@@ -830,7 +844,7 @@ async fn five_thousand_sms_fit_one_eight_mib_value_in_both_encodings() {
         .await
         .unwrap();
     let sms = SmsExtraction {
-        entries: (0..5000).map(seed_entry).collect(),
+        entries: (0..5000).map(|i| as_entry(seed_entry(i))).collect(),
         cnt_sms_threshold: Some(5000),
     };
     let raw: usize = sms

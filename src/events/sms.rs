@@ -12,8 +12,10 @@ use serde_json::{Map, Value};
 
 use super::avro::{self, put_bool, put_bytes, put_double, put_int, put_long, put_str};
 use super::encode_error::EncodeError;
+use crate::providers::SmsEntry;
 use crate::task::Millis;
 
+/// An entry's fields, read for the Avro record.
 type Entry = Map<String, Value>;
 
 pub(crate) struct SmsHeader<'a> {
@@ -210,7 +212,7 @@ fn count_i32_u32(n: u32) -> i32 {
 
 pub(crate) fn encode_avro(
     h: &SmsHeader<'_>,
-    entries: &[Entry],
+    entries: &[SmsEntry],
     schema_id: u32,
     max: usize,
 ) -> Result<Vec<Vec<u8>>, EncodeError> {
@@ -218,9 +220,11 @@ pub(crate) fn encode_avro(
         bytes: Vec::with_capacity(entries.len() * 1024),
         ends: Vec::with_capacity(entries.len()),
     };
-    let (mut extras, mut scratch) = (Vec::new(), Vec::new());
+    let mut scratch = Vec::new();
     for e in entries {
-        put_entry(&mut enc.bytes, e, &mut extras, &mut scratch)?;
+        let fields: Entry = serde_json::from_str(e.get())?;
+        let mut extras = Vec::new();
+        put_entry(&mut enc.bytes, &fields, &mut extras, &mut scratch)?;
         enc.ends.push(enc.bytes.len());
     }
     let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {
@@ -262,15 +266,16 @@ pub(crate) fn encode_avro(
 
 pub(crate) fn encode_json(
     h: &SmsHeader<'_>,
-    entries: &[Entry],
+    entries: &[SmsEntry],
     max: usize,
 ) -> Result<Vec<Vec<u8>>, EncodeError> {
     let mut enc = EncodedEntries {
-        bytes: Vec::with_capacity(entries.len() * 1024),
+        bytes: Vec::with_capacity(entries.iter().map(|e| e.get().len()).sum()),
         ends: Vec::with_capacity(entries.len()),
     };
+    // Each entry as Credeau sent it: a JSON object already.
     for e in entries {
-        serde_json::to_writer(&mut enc.bytes, e)?;
+        enc.bytes.extend_from_slice(e.get().as_bytes());
         enc.ends.push(enc.bytes.len());
     }
     let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {

@@ -21,7 +21,7 @@ use super::http::{
 use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
 use super::ProviderErrorKind as Kind;
-use super::{CredeauAnswer, CredeauApi, Provider, ProviderError, SmsExtraction};
+use super::{CredeauAnswer, CredeauApi, Provider, ProviderError, SmsEntry, SmsExtraction};
 use crate::config::{CredeauSettings, SecretSource};
 use crate::metrics::Metrics;
 
@@ -201,7 +201,7 @@ impl AnswerOutcome for CredeauAnswer {
 
 #[derive(Deserialize)]
 struct SuccessBody {
-    extracted_sms_data: Vec<Map<String, Value>>,
+    extracted_sms_data: Vec<SmsEntry>,
 }
 
 /// Maps one Credeau response (status, content type, body) to an answer or
@@ -215,10 +215,25 @@ pub fn map_response(
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<SuccessBody>(body) {
             Ok(parsed) if parsed.extracted_sms_data.is_empty() => Ok(CredeauAnswer::Empty),
-            Ok(parsed) => Ok(CredeauAnswer::Data(SmsExtraction {
-                entries: parsed.extracted_sms_data,
-                cnt_sms_threshold: None,
-            })),
+            Ok(parsed) => {
+                // Kept as text, so the shape of each entry is checked here.
+                if let Some(i) = parsed
+                    .extracted_sms_data
+                    .iter()
+                    .position(|e| !e.get().starts_with('{'))
+                {
+                    return Err(error(
+                        PROVIDER,
+                        Kind::InvalidBody,
+                        Some(status),
+                        format!("JSON of an unexpected shape (SMS entry {i} is not an object)"),
+                    ));
+                }
+                Ok(CredeauAnswer::Data(SmsExtraction {
+                    entries: parsed.extracted_sms_data,
+                    cnt_sms_threshold: None,
+                }))
+            }
             Err(e) => {
                 let json_like =
                     content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
@@ -338,7 +353,8 @@ mod tests {
         let CredeauAnswer::Data(sms) = a else {
             panic!("no data")
         };
-        assert_eq!(Value::Object(sms.entries[0].clone()), entry);
+        let got: Value = serde_json::from_str(sms.entries[0].get()).unwrap();
+        assert_eq!(got, entry);
         assert!(!format!("{sms:?}").contains("dear upi user"));
     }
 
@@ -413,6 +429,16 @@ mod tests {
         let shape = map(200, json!({"extracted_sms_data": "private sms text"})).unwrap_err();
         assert_eq!(shape.kind, Kind::InvalidBody);
         assert!(!shape.message.contains("private"), "{}", shape.message);
+        let not_object = map(
+            200,
+            json!({"extracted_sms_data": [{"sms_body": "a"}, "private sms text"]}),
+        )
+        .unwrap_err();
+        assert_eq!(not_object.kind, Kind::InvalidBody);
+        assert_eq!(
+            not_object.message,
+            "JSON of an unexpected shape (SMS entry 1 is not an object)"
+        );
     }
 
     #[test]

@@ -106,14 +106,31 @@ impl FinboxAnswer {
     }
 }
 
+/// One extracted SMS: a JSON object, kept as the text Credeau sent (unknown
+/// fields too). JSON events carry it over byte for byte, so it is neither
+/// parsed into a map nor encoded again; the Avro encoder reads its fields.
+pub type SmsEntry = Box<serde_json::value::RawValue>;
+
 /// Credeau's extracted SMS. Each entry is kept whole (unknown fields too).
 /// Holds SMS bodies: never log it, never put it in an error.
-#[derive(Clone, PartialEq, Default)]
+#[derive(Clone, Default)]
 pub struct SmsExtraction {
-    pub entries: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub entries: Vec<SmsEntry>,
     /// The `cnt_sms_threshold` the request sent (set by the client): when
     /// there are exactly this many entries, the device may hold more.
     pub cnt_sms_threshold: Option<u32>,
+}
+
+impl PartialEq for SmsExtraction {
+    fn eq(&self, other: &Self) -> bool {
+        self.cnt_sms_threshold == other.cnt_sms_threshold
+            && self.entries.len() == other.entries.len()
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| a.get() == b.get())
+    }
 }
 
 impl std::fmt::Debug for SmsExtraction {
