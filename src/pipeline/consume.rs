@@ -103,7 +103,7 @@ const COMMIT_GRACE: Duration = Duration::from_secs(1);
 const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// How many batches' worth of records may be read and not yet committed.
-const READ_AHEAD_BATCHES: usize = 8;
+const READ_AHEAD_BATCHES: usize = 6;
 
 /// The most batches one transaction takes (finished ones waiting behind
 /// the transaction before it).

@@ -380,7 +380,7 @@ async fn a_producer_that_keeps_failing_fatally_stops_the_loop() {
 #[tokio::test(start_paused = true)]
 async fn a_consumer_that_fails_fatally_stops_the_loop_without_committing_more() {
     let broker = broker(Duration::from_secs(30));
-    // More than the loop reads ahead (eight batches) and commits at once
+    // More than the loop reads ahead (six batches) and commits at once
     // (four), so that some are left when the fence is seen.
     let users = onboard(&broker, "fenced", 2000);
     let mut ls = loop_settings();
