@@ -30,7 +30,8 @@ const PROVIDER: Provider = Provider::Credeau;
 /// The Credeau client. One per process; cheap to share in an `Arc`.
 pub struct CredeauClient {
     http: reqwest::Client,
-    endpoint: String,
+    /// Parsed once: a request given a string parses it again each time.
+    endpoint: reqwest::Url,
     client_id: String,
     client_id_header: HeaderValue,
     auth_token: HeaderValue,
@@ -73,7 +74,7 @@ impl CredeauClient {
         })?;
         Ok(CredeauClient {
             http,
-            endpoint: settings.endpoint(),
+            endpoint: http::endpoint_url(PROVIDER, &settings.endpoint())?,
             client_id: settings.client_id.clone(),
             client_id_header,
             auth_token: http::secret_header("credeau.auth_token", settings.auth_token.expose())?,
@@ -104,7 +105,7 @@ impl CredeauClient {
         let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
-            .post(&self.endpoint)
+            .post(self.endpoint.clone())
             .header("x-client-id", self.client_id_header.clone())
             .header("x-auth-token", self.auth_token.clone())
             .json(&body)

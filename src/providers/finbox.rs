@@ -26,10 +26,19 @@ use crate::metrics::Metrics;
 
 const PROVIDER: Provider = Provider::Finbox;
 
+/// The body of a predictors request, written straight to JSON.
+#[derive(serde::Serialize)]
+struct PredictorsRequest<'a> {
+    customer_id: &'a str,
+    version: i64,
+    salt: &'a str,
+}
+
 /// The FinBox client. One per process; cheap to share in an `Arc`.
 pub struct FinboxClient {
     http: reqwest::Client,
-    endpoint: String,
+    /// Parsed once: a request given a string parses it again each time.
+    endpoint: reqwest::Url,
     api_key: HeaderValue,
     api_key_secret: SecretSource,
     server_hash: SecretSource,
@@ -65,7 +74,7 @@ impl FinboxClient {
         })?;
         Ok(FinboxClient {
             http,
-            endpoint: settings.endpoint(),
+            endpoint: http::endpoint_url(PROVIDER, &settings.endpoint())?,
             api_key: http::secret_header("finbox.api_key", settings.api_key.expose())?,
             api_key_secret: settings.api_key.clone(),
             server_hash: settings.server_hash.clone(),
@@ -83,17 +92,17 @@ impl FinboxClient {
     }
 
     async fn attempt(&self, customer_id: &str, salt: &str) -> Attempt<FinboxAnswer> {
-        let body = serde_json::json!({
-            "customer_id": customer_id,
-            "version": self.version,
-            "salt": salt,
-        });
+        let body = PredictorsRequest {
+            customer_id,
+            version: self.version,
+            salt,
+        };
         // Until the answer's status line and headers: a large body read
         // after them is not a provider that hangs.
         let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
-            .post(&self.endpoint)
+            .post(self.endpoint.clone())
             .header("x-api-key", self.api_key.clone())
             .json(&body)
             .send()

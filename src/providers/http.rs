@@ -53,6 +53,18 @@ pub(crate) struct ClientOptions<'a> {
     pub ca_bundle: Option<&'a std::path::Path>,
 }
 
+/// A provider's endpoint, parsed once (its base URL was checked by
+/// [`build_client`]).
+pub(crate) fn endpoint_url(
+    provider: Provider,
+    endpoint: &str,
+) -> Result<reqwest::Url, ClientBuildError> {
+    reqwest::Url::parse(endpoint).map_err(|e| ClientBuildError::InvalidBaseUrl {
+        key: format!("{}.base_url", provider.as_str()),
+        reason: format!("not a URL ({e})"),
+    })
+}
+
 /// One pooled client per provider. HTTPS only, unless the base URL is
 /// explicitly `http://` (the local simulator).
 /// Idle connections kept per provider host. A connection held about 20 KB
