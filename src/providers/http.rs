@@ -53,13 +53,13 @@ pub(crate) struct ClientOptions<'a> {
     pub ca_bundle: Option<&'a std::path::Path>,
 }
 
-/// A provider's endpoint, parsed once (its base URL was checked by
-/// [`build_client`]).
+/// A provider URL (its base URL, or the endpoint built on it), parsed once;
+/// an error names the provider's `base_url` key.
 pub(crate) fn endpoint_url(
     provider: Provider,
-    endpoint: &str,
+    url: &str,
 ) -> Result<reqwest::Url, ClientBuildError> {
-    reqwest::Url::parse(endpoint).map_err(|e| ClientBuildError::InvalidBaseUrl {
+    reqwest::Url::parse(url).map_err(|e| ClientBuildError::InvalidBaseUrl {
         key: format!("{}.base_url", provider.as_str()),
         reason: format!("not a URL ({e})"),
     })
@@ -76,10 +76,7 @@ const MAX_IDLE_CONNECTIONS: usize = 64;
 
 pub(crate) fn build_client(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientBuildError> {
     let section = opts.provider.as_str();
-    let url = url::Url::parse(opts.base_url).map_err(|e| ClientBuildError::InvalidBaseUrl {
-        key: format!("{section}.base_url"),
-        reason: format!("not a URL ({e})"),
-    })?;
+    let url = endpoint_url(opts.provider, opts.base_url)?;
     let https = match url.scheme() {
         "https" => true,
         "http" => false,

@@ -124,12 +124,11 @@ pub struct SmsExtraction {
 impl PartialEq for SmsExtraction {
     fn eq(&self, other: &Self) -> bool {
         self.cnt_sms_threshold == other.cnt_sms_threshold
-            && self.entries.len() == other.entries.len()
             && self
                 .entries
                 .iter()
-                .zip(&other.entries)
-                .all(|(a, b)| a.get() == b.get())
+                .map(|e| e.get())
+                .eq(other.entries.iter().map(|e| e.get()))
     }
 }
 
