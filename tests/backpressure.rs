@@ -317,25 +317,42 @@ async fn users_whose_finbox_calls_fail_do_not_hold_the_others_or_the_group() {
     }
 }
 
-/// Every live instance's `insights_rate_limit_per_minute{provider="finbox"}`
-/// added up.
+/// One instance's `insights_rate_limit_per_minute{provider="finbox"}`;
+/// `None` before it has one (no share yet) or when it cannot be read.
+async fn finbox_share(service: &Service) -> Option<u64> {
+    let port = metrics_port(&service.log_text())?;
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(r#"insights_rate_limit_per_minute{provider="finbox"}"#))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+}
+
+/// The live instances' FinBox shares added up, as at one instant.
+///
+/// The instances are read one after the other, so a plain sum could pair
+/// one instance's share from before a rebalance with another's from after
+/// it. They are read in order and then in reverse, and each counts with
+/// the lower of its two readings. A rebalance lowers the shares of the
+/// partitions it moves before any member gets them back (the barrier), so
+/// with the readings nested this way every instance counts with at most
+/// its share before the barrier, or every one with at most its share after
+/// it: either way a sum one assignment allowed. An instance without a
+/// reading counts as 0.
 async fn finbox_shares(services: &[&Service]) -> u64 {
-    let mut sum = 0;
+    let mut first = Vec::with_capacity(services.len());
     for s in services {
-        let Some(port) = metrics_port(&s.log_text()) else {
-            continue;
-        };
-        let url = format!("http://127.0.0.1:{port}/metrics");
-        let Ok(r) = reqwest::get(url).await else {
-            continue;
-        };
-        let text = r.text().await.unwrap_or_default();
-        sum += text
-            .lines()
-            .find(|l| l.starts_with(r#"insights_rate_limit_per_minute{provider="finbox"}"#))
-            .and_then(|l| l.rsplit_once(' '))
-            .and_then(|(_, v)| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        first.push(finbox_share(s).await);
+    }
+    let mut sum = 0;
+    for (s, before) in services.iter().zip(first).rev() {
+        let after = finbox_share(s).await;
+        sum += before.unwrap_or(0).min(after.unwrap_or(0));
     }
     sum
 }

@@ -131,7 +131,7 @@ pub struct LoopParts {
     pub metrics: Arc<Metrics>,
     /// Called with this instance's share (0..=1) of all consumed partitions
     /// whenever the assignment changes (provider rate limits follow it).
-    pub on_share: Box<dyn Fn(f64) + Send + Sync>,
+    pub on_share: crate::pipeline::kafka::ShareFn,
     /// Records per second the provider rate limits serve now (the lower of
     /// the two), for admission.
     pub admission_rate: Box<dyn Fn() -> f64 + Send + Sync>,

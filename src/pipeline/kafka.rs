@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -342,6 +342,18 @@ pub struct PipelineContext {
     leaders: Mutex<HashMap<TopicPartition, i32>>,
     /// Whether a transaction carrying consumed offsets is open.
     pub transaction: TransactionGate,
+    /// Lowers this instance's share of the provider rate limits as soon as
+    /// partitions are revoked (see [`PipelineContext::set_share_hook`]).
+    share_hook: OnceLock<ShareHook>,
+}
+
+/// This instance's share of the provider rate limits, set from the
+/// partitions it holds out of `total`.
+pub type ShareFn = Arc<dyn Fn(f64) + Send + Sync>;
+
+struct ShareHook {
+    total: usize,
+    set: ShareFn,
 }
 
 /// Marks the time a transaction with consumed offsets is open, so that a
@@ -422,6 +434,19 @@ impl PipelineContext {
             lag: Mutex::new(HashMap::new()),
             leaders: Mutex::new(HashMap::new()),
             transaction: TransactionGate::new(transaction_timeout + Duration::from_secs(5)),
+            share_hook: OnceLock::new(),
+        }
+    }
+
+    /// Has revocations lower the share at once, inside the rebalance
+    /// callback: before this member rejoins, so before any other member is
+    /// handed the partitions. The loop raises it again when it sees the new
+    /// assignment, which can come within the same poll; lowered only there,
+    /// the old and the new owner would hold a share of the same partitions
+    /// at once and the shares could add up to more than the limit.
+    pub fn set_share_hook(&self, total: usize, set: ShareFn) {
+        if total > 0 {
+            let _ = self.share_hook.set(ShareHook { total, set });
         }
     }
 
@@ -558,13 +583,17 @@ impl ConsumerContext for PipelineContext {
                     .consumer_lag
                     .remove_label_values(&[tp.topic.as_str(), &tp.partition.to_string()]);
             }
-            self.with_assignment(|a| {
+            let left = self.with_assignment(|a| {
                 for tp in &revoked {
                     a.assigned.remove(tp);
                 }
                 a.revoked.extend(revoked);
                 a.generation += 1;
+                a.assigned.len()
             });
+            if let Some(hook) = self.share_hook.get() {
+                (hook.set)((left as f64 / hook.total as f64).clamp(0.0, 1.0));
+            }
         }
     }
 

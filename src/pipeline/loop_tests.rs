@@ -151,7 +151,7 @@ async fn start_with(
         guard: DeadLetterGuard::new(s.dead_letter.clone()),
         health,
         metrics: metrics.clone(),
-        on_share: Box::new(|_| {}),
+        on_share: Arc::new(|_| {}),
         admission_rate: Box::new(move || rate),
         total_partitions: 0,
     });

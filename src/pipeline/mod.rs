@@ -193,7 +193,7 @@ impl Pipeline {
         let credeau_total = settings.credeau.http.rate_limit_per_minute;
         let (finbox_share, credeau_share) = (finbox_limit.clone(), credeau_limit.clone());
         let share_metrics = metrics.clone();
-        let on_share = Box::new(move |share: f64| {
+        let on_share: kafka::ShareFn = Arc::new(move |share: f64| {
             // Shares are rounded down, so they never add up to more than
             // the limit. An instance without partitions has no share (its
             // limiter keeps the 1/min floor; it has nothing to call for).
@@ -216,6 +216,9 @@ impl Pipeline {
                 .min(credeau_limit.effective_rate_per_minute());
             per_minute as f64 / 60.0
         });
+        consumer
+            .context()
+            .set_share_hook(brokers.total_partitions, on_share.clone());
         let consume_loop = ConsumeLoop::new(LoopParts {
             consumer: Arc::new(KafkaConsumer {
                 consumer: consumer.clone(),
