@@ -309,8 +309,10 @@ async fn credeau_retries_under_5xx_and_429_outages_double_from_one_second_to_the
                     (d * 8 / 10, d * 12 / 10 + slack_ms)
                 }
                 RetryAfter(secs) => {
+                    // Never shorter than asked; the jitter only lengthens
+                    // it, by up to 20 %.
                     let d = (secs * 1_000).min(cap_ms);
-                    (d, d + slack_ms)
+                    (d, d * 12 / 10 + slack_ms)
                 }
                 NextPoll => (poll_interval_ms, u64::MAX),
             };
