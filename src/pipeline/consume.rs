@@ -322,11 +322,8 @@ impl ConsumeLoop {
             let (generation, assigned) = self.parts.consumer.assignment();
             self.generation_seen = generation;
             self.assigned = assigned;
-            let share = if self.parts.total_partitions == 0 {
-                1.0
-            } else {
-                (self.assigned.len() as f64 / self.parts.total_partitions as f64).clamp(0.0, 1.0)
-            };
+            let share =
+                crate::pipeline::kafka::share_of(self.assigned.len(), self.parts.total_partitions);
             let inputs = self
                 .assigned
                 .keys()

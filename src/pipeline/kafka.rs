@@ -351,6 +351,16 @@ pub struct PipelineContext {
 /// partitions it holds out of `total`.
 pub type ShareFn = Arc<dyn Fn(f64) + Send + Sync>;
 
+/// The share (0..=1) of the provider rate limits that `held` of `total`
+/// consumed partitions give; all of it when the total is unknown (0).
+pub fn share_of(held: usize, total: usize) -> f64 {
+    if total == 0 {
+        1.0
+    } else {
+        (held as f64 / total as f64).clamp(0.0, 1.0)
+    }
+}
+
 struct ShareHook {
     total: usize,
     set: ShareFn,
@@ -592,7 +602,7 @@ impl ConsumerContext for PipelineContext {
                 a.assigned.len()
             });
             if let Some(hook) = self.share_hook.get() {
-                (hook.set)((left as f64 / hook.total as f64).clamp(0.0, 1.0));
+                (hook.set)(share_of(left, hook.total));
             }
         }
     }
