@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -27,11 +27,13 @@ use crate::metrics::Metrics;
 
 const PROVIDER: Provider = Provider::Credeau;
 
+static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+static X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
+
 /// The Credeau client. One per process; cheap to share in an `Arc`.
 pub struct CredeauClient {
-    http: reqwest::Client,
-    /// Parsed once: a request given a string parses it again each time.
-    endpoint: reqwest::Url,
+    /// The pooled client, bound to the endpoint (parsed once).
+    http: http::ProviderHttp,
     client_id: String,
     client_id_header: HeaderValue,
     auth_token: HeaderValue,
@@ -47,7 +49,7 @@ pub struct CredeauClient {
 impl std::fmt::Debug for CredeauClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredeauClient")
-            .field("endpoint", &self.endpoint)
+            .field("http", &self.http)
             .field("client_id", &self.client_id)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
@@ -60,13 +62,16 @@ impl CredeauClient {
         limiter: Arc<RateLimiter>,
         metrics: Arc<Metrics>,
     ) -> Result<CredeauClient, ClientBuildError> {
-        let http = http::build_client(&ClientOptions {
-            provider: PROVIDER,
-            base_url: settings.base_url.as_str(),
-            connect_timeout: settings.http.connect_timeout,
-            request_timeout: settings.http.request_timeout,
-            ca_bundle: settings.http.ca_bundle.as_deref(),
-        })?;
+        let http = http::ProviderHttp::new(
+            &ClientOptions {
+                provider: PROVIDER,
+                base_url: settings.base_url.as_str(),
+                connect_timeout: settings.http.connect_timeout,
+                request_timeout: settings.http.request_timeout,
+                ca_bundle: settings.http.ca_bundle.as_deref(),
+            },
+            &settings.endpoint(),
+        )?;
         let client_id_header = HeaderValue::from_str(&settings.client_id).map_err(|_| {
             ClientBuildError::InvalidHeaderValue {
                 key: "credeau.client_id".into(),
@@ -74,7 +79,6 @@ impl CredeauClient {
         })?;
         Ok(CredeauClient {
             http,
-            endpoint: http::endpoint_url(PROVIDER, &settings.endpoint())?,
             client_id: settings.client_id.clone(),
             client_id_header,
             auth_token: http::secret_header("credeau.auth_token", settings.auth_token.expose())?,
@@ -105,11 +109,13 @@ impl CredeauClient {
         let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
-            .post(self.endpoint.clone())
-            .header("x-client-id", self.client_id_header.clone())
-            .header("x-auth-token", self.auth_token.clone())
-            .json(&body)
-            .send()
+            .post_json(
+                &[
+                    (&X_CLIENT_ID, &self.client_id_header),
+                    (&X_AUTH_TOKEN, &self.auth_token),
+                ],
+                &body,
+            )
             .await;
         drop(awaiting);
         let response = match sent {
@@ -117,17 +123,13 @@ impl CredeauClient {
             Err(e) => {
                 return Attempt {
                     http_status: None,
-                    result: Err(http::transport_error(PROVIDER, e, None)),
+                    result: Err(e),
                 }
             }
         };
-        let status = response.status().as_u16();
+        let status = response.status();
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type = response.content_type();
         let result = match read_capped(PROVIDER, response, self.max_response_bytes).await {
             Ok(bytes) => map_response(status, content_type.as_deref(), &bytes),
             Err(e) => Err(e),

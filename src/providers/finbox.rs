@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 
 const PROVIDER: Provider = Provider::Finbox;
 
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The body of a predictors request, written straight to JSON.
 #[derive(serde::Serialize)]
 struct PredictorsRequest<'a> {
@@ -36,9 +38,8 @@ struct PredictorsRequest<'a> {
 
 /// The FinBox client. One per process; cheap to share in an `Arc`.
 pub struct FinboxClient {
-    http: reqwest::Client,
-    /// Parsed once: a request given a string parses it again each time.
-    endpoint: reqwest::Url,
+    /// The pooled client, bound to the endpoint (parsed once).
+    http: http::ProviderHttp,
     api_key: HeaderValue,
     api_key_secret: SecretSource,
     server_hash: SecretSource,
@@ -52,7 +53,7 @@ pub struct FinboxClient {
 impl std::fmt::Debug for FinboxClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FinboxClient")
-            .field("endpoint", &self.endpoint)
+            .field("http", &self.http)
             .field("version", &self.version)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
@@ -65,16 +66,18 @@ impl FinboxClient {
         limiter: Arc<RateLimiter>,
         metrics: Arc<Metrics>,
     ) -> Result<FinboxClient, ClientBuildError> {
-        let http = http::build_client(&ClientOptions {
-            provider: PROVIDER,
-            base_url: settings.base_url.as_str(),
-            connect_timeout: settings.http.connect_timeout,
-            request_timeout: settings.http.request_timeout,
-            ca_bundle: settings.http.ca_bundle.as_deref(),
-        })?;
+        let http = http::ProviderHttp::new(
+            &ClientOptions {
+                provider: PROVIDER,
+                base_url: settings.base_url.as_str(),
+                connect_timeout: settings.http.connect_timeout,
+                request_timeout: settings.http.request_timeout,
+                ca_bundle: settings.http.ca_bundle.as_deref(),
+            },
+            &settings.endpoint(),
+        )?;
         Ok(FinboxClient {
             http,
-            endpoint: http::endpoint_url(PROVIDER, &settings.endpoint())?,
             api_key: http::secret_header("finbox.api_key", settings.api_key.expose())?,
             api_key_secret: settings.api_key.clone(),
             server_hash: settings.server_hash.clone(),
@@ -102,10 +105,7 @@ impl FinboxClient {
         let awaiting = budget::current().map(|c| c.awaiting_answer());
         let sent = self
             .http
-            .post(self.endpoint.clone())
-            .header("x-api-key", self.api_key.clone())
-            .json(&body)
-            .send()
+            .post_json(&[(&X_API_KEY, &self.api_key)], &body)
             .await;
         drop(awaiting);
         let response = match sent {
@@ -113,17 +113,13 @@ impl FinboxClient {
             Err(e) => {
                 return Attempt {
                     http_status: None,
-                    result: Err(http::transport_error(PROVIDER, e, None)),
+                    result: Err(e),
                 }
             }
         };
-        let status = response.status().as_u16();
+        let status = response.status();
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type = response.content_type();
         let result = match read_capped(PROVIDER, response, self.max_response_bytes).await {
             Ok(bytes) => map_response(status, content_type.as_deref(), &bytes),
             Err(e) => Err(e),

@@ -1,4 +1,4 @@
-//! What both provider clients share: building a pooled reqwest client from
+//! What both provider clients share: a pooled HTTP client built from
 //! settings, reading a response body under a size cap, turning transport
 //! failures and provider bodies into safe error text, parsing `Retry-After`,
 //! and the retry loop (rate-limit permit, attempt, metrics, log, back off).
@@ -6,8 +6,20 @@
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::budget;
 use super::ratelimit::RateLimiter;
@@ -36,12 +48,8 @@ pub enum ClientBuildError {
     /// The secret is not a valid HTTP header value (its value is not shown).
     #[error("{key}: not a valid HTTP header value")]
     InvalidHeaderValue { key: String },
-    #[error("cannot build the HTTP client for {provider}: {source}")]
-    Build {
-        provider: Provider,
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("cannot build the HTTP client for {provider}: {reason}")]
+    Build { provider: Provider, reason: String },
 }
 
 /// Connection settings common to both providers.
@@ -55,18 +63,13 @@ pub(crate) struct ClientOptions<'a> {
 
 /// A provider URL (its base URL, or the endpoint built on it), parsed once;
 /// an error names the provider's `base_url` key.
-pub(crate) fn endpoint_url(
-    provider: Provider,
-    url: &str,
-) -> Result<reqwest::Url, ClientBuildError> {
-    reqwest::Url::parse(url).map_err(|e| ClientBuildError::InvalidBaseUrl {
+pub(crate) fn endpoint_url(provider: Provider, url: &str) -> Result<url::Url, ClientBuildError> {
+    url::Url::parse(url).map_err(|e| ClientBuildError::InvalidBaseUrl {
         key: format!("{}.base_url", provider.as_str()),
         reason: format!("not a URL ({e})"),
     })
 }
 
-/// One pooled client per provider. HTTPS only, unless the base URL is
-/// explicitly `http://` (the local simulator).
 /// Idle connections kept per provider host. A connection held about 20 KB
 /// of buffers, and a burst left more of them open than calls ever ran at
 /// once (a call that finds none idle opens one, then may take another
@@ -74,54 +77,183 @@ pub(crate) fn endpoint_url(
 /// these.
 const MAX_IDLE_CONNECTIONS: usize = 64;
 
-pub(crate) fn build_client(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientBuildError> {
-    let section = opts.provider.as_str();
-    let url = endpoint_url(opts.provider, opts.base_url)?;
-    let https = match url.scheme() {
-        "https" => true,
-        "http" => false,
-        other => {
-            return Err(ClientBuildError::InvalidBaseUrl {
+/// How long an idle pooled connection is kept before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+const USER_AGENT_VALUE: &str = concat!("insights-enricher/", env!("CARGO_PKG_VERSION"));
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A pooled HTTP client for one provider, on hyper directly: every request
+/// is a JSON POST to one endpoint, so none of a general client's per-request
+/// layers (redirects, cookies, URL re-parsing, default-header merging) are
+/// paid for. Connect and whole-request timeouts as configured; HTTPS only,
+/// unless the base URL is explicitly `http://` (the local simulator).
+#[derive(Clone)]
+pub(crate) struct ProviderHttp {
+    provider: Provider,
+    client: Client<Connector, Full<Bytes>>,
+    endpoint: Uri,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProviderHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderHttp")
+            .field("endpoint", &self.endpoint)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An answer's status line and headers, with its body still to be read
+/// (by [`read_capped`]) before the request's deadline.
+pub(crate) struct Answer {
+    pub head: hyper::http::response::Parts,
+    body: Incoming,
+    deadline: tokio::time::Instant,
+    request_timeout: Duration,
+}
+
+impl Answer {
+    pub fn status(&self) -> u16 {
+        self.head.status.as_u16()
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        &self.head.headers
+    }
+
+    pub fn content_type(&self) -> Option<String> {
+        self.head
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
+impl ProviderHttp {
+    /// The client for `endpoint` (built on the provider's base URL).
+    pub fn new(opts: &ClientOptions<'_>, endpoint: &str) -> Result<ProviderHttp, ClientBuildError> {
+        let section = opts.provider.as_str();
+        let url = endpoint_url(opts.provider, opts.base_url)?;
+        let https = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => {
+                return Err(ClientBuildError::InvalidBaseUrl {
+                    key: format!("{section}.base_url"),
+                    reason: format!(
+                        "scheme must be https (or http for a local simulator), got {other}"
+                    ),
+                })
+            }
+        };
+        let endpoint_url = endpoint_url(opts.provider, endpoint)?;
+        let endpoint =
+            Uri::try_from(endpoint_url.as_str()).map_err(|e| ClientBuildError::InvalidBaseUrl {
                 key: format!("{section}.base_url"),
-                reason: format!(
-                    "scheme must be https (or http for a local simulator), got {other}"
-                ),
-            })
-        }
-    };
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(opts.connect_timeout)
-        .timeout(opts.request_timeout)
-        // A redirect would resend our API key or token to wherever it
-        // points (reqwest strips only standard credential headers), and
-        // neither provider documents one: a 3xx is an unexpected answer.
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
-        .https_only(https)
-        .user_agent(concat!("insights-enricher/", env!("CARGO_PKG_VERSION")));
-    if let Some(ca_bundle) = opts.ca_bundle {
-        let key = format!("{section}.ca_bundle");
-        let pem =
-            std::fs::read(ca_bundle).map_err(|source| ClientBuildError::CaBundleUnreadable {
-                key: key.clone(),
-                path: ca_bundle.display().to_string(),
-                source,
+                reason: format!("not a URL ({e})"),
             })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default();
-        if certs.is_empty() {
-            return Err(ClientBuildError::CaBundleInvalid {
-                key,
-                path: ca_bundle.display().to_string(),
-            });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca_bundle) = opts.ca_bundle {
+            let key = format!("{section}.ca_bundle");
+            let pem = std::fs::read(ca_bundle).map_err(|source| {
+                ClientBuildError::CaBundleUnreadable {
+                    key: key.clone(),
+                    path: ca_bundle.display().to_string(),
+                    source,
+                }
+            })?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .filter_map(Result::ok)
+                .collect();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ClientBuildError::CaBundleInvalid {
+                    key,
+                    path: ca_bundle.display().to_string(),
+                });
+            }
         }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
+        let build_error = |reason: String| ClientBuildError::Build {
+            provider: opts.provider,
+            reason,
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| build_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(opts.connect_timeout));
+        let schemes = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        let schemes = if https {
+            schemes.https_only()
+        } else {
+            schemes.https_or_http()
+        };
+        let connector = schemes.enable_all_versions().wrap_connector(tcp);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
+            .build(connector);
+        Ok(ProviderHttp {
+            provider: opts.provider,
+            client,
+            endpoint,
+            request_timeout: opts.request_timeout,
+        })
+    }
+
+    /// POSTs `body` (JSON) to the endpoint with `headers`, and waits for the
+    /// answer's status line and headers. A redirect is not followed (it
+    /// would resend our credentials to wherever it points, and neither
+    /// provider documents one): a 3xx is an unexpected answer.
+    pub async fn post_json<B: serde::Serialize>(
+        &self,
+        headers: &[(&HeaderName, &HeaderValue)],
+        body: &B,
+    ) -> Result<Answer, ProviderError> {
+        let body = serde_json::to_vec(body).map_err(|e| {
+            error(
+                self.provider,
+                ProviderErrorKind::BadRequest,
+                None,
+                format!("request body not encodable: {}", json_error_summary(&e)),
+            )
+        })?;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.endpoint.clone();
+        let h = request.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        for (name, value) in headers {
+            h.insert(*name, (*value).clone());
+        }
+        match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let (head, body) = response.into_parts();
+                Ok(Answer {
+                    head,
+                    body,
+                    deadline,
+                    request_timeout: self.request_timeout,
+                })
+            }
+            Ok(Err(e)) => Err(transport_error(self.provider, &e, None)),
+            Err(_) => Err(timed_out(self.provider, self.request_timeout, None)),
         }
     }
-    builder.build().map_err(|source| ClientBuildError::Build {
-        provider: opts.provider,
-        source,
-    })
 }
 
 /// A secret as a header value that HTTP debugging output hides.
@@ -153,22 +285,23 @@ pub(crate) fn error(
 }
 
 /// A transport failure: timeouts are `Timeout`, everything else (refused,
-/// reset, closed mid-body, TLS) is `Connection`. The text is reqwest's and
-/// its causes', without the URL; it never holds request headers or bodies.
+/// reset, closed mid-body, TLS) is `Connection`. The text is the error's and
+/// its causes'; hyper's errors never hold the URL, request headers or
+/// bodies.
 pub(crate) fn transport_error(
     provider: Provider,
-    err: reqwest::Error,
+    err: &(dyn std::error::Error + 'static),
     http_status: Option<u16>,
 ) -> ProviderError {
-    let kind = if err.is_timeout() {
-        ProviderErrorKind::Timeout
-    } else {
-        ProviderErrorKind::Connection
-    };
-    let err = err.without_url();
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(&err);
+    let mut timed_out = false;
+    let mut source = Some(err);
     while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            timed_out = true;
+        }
         let s_text = s.to_string();
         if !text.contains(&s_text) {
             text.push_str(": ");
@@ -176,6 +309,11 @@ pub(crate) fn transport_error(
         }
         source = s.source();
     }
+    let kind = if timed_out {
+        ProviderErrorKind::Timeout
+    } else {
+        ProviderErrorKind::Connection
+    };
     error(
         provider,
         kind,
@@ -184,14 +322,27 @@ pub(crate) fn transport_error(
     )
 }
 
-/// Reads the whole body, refusing (without buffering further) as soon as it
-/// would exceed `max_bytes`.
+/// The request outlived its `request_timeout` (answer or body).
+fn timed_out(provider: Provider, limit: Duration, http_status: Option<u16>) -> ProviderError {
+    error(
+        provider,
+        ProviderErrorKind::Timeout,
+        http_status,
+        format!(
+            "operation timed out: no complete answer within the {} request timeout",
+            humantime::format_duration(limit)
+        ),
+    )
+}
+
+/// Reads the whole body before the request's deadline, refusing (without
+/// buffering further) as soon as it would exceed `max_bytes`.
 pub(crate) async fn read_capped(
     provider: Provider,
-    mut response: reqwest::Response,
+    answer: Answer,
     max_bytes: usize,
 ) -> Result<Bytes, ProviderError> {
-    let status = Some(response.status().as_u16());
+    let status = Some(answer.status());
     let too_large = || {
         error(
             provider,
@@ -200,21 +351,60 @@ pub(crate) async fn read_capped(
             format!("response body exceeds the {max_bytes}-byte limit"),
         )
     };
-    let announced = response.content_length();
+    let announced = answer
+        .head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
-    let mut body = BytesMut::with_capacity(announced.map_or(8 * 1024, |n| n as usize));
+    let Answer {
+        mut body,
+        deadline,
+        request_timeout,
+        ..
+    } = answer;
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
     loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > max_bytes {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => return Err(timed_out(provider, request_timeout, status)),
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(chunk) = frame.into_data() else {
+                    continue; // trailers
+                };
+                let held =
+                    first.as_ref().map_or(0, Bytes::len) + buf.as_ref().map_or(0, BytesMut::len);
+                if held + chunk.len() > max_bytes {
                     return Err(too_large());
                 }
-                body.extend_from_slice(&chunk);
+                // One chunk (the usual small answer) is kept without a copy.
+                match (&mut first, &mut buf) {
+                    (None, None) => first = Some(chunk),
+                    (Some(f), None) => {
+                        let cap = announced.map_or(2 * (f.len() + chunk.len()), |n| n as usize);
+                        let mut b = BytesMut::with_capacity(cap.max(f.len() + chunk.len()));
+                        b.extend_from_slice(f);
+                        b.extend_from_slice(&chunk);
+                        first = None;
+                        buf = Some(b);
+                    }
+                    (_, Some(b)) => b.extend_from_slice(&chunk),
+                }
             }
-            Ok(None) => return Ok(body.freeze()),
-            Err(e) => return Err(transport_error(provider, e, status)),
+            Some(Err(e)) => return Err(transport_error(provider, &e, status)),
+            None => {
+                return Ok(match (first, buf) {
+                    (Some(f), _) => f,
+                    (None, Some(b)) => b.freeze(),
+                    (None, None) => Bytes::new(),
+                })
+            }
         }
     }
 }
@@ -516,7 +706,9 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             ca_bundle: None,
         };
-        let e = build_client(&opts).unwrap_err().to_string();
+        let e = ProviderHttp::new(&opts, opts.base_url)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("finbox.base_url"), "{e}");
     }
 
@@ -532,7 +724,97 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             ca_bundle: Some(&path),
         };
-        let e = build_client(&opts).unwrap_err().to_string();
+        let e = ProviderHttp::new(&opts, opts.base_url)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("credeau.ca_bundle"), "{e}");
+    }
+
+    fn local(timeout: Duration) -> ClientOptions<'static> {
+        ClientOptions {
+            provider: Provider::Finbox,
+            base_url: "http://127.0.0.1:1",
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: timeout,
+            ca_bundle: None,
+        }
+    }
+
+    /// A server on a real socket that reads one request and writes `answer`
+    /// in the given pieces, then keeps the connection open.
+    async fn serve(pieces: Vec<Vec<u8>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = sock.read(&mut buf).await;
+            for piece in pieces {
+                sock.write_all(&piece).await.unwrap();
+                sock.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        format!("http://{addr}/v1/x")
+    }
+
+    async fn post(endpoint: &str, timeout: Duration, cap: usize) -> Result<Bytes, ProviderError> {
+        let http = ProviderHttp::new(&local(timeout), endpoint).unwrap();
+        let answer = http.post_json(&[], &serde_json::json!({"a": 1})).await?;
+        read_capped(Provider::Finbox, answer, cap).await
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connection_error_naming_the_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}/v1/x", listener.local_addr().unwrap());
+        drop(listener);
+        let e = post(&endpoint, Duration::from_secs(2), 1024)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ProviderErrorKind::Connection, "{e}");
+        assert!(e.message.to_lowercase().contains("refused"), "{e}");
+        assert!(!e.message.contains("/v1/x"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_body_in_chunks_is_read_whole_and_one_over_the_cap_is_refused() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let pieces = vec![
+            head,
+            b"5\r\n{\"a\":\r\n".to_vec(),
+            b"2\r\n1}\r\n0\r\n\r\n".to_vec(),
+        ];
+        let body = post(&serve(pieces.clone()).await, Duration::from_secs(5), 1024)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"{\"a\":1}");
+        let e = post(&serve(pieces).await, Duration::from_secs(5), 6)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.http_status),
+            (ProviderErrorKind::TooLarge, Some(200))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_past_the_request_timeout_is_a_timeout() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"a\":".to_vec();
+        let started = Instant::now();
+        let e = post(&serve(vec![head]).await, Duration::from_millis(400), 1024)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.http_status),
+            (ProviderErrorKind::Timeout, Some(200)),
+            "{e}"
+        );
+        assert!(e.message.contains("400ms"), "{e}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
     }
 }
