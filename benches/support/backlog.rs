@@ -106,19 +106,7 @@ async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
     sim.limits(0, 0).await?;
     let names = Names::new("backlog");
     kafka::create_run_topics(&names).await?;
-    let input = names.input.clone();
-    let at = kafka::now_ms();
-    tokio::task::spawn_blocking(move || {
-        kafka::produce_all(
-            &input,
-            (0..n).map(|i| {
-                let id = format!("b-{i}");
-                let v = kafka::onboarded(&id, at);
-                (id, v)
-            }),
-        )
-    })
-    .await??;
+    kafka::produce_users(&names.input, "b", n).await?;
     let reader = Reader::start(&names.combined)?;
     let env = names.service_env(&sim.url)?;
     let spawned = Instant::now();

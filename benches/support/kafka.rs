@@ -160,6 +160,24 @@ pub async fn create_topics(names: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Produces `n` users onboarded now (ids `{prefix}-0`, `{prefix}-1`, ...)
+/// to `topic`, off the runtime, and waits until all are acknowledged.
+pub async fn produce_users(topic: &str, prefix: &'static str, n: u64) -> Result<u64> {
+    let topic = topic.to_string();
+    let at = now_ms();
+    tokio::task::spawn_blocking(move || {
+        produce_all(
+            &topic,
+            (0..n).map(|i| {
+                let id = format!("{prefix}-{i}");
+                let v = onboarded(&id, at);
+                (id, v)
+            }),
+        )
+    })
+    .await?
+}
+
 /// Produces `values` (keyed by user id) as fast as the broker takes them and
 /// waits until all are acknowledged.
 pub fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec<u8>)>) -> Result<u64> {

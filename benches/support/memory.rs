@@ -24,19 +24,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     for n in sizes {
         let names = Names::new("mem");
         kafka::create_run_topics(&names).await?;
-        let input = names.input.clone();
-        let at = kafka::now_ms();
-        tokio::task::spawn_blocking(move || {
-            kafka::produce_all(
-                &input,
-                (0..n).map(|i| {
-                    let id = format!("m-{i}");
-                    let v = kafka::onboarded(&id, at);
-                    (id, v)
-                }),
-            )
-        })
-        .await??;
+        kafka::produce_users(&names.input, "m", n).await?;
         // No provider is called: nothing listens here.
         let mut env = names.service_env("http://127.0.0.1:9")?;
         set_env(&mut env, "INSIGHTS__FINBOX__INITIAL_DELAY", "1h");

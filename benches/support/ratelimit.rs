@@ -85,19 +85,7 @@ async fn phase(
             s.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
         }
     }
-    let input = names.input.clone();
-    let at = kafka::now_ms();
-    tokio::task::spawn_blocking(move || {
-        kafka::produce_all(
-            &input,
-            (0..backlog).map(|i| {
-                let id = format!("rl-{i}");
-                let v = kafka::onboarded(&id, at);
-                (id, v)
-            }),
-        )
-    })
-    .await??;
+    kafka::produce_users(&names.input, "rl", backlog).await?;
     tokio::time::sleep(warmup).await;
     let s1 = sim.stats().await?;
     tokio::time::sleep(window).await;

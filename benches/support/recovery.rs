@@ -28,19 +28,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let mut svc = Service::start(&env, &ctx.log("recovery-service-1"))?;
     svc.wait_ready(&ctx.http, Duration::from_secs(60)).await?;
     let reader = Reader::start(&names.combined)?;
-    let input = names.input.clone();
-    let at = kafka::now_ms();
-    tokio::task::spawn_blocking(move || {
-        kafka::produce_all(
-            &input,
-            (0..n).map(|i| {
-                let id = format!("r-{i}");
-                let v = kafka::onboarded(&id, at);
-                (id, v)
-            }),
-        )
-    })
-    .await??;
+    kafka::produce_users(&names.input, "r", n).await?;
     reader
         .wait_distinct((n / 5) as usize, Duration::from_secs(60), || {
             svc.proc.check_alive()

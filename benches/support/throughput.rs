@@ -25,15 +25,6 @@ pub fn small_ready_scenarios() -> serde_json::Value {
     }})
 }
 
-fn users(prefix: &str, n: u64) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
-    let at = kafka::now_ms();
-    (0..n).map(move |i| {
-        let id = format!("{prefix}-{i}");
-        let v = kafka::onboarded(&id, at);
-        (id, v)
-    })
-}
-
 pub async fn run(ctx: &Ctx) -> Result<Report> {
     let n = ctx.size("THROUGHPUT_USERS", 300, 20_000);
     let mut r = Report::default();
@@ -61,8 +52,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let cpu0 = svc.proc.cpu()?;
     let sim_cpu0 = sim.proc.cpu()?;
     let start = Instant::now();
-    let input = names.input.clone();
-    tokio::task::spawn_blocking(move || kafka::produce_all(&input, users("tp", n))).await??;
+    kafka::produce_users(&names.input, "tp", n).await?;
     let produced = start.elapsed();
     let idle = Duration::from_secs(60);
     reader
@@ -191,8 +181,7 @@ async fn baseline(n: u64) -> Result<Duration> {
     }
     let reader = Reader::start(&outputs[2])?;
     let start = Instant::now();
-    let input = names.input.clone();
-    tokio::task::spawn_blocking(move || kafka::produce_all(&input, users("bl", n))).await??;
+    kafka::produce_users(&names.input, "bl", n).await?;
     let finished = || -> Result<()> {
         if handle.is_finished() {
             bail!("baseline loop stopped early");
