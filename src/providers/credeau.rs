@@ -63,13 +63,7 @@ impl CredeauClient {
         metrics: Arc<Metrics>,
     ) -> Result<CredeauClient, ClientBuildError> {
         let http = http::ProviderHttp::new(
-            &ClientOptions {
-                provider: PROVIDER,
-                base_url: settings.base_url.as_str(),
-                connect_timeout: settings.http.connect_timeout,
-                request_timeout: settings.http.request_timeout,
-                ca_bundle: settings.http.ca_bundle.as_deref(),
-            },
+            &ClientOptions::new(PROVIDER, settings.base_url.as_str(), &settings.http),
             &settings.endpoint(),
         )?;
         let client_id_header = HeaderValue::from_str(&settings.client_id).map_err(|_| {

@@ -67,13 +67,7 @@ impl FinboxClient {
         metrics: Arc<Metrics>,
     ) -> Result<FinboxClient, ClientBuildError> {
         let http = http::ProviderHttp::new(
-            &ClientOptions {
-                provider: PROVIDER,
-                base_url: settings.base_url.as_str(),
-                connect_timeout: settings.http.connect_timeout,
-                request_timeout: settings.http.request_timeout,
-                ca_bundle: settings.http.ca_bundle.as_deref(),
-            },
+            &ClientOptions::new(PROVIDER, settings.base_url.as_str(), &settings.http),
             &settings.endpoint(),
         )?;
         Ok(FinboxClient {

@@ -4,12 +4,11 @@
 //! and the retry loop (rate-limit permit, attempt, metrics, log, back off).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use std::sync::Arc;
-
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
@@ -25,6 +24,7 @@ use super::budget;
 use super::ratelimit::RateLimiter;
 use super::retry::{random_jitter, RetryPolicy};
 use super::{Provider, ProviderError, ProviderErrorKind};
+use crate::config::ProviderHttpSettings;
 use crate::metrics::Metrics;
 
 /// Provider messages are at most 200 characters by contract; anything
@@ -59,6 +59,19 @@ pub(crate) struct ClientOptions<'a> {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub ca_bundle: Option<&'a std::path::Path>,
+}
+
+impl<'a> ClientOptions<'a> {
+    /// A provider's options from its `base_url` and `[<provider>.http]`.
+    pub fn new(provider: Provider, base_url: &'a str, http: &'a ProviderHttpSettings) -> Self {
+        ClientOptions {
+            provider,
+            base_url,
+            connect_timeout: http.connect_timeout,
+            request_timeout: http.request_timeout,
+            ca_bundle: http.ca_bundle.as_deref(),
+        }
+    }
 }
 
 /// A provider URL (its base URL, or the endpoint built on it), parsed once;
@@ -109,7 +122,7 @@ impl std::fmt::Debug for ProviderHttp {
 /// An answer's status line and headers, with its body still to be read
 /// (by [`read_capped`]) before the request's deadline.
 pub(crate) struct Answer {
-    pub head: hyper::http::response::Parts,
+    head: hyper::http::response::Parts,
     body: Incoming,
     deadline: tokio::time::Instant,
     request_timeout: Duration,
@@ -336,7 +349,8 @@ fn timed_out(provider: Provider, limit: Duration, http_status: Option<u16>) -> P
 }
 
 /// Reads the whole body before the request's deadline, refusing (without
-/// buffering further) as soon as it would exceed `max_bytes`.
+/// buffering further) as soon as it would exceed `max_bytes`. A body that
+/// came in one piece is handed back without a copy.
 pub(crate) async fn read_capped(
     provider: Provider,
     answer: Answer,
@@ -360,52 +374,12 @@ pub(crate) async fn read_capped(
     if announced.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
-    let Answer {
-        mut body,
-        deadline,
-        request_timeout,
-        ..
-    } = answer;
-    let mut first: Option<Bytes> = None;
-    let mut buf: Option<BytesMut> = None;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(frame) => frame,
-            Err(_) => return Err(timed_out(provider, request_timeout, status)),
-        };
-        match frame {
-            Some(Ok(frame)) => {
-                let Ok(chunk) = frame.into_data() else {
-                    continue; // trailers
-                };
-                let held =
-                    first.as_ref().map_or(0, Bytes::len) + buf.as_ref().map_or(0, BytesMut::len);
-                if held + chunk.len() > max_bytes {
-                    return Err(too_large());
-                }
-                // One chunk (the usual small answer) is kept without a copy.
-                match (&mut first, &mut buf) {
-                    (None, None) => first = Some(chunk),
-                    (Some(f), None) => {
-                        let cap = announced.map_or(2 * (f.len() + chunk.len()), |n| n as usize);
-                        let mut b = BytesMut::with_capacity(cap.max(f.len() + chunk.len()));
-                        b.extend_from_slice(f);
-                        b.extend_from_slice(&chunk);
-                        first = None;
-                        buf = Some(b);
-                    }
-                    (_, Some(b)) => b.extend_from_slice(&chunk),
-                }
-            }
-            Some(Err(e)) => return Err(transport_error(provider, &e, status)),
-            None => {
-                return Ok(match (first, buf) {
-                    (Some(f), _) => f,
-                    (None, Some(b)) => b.freeze(),
-                    (None, None) => Bytes::new(),
-                })
-            }
-        }
+    let read = Limited::new(answer.body, max_bytes).collect();
+    match tokio::time::timeout_at(answer.deadline, read).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(transport_error(provider, &*e, status)),
+        Err(_) => Err(timed_out(provider, answer.request_timeout, status)),
     }
 }
 
