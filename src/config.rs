@@ -1524,6 +1524,9 @@ fn owned_kafka_property(key: &str) -> Option<&'static str> {
         "linger.ms" | "queue.buffering.max.ms" => {
             "the batch commit latency depends on the service's own value"
         }
+        "reconnect.backoff.max.ms" => {
+            "how soon the pipeline resumes after a broker outage depends on the service's own value"
+        }
         _ => return None,
     })
 }

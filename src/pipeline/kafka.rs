@@ -33,6 +33,9 @@ use crate::pipeline::worker::{Incoming, SourceKind};
 /// records) are still read.
 pub const COMPRESSION: &str = "lz4";
 
+/// The longest wait between attempts to reach a broker that is down.
+pub const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
 /// Settings shared by every client (the admin client, the start-up probe,
 /// the DLQ tools, and the base of the consumer and the producer): brokers
 /// and security, then `kafka.extra`. Secrets are set here and nowhere else.
@@ -40,6 +43,11 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
         .set("security.protocol", k.security_protocol.as_librdkafka())
+        // librdkafka backs off reconnecting up to 10 s by default: after a
+        // minute without brokers a client tries again only every 10 s, so
+        // the pipeline resumed up to 10 s after they were back. One client
+        // per broker a second is no load on a broker that is up.
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
     if k.security_protocol.uses_sasl() {
         c.set("sasl.mechanism", k.sasl_mechanism.as_deref().unwrap_or(""))
