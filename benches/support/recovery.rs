@@ -13,7 +13,9 @@ use super::throughput::small_ready_scenarios;
 use super::{secs, Ctx, Report};
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
-    let n = ctx.size("RECOVERY_USERS", 1_000, 20_000);
+    // Smoke size: a transaction takes up to four batches (1,600 records),
+    // so with 1,000 users a fast run could commit them all before the kill.
+    let n = ctx.size("RECOVERY_USERS", 5_000, 20_000);
     let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("recov");
