@@ -6,6 +6,7 @@
 # Stages: cargo fmt --check, cargo clippy -D warnings, tools + broker,
 # cargo build --all-targets, cargo test --all-targets, pytest tests/python,
 # scripts/asyncapi-check.sh, scripts/lint-shell.sh (shellcheck),
+# scripts/check-layers.sh (import rules),
 # scripts/helm-test.sh (when present). A failing stage does not hide the
 # others (only a failed build or broker skips what needs them); the run ends
 # with a summary and exits non-zero when anything failed.
@@ -165,6 +166,10 @@ count_summary "$LOGS/asyncapi.log"
 # ---- Shell scripts
 run_stage lint-shell scripts/lint-shell.sh
 count_summary "$LOGS/lint-shell.log"
+
+# ---- The house's import rules (the broker-free loop, the tools)
+run_stage layers scripts/check-layers.sh
+count_summary "$LOGS/layers.log"
 
 # ---- Helm chart
 if [[ -x scripts/helm-test.sh ]]; then

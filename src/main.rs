@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use insights_enricher::config::Settings;
-use insights_enricher::{dlq, logging, pipeline, salt, simulator};
+use insights_enricher::{dlq, logging, salt, service, simulator};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
                 let shutdown = shutdown_on_signal();
                 // On a worker thread, not the main one: the loop and the
                 // records' tasks wake each other within the pool.
-                match tokio::spawn(pipeline::run(settings, shutdown)).await {
+                match tokio::spawn(service::run(settings, shutdown)).await {
                     Ok(r) => r,
                     Err(e) => Err(anyhow::anyhow!("the pipeline task failed: {e}")),
                 }

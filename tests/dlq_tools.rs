@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use insights_enricher::pipeline::deadletter::{DeadLetter, Reason, ReplayTarget, Stage};
+use insights_enricher::events::dead_letter::{DeadLetter, Reason, ReplayTarget, Stage};
 use insights_enricher::simulator::{self, SimulatorConfig};
 use serde_json::{json, Value};
 

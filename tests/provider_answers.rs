@@ -15,9 +15,8 @@ use insights_enricher::core::tiers::DelayTiers;
 use insights_enricher::core::Policies;
 use insights_enricher::events::{InputDecoder, OutputEncoder};
 use insights_enricher::metrics::Metrics;
-use insights_enricher::pipeline::worker::{
-    now_ms, Incoming, Job, OutKind, OutRecord, OutputTopics, SourceKind, Worker,
-};
+use insights_enricher::pipeline::record::{Incoming, Job, OutKind, OutRecord, SourceKind};
+use insights_enricher::pipeline::worker::{now_ms, OutputTopics, Worker};
 use insights_enricher::simulator::{
     CredeauScenario, Faults, FinboxDataShape, FinboxOutcome, FinboxScenario, RunningSimulator,
     UserScenario,

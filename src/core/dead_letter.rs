@@ -9,7 +9,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::events::DecodeError;
 use crate::providers::{Provider, ProviderErrorKind};
 
 /// A stage, reason or replay target that is not one of the known values.
@@ -219,21 +218,6 @@ impl fmt::Display for ReplayTarget {
     }
 }
 
-/// The reason an input event that failed to decode is dead-lettered with,
-/// or `None` when it must not be: a registry outage is not the record's
-/// fault, and the batch is retried instead.
-pub fn decode_failed(e: &DecodeError) -> Option<Reason> {
-    match e {
-        DecodeError::Empty => Some(Reason::Empty),
-        DecodeError::NotUtf8(_) => Some(Reason::NotUtf8),
-        DecodeError::MalformedJson(_) => Some(Reason::MalformedJson),
-        DecodeError::InvalidAvro(_) => Some(Reason::InvalidAvro),
-        DecodeError::UnknownSchemaId(_) => Some(Reason::UnknownSchemaId),
-        DecodeError::Invalid { .. } => Some(Reason::InvalidField),
-        DecodeError::RegistryUnavailable(_) => None,
-    }
-}
-
 /// How a dead letter of a consumed record itself (its own key and value) is
 /// replayed: an input event goes back to the input topic; anything else
 /// (an unreadable task record) cannot be.
@@ -427,29 +411,6 @@ mod tests {
             e.len() < 400,
             "the quoted value is bounded: {} bytes",
             e.len()
-        );
-    }
-
-    #[test]
-    fn a_decode_failure_keeps_the_decoders_label_and_a_registry_outage_is_not_dead_lettered() {
-        let errors = [
-            DecodeError::Empty,
-            DecodeError::NotUtf8("x".into()),
-            DecodeError::MalformedJson("x".into()),
-            DecodeError::InvalidAvro("x".into()),
-            DecodeError::UnknownSchemaId(7),
-            DecodeError::Invalid {
-                field: "user_id",
-                reason: "x".into(),
-            },
-        ];
-        for e in &errors {
-            let r = decode_failed(e).expect("dead-lettered");
-            assert_eq!(r.as_str(), e.reason(), "{e:?}");
-        }
-        assert_eq!(
-            decode_failed(&DecodeError::RegistryUnavailable("down".into())),
-            None
         );
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::dlq::read::DlqRecord;
-use crate::pipeline::deadletter::headers as h;
+use crate::events::dead_letter::headers as h;
 use crate::task::Task;
 
 #[derive(Debug, Default, Serialize)]

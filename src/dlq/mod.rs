@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::config::Settings;
-use crate::pipeline::kafka::check_connection;
+use crate::kafka::check_connection;
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {

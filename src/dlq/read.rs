@@ -10,8 +10,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
-use crate::pipeline::deadletter::{headers as h, Reason, ReplayTarget, Stage};
-use crate::pipeline::kafka::dlq_reader_config;
+use crate::events::dead_letter::{headers as h, Reason, ReplayTarget, Stage};
+use crate::kafka::dlq_reader_config;
 use crate::providers::Provider;
 
 /// One dead-letter record as read back.

@@ -19,8 +19,8 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::core::tiers::DelayTiers;
 use crate::dlq::read::{read_all, read_filtered, DlqRecord, Filter, ReadError};
-use crate::pipeline::deadletter::{headers as h, ReplayTarget};
-use crate::pipeline::kafka::{base_config, dlq_replay_config};
+use crate::events::dead_letter::{headers as h, ReplayTarget};
+use crate::kafka::{base_config, dlq_replay_config};
 use crate::providers::Provider;
 use crate::task::{Outcome, Task};
 

@@ -13,6 +13,7 @@ use super::avro::{self, EventSchema};
 use super::registry::{RegistryClient, RegistryError};
 use super::{escaped_prefix, truncate_message};
 use crate::config::InputEncoding;
+use crate::core::dead_letter::Reason;
 use crate::task::{Millis, OnboardedUser};
 
 /// Default cap on an input record's size.
@@ -87,6 +88,21 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// The reason an input event that failed to decode is dead-lettered
+    /// with, or `None` when it must not be: a registry outage is not the
+    /// record's fault, and the batch is retried instead.
+    pub fn dead_letter_reason(&self) -> Option<Reason> {
+        match self {
+            DecodeError::Empty => Some(Reason::Empty),
+            DecodeError::NotUtf8(_) => Some(Reason::NotUtf8),
+            DecodeError::MalformedJson(_) => Some(Reason::MalformedJson),
+            DecodeError::InvalidAvro(_) => Some(Reason::InvalidAvro),
+            DecodeError::UnknownSchemaId(_) => Some(Reason::UnknownSchemaId),
+            DecodeError::Invalid { .. } => Some(Reason::InvalidField),
+            DecodeError::RegistryUnavailable(_) => None,
+        }
+    }
+
     /// Stable snake_case label for metrics and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -445,4 +461,32 @@ fn check_credeau_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decode_failure_keeps_the_decoders_label_and_a_registry_outage_is_not_dead_lettered() {
+        let errors = [
+            DecodeError::Empty,
+            DecodeError::NotUtf8("x".into()),
+            DecodeError::MalformedJson("x".into()),
+            DecodeError::InvalidAvro("x".into()),
+            DecodeError::UnknownSchemaId(7),
+            DecodeError::Invalid {
+                field: "user_id",
+                reason: "x".into(),
+            },
+        ];
+        for e in &errors {
+            let r = e.dead_letter_reason().expect("dead-lettered");
+            assert_eq!(r.as_str(), e.reason(), "{e:?}");
+        }
+        assert_eq!(
+            DecodeError::RegistryUnavailable("down".into()).dead_letter_reason(),
+            None
+        );
+    }
 }

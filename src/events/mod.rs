@@ -5,6 +5,7 @@
 //! `schemas/` and the contract for consumers in `docs/events.md`.
 
 pub mod avro;
+pub mod dead_letter;
 mod encode_error;
 pub mod input;
 pub mod output;
@@ -12,6 +13,7 @@ pub mod registry;
 mod sms;
 pub mod timestamps;
 
+pub use dead_letter::DeadLetter;
 pub use input::{DecodeError, InputDecoder, UserOnboarded, DEFAULT_MAX_INPUT_BYTES};
 pub use output::{EncodeError, OutputEncoder};
 pub use registry::{RegistryClient, RegistryError};

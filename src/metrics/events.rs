@@ -13,7 +13,6 @@
 //! happens, where it happens.
 
 use super::Metrics;
-use crate::core::dead_letter::{Reason, Stage};
 
 /// Where a consumed record came from (`topic` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +80,11 @@ pub enum Committed {
     Published {
         kind: &'static str,
     },
+    /// A dead letter, by its `stage` and `reason` labels (the wire
+    /// values of the dead-letter contract, `crate::core::dead_letter`).
     DeadLettered {
-        stage: Stage,
-        reason: Reason,
+        stage: &'static str,
+        reason: &'static str,
     },
     /// Seconds from onboarding to the combined event.
     CombinedLatency(f64),
@@ -109,10 +110,9 @@ impl Committed {
             Committed::TaskScheduled { tier } => m.tasks_scheduled.with_label_values(&[tier]).inc(),
             Committed::TaskForwarded { from } => m.tasks_forwarded.with_label_values(&[from]).inc(),
             Committed::Published { kind } => m.published.with_label_values(&[kind]).inc(),
-            Committed::DeadLettered { stage, reason } => m
-                .dead_letters
-                .with_label_values(&[stage.as_str(), reason.as_str()])
-                .inc(),
+            Committed::DeadLettered { stage, reason } => {
+                m.dead_letters.with_label_values(&[stage, reason]).inc()
+            }
             Committed::CombinedLatency(s) => m.onboarding_to_combined.observe(*s),
         }
     }
@@ -145,8 +145,8 @@ mod tests {
         }
         .emit(&m);
         Committed::DeadLettered {
-            stage: Stage::Decode,
-            reason: Reason::MalformedJson,
+            stage: "decode",
+            reason: "malformed_json",
         }
         .emit(&m);
         Committed::Published {

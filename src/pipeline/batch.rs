@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::pipeline::record::{BatchOffsets, Epoch, OffsetRange, PartitionRead, TopicPartition};
-use crate::pipeline::worker::{Processed, Transient};
+use crate::pipeline::record::{
+    BatchOffsets, Epoch, OffsetRange, PartitionRead, Processed, TopicPartition, Transient,
+};
 use crate::providers::budget::RecordClock;
 
 pub(super) type Running = JoinHandle<Result<Processed, Transient>>;

@@ -45,15 +45,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::pipeline::batch::{rewind_points, Batch, RunningGuard, Work};
-use crate::pipeline::deadletter::{DeadLetterGuard, GuardSnapshot, GuardTripped};
+use crate::pipeline::guard::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
-use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
-use crate::pipeline::transaction;
-use crate::pipeline::worker::{
-    classify_tier_record, now_ms, record_size, HeldBytes, Job, Processed, SourceKind, TierDecision,
-    Worker,
+use crate::pipeline::record::{
+    record_size, BatchOffsets, Epoch, HeldBytes, Job, Processed, SourceKind, TopicPartition,
 };
+use crate::pipeline::share::RateShare;
+use crate::pipeline::transaction;
+use crate::pipeline::worker::{classify_tier_record, now_ms, TierDecision, Worker};
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
 
@@ -84,6 +84,21 @@ pub struct LoopSettings {
     /// How long in-flight work may continue after SIGTERM before it is
     /// abandoned (handed back uncommitted).
     pub drain_timeout: Duration,
+}
+
+impl From<&crate::config::Settings> for LoopSettings {
+    /// The loop's settings from `schedule` and `shutdown`: the drain gets
+    /// 60 % of `shutdown.timeout` (closing the Kafka clients gets 30 %).
+    fn from(s: &crate::config::Settings) -> LoopSettings {
+        LoopSettings {
+            max_batch: s.schedule.max_batch,
+            batch_linger: s.schedule.batch_linger,
+            max_in_flight: s.schedule.max_in_flight,
+            max_in_flight_bytes: s.schedule.max_in_flight_bytes,
+            record_budget: s.schedule.record_budget,
+            drain_timeout: s.shutdown.timeout.mul_f64(0.6),
+        }
+    }
 }
 
 /// The longest the loop waits in one poll.
@@ -129,13 +144,13 @@ pub struct LoopParts {
     pub guard: DeadLetterGuard,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
-    /// Called with this instance's share (0..=1) of all consumed partitions
-    /// whenever the assignment changes (provider rate limits follow it).
-    pub on_share: crate::pipeline::kafka::ShareFn,
+    /// This instance's share of the provider rate limits, applied
+    /// whenever the assignment changes (the limits follow the partitions
+    /// held).
+    pub share: RateShare,
     /// Records per second the provider rate limits serve now (the lower of
     /// the two), for admission.
     pub admission_rate: Box<dyn Fn() -> f64 + Send + Sync>,
-    pub total_partitions: usize,
 }
 
 pub struct ConsumeLoop {
@@ -192,8 +207,8 @@ impl ConsumeLoop {
     /// stop the process.
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<(), LoopError> {
         // No share of the provider limits before partitions are assigned.
-        if self.parts.total_partitions > 0 {
-            (self.parts.on_share)(0.0);
+        if self.parts.share.is_known() {
+            self.parts.share.hold(0);
         }
         let result = self.work(&shutdown).await;
         let drained = self.drain(result.is_ok()).await;
@@ -322,8 +337,7 @@ impl ConsumeLoop {
             let (generation, assigned) = self.parts.consumer.assignment();
             self.generation_seen = generation;
             self.assigned = assigned;
-            let share =
-                crate::pipeline::kafka::share_of(self.assigned.len(), self.parts.total_partitions);
+            let share = self.parts.share.hold(self.assigned.len());
             let inputs = self
                 .assigned
                 .keys()
@@ -331,7 +345,6 @@ impl ConsumeLoop {
                 .count();
             self.parts.metrics.assigned_partitions.set(inputs as i64);
             tracing::info!(assigned = self.assigned.len(), share, "assignment changed");
-            (self.parts.on_share)(share);
             // Partitions assigned anew arrive resumed; the pause tables
             // only hold partitions still assigned.
             self.held.retain(|tp, _| self.assigned.contains_key(tp));
@@ -817,7 +830,7 @@ impl ConsumeLoop {
 }
 
 /// What a consumed record weighs against `max_in_flight_bytes`.
-fn record_bytes(rec: &crate::pipeline::worker::Incoming) -> usize {
+fn record_bytes(rec: &crate::pipeline::record::Incoming) -> usize {
     record_size(&rec.key, &rec.value, &rec.headers)
 }
 

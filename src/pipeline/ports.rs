@@ -1,17 +1,17 @@
 //! The two Kafka clients as the consume loop sees them. The loop owns the
 //! exactly-once logic (batches, commit order, aborts, rewinds, holds); these
-//! traits are the thin edges it drives, implemented over librdkafka in
-//! `kafka.rs` and `transaction.rs`, and in memory by the tests' fakes so the
-//! loop can be tried without a broker.
+//! traits are the thin edges it drives, implemented over librdkafka in the
+//! Kafka wing (`crate::kafka`), and in memory by the tests' fakes
+//! (`testing`) so the loop can be tried without a broker.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::pipeline::kafka::TransactionGate;
-use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
-use crate::pipeline::worker::{Incoming, OutRecord};
+use crate::pipeline::record::{BatchOffsets, Epoch, Incoming, OutRecord, TopicPartition};
 
 /// What one poll of the consumer gave.
 #[derive(Debug)]
@@ -83,10 +83,72 @@ impl Membership {
 }
 
 /// What a transaction's offsets are sent with: the membership, and the
-/// client's own metadata object carrying exactly it (none in the fakes).
+/// client's own handle carrying exactly it, opaque to the loop: the
+/// consumer that made it and the producer that sends it agree on its type
+/// (none in the fakes).
 pub struct GroupToken {
     pub membership: Membership,
-    pub metadata: Option<std::sync::Arc<rdkafka::consumer::ConsumerGroupMetadata>>,
+    pub handle: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// Marks the time a transaction with consumed offsets is open, so that a
+/// revocation waits for it: the loop commits one batch while it already
+/// reads the next, and a partition must not move to another consumer while
+/// offsets of it are still in an open transaction (the new owner would read
+/// from the old committed offset and process those records a second time).
+/// Rebalance callbacks run on the loop's thread inside its poll; the
+/// transaction runs on blocking threads of its own, so waiting here cannot
+/// hold up what it waits for.
+pub struct TransactionGate {
+    open: Mutex<bool>,
+    closed: Condvar,
+    /// The longest a revocation waits (beyond it the transaction times out
+    /// on the broker anyway).
+    patience: Duration,
+}
+
+/// An open transaction; dropping it closes the gate.
+pub struct OpenTransaction<'a>(&'a TransactionGate);
+
+impl TransactionGate {
+    pub fn new(patience: Duration) -> TransactionGate {
+        TransactionGate {
+            open: Mutex::new(false),
+            closed: Condvar::new(),
+            patience,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open(&self) -> OpenTransaction<'_> {
+        *self.lock() = true;
+        OpenTransaction(self)
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.lock()
+    }
+
+    /// Blocks until no transaction is open, or `patience` has passed;
+    /// returns whether it closed in time.
+    pub fn wait_closed(&self) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .closed
+            .wait_timeout_while(guard, self.patience, |open| *open)
+            .unwrap_or_else(|p| p.into_inner());
+        !*guard
+    }
+}
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = false;
+        self.0.closed.notify_all();
+    }
 }
 
 /// Why a transaction did not commit.
@@ -121,4 +183,51 @@ pub trait TxnProducer: Send + Sync + 'static {
     /// aborts whatever the old one left open. `Fatal` when that fails, or
     /// when renewals come too often to be anything but a lasting problem.
     async fn renew(&self, reason: &str) -> Result<(), CommitError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_revocation_waits_until_the_open_transaction_ends() {
+        let gate = Arc::new(TransactionGate::new(Duration::from_secs(10)));
+        let open = gate.open();
+        assert!(gate.is_open());
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let began = Instant::now();
+                (gate.wait_closed(), began.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(open);
+        let (closed, waited) = waiter.join().unwrap();
+        assert!(closed);
+        assert!(
+            waited >= Duration::from_millis(150),
+            "waited only {waited:?}"
+        );
+        assert!(!gate.is_open());
+    }
+
+    #[test]
+    fn a_revocation_stops_waiting_after_the_patience() {
+        let gate = TransactionGate::new(Duration::from_millis(100));
+        let _open = gate.open();
+        let began = Instant::now();
+        assert!(!gate.wait_closed());
+        assert!(began.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn with_no_transaction_open_nothing_waits() {
+        let gate = TransactionGate::new(Duration::from_secs(60));
+        let began = Instant::now();
+        assert!(gate.wait_closed());
+        assert!(began.elapsed() < Duration::from_secs(1));
+    }
 }

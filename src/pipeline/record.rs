@@ -1,8 +1,16 @@
-//! The vocabulary of the consume loop: which partition a record came from,
-//! which offsets a batch took, and under which assignment it read them.
+//! The vocabulary of the consume loop: the records it reads and produces,
+//! the work it decides for each, what processing one leads to, which
+//! partition a record came from, which offsets a batch took, and under
+//! which assignment it read them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::core::dead_letter::{Reason, Stage};
+use crate::metrics::events::Committed;
+use crate::task::{Millis, Task, TaskDecodeError};
 
 /// One partition of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,4 +78,171 @@ pub fn still_owned(
         Some((tp, _)) => Err(tp.clone()),
         None => Ok(()),
     }
+}
+
+/// Where a consumed record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Input,
+    Tier(usize),
+}
+
+/// A consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub kind: SourceKind,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<Millis>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// What kind of record an output is, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    FinboxPredictors,
+    SmsExtraction,
+    InsightsReady,
+    Delay(usize),
+    DeadLetter,
+}
+
+impl OutKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            OutKind::FinboxPredictors => "finbox_predictors",
+            OutKind::SmsExtraction => "sms_extraction",
+            OutKind::InsightsReady => "insights_ready",
+            OutKind::Delay(_) => "delay",
+            OutKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub kind: OutKind,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutRecord {
+    /// Drops the key, value and headers once they were handed to the
+    /// producer; the kind and topic stay for what is counted on commit.
+    pub fn release_payload(&mut self) {
+        self.key = None;
+        self.value = None;
+        self.headers = Vec::new();
+    }
+}
+
+/// Everything one consumed record leads to.
+#[derive(Debug, Default)]
+pub struct Processed {
+    pub outputs: Vec<OutRecord>,
+    /// The dead-letter reasons among the outputs (for the guard).
+    pub dead_letters: Vec<(Stage, Reason)>,
+    /// Providers that ended `failed` while processing this record. Their
+    /// dead letter is written when the user's task finishes (so it holds the
+    /// final state and a replay re-asks only the failed provider), but the
+    /// guard counts them at once.
+    pub failures: Vec<(Stage, Reason)>,
+    /// What to count once the batch commits (`metrics::events`).
+    pub counted: Vec<Committed>,
+    /// The outputs' bytes, counted against `schedule.max_in_flight_bytes`
+    /// while they wait for their transaction.
+    pub held: Option<HeldBytes>,
+}
+
+impl Processed {
+    /// Bytes of the outputs (key, value, headers).
+    pub fn output_bytes(&self) -> usize {
+        self.outputs
+            .iter()
+            .map(|o| record_size(&o.key, &o.value, &o.headers))
+            .sum()
+    }
+}
+
+/// What a record weighs in memory against `schedule.max_in_flight_bytes`:
+/// its key, value and headers.
+pub fn record_size(
+    key: &Option<Vec<u8>>,
+    value: &Option<Vec<u8>>,
+    headers: &[(String, Vec<u8>)],
+) -> usize {
+    key.as_ref().map_or(0, Vec::len)
+        + value.as_ref().map_or(0, Vec::len)
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
+/// Bytes counted in a shared total for as long as this lives.
+#[derive(Debug)]
+pub struct HeldBytes {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl HeldBytes {
+    pub fn new(bytes: usize, total: Arc<AtomicUsize>) -> HeldBytes {
+        total.fetch_add(bytes, Ordering::Relaxed);
+        HeldBytes { bytes, total }
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Processed {
+    pub(crate) fn count(&mut self, event: Committed) {
+        self.counted.push(event);
+    }
+
+    /// Every event this record's processing leads to once committed: its
+    /// own, one per event published, one per dead letter.
+    pub fn committed(&self) -> impl Iterator<Item = Committed> + '_ {
+        let published = self.outputs.iter().filter_map(|o| match o.kind {
+            OutKind::Delay(_) | OutKind::DeadLetter => None,
+            k => Some(Committed::Published { kind: k.label() }),
+        });
+        let dead = self
+            .dead_letters
+            .iter()
+            .map(|(stage, reason)| Committed::DeadLettered {
+                stage: stage.as_str(),
+                reason: reason.as_str(),
+            });
+        self.counted.iter().cloned().chain(published).chain(dead)
+    }
+}
+
+/// A failure that is not the record's fault (the schema registry is down):
+/// the batch is retried instead of dead-lettering anything.
+#[derive(Debug, thiserror::Error)]
+#[error("transient failure: {0}")]
+pub struct Transient(pub String);
+
+/// The work to do for one consumed record, decided by the loop.
+#[derive(Debug)]
+pub enum Job {
+    /// An onboarded event from the input topic.
+    Input(Incoming),
+    /// A task that is due now.
+    Due(Incoming, Task),
+    /// A task that came back before its due time: send it on.
+    Forward(Incoming, Task, usize),
+    /// A delay-topic record that is not a task.
+    PoisonTask(Incoming, TaskDecodeError),
 }

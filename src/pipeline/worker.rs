@@ -4,189 +4,24 @@
 //! events and the dead letters. It never touches Kafka itself: the loop
 //! produces what it returns, inside the batch's transaction.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::core::dead_letter::{self, Reason, ReplayTarget};
+use crate::core::dead_letter::{self, Reason, ReplayTarget, Stage};
 use crate::core::tiers::{DelayTiers, TierRead};
 use crate::core::{self, Answer, Effects, Policies};
+use crate::events::DeadLetter;
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::events::{Committed, Fate, Source};
 use crate::metrics::Metrics;
-use crate::pipeline::deadletter::{DeadLetter, Stage};
+use crate::pipeline::record::{
+    Incoming, Job, OutKind, OutRecord, Processed, SourceKind, Transient,
+};
 use crate::providers::budget::{self, RecordClock};
 use crate::providers::{CredeauApi, FinboxApi, Provider};
-use crate::task::{Millis, Outcome, SourceRef, Task, TaskDecodeError};
+use crate::task::{Millis, Outcome, SourceRef, Task};
 
 pub fn now_ms() -> Millis {
     chrono::Utc::now().timestamp_millis()
-}
-
-/// Where a consumed record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceKind {
-    Input,
-    Tier(usize),
-}
-
-/// A consumed record, detached from the consumer.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub kind: SourceKind,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp: Option<Millis>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-/// What kind of record an output is, for metrics and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutKind {
-    FinboxPredictors,
-    SmsExtraction,
-    InsightsReady,
-    Delay(usize),
-    DeadLetter,
-}
-
-impl OutKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            OutKind::FinboxPredictors => "finbox_predictors",
-            OutKind::SmsExtraction => "sms_extraction",
-            OutKind::InsightsReady => "insights_ready",
-            OutKind::Delay(_) => "delay",
-            OutKind::DeadLetter => "dead_letter",
-        }
-    }
-}
-
-/// A record to produce.
-#[derive(Debug, Clone)]
-pub struct OutRecord {
-    pub kind: OutKind,
-    pub topic: String,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl OutRecord {
-    /// Drops the key, value and headers once they were handed to the
-    /// producer; the kind and topic stay for what is counted on commit.
-    pub fn release_payload(&mut self) {
-        self.key = None;
-        self.value = None;
-        self.headers = Vec::new();
-    }
-}
-
-/// Everything one consumed record leads to.
-#[derive(Debug, Default)]
-pub struct Processed {
-    pub outputs: Vec<OutRecord>,
-    /// The dead-letter reasons among the outputs (for the guard).
-    pub dead_letters: Vec<(Stage, Reason)>,
-    /// Providers that ended `failed` while processing this record. Their
-    /// dead letter is written when the user's task finishes (so it holds the
-    /// final state and a replay re-asks only the failed provider), but the
-    /// guard counts them at once.
-    pub failures: Vec<(Stage, Reason)>,
-    /// What to count once the batch commits (`metrics::events`).
-    pub counted: Vec<Committed>,
-    /// The outputs' bytes, counted against `schedule.max_in_flight_bytes`
-    /// while they wait for their transaction.
-    pub held: Option<HeldBytes>,
-}
-
-impl Processed {
-    /// Bytes of the outputs (key, value, headers).
-    pub fn output_bytes(&self) -> usize {
-        self.outputs
-            .iter()
-            .map(|o| record_size(&o.key, &o.value, &o.headers))
-            .sum()
-    }
-}
-
-/// What a record weighs in memory against `schedule.max_in_flight_bytes`:
-/// its key, value and headers.
-pub fn record_size(
-    key: &Option<Vec<u8>>,
-    value: &Option<Vec<u8>>,
-    headers: &[(String, Vec<u8>)],
-) -> usize {
-    key.as_ref().map_or(0, Vec::len)
-        + value.as_ref().map_or(0, Vec::len)
-        + headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-}
-
-/// Bytes counted in a shared total for as long as this lives.
-#[derive(Debug)]
-pub struct HeldBytes {
-    bytes: usize,
-    total: Arc<AtomicUsize>,
-}
-
-impl HeldBytes {
-    pub fn new(bytes: usize, total: Arc<AtomicUsize>) -> HeldBytes {
-        total.fetch_add(bytes, Ordering::Relaxed);
-        HeldBytes { bytes, total }
-    }
-}
-
-impl Drop for HeldBytes {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-impl Processed {
-    fn count(&mut self, event: Committed) {
-        self.counted.push(event);
-    }
-
-    /// Every event this record's processing leads to once committed: its
-    /// own, one per event published, one per dead letter.
-    pub fn committed(&self) -> impl Iterator<Item = Committed> + '_ {
-        let published = self.outputs.iter().filter_map(|o| match o.kind {
-            OutKind::Delay(_) | OutKind::DeadLetter => None,
-            k => Some(Committed::Published { kind: k.label() }),
-        });
-        let dead = self
-            .dead_letters
-            .iter()
-            .map(|(stage, reason)| Committed::DeadLettered {
-                stage: *stage,
-                reason: *reason,
-            });
-        self.counted.iter().cloned().chain(published).chain(dead)
-    }
-}
-
-/// A failure that is not the record's fault (the schema registry is down):
-/// the batch is retried instead of dead-lettering anything.
-#[derive(Debug, thiserror::Error)]
-#[error("transient failure: {0}")]
-pub struct Transient(pub String);
-
-/// The work to do for one consumed record, decided by the loop.
-#[derive(Debug)]
-pub enum Job {
-    /// An onboarded event from the input topic.
-    Input(Incoming),
-    /// A task that is due now.
-    Due(Incoming, Task),
-    /// A task that came back before its due time: send it on.
-    Forward(Incoming, Task, usize),
-    /// A delay-topic record that is not a task.
-    PoisonTask(Incoming, TaskDecodeError),
 }
 
 /// Topic names the worker writes to.
@@ -244,7 +79,7 @@ impl Worker {
                     });
                     self.advance(task, &rec, now, &clock, &mut out).await;
                 }
-                Err(e) => match dead_letter::decode_failed(&e) {
+                Err(e) => match e.dead_letter_reason() {
                     None => return Err(Transient(e.to_string())),
                     Some(reason) => {
                         out.count(Committed::Consumed {

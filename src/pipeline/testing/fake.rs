@@ -24,12 +24,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::pipeline::kafka::TransactionGate;
 use crate::pipeline::ports::{
-    CommitError, GroupToken, LoopConsumer, Membership, Polled, TxnProducer,
+    CommitError, GroupToken, LoopConsumer, Membership, Polled, TransactionGate, TxnProducer,
 };
-use crate::pipeline::record::{BatchOffsets, Epoch, TopicPartition};
-use crate::pipeline::worker::{Incoming, OutRecord, SourceKind};
+use crate::pipeline::record::{
+    BatchOffsets, Epoch, Incoming, OutRecord, SourceKind, TopicPartition,
+};
 use crate::providers::{
     CredeauAnswer, CredeauApi, FinboxAnswer, FinboxApi, FinboxInsights, Predictor, Provider,
     ProviderError, ProviderErrorKind, SmsExtraction,
@@ -491,7 +491,7 @@ impl LoopConsumer for FakeBroker {
         s.tick(Instant::now());
         Some(GroupToken {
             membership: s.membership.clone(),
-            metadata: None,
+            handle: None,
         })
     }
 

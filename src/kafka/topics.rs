@@ -11,6 +11,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Settings;
 use crate::core::tiers::DelayTiers;
+use crate::kafka::settings::{base_config, COMPRESSION};
 
 /// What a topic is for, which decides how it is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +74,7 @@ pub async fn create_topics(
             // The codec our producer uses, so the broker stores our batches
             // as they come instead of recompressing them. The input topic
             // is written by the lender's producers: theirs to choose.
-            nt = nt.set("compression.type", super::COMPRESSION);
+            nt = nt.set("compression.type", COMPRESSION);
         }
         match role {
             TopicRole::Delay => {
@@ -126,4 +127,46 @@ pub fn check_topics(
         }
     }
     Ok(consumed)
+}
+
+/// Creates the topics when `topics.create` is on, then checks that every
+/// topic exists with the partitions the service needs, and returns the
+/// partitions of every topic the loop consumes. Right after creating
+/// topics a broker's metadata may not list them yet: a missing topic is
+/// then looked up again for up to 20 s before it counts as missing.
+pub async fn prepare(settings: &Settings, tiers: &DelayTiers) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    let k = &settings.kafka;
+    if settings.topics.create {
+        let admin: AdminClient<DefaultClientContext> = base_config(k)
+            .create()
+            .context("kafka: cannot create admin client")?;
+        create_topics(&admin, settings, tiers)
+            .await
+            .context("topics.create")?;
+    }
+    let probe: BaseConsumer = base_config(k)
+        .create()
+        .context("kafka: cannot create client")?;
+    let s = settings.clone();
+    let t = tiers.clone();
+    let patience = if settings.topics.create {
+        Duration::from_secs(20)
+    } else {
+        Duration::ZERO
+    };
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            match check_topics(&probe, &s, &t, Duration::from_secs(30)) {
+                Err(TopicError::Missing(_)) if started.elapsed() < patience => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .context("topic check task")?
+    .context("kafka topics")
 }

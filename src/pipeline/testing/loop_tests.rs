@@ -19,11 +19,12 @@ use crate::core::Policies;
 use crate::events::{InputDecoder, OutputEncoder};
 use crate::metrics::Metrics;
 use crate::pipeline::consume::{ConsumeLoop, LoopError, LoopParts, LoopSettings};
-use crate::pipeline::deadletter::DeadLetterGuard;
-use crate::pipeline::fake::{Disruption, FakeBroker, FakeProvider};
+use crate::pipeline::guard::DeadLetterGuard;
 use crate::pipeline::health::Health;
-use crate::pipeline::record::TopicPartition;
-use crate::pipeline::worker::{now_ms, OutputTopics, SourceKind, Worker};
+use crate::pipeline::record::{SourceKind, TopicPartition};
+use crate::pipeline::share::RateShare;
+use crate::pipeline::testing::fake::{Disruption, FakeBroker, FakeProvider};
+use crate::pipeline::worker::{now_ms, OutputTopics, Worker};
 use crate::providers::Provider;
 use crate::task::Task;
 
@@ -151,9 +152,8 @@ async fn start_with(
         guard: DeadLetterGuard::new(s.dead_letter.clone()),
         health,
         metrics: metrics.clone(),
-        on_share: Arc::new(|_| {}),
+        share: RateShare::unknown(),
         admission_rate: Box::new(move || rate),
-        total_partitions: 0,
     });
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -719,7 +719,7 @@ async fn shutdown_commits_finished_batches_and_hands_the_rest_back() {
 
 /// The dead letters' stage and error class headers, per user.
 fn dead_letters(broker: &FakeBroker) -> HashMap<String, (String, String)> {
-    let header = |r: &crate::pipeline::fake::Stored, k: &str| {
+    let header = |r: &crate::pipeline::testing::fake::Stored, k: &str| {
         r.headers
             .iter()
             .find(|(name, _)| name == k)
