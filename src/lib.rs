@@ -11,7 +11,6 @@ pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;
-pub mod salt;
 pub mod service;
 pub mod simulator;
 pub mod task;

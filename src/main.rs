@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use insights_enricher::config::Settings;
-use insights_enricher::{dlq, logging, salt, service, simulator};
+use insights_enricher::providers::salt;
+use insights_enricher::{dlq, logging, service, simulator};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -73,6 +74,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8; 69] =
     b"background_thread:true,narenas:1,dirty_decay_ms:250,muzzy_decay_ms:0\0";
 
+/// `finbox.server_hash` as configured (defaults, the `--config` file, then
+/// the environment, a `finbox.server_hash_file` read), without requiring
+/// the rest of the configuration to be complete: `salt` is a debugging aid
+/// and needs only this one value.
+fn server_hash_from_config(file: Option<&std::path::Path>) -> Result<String, String> {
+    let hash = Settings::finbox_server_hash(file, std::env::vars()).map_err(|e| e.to_string())?;
+    if hash.is_empty() {
+        Err("no server hash: pass --server-hash (or FINBOX_SERVER_HASH), or set finbox.server_hash (or finbox.server_hash_file) in --config or INSIGHTS__FINBOX__SERVER_HASH".into())
+    } else {
+        Ok(hash)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -82,7 +96,7 @@ fn main() -> ExitCode {
         } => {
             let hash = match server_hash {
                 Some(h) => h,
-                None => match salt::server_hash_from_config(cli.config.as_deref()) {
+                None => match server_hash_from_config(cli.config.as_deref()) {
                     Ok(h) => h,
                     Err(e) => {
                         eprintln!("error: {e}");

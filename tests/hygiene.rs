@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use insights_enricher::salt::finbox_salt;
+use insights_enricher::providers::salt::finbox_salt;
 use insights_enricher::simulator::{self, Credentials, SimulatorConfig};
 
 /// Credentials no other test uses, long enough that a hit is never chance.

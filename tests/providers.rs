@@ -181,7 +181,7 @@ async fn wrong_server_hash_gives_forbidden_incorrect_salt() {
     let err = f.client.fetch_predictors("u-salt").await.unwrap_err();
     assert_eq!((err.kind, err.http_status), (Kind::Forbidden, Some(403)));
     assert_eq!(err.message, "Incorrect salt");
-    let wrong_salt = insights_enricher::salt::finbox_salt("u-salt", "not-the-hash");
+    let wrong_salt = insights_enricher::providers::salt::finbox_salt("u-salt", "not-the-hash");
     assert!(!format!("{err} {err:?}").contains(&wrong_salt));
     assert!(!format!("{err} {err:?}").contains("not-the-hash"));
 }
@@ -609,7 +609,7 @@ async fn debug_and_warn_logs_never_hold_secrets_or_salts() {
     assert!(logs.contains("provider request"), "{logs}");
     assert!(logs.contains("retrying provider request"), "{logs}");
     assert!(logs.contains("WARN"), "{logs}");
-    let salt = insights_enricher::salt::finbox_salt("u-log", SERVER_HASH);
+    let salt = insights_enricher::providers::salt::finbox_salt("u-log", SERVER_HASH);
     for secret in [API_KEY, SERVER_HASH, "wrong-key-789", salt.as_str()] {
         assert!(!logs.contains(secret), "{secret} in logs:\n{logs}");
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use insights_enricher::salt::finbox_salt;
+use insights_enricher::providers::salt::finbox_salt;
 use insights_enricher::simulator::{
     spawn, CredeauScenario, Faults, FinboxOutcome, FinboxScenario, RunningSimulator, ScenarioSet,
     SimulatorConfig, UserScenario,

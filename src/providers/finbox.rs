@@ -145,7 +145,7 @@ pub fn retry_policy(settings: &FinboxSettings) -> RetryPolicy {
 #[async_trait]
 impl FinboxApi for FinboxClient {
     async fn fetch_predictors(&self, customer_id: &str) -> Result<FinboxAnswer, ProviderError> {
-        let salt = crate::salt::finbox_salt(customer_id, self.server_hash.expose());
+        let salt = crate::providers::salt::finbox_salt(customer_id, self.server_hash.expose());
         let ctx = RetryContext {
             provider: PROVIDER,
             policy: &self.policy,

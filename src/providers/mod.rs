@@ -13,6 +13,7 @@ pub mod finbox;
 pub mod http;
 pub mod ratelimit;
 pub mod retry;
+pub mod salt;
 
 pub use credeau::CredeauClient;
 pub use finbox::FinboxClient;

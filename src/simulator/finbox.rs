@@ -150,7 +150,7 @@ fn gatekeep(
         };
         return Gate::Answer(bad_request(format!("Invalid value for Key {key}")));
     };
-    if salt != crate::salt::finbox_salt(customer_id, &server_hash) {
+    if salt != crate::providers::salt::finbox_salt(customer_id, &server_hash) {
         return Gate::Answer(error(StatusCode::FORBIDDEN, "Incorrect salt"));
     }
     if sim.finbox_limit.check().is_err() {

@@ -118,7 +118,10 @@ pub fn assert_clean(err: &ProviderError, customer_ids: &[&str], sms_bodies: &[St
     let shown = format!("{err} | {err:?}");
     let mut forbidden: Vec<String> = vec![API_KEY.into(), SERVER_HASH.into(), AUTH_TOKEN.into()];
     for id in customer_ids {
-        forbidden.push(insights_enricher::salt::finbox_salt(id, SERVER_HASH));
+        forbidden.push(insights_enricher::providers::salt::finbox_salt(
+            id,
+            SERVER_HASH,
+        ));
     }
     forbidden.extend(sms_bodies.iter().cloned());
     for secret in forbidden.iter().filter(|s| !s.is_empty()) {

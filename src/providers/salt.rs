@@ -2,33 +2,12 @@
 //!
 //! The FinBox document refers to a "Salt Generation" section it does not
 //! contain; the algorithm is the one in FinBox's public documentation, as
-//! written down in `providers.md`.
+//! written down in `providers.md`. The FinBox client signs every request
+//! with it; the simulator checks it; `insights-enricher salt` prints it.
 
 use base64::Engine as _;
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
-
-/// Why `salt` has no server hash to use.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerHashError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("no server hash: pass --server-hash (or FINBOX_SERVER_HASH), or set finbox.server_hash (or finbox.server_hash_file) in --config or INSIGHTS__FINBOX__SERVER_HASH")]
-    Missing,
-}
-
-/// `finbox.server_hash` as configured (defaults, `file`, then the
-/// environment, a `finbox.server_hash_file` read), without requiring the
-/// rest of the configuration to be complete: `salt` is a debugging aid and
-/// needs only this one value.
-pub fn server_hash_from_config(file: Option<&std::path::Path>) -> Result<String, ServerHashError> {
-    let hash = crate::config::Settings::finbox_server_hash(file, std::env::vars())?;
-    if hash.is_empty() {
-        Err(ServerHashError::Missing)
-    } else {
-        Ok(hash)
-    }
-}
 
 /// Computes the salt for one request. Both inputs are secrets or personal
 /// identifiers: never log the result.
