@@ -40,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::consume::{ConsumeLoop, LoopParts, LoopSettings};
 use crate::pipeline::guard::DeadLetterGuard;
 use crate::pipeline::health::{self, Health};
+use crate::pipeline::parked::ParkedCalls;
 use crate::pipeline::record::SourceKind;
 use crate::pipeline::share::RateShare;
 use crate::pipeline::worker::{OutputTopics, Worker};
@@ -397,6 +398,7 @@ impl Service {
             max_message_bytes: t.max_message_bytes,
             record_budget: settings.schedule.record_budget,
             straggler_wait: settings.schedule.straggler_wait,
+            parked: ParkedCalls::new(settings.schedule.max_in_flight),
             metrics: metrics.clone(),
         });
         Ok(BuiltWorker {

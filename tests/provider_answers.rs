@@ -15,6 +15,7 @@ use insights_enricher::core::tiers::DelayTiers;
 use insights_enricher::core::Policies;
 use insights_enricher::events::{InputDecoder, OutputEncoder};
 use insights_enricher::metrics::Metrics;
+use insights_enricher::pipeline::parked::ParkedCalls;
 use insights_enricher::pipeline::record::{Incoming, Job, OutKind, OutRecord, SourceKind};
 use insights_enricher::pipeline::worker::{now_ms, OutputTopics, Worker};
 use insights_enricher::simulator::{
@@ -51,6 +52,7 @@ async fn worker(settings: &Settings, metrics: Arc<Metrics>) -> Worker {
         max_message_bytes: 8 << 20,
         record_budget: settings.schedule.record_budget,
         straggler_wait: settings.schedule.straggler_wait,
+        parked: ParkedCalls::new(settings.schedule.max_in_flight),
         metrics,
     }
 }

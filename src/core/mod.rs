@@ -247,7 +247,8 @@ pub fn cut_short(task: &mut Task, provider: Provider, now: Millis, policies: &Po
     if track.is_done() {
         return;
     }
-    track.polls = track.polls.saturating_add(1);
+    // The request goes on (parked): it counts as a poll when its answer
+    // is applied, not here.
     track.first_poll_at.get_or_insert(now);
     track.cut_polls = track.cut_polls.saturating_add(1);
     schedule(provider, track, &policy, now, 0, deadline_at);
@@ -255,30 +256,15 @@ pub fn cut_short(task: &mut Task, provider: Provider, now: Millis, policies: &Po
 }
 
 /// How long a record may wait on providers while it holds its batch
-/// before it is cut short: `wait` doubled for every poll of a due provider
-/// cut short in a row, `None` once that reaches `budget` (the record
+/// before it is cut short (its call is parked and taken back by the next
+/// poll, so the leash need not grow for a slow provider to be heard):
+/// `wait`, or `None` when it is zero or not below `budget` (the record
 /// budget then bounds the call, and an unanswered call is a timeout).
 pub fn straggler_leash(
-    task: &Task,
-    due: &[Provider],
     wait: std::time::Duration,
     budget: std::time::Duration,
 ) -> Option<std::time::Duration> {
-    if wait.is_zero() {
-        return None;
-    }
-    let cut = cuts_in_a_row(task, due);
-    let leash = wait.saturating_mul(1u32.checked_shl(cut.min(31)).unwrap_or(u32::MAX));
-    (leash < budget).then_some(leash)
-}
-
-/// How many polls of a due provider were cut short in a row: the times
-/// a record's leash has doubled.
-pub fn cuts_in_a_row(task: &Task, due: &[Provider]) -> u32 {
-    due.iter()
-        .map(|p| task.track(*p).cut_polls)
-        .max()
-        .unwrap_or(0)
+    (!wait.is_zero() && wait < budget).then_some(wait)
 }
 
 /// An output of provider `p` that cannot be published (an SMS entry larger

@@ -426,49 +426,37 @@ proptest! {
 }
 
 #[test]
-fn a_poll_cut_short_is_neither_an_answer_nor_a_failure_and_doubles_the_next_leash() {
+fn a_poll_cut_short_is_neither_an_answer_nor_a_failure_nor_a_request_of_its_own() {
     let p = policies();
     let t0 = 1_000_000 + 30_000;
     let mut task = start(user(), origin(), 1_000_000, &p);
-    let wait = Duration::from_secs(2);
-    let budget = Duration::from_secs(15);
-    let due = [Provider::Credeau];
-    assert_eq!(straggler_leash(&task, &due, wait, budget), Some(wait));
-
     cut_short(&mut task, Provider::Credeau, t0, &p);
     let c = task.track(Provider::Credeau);
-    assert_eq!((c.polls, c.cut_polls, c.failed_polls), (1, 1, 0));
+    // The request goes on (parked): it is counted when its answer is.
+    assert_eq!((c.polls, c.cut_polls, c.failed_polls), (0, 1, 0));
+    assert_eq!(c.first_poll_at, Some(t0));
     assert!(c.last_error.is_none() && !c.is_done());
     // Polled again after the Credeau spacing, as after an empty answer.
     assert_eq!(c.next_poll_at, t0 + 15_000);
-    assert_eq!(
-        straggler_leash(&task, &due, wait, budget),
-        Some(Duration::from_secs(4))
-    );
-    cut_short(&mut task, Provider::Credeau, t0 + 20_000, &p);
-    cut_short(&mut task, Provider::Credeau, t0 + 60_000, &p);
-    assert_eq!(
-        straggler_leash(&task, &due, wait, budget),
-        None,
-        "16 s reach the record budget: the budget alone bounds the call"
-    );
-    // FinBox's own leash is untouched.
-    assert_eq!(
-        straggler_leash(&task, &[Provider::Finbox], wait, budget),
-        Some(wait)
-    );
-    assert_eq!(straggler_leash(&task, &due, Duration::ZERO, budget), None);
 
-    // Any answer, an error too, starts from the shortest leash again.
+    // The parked call's answer, taken by the next poll, is one poll.
     apply(
         &mut task,
         Answer::Credeau(Err(err(ProviderErrorKind::Timeout, None))),
-        t0 + 200_000,
+        t0 + 20_000,
         &p,
     );
-    assert_eq!(task.track(Provider::Credeau).cut_polls, 0);
-    assert_eq!(task.track(Provider::Credeau).failed_polls, 1);
-    assert_eq!(straggler_leash(&task, &due, wait, budget), Some(wait));
+    let c = task.track(Provider::Credeau);
+    assert_eq!((c.polls, c.cut_polls, c.failed_polls), (1, 0, 1));
+}
+
+#[test]
+fn the_straggler_leash_is_the_wait_below_the_record_budget() {
+    let budget = Duration::from_secs(15);
+    let wait = Duration::from_secs(2);
+    assert_eq!(straggler_leash(wait, budget), Some(wait));
+    assert_eq!(straggler_leash(Duration::ZERO, budget), None);
+    assert_eq!(straggler_leash(budget, budget), None);
 }
 
 #[test]

@@ -16,14 +16,13 @@ use crate::providers::budget::RecordClock;
 pub(super) type Running = JoinHandle<Result<Processed, Transient>>;
 
 /// A request is cut once it has awaited its answer (status and headers)
-/// this many times as long as the longest such wait of its batch's records
-/// that are done ...
+/// this many times as long as what answers take now ...
 const PEER_FACTOR: u32 = 4;
-/// ... but never before this ...
+/// ... but never before this.
 const PEER_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
-/// ... and only once at most one in this many of the batch's records is
-/// still running (the rest of the batch waits for it).
-const PEER_SHARE_RUNNING_DIVISOR: usize = 10;
+/// What answers take now: this high a share of the waits for an answer of
+/// the records done recently (one slow answer does not raise the leash).
+const PEER_PERCENTILE: f64 = 0.9;
 
 /// A record's work: the task running it and the clock of its provider
 /// calls.
@@ -123,34 +122,12 @@ impl Batch {
     }
 
     /// Cuts short the records that have waited on a provider for their
-    /// leash (`schedule.straggler_wait`, doubled per cut in a row): each
-    /// holds this batch, and every batch after it, while it waits. Once
-    /// all but a few of the batch's records are done, a request is cut
-    /// sooner: when it has awaited its answer [`PEER_FACTOR`] times as long
-    /// as the longest wait for an answer of the records done (at least
-    /// [`PEER_FLOOR`]; doubled per cut in a row too). The others' answers
-    /// are the measure of what is slow now, on this machine and under this
-    /// load.
-    /// Returns how many were cut.
-    pub(super) fn cut_stragglers(&self) -> usize {
-        let running = self
-            .jobs
-            .iter()
-            .filter(|(_, w)| !w.running.is_finished())
-            .count();
-        if running == 0 {
-            return 0;
-        }
-        let peer_leash = (running * PEER_SHARE_RUNNING_DIVISOR <= self.jobs.len()).then(|| {
-            let longest = self
-                .jobs
-                .iter()
-                .filter(|(_, w)| w.running.is_finished())
-                .map(|(_, w)| w.clock.longest_await())
-                .max()
-                .unwrap_or_default();
-            (longest * PEER_FACTOR).max(PEER_FLOOR)
-        });
+    /// leash (`schedule.straggler_wait`), or have awaited an answer for
+    /// `peer_leash` (what answers take now, see [`peer_leash`]): each holds
+    /// this batch, and every batch after it, while it waits. A record cut
+    /// short loses nothing: its call is parked for the user's next poll
+    /// (`pipeline::parked`). Returns how many were cut.
+    pub(super) fn cut_stragglers(&self, peer_leash: Option<std::time::Duration>) -> usize {
         let mut cut = 0;
         for (_, w) in &self.jobs {
             if w.running.is_finished() || w.clock.is_cut() {
@@ -160,9 +137,8 @@ impl Batch {
             if let Some(leash) = outlasted {
                 tracing::debug!(
                     leash_ms = leash.as_millis() as u64,
-                    running,
                     records = self.jobs.len(),
-                    "request cut short: its answer took four times the longest of its batch's others"
+                    "request cut short: its answer took four times what answers take now"
                 );
             }
             if outlasted.is_some() || w.clock.is_straggling() {
@@ -172,6 +148,31 @@ impl Batch {
         }
         cut
     }
+
+    /// The waits for an answer of the batch's records that are done (none
+    /// for a record that asked no provider).
+    pub(super) fn answer_waits(&self) -> impl Iterator<Item = std::time::Duration> + '_ {
+        self.jobs
+            .iter()
+            .filter(|(_, w)| w.running.is_finished())
+            .map(|(_, w)| w.clock.longest_await())
+            .filter(|d| !d.is_zero())
+    }
+}
+
+/// How long a request may await its answer before it is cut short, from
+/// what answers take now: [`PEER_FACTOR`] times the 90th percentile of
+/// `answers` (the waits for an answer of the records done lately, in every
+/// batch), at least [`PEER_FLOOR`]; `None` before any record was answered.
+/// The others' answers are the measure of what is slow, on this machine
+/// and under this load.
+pub(super) fn peer_leash(mut answers: Vec<std::time::Duration>) -> Option<std::time::Duration> {
+    if answers.is_empty() {
+        return None;
+    }
+    answers.sort_unstable();
+    let at = ((answers.len() - 1) as f64 * PEER_PERCENTILE).round() as usize;
+    Some((answers[at] * PEER_FACTOR).max(PEER_FLOOR))
 }
 
 /// Where to read again when batches are handed back: per partition, the

@@ -15,9 +15,10 @@
 //!
 //! Since batches commit in read order, a record still waiting on a slow
 //! provider would hold every record read after it. A record that has
-//! waited on a provider past its leash (`schedule.straggler_wait`, doubled
-//! per cut in a row) is cut short: the poll is asked again when due,
-//! through a delay tier, like any repoll.
+//! waited on a provider past its leash (`schedule.straggler_wait`, or four
+//! times what answers take now) is cut short: its call is parked, still
+//! running, and the user's next poll, through a delay tier like any
+//! repoll, takes its answer (`pipeline::parked`).
 //!
 //! Exactly once rests on four rules:
 //! - batches commit one at a time, in read order; when one is aborted,
@@ -44,7 +45,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pipeline::batch::{rewind_points, Batch, RunningGuard, Work};
+use crate::pipeline::batch::{peer_leash, rewind_points, Batch, RunningGuard, Work};
 use crate::pipeline::guard::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
@@ -100,6 +101,10 @@ impl From<&crate::config::Settings> for LoopSettings {
         }
     }
 }
+
+/// How many of the last records' waits for an answer the straggler cut
+/// measures what answers take now by.
+const RECENT_ANSWERS: usize = 256;
 
 /// The longest the loop waits in one poll.
 const POLL_WAIT: Duration = Duration::from_millis(200);
@@ -163,6 +168,9 @@ pub struct ConsumeLoop {
     throttled: HashSet<TopicPartition>,
     collecting: Batch,
     queued: VecDeque<Batch>,
+    /// The waits for an answer of the records committed last (at most
+    /// [`RECENT_ANSWERS`]): what answers take now, for the straggler cut.
+    recent_answers: VecDeque<Duration>,
     committing: Option<Committing>,
     in_flight: Arc<Semaphore>,
     /// Records whose work has not ended (started, not finished).
@@ -191,6 +199,7 @@ impl ConsumeLoop {
             throttled: HashSet::new(),
             collecting: Batch::default(),
             queued: VecDeque::new(),
+            recent_answers: VecDeque::with_capacity(RECENT_ANSWERS),
             committing: None,
             in_flight,
             running: Arc::new(AtomicUsize::new(0)),
@@ -621,13 +630,17 @@ impl ConsumeLoop {
     }
 
     /// Batches commit in read order: a record that waits on a slow
-    /// provider past its leash is cut short (polled again when due) rather
-    /// than holding its batch and every batch read after it.
+    /// provider past its leash is cut short (its call parked, the user
+    /// polled again when due) rather than holding its batch and every
+    /// batch read after it.
     fn cut_stragglers(&mut self) {
-        let cut: usize = std::iter::once(&self.collecting)
-            .chain(self.queued.iter())
-            .map(Batch::cut_stragglers)
-            .sum();
+        let batches = || std::iter::once(&self.collecting).chain(self.queued.iter());
+        let answers: Vec<Duration> = batches()
+            .flat_map(Batch::answer_waits)
+            .chain(self.recent_answers.iter().copied())
+            .collect();
+        let leash = peer_leash(answers);
+        let cut: usize = batches().map(|b| b.cut_stragglers(leash)).sum();
         if cut > 0 {
             tracing::debug!(records = cut, "stragglers cut short; polled again when due");
         }
@@ -647,6 +660,12 @@ impl ConsumeLoop {
                 continue;
             }
             self.take_finished_behind(&mut batch);
+            for wait in batch.answer_waits() {
+                if self.recent_answers.len() == RECENT_ANSWERS {
+                    self.recent_answers.pop_front();
+                }
+                self.recent_answers.push_back(wait);
+            }
             if let Some(prepared) = self.prepare(batch).await? {
                 self.committing = Some(self.start_commit(prepared));
                 break;

@@ -19,6 +19,7 @@ mod batch;
 pub mod consume;
 pub mod guard;
 pub mod health;
+pub mod parked;
 pub mod ports;
 pub mod record;
 pub mod share;

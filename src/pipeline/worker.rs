@@ -13,6 +13,7 @@ use crate::events::DeadLetter;
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::events::{Committed, Fate, Source};
 use crate::metrics::Metrics;
+use crate::pipeline::parked::ParkedCalls;
 use crate::pipeline::record::{
     Incoming, Job, OutKind, OutRecord, Processed, SourceKind, Transient,
 };
@@ -49,9 +50,12 @@ pub struct Worker {
     /// tier, so no record holds its batch longer.
     pub record_budget: std::time::Duration,
     /// How long a record may wait on a provider before the loop cuts it
-    /// short (`schedule.straggler_wait`;
-    /// zero: never), doubled for every poll cut short in a row.
+    /// short (`schedule.straggler_wait`; zero: never); its call is then
+    /// parked for the user's next poll.
     pub straggler_wait: std::time::Duration,
+    /// Calls of records cut short, still running for their user's next
+    /// poll.
+    pub parked: ParkedCalls,
     pub metrics: Arc<Metrics>,
 }
 
@@ -156,21 +160,25 @@ impl Worker {
             let finbox_id = task.user.finbox_customer_id.clone();
             let credeau_id = task.user.credeau_user_id.clone();
             let budget = self.record_budget;
-            let leash = core::straggler_leash(&task, &due, self.straggler_wait, budget);
-            clock.begin(budget, leash, core::cuts_in_a_row(&task, &due));
+            let leash = core::straggler_leash(self.straggler_wait, budget);
+            clock.begin(budget, leash);
             let (fa, ca) = tokio::join!(
                 async {
                     if poll_finbox {
-                        let call = self.finbox.fetch_predictors(&finbox_id);
-                        Some(within_budget(Provider::Finbox, clock, budget, call).await)
+                        let api = self.finbox.clone();
+                        let id = finbox_id.clone();
+                        let call = async move { Answer::Finbox(api.fetch_predictors(&id).await) };
+                        Some(self.call(Provider::Finbox, &finbox_id, clock, call).await)
                     } else {
                         None
                     }
                 },
                 async {
                     if poll_credeau {
-                        let call = self.credeau.fetch_sms(&credeau_id);
-                        Some(within_budget(Provider::Credeau, clock, budget, call).await)
+                        let api = self.credeau.clone();
+                        let id = credeau_id.clone();
+                        let call = async move { Answer::Credeau(api.fetch_sms(&id).await) };
+                        Some(self.call(Provider::Credeau, &credeau_id, clock, call).await)
                     } else {
                         None
                     }
@@ -178,23 +186,16 @@ impl Worker {
             );
             let answered_at = now_ms();
             decided_at = answered_at;
-            // `None`: not polled; `Some(None)`: cut short.
-            match fa {
-                Some(Some(a)) => {
-                    let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
-                    self.effects(&mut task, fx, answered_at, out);
+            // `None`: not polled; `Some(None)`: cut short (the call parked).
+            for (provider, answer) in [(Provider::Finbox, fa), (Provider::Credeau, ca)] {
+                match answer {
+                    Some(Some(a)) => {
+                        let fx = core::apply(&mut task, a, answered_at, &self.policies);
+                        self.effects(&mut task, fx, answered_at, out);
+                    }
+                    Some(None) => self.cut_short(&mut task, provider, answered_at),
+                    None => {}
                 }
-                Some(None) => self.cut_short(&mut task, Provider::Finbox, answered_at),
-                None => {}
-            }
-            match ca {
-                Some(Some(a)) => {
-                    let fx =
-                        core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
-                    self.effects(&mut task, fx, answered_at, out);
-                }
-                Some(None) => self.cut_short(&mut task, Provider::Credeau, answered_at),
-                None => {}
             }
         }
         let now = now_ms();
@@ -236,8 +237,60 @@ impl Worker {
         }
     }
 
-    /// A poll cut short while its record held the batch: polled again
-    /// when due.
+    /// One provider call of a record: the call parked for this user by an
+    /// earlier cut if there is one (its answer, or the rest of the wait for
+    /// it, without asking the provider again), else `call` started anew,
+    /// within the record budget. `None` when the record is cut short
+    /// first: the call is parked, still running, for the next poll
+    /// (`parked`).
+    async fn call(
+        &self,
+        provider: Provider,
+        id: &str,
+        clock: &Arc<RecordClock>,
+        call: impl std::future::Future<Output = Answer> + Send + 'static,
+    ) -> Option<Answer> {
+        let budget = self.record_budget;
+        let deadline = clock
+            .deadline()
+            .unwrap_or_else(|| tokio::time::Instant::now() + budget);
+        let (mut handle, resumed) = match self.parked.take(provider, id) {
+            Some(handle) => (handle, true),
+            None => {
+                let scoped = budget::RECORD.scope(clock.clone(), call);
+                let bounded = async move {
+                    match tokio::time::timeout_at(deadline, scoped).await {
+                        Ok(answer) => answer,
+                        Err(_) => no_answer_within_budget(provider, budget),
+                    }
+                };
+                (tokio::spawn(bounded), false)
+            }
+        };
+        // A call taken back from an earlier cut keeps its own record's
+        // clock; the wait for it counts on this record's, so the loop can
+        // cut this record short too.
+        let _resumed_wait = resumed.then(|| (clock.waiting(), clock.awaiting_answer()));
+        tokio::select! {
+            // An answer that is there is taken before a cut.
+            biased;
+            joined = &mut handle => Some(joined.unwrap_or_else(|e| {
+                answer_of(provider, Err(crate::providers::http::error(
+                    provider,
+                    crate::providers::ProviderErrorKind::Timeout,
+                    None,
+                    format!("the provider call ended without an answer ({e}); polled again when due"),
+                )))
+            })),
+            _ = clock.cut_off() => {
+                self.parked.park(provider, id, handle, deadline);
+                None
+            }
+        }
+    }
+
+    /// A poll cut short while its record held the batch: its call is
+    /// parked, and the user is polled again when due.
     fn cut_short(&self, task: &mut Task, provider: Provider, now: Millis) {
         self.metrics
             .stragglers_cut
@@ -391,39 +444,31 @@ impl Worker {
     }
 }
 
-/// Runs one provider call on the record's clock: its in-process retries
-/// see the deadline and stop rather than sleep past it, a call still
-/// running at the deadline is cut off and reported as a timeout (polled
-/// again when due), and a call the loop cuts short because the record
-/// holds its batch ends with `None` (polled again when due, with a longer
-/// leash).
-async fn within_budget<T>(
+/// The answer of a call still unanswered when its record budget ran out.
+fn no_answer_within_budget(provider: Provider, budget: std::time::Duration) -> Answer {
+    answer_of(
+        provider,
+        Err(crate::providers::http::error(
+            provider,
+            crate::providers::ProviderErrorKind::Timeout,
+            None,
+            format!(
+                "no answer within the record budget ({}, schedule.record_budget); polled again when due",
+                humantime::format_duration(budget)
+            ),
+        )),
+    )
+}
+
+/// A failed call as `provider`'s answer.
+fn answer_of(
     provider: Provider,
-    clock: &Arc<RecordClock>,
-    budget: std::time::Duration,
-    call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
-) -> Option<Result<T, crate::providers::ProviderError>> {
-    let deadline = clock
-        .deadline()
-        .unwrap_or_else(|| tokio::time::Instant::now() + budget);
-    let scoped = budget::RECORD.scope(clock.clone(), call);
-    tokio::select! {
-        // A retry's sleep ends with the failed attempt's error when the
-        // record is cut: that answer is taken first.
-        biased;
-        r = tokio::time::timeout_at(deadline, scoped) => Some(match r {
-            Ok(r) => r,
-            Err(_) => Err(crate::providers::http::error(
-                provider,
-                crate::providers::ProviderErrorKind::Timeout,
-                None,
-                format!(
-                    "no answer within the record budget ({}, schedule.record_budget); polled again when due",
-                    humantime::format_duration(budget)
-                ),
-            )),
-        }),
-        _ = clock.cut_off() => None,
+    error: Result<std::convert::Infallible, crate::providers::ProviderError>,
+) -> Answer {
+    let Err(e) = error;
+    match provider {
+        Provider::Finbox => Answer::Finbox(Err(e)),
+        Provider::Credeau => Answer::Credeau(Err(e)),
     }
 }
 

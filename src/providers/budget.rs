@@ -31,9 +31,6 @@ pub struct RecordClock {
     /// The longest wait for an answer of this record that has ended (not
     /// cut short), in ms.
     longest_await_ms: AtomicU64,
-    /// Polls of a due provider cut short in a row before this one: the
-    /// leash has doubled this many times.
-    doublings: AtomicU32,
     cut: CancellationToken,
 }
 
@@ -46,7 +43,6 @@ impl Default for RecordClock {
             waiting: Stretch::default(),
             awaiting: Stretch::default(),
             longest_await_ms: AtomicU64::new(0),
-            doublings: AtomicU32::new(0),
             cut: CancellationToken::new(),
         }
     }
@@ -63,11 +59,9 @@ impl RecordClock {
 
     /// Starts the record's provider calls: they must be over within
     /// `budget`, and may be cut short after `cut_after` of waiting on a
-    /// provider (`None`: never), a leash doubled `doublings` times since
-    /// the record's polls began to be cut short.
-    pub fn begin(&self, budget: Duration, cut_after: Option<Duration>, doublings: u32) {
+    /// provider (`None`: never).
+    pub fn begin(&self, budget: Duration, cut_after: Option<Duration>) {
         let now = self.now_ms();
-        self.doublings.store(doublings, Ordering::Relaxed);
         self.deadline_ms
             .store(now + budget.as_millis() as u64, Ordering::Relaxed);
         self.cut_after_ms.store(
@@ -110,17 +104,16 @@ impl RecordClock {
         Duration::from_millis(self.longest_await_ms.load(Ordering::Acquire))
     }
 
-    /// Whether a request of the record has awaited its answer for `leash`
-    /// (doubled as the record's own leash was) and the record may be cut
-    /// at all. A retry's sleep (a documented backoff) and a large answer's
-    /// body being read are not waits for an answer.
+    /// Whether the record has waited on providers (a request in flight,
+    /// its body being read, a retry's sleep) for `leash` and may be cut at
+    /// all. Cutting a record parks its call, which goes on (its retries
+    /// and its body included) for the user's next poll, so any wait may
+    /// be cut.
     pub fn outlasts(&self, leash: Duration) -> bool {
         if self.cut_after_ms.load(Ordering::Relaxed) == u64::MAX {
             return false;
         }
-        let doublings = self.doublings.load(Ordering::Relaxed).min(31);
-        let leash = leash.as_millis() as u64 * (1u64 << doublings);
-        self.awaiting.lasted(self.now_ms(), leash)
+        self.waiting.lasted(self.now_ms(), leash.as_millis() as u64)
     }
 
     /// Cuts the record's provider calls short.
@@ -233,7 +226,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_straggles_only_while_waiting_on_a_provider_past_its_cut_time() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(2)), 0);
+        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(2)));
         tokio::time::advance(Duration::from_secs(5)).await;
         // Five seconds waiting for a rate-limit permit do not count.
         assert!(!clock.is_straggling());
@@ -247,39 +240,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_outlasts_a_leash_doubled_per_cut_and_only_in_flight() {
+    async fn a_record_outlasts_a_leash_by_any_wait_on_a_provider() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(5)), 1);
+        clock.begin(Duration::from_secs(15), Some(Duration::from_secs(5)));
         let waiting = clock.waiting();
         let answer = clock.awaiting_answer();
         tokio::time::advance(Duration::from_millis(300)).await;
         drop(answer);
         assert_eq!(clock.longest_await(), Duration::from_millis(300));
-        // Sleeping before a retry: not a request in flight.
-        tokio::time::advance(Duration::from_secs(3)).await;
         assert!(!clock.outlasts(Duration::from_millis(500)));
-        let _answer = clock.awaiting_answer();
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(
-            !clock.outlasts(Duration::from_millis(500)),
-            "doubled once: 1 s"
-        );
-        tokio::time::advance(Duration::from_millis(1)).await;
+        // Sleeping before a retry, or reading a body, is waiting too: the
+        // call is parked when the record is cut, and goes on.
+        tokio::time::advance(Duration::from_millis(200)).await;
         assert!(clock.outlasts(Duration::from_millis(500)));
+        let answer = clock.awaiting_answer();
         clock.cut();
-        drop(_answer);
+        drop(answer);
         drop(waiting);
         assert_eq!(
             clock.longest_await(),
             Duration::from_millis(300),
             "a request cut short is not counted"
         );
+        assert!(!clock.outlasts(Duration::from_millis(1)), "no wait open");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_record_without_a_leash_is_never_cut_for_its_peers() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), None, 0);
+        clock.begin(Duration::from_secs(15), None);
         let _answer = clock.awaiting_answer();
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!clock.outlasts(Duration::from_millis(500)));
@@ -288,7 +277,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_without_a_cut_time_never_straggles() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(15), None, 0);
+        clock.begin(Duration::from_secs(15), None);
         let _guard = clock.waiting();
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(!clock.is_straggling());
@@ -297,7 +286,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_fit_only_before_the_deadline() {
         let clock = RecordClock::new();
-        clock.begin(Duration::from_secs(10), None, 0);
+        clock.begin(Duration::from_secs(10), None);
         let fits = |d| RECORD.sync_scope(clock.clone(), || retry_fits(d));
         assert!(fits(Duration::from_secs(9)));
         assert!(!fits(Duration::from_secs(10)));

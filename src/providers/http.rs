@@ -580,23 +580,10 @@ where
             delay_ms = delay.as_millis() as u64,
             "retrying provider request"
         );
-        match &clock {
-            Some(clock) => {
-                tokio::select! {
-                    _ = sleep_before_retry(delay) => {}
-                    _ = clock.cut_off() => {
-                        tracing::debug!(
-                            provider,
-                            reason = err.kind.as_str(),
-                            attempt = number,
-                            "record cut short while it held its batch; polled again when due"
-                        );
-                        return Err(err);
-                    }
-                }
-            }
-            None => sleep_before_retry(delay).await,
-        }
+        // A record cut short meanwhile does not end the call: the call is
+        // parked for the user's next poll (`pipeline::parked`), and its
+        // retries go on as documented.
+        sleep_before_retry(delay).await;
         drop(waiting);
         retry += 1;
     }

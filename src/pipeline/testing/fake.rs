@@ -707,6 +707,10 @@ pub struct FakeProvider {
     pub failing: Mutex<HashMap<String, ProviderErrorKind>>,
     /// Bytes of text in each SMS entry.
     pub sms_bytes: usize,
+    /// How long a failing user's call sleeps between its retries in all
+    /// (as the HTTP retry loop would, waiting on the provider but not
+    /// awaiting an answer) before its error comes back.
+    pub retry_sleeps: Duration,
     pub calls: AtomicUsize,
 }
 
@@ -718,6 +722,7 @@ impl FakeProvider {
             slow: Mutex::new(HashMap::new()),
             failing: Mutex::new(HashMap::new()),
             sms_bytes: 4,
+            retry_sleeps: Duration::ZERO,
             calls: AtomicUsize::new(0),
         }
     }
@@ -749,8 +754,16 @@ impl FakeProvider {
         // Waiting on the provider, as the HTTP retry loop marks it.
         let clock = crate::providers::budget::current();
         let _waiting = clock.as_ref().map(|c| c.waiting());
-        let _awaiting = clock.as_ref().map(|c| c.awaiting_answer());
+        let awaiting = clock.as_ref().map(|c| c.awaiting_answer());
         tokio::time::sleep(latency).await;
+        drop(awaiting);
+        let failing = {
+            let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            failing.get(user).is_some_and(|k| k.is_retryable())
+        };
+        if failing {
+            tokio::time::sleep(self.retry_sleeps).await;
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::consume::{ConsumeLoop, LoopError, LoopParts, LoopSettings};
 use crate::pipeline::guard::DeadLetterGuard;
 use crate::pipeline::health::Health;
+use crate::pipeline::parked::ParkedCalls;
 use crate::pipeline::record::{SourceKind, TopicPartition};
 use crate::pipeline::share::RateShare;
 use crate::pipeline::testing::fake::{Disruption, FakeBroker, FakeProvider};
@@ -93,28 +94,23 @@ async fn start(
     start_with(broker, finbox, credeau, ls, max, s.schedule.straggler_wait).await
 }
 
-async fn start_with(
-    broker: Arc<FakeBroker>,
+/// The worker the loop tests run, over the fake providers.
+async fn worker_for(
     finbox: Arc<FakeProvider>,
     credeau: Arc<FakeProvider>,
-    ls: LoopSettings,
+    record_budget: Duration,
     max_message_bytes: usize,
     straggler_wait: Duration,
-) -> Harness {
+    metrics: Arc<Metrics>,
+) -> Worker {
     let s = settings();
-    let metrics = Arc::new(Metrics::new());
     let tiers = DelayTiers::new(&s.schedule.delay_tiers);
     let tier_topics = tiers.topics(&s.topics.delay_prefix);
-    let mut topic_kinds = HashMap::new();
-    topic_kinds.insert(INPUT.to_string(), SourceKind::Input);
-    for (i, t) in tier_topics.iter().enumerate() {
-        topic_kinds.insert(t.clone(), SourceKind::Tier(i));
-    }
     let mut topics = s.topics.clone();
     topics.combined = COMBINED.into();
-    let worker = Arc::new(Worker {
-        finbox: finbox.clone(),
-        credeau: credeau.clone(),
+    Worker {
+        finbox,
+        credeau,
         decoder: Arc::new(InputDecoder::new(InputEncoding::Json, None)),
         encoder: Arc::new(
             OutputEncoder::new(OutputEncoding::Json, None, &topics)
@@ -134,10 +130,41 @@ async fn start_with(
             tiers: tier_topics,
         },
         max_message_bytes,
-        record_budget: ls.record_budget,
+        record_budget,
         straggler_wait,
-        metrics: metrics.clone(),
-    });
+        parked: ParkedCalls::new(64),
+        metrics,
+    }
+}
+
+async fn start_with(
+    broker: Arc<FakeBroker>,
+    finbox: Arc<FakeProvider>,
+    credeau: Arc<FakeProvider>,
+    ls: LoopSettings,
+    max_message_bytes: usize,
+    straggler_wait: Duration,
+) -> Harness {
+    let s = settings();
+    let metrics = Arc::new(Metrics::new());
+    let tiers = DelayTiers::new(&s.schedule.delay_tiers);
+    let tier_topics = tiers.topics(&s.topics.delay_prefix);
+    let mut topic_kinds = HashMap::new();
+    topic_kinds.insert(INPUT.to_string(), SourceKind::Input);
+    for (i, t) in tier_topics.iter().enumerate() {
+        topic_kinds.insert(t.clone(), SourceKind::Tier(i));
+    }
+    let worker = Arc::new(
+        worker_for(
+            finbox.clone(),
+            credeau.clone(),
+            ls.record_budget,
+            max_message_bytes,
+            straggler_wait,
+            metrics.clone(),
+        )
+        .await,
+    );
     let health = Arc::new(Health::new(Duration::from_secs(60)));
     let rate = finbox
         .limiter
@@ -570,7 +597,7 @@ async fn a_straggler_is_cut_short_so_the_others_commit_about_as_fast_as_without_
     let c = combined(&h.broker);
     assert!(hanging.iter().all(|u| !c.contains_key(u)));
     // Each hanging user waits in a delay tier, exactly once, for its next
-    // Credeau poll: not failed, its leash doubled, FinBox done.
+    // Credeau poll: not failed, its call parked, FinBox done.
     let s = settings();
     for user in &hanging {
         let tasks: Vec<Task> = DelayTiers::new(&s.schedule.delay_tiers)
@@ -858,4 +885,190 @@ async fn batches_that_finish_during_a_slow_commit_go_into_the_next_transaction_t
         "{commits} transactions for 40 batches"
     );
     assert_eq!(h.broker.violations(), Vec::<String>::new());
+}
+
+/// The other users' latencies, onboarding (the input record's arrival) to
+/// their combined event, when 300 users arrive at 50 a second and every
+/// 20th one's Credeau either hangs 65 s (`Some(false)`), answers 503
+/// forever (`Some(true)`, retried after 1, 2 and 4 s), or neither
+/// (`None`). In paused time the
+/// latencies are the loop's own, to the 10 ms the broker is looked at.
+async fn others_latencies_trickled(fault: Option<bool>) -> Vec<Duration> {
+    let broker = broker(Duration::from_secs(30));
+    let mut credeau = FakeProvider::new(60_000, Duration::from_millis(50));
+    // A 503 answered at once, then retried after 1, 2 and 4 s.
+    credeau.retry_sleeps = Duration::from_secs(7);
+    let credeau = Arc::new(credeau);
+    let users: Vec<String> = (0..300).map(|i| format!("trickle-{i}")).collect();
+    let faulty: Vec<String> = users.iter().step_by(20).cloned().collect();
+    match fault {
+        Some(false) => {
+            let mut slow = credeau.slow.lock().unwrap();
+            for u in &faulty {
+                slow.insert(u.clone(), Duration::from_secs(65));
+            }
+        }
+        Some(true) => {
+            let mut failing = credeau.failing.lock().unwrap();
+            for u in &faulty {
+                failing.insert(u.clone(), crate::providers::ProviderErrorKind::ServerError);
+            }
+        }
+        None => {}
+    }
+    let h = start(broker, quick(50), credeau, loop_settings()).await;
+    let mut arrived: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut done: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let began = tokio::time::Instant::now();
+    let mut next = 0;
+    while tokio::time::Instant::now() < began + Duration::from_secs(40) {
+        let now = tokio::time::Instant::now();
+        // One user every 20 ms: 50 a second.
+        while next < users.len() && began + Duration::from_millis(20 * next as u64) <= now {
+            let user = &users[next];
+            let at = now_ms() - 3_600_000;
+            let value = serde_json::json!({"event_id": format!("ev-{user}"), "user_id": user, "onboarded_at": at});
+            h.broker.produce(
+                INPUT,
+                (next as i32) % INPUT_PARTITIONS,
+                user,
+                value.to_string().into_bytes(),
+            );
+            arrived.insert(user.clone(), now);
+            next += 1;
+        }
+        for user in combined(&h.broker).into_keys() {
+            done.entry(user).or_insert(now);
+        }
+        if next == users.len()
+            && users
+                .iter()
+                .filter(|u| !faulty.contains(u))
+                .all(|u| done.contains_key(u))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop(&h).await;
+    assert_eq!(h.broker.violations(), Vec::<String>::new());
+    let mut latencies: Vec<Duration> = users
+        .iter()
+        .filter(|u| !faulty.contains(u))
+        .map(|u| {
+            let d = done
+                .get(u)
+                .unwrap_or_else(|| panic!("{u} not done within 40 s"));
+            *d - arrived[u]
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Issue-24 goal, in the loop: with input trickling in and 5 % of users
+/// hanging (or failing), the others' p50 is within +0.5 s and their p95
+/// within +1.5 s of a run without them.
+async fn trickled_others_stay_within_the_goal(fault: bool) {
+    let base = others_latencies_trickled(None).await;
+    let with = others_latencies_trickled(Some(fault)).await;
+    let (p50, p95) = (percentile(&base, 0.5), percentile(&base, 0.95));
+    let (q50, q95) = (percentile(&with, 0.5), percentile(&with, 0.95));
+    assert!(
+        q50 <= p50 + Duration::from_millis(500) && q95 <= p95 + Duration::from_millis(1500),
+        "others p50 {q50:?} / p95 {q95:?} against {p50:?} / {p95:?} without the {} users",
+        if fault { "failing" } else { "hanging" }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_input_trickling_in_hanging_users_do_not_hold_the_others() {
+    trickled_others_stay_within_the_goal(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_input_trickling_in_failing_users_do_not_hold_the_others() {
+    trickled_others_stay_within_the_goal(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_cut_short_is_parked_and_used_by_the_next_poll_without_asking_again() {
+    let credeau = quick(50);
+    // Slower than the leash: cut short while it holds its batch.
+    credeau
+        .slow
+        .lock()
+        .unwrap()
+        .insert("late".to_string(), Duration::from_secs(8));
+    let max = settings().topics.max_message_bytes;
+    let worker = worker_for(
+        quick(50),
+        credeau.clone(),
+        Duration::from_secs(15),
+        max,
+        Duration::from_secs(5),
+        Arc::new(Metrics::new()),
+    )
+    .await;
+    let value = serde_json::json!({
+        "event_id": "ev-late", "user_id": "late", "onboarded_at": now_ms() - 3_600_000,
+    });
+    let rec = |kind, topic: &str| crate::pipeline::record::Incoming {
+        kind,
+        topic: topic.to_string(),
+        partition: 0,
+        offset: 0,
+        timestamp: None,
+        key: Some(b"late".to_vec()),
+        value: Some(value.to_string().into_bytes()),
+        headers: vec![],
+    };
+    let tasks_of = |out: &crate::pipeline::record::Processed| -> Vec<Task> {
+        out.outputs
+            .iter()
+            .filter(|o| matches!(o.kind, crate::pipeline::record::OutKind::Delay(_)))
+            .map(|o| Task::decode(o.value.as_deref().unwrap_or_default()).expect("a task"))
+            .collect()
+    };
+
+    // The first poll: cut short after 1 s by the loop.
+    let clock = crate::providers::budget::RecordClock::new();
+    let cutter = clock.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cutter.cut();
+    });
+    let began = tokio::time::Instant::now();
+    let job = crate::pipeline::record::Job::Input(rec(SourceKind::Input, INPUT));
+    let out = worker.process(job, clock).await.expect("processed");
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "held {:?}",
+        began.elapsed()
+    );
+    let tasks = tasks_of(&out);
+    assert_eq!(tasks.len(), 1, "the task goes back to a delay tier");
+    let c = tasks[0].track(Provider::Credeau);
+    assert_eq!((c.polls, c.cut_polls, c.is_done()), (0, 1, false));
+    assert_eq!(worker.parked.len(), 1, "the call is parked, still running");
+
+    // The next poll, after the answer came: taken back, not asked again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut task = tasks[0].clone();
+    task.credeau.next_poll_at = now_ms() - 1;
+    task.refresh_due();
+    let job = crate::pipeline::record::Job::Due(rec(SourceKind::Tier(0), "tier"), task);
+    let out = worker
+        .process(job, crate::providers::budget::RecordClock::new())
+        .await
+        .expect("processed");
+    assert_eq!(credeau.calls(), 1, "Credeau was asked once");
+    assert!(worker.parked.is_empty());
+    let kinds: Vec<&str> = out.outputs.iter().map(|o| o.kind.label()).collect();
+    assert!(kinds.contains(&"sms_extraction"), "{kinds:?}");
+    assert!(kinds.contains(&"insights_ready"), "{kinds:?}");
 }
