@@ -1,5 +1,5 @@
 //! The pipeline benchmark: runs the service binary against a local broker and
-//! the provider simulator (both child processes) through six scenarios
+//! the provider simulator (both child processes) through seven scenarios
 //! (throughput, backlog, memory, rate limit, timeliness, recovery, brown-out) and prints their
 //! figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
 //! figures.

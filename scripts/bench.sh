@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh [--smoke] [--out FILE] [--perf FILE] [scenario...]
 #
-# Scenarios: throughput backlog memory ratelimit timeliness recovery (default: all).
+# Scenarios: throughput backlog memory ratelimit timeliness recovery brownout
+# (default: all).
 #   --smoke      tiny sizes, no timing goals (what the test suite runs)
 #   --out FILE   also write the figures as JSON to FILE
 #   --perf FILE  `perf record -g` the service during the throughput run

@@ -208,6 +208,31 @@ pub fn produce_all(topic: &str, records: impl Iterator<Item = (String, Vec<u8>)>
 }
 
 /// An onboarding event as the producing platform sends it.
+/// Produces `records` one at a time, `every` apart (a steady arrival
+/// rate), each flushed as it goes; returns when each was produced.
+pub fn produce_paced(
+    topic: &str,
+    records: Vec<(String, Vec<u8>)>,
+    every: Duration,
+) -> Result<HashMap<String, Instant>> {
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client(&[("linger.ms", "0"), ("compression.type", "lz4")])?.create()?;
+    let began = Instant::now();
+    let mut produced = HashMap::new();
+    for (i, (key, value)) in records.into_iter().enumerate() {
+        let at = began + every * i as u32;
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        producer
+            .send(BaseRecord::to(topic).key(&key).payload(&value))
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        produced.insert(key, Instant::now());
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(produced)
+}
+
 pub fn onboarded(user_id: &str, onboarded_at_ms: i64) -> Vec<u8> {
     serde_json::json!({
         "event_id": format!("ev-{user_id}"),
@@ -227,6 +252,8 @@ pub fn now_ms() -> i64 {
 pub struct Seen {
     pub records: u64,
     pub keys: HashSet<String>,
+    /// When each key was first read.
+    pub first_seen: HashMap<String, Instant>,
     pub first_at: Option<Instant>,
     pub last_new_key_at: Option<Instant>,
     /// Offsets per partition from which a record counts as "after the mark",
@@ -271,8 +298,9 @@ impl Reader {
                 let Ok(mut g) = s.lock() else { return };
                 g.records += 1;
                 g.first_at.get_or_insert(now);
-                if g.keys.insert(key) {
+                if g.keys.insert(key.clone()) {
                     g.last_new_key_at = Some(now);
+                    g.first_seen.insert(key, now);
                 }
                 let (p, o) = (m.partition(), m.offset());
                 if let Some((marks, first)) = g.mark.as_mut() {
