@@ -12,9 +12,17 @@ const SERVER_HASH: &str = "CFGSECREThash77a0";
 const TOKEN: &str = "CFGSECRETtoken0c3d";
 const SASL_PASSWORD: &str = "CFGSECRETsasl9f12";
 const FILE_SECRET: &str = "CFGSECRETinfile4e6a";
+const REGISTRY_PASSWORD: &str = "CFGSECRETregistry3a7f";
 
-fn secrets() -> [&'static str; 5] {
-    [API_KEY, SERVER_HASH, TOKEN, SASL_PASSWORD, FILE_SECRET]
+fn secrets() -> [&'static str; 6] {
+    [
+        API_KEY,
+        SERVER_HASH,
+        TOKEN,
+        SASL_PASSWORD,
+        FILE_SECRET,
+        REGISTRY_PASSWORD,
+    ]
 }
 
 /// A valid configuration: only the required secrets and ids.
@@ -24,6 +32,11 @@ fn valid_env() -> Vec<(String, String)> {
         ("INSIGHTS__FINBOX__SERVER_HASH", SERVER_HASH),
         ("INSIGHTS__CREDEAU__CLIENT_ID", "client-1"),
         ("INSIGHTS__CREDEAU__AUTH_TOKEN", TOKEN),
+        ("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME", "SRKEY"),
+        (
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_PASSWORD",
+            REGISTRY_PASSWORD,
+        ),
         // `run` never gets this far in these tests; a free port all the same.
         ("INSIGHTS__SERVER__LISTEN", "127.0.0.1:0"),
     ]
@@ -135,6 +148,30 @@ fn cases(dir: &std::path::Path) -> Vec<Case> {
         .set("INSIGHTS__SCHEDULE__MAX_IN_FLIGHT_BYTES", "1000"),
         Case::new("CA bundle missing", "finbox.ca_bundle")
             .set("INSIGHTS__FINBOX__CA_BUNDLE", "/nonexistent/ca.pem"),
+        Case::new(
+            "credentials in the registry URL",
+            "encoding.schema_registry_username",
+        )
+        .set(
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+            format!("https://SRKEY:{REGISTRY_PASSWORD}@psrc.example"),
+        ),
+        Case::new("credentials in a provider URL", "finbox.base_url").set(
+            "INSIGHTS__FINBOX__BASE_URL",
+            format!("https://key:{API_KEY}@insights.example"),
+        ),
+        Case::new(
+            "credentials in the registry URL in the file",
+            "encoding.schema_registry_url",
+        )
+        .file(&format!(
+            "[encoding]\nschema_registry_url = \"https://SRKEY:{REGISTRY_PASSWORD}@psrc.example\"\n"
+        )),
+        Case::new(
+            "registry password without a username",
+            "encoding.schema_registry_username",
+        )
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME"),
         Case::new("config file with a syntax error on a secret", "--config")
             .file(&format!("[finbox]\napi_key = \"{FILE_SECRET}\n")),
         Case::new("config file with an unquoted secret", "--config")
@@ -221,7 +258,47 @@ fn check_config_accepts_the_valid_base_and_prints_secrets_redacted() {
     let (code, _, text) = run(&valid, dir.path(), "check-config");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("api_key = \"<redacted>\""), "{text}");
+    assert!(
+        text.contains("schema_registry_password = \"<redacted>\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("schema_registry_username = \"SRKEY\""),
+        "{text}"
+    );
     for s in secrets() {
         assert!(!text.contains(s), "secret {s} printed:\n{text}");
+    }
+}
+
+/// The registry's credentials have keys of their own; in the URL they are
+/// refused (by check-config and by run) with a message naming those keys,
+/// and the password is in nothing the process wrote.
+#[test]
+fn registry_credentials_in_the_url_are_refused_naming_the_keys_to_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = Case::new("registry URL with credentials", "")
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME")
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_PASSWORD")
+        .set(
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+            "https://user:SECRETPW@registry.example",
+        );
+    for subcommand in ["check-config", "run"] {
+        let (code, _, text) = run(&case, dir.path(), subcommand);
+        assert_eq!(code, Some(2), "{subcommand}: {text}");
+        assert!(
+            text.contains(
+                "`encoding.schema_registry_url` (set by environment variable \
+                 INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL): must not hold credentials"
+            ),
+            "{subcommand}: {text}"
+        );
+        assert!(
+            text.contains("encoding.schema_registry_username")
+                && text.contains("encoding.schema_registry_password_file"),
+            "{subcommand}: {text}"
+        );
+        assert!(!text.contains("SECRETPW"), "{subcommand}: {text}");
     }
 }

@@ -181,6 +181,10 @@ impl Settings {
             ("credeau.auth_token", &mut self.credeau.auth_token),
             ("kafka.sasl_password", &mut self.kafka.sasl_password),
             ("kafka.ssl_key_password", &mut self.kafka.ssl_key_password),
+            (
+                "encoding.schema_registry_password",
+                &mut self.encoding.schema_registry_password,
+            ),
         ] {
             errs.check(secret.resolve(key));
         }

@@ -143,6 +143,13 @@ impl FinboxSettings {
     }
 
     pub(super) fn validate(&self, errs: &mut Checks) {
+        if self.base_url.has_credentials() {
+            errs.fail(
+                "finbox.base_url",
+                "must not hold credentials (user:password@); FinBox takes \
+                 finbox.api_key (or finbox.api_key_file) and finbox.server_hash instead",
+            );
+        }
         // A finbox.api_key_file that could not be read is reported on its own.
         if !self.api_key.is_given() {
             errs.fail("finbox.api_key", "is required (or finbox.api_key_file)");
@@ -225,6 +232,13 @@ impl CredeauSettings {
     }
 
     pub(super) fn validate(&self, errs: &mut Checks) {
+        if self.base_url.has_credentials() {
+            errs.fail(
+                "credeau.base_url",
+                "must not hold credentials (user:password@); Credeau takes \
+                 credeau.client_id and credeau.auth_token (or credeau.auth_token_file) instead",
+            );
+        }
         errs.check(non_empty("credeau.client_id", &self.client_id));
         // A credeau.auth_token_file that could not be read is reported on its own.
         if !self.auth_token.is_given() {

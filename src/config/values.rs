@@ -108,14 +108,16 @@ pub(super) mod lenient {
                 .transpose()
         }
         pub fn serialize<S: Serializer>(v: &Option<HttpUrl>, s: S) -> Result<S::Ok, S::Error> {
-            s.serialize_str(v.as_ref().map(HttpUrl::as_str).unwrap_or(""))
+            s.serialize_str(&v.as_ref().map(HttpUrl::redacted).unwrap_or_default())
         }
     }
 }
 
 /// An absolute `https` URL (or `http`, for a local simulator) with a host,
-/// checked when the configuration is read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// checked when the configuration is read. Shown (`Display`, `Debug`, the
+/// redacted TOML) with any `user:password@` replaced by `<redacted>@`; the
+/// sections refuse such URLs, so this only guards what reaches a screen.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HttpUrl(url::Url);
 
 impl HttpUrl {
@@ -123,19 +125,39 @@ impl HttpUrl {
         let url = url::Url::parse(value).map_err(|e| format!("not a URL ({e})"))?;
         match url.scheme() {
             "https" | "http" => {}
-            other => {
-                return Err(format!(
-                    "scheme must be https (or http for a local simulator), got {other}"
-                ))
-            }
+            // The scheme is not quoted: it may be the start of a secret
+            // pasted into the wrong key (`key:secret`).
+            _ => return Err("scheme must be https (or http for a local simulator)".to_string()),
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err("has no host".to_string());
         }
         Ok(HttpUrl(url))
     }
+    /// The URL as given, credentials included: for sending requests only,
+    /// never for printing (use `Display`).
     pub fn as_str(&self) -> &str {
         self.0.as_str()
+    }
+    /// Whether it holds a user name or a password (`user:password@host`).
+    pub fn has_credentials(&self) -> bool {
+        !self.0.username().is_empty() || self.0.password().is_some()
+    }
+    /// The URL with its credentials, if any, shown as `<redacted>`.
+    pub fn redacted(&self) -> String {
+        if !self.has_credentials() {
+            return self.0.as_str().to_string();
+        }
+        let mut bare = self.0.clone();
+        // Both only fail for URLs that cannot hold credentials, and this
+        // one holds some.
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        let text = bare.as_str();
+        match text.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://<redacted>@{rest}"),
+            None => text.to_string(),
+        }
     }
     pub fn url(&self) -> &url::Url {
         &self.0
@@ -144,7 +166,13 @@ impl HttpUrl {
 
 impl std::fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Debug for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("HttpUrl").field(&self.redacted()).finish()
     }
 }
 
@@ -156,7 +184,7 @@ impl<'de> Deserialize<'de> for HttpUrl {
 
 impl Serialize for HttpUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+        s.serialize_str(&self.redacted())
     }
 }
 
