@@ -13,8 +13,10 @@ const TOKEN: &str = "CFGSECRETtoken0c3d";
 const SASL_PASSWORD: &str = "CFGSECRETsasl9f12";
 const FILE_SECRET: &str = "CFGSECRETinfile4e6a";
 const REGISTRY_PASSWORD: &str = "CFGSECRETregistry3a7f";
+/// An API key pasted into a key that wants something else.
+const MISPLACED: &str = "CFGSECRETmisplaced_sk_live_8d2c";
 
-fn secrets() -> [&'static str; 6] {
+fn secrets() -> [&'static str; 7] {
     [
         API_KEY,
         SERVER_HASH,
@@ -22,6 +24,7 @@ fn secrets() -> [&'static str; 6] {
         SASL_PASSWORD,
         FILE_SECRET,
         REGISTRY_PASSWORD,
+        MISPLACED,
     ]
 }
 
@@ -172,6 +175,38 @@ fn cases(dir: &std::path::Path) -> Vec<Case> {
             "encoding.schema_registry_username",
         )
         .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME"),
+        Case::new(
+            "a secret in a number's variable",
+            "`finbox.rate_limit_per_minute` (set by environment variable \
+             INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE): invalid type: string, expected u32",
+        )
+        .set("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", MISPLACED),
+        Case::new(
+            "a secret in a number's key in the file",
+            "`topics.partitions` (set in ",
+        )
+        .file(&format!("[topics]\npartitions = \"{MISPLACED}\"\n")),
+        Case::new(
+            "a secret in an enum's variable",
+            "`kafka.security_protocol` (set by environment variable \
+             INSIGHTS__KAFKA__SECURITY_PROTOCOL): unknown value, expected one of `plaintext`",
+        )
+        .set("INSIGHTS__KAFKA__SECURITY_PROTOCOL", MISPLACED),
+        Case::new(
+            "a secret in an enum's key in the file",
+            "`log.format` (set in ",
+        )
+        .file(&format!("[log]\nformat = \"{MISPLACED}\"\n")),
+        Case::new("a secret in a duration's variable", "`credeau.deadline`")
+            .set("INSIGHTS__CREDEAU__DEADLINE", format!("5{MISPLACED}")),
+        Case::new("a secret in a duration list", "`schedule.delay_tiers`").set(
+            "INSIGHTS__SCHEDULE__DELAY_TIERS",
+            format!("1s,5{MISPLACED}"),
+        ),
+        Case::new("a secret in a boolean's key", "`topics.create`")
+            .file(&format!("[topics]\ncreate = \"{MISPLACED}\"\n")),
+        Case::new("a secret in a URL's variable", "`finbox.base_url`")
+            .set("INSIGHTS__FINBOX__BASE_URL", format!("sklive:{MISPLACED}")),
         Case::new("config file with a syntax error on a secret", "--config")
             .file(&format!("[finbox]\napi_key = \"{FILE_SECRET}\n")),
         Case::new("config file with an unquoted secret", "--config")
@@ -301,4 +336,24 @@ fn registry_credentials_in_the_url_are_refused_naming_the_keys_to_use() {
         );
         assert!(!text.contains("SECRETPW"), "{subcommand}: {text}");
     }
+}
+
+/// `salt` reads the configuration's layers without the per-key pass; a
+/// value of the wrong type is not quoted there either.
+#[test]
+fn salt_does_not_echo_a_wrong_type_value() {
+    let out = Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
+        .env_clear()
+        .env("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", MISPLACED)
+        .args(["salt", "--customer-id", "c-1"])
+        .output()
+        .expect("run salt");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("expected u32"), "{text}");
+    assert!(!text.contains(MISPLACED), "{text}");
 }

@@ -39,16 +39,129 @@ pub(super) fn with_defaults(
 }
 
 /// The `config` crate's reason without the key and origin it appends (the
-/// problem names both itself).
+/// problem names both itself), and without the value: a value of the
+/// wrong type may be a secret pasted into the wrong key, so a reason names
+/// the kind of value found and the type expected, never the value.
 pub(super) fn load_reason(e: &config::ConfigError) -> String {
     match e {
         config::ConfigError::Type {
             unexpected,
             expected,
             ..
-        } => format!("invalid type: {unexpected}, expected {expected}"),
+        } => format!(
+            "invalid type: {}, expected {expected}",
+            kind_of(&unexpected.to_string())
+        ),
         config::ConfigError::At { error, .. } => load_reason(error),
-        other => other.to_string(),
+        config::ConfigError::Message(m) => without_value(m),
+        other => without_value(&other.to_string()),
+    }
+}
+
+/// The key a `config` error names, when it names one.
+pub(super) fn load_key(e: &config::ConfigError) -> Option<&str> {
+    match e {
+        config::ConfigError::Type { key, .. } => key.as_deref(),
+        config::ConfigError::At { error, key, .. } => load_key(error).or(key.as_deref()),
+        _ => None,
+    }
+}
+
+/// "string" of `string "…"`, "integer" of `integer `5``: the kind of a
+/// value as serde and the `config` crate quote it, without the value.
+fn kind_of(found: &str) -> &str {
+    [found.find(" \""), found.find(" `")]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(found, |end| &found[..end])
+}
+
+/// A serde (or `config`) reason with the value it quotes left out. serde
+/// quotes it as `string "…"`, `integer `5``, `unknown variant `…``; the
+/// `config` crate as `enum E does not have variant constructor …`. The
+/// expected part is the program's own text and stays.
+fn without_value(reason: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((found, expected)) = reason
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.rsplit_once(", expected "))
+        {
+            return format!("{prefix}{}, expected {expected}", kind_of(found));
+        }
+    }
+    if let Some(rest) = reason.strip_prefix("unknown variant ") {
+        return match rest.rsplit_once(", expected ") {
+            Some((_, expected)) => format!("unknown value, expected {expected}"),
+            None => "unknown value".to_string(),
+        };
+    }
+    if let Some((name, _)) = reason
+        .strip_prefix("value of enum ")
+        .and_then(|rest| rest.split_once(" should be represented by either string or table"))
+    {
+        return match enum_values(name) {
+            Some(expected) => format!("invalid type, expected {expected}"),
+            None => "invalid type, expected a string".to_string(),
+        };
+    }
+    if let Some((name, _)) = reason
+        .strip_prefix("enum ")
+        .and_then(|rest| rest.split_once(" does not have variant constructor "))
+    {
+        return match enum_values(name) {
+            Some(expected) => format!("unknown value, expected {expected}"),
+            None => "unknown value".to_string(),
+        };
+    }
+    reason.to_string()
+}
+
+/// "one of `a`, `b`" for a configuration enum, by its type name, as serde
+/// itself lists the variants (the `config` crate's own message does not).
+fn enum_values(name: &str) -> Option<String> {
+    fn one_of<T: serde::de::DeserializeOwned>() -> Option<String> {
+        let e = serde_json::from_value::<T>(serde_json::Value::String(String::new())).err()?;
+        let text = e.to_string();
+        let (_, expected) = text.rsplit_once(", expected ")?;
+        Some(expected.to_string())
+    }
+    use super::*;
+    match name {
+        "LogFormat" => one_of::<LogFormat>(),
+        "PartitionAssignment" => one_of::<PartitionAssignment>(),
+        "SecurityProtocol" => one_of::<SecurityProtocol>(),
+        "InputEncoding" => one_of::<InputEncoding>(),
+        "OutputEncoding" => one_of::<OutputEncoding>(),
+        "FinboxEnvironment" => one_of::<FinboxEnvironment>(),
+        _ => None,
+    }
+}
+
+/// Last guard for a reason about a value given as `values`: any of them
+/// still quoted (a message format [`without_value`] does not know) is
+/// left out.
+pub(super) fn hide_values<'a>(
+    mut reason: String,
+    values: impl IntoIterator<Item = &'a str>,
+) -> String {
+    for v in values {
+        let v = v.trim();
+        // Shorter values cannot be told from the words around them.
+        if v.len() >= 4 && reason.contains(v) {
+            reason = reason.replace(v, "<value not shown>");
+        }
+    }
+    reason
+}
+
+/// The string values in a TOML value (a list's items included).
+pub(super) fn toml_strings(v: &toml::Value) -> Vec<String> {
+    match v {
+        toml::Value::String(s) => vec![s.clone()],
+        toml::Value::Array(items) => items.iter().flat_map(toml_strings).collect(),
+        toml::Value::Table(t) => t.values().flat_map(toml_strings).collect(),
+        other => vec![other.to_string()],
     }
 }
 
@@ -154,4 +267,111 @@ pub(super) fn check_toml_syntax(path: &Path) -> Result<toml::Table, ConfigError>
             e.message()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::test_env::*;
+    use crate::config::{ConfigError, Origin, Settings};
+
+    /// An API key pasted into the wrong key.
+    const PLANTED: &str = "sk_live_PLANTED7f3a";
+
+    /// Keys of every kind of value, each with what its problem must say.
+    const KEYS: &[(&str, &str)] = &[
+        ("finbox.rate_limit_per_minute", "expected u32"),
+        ("topics.partitions", "expected"),
+        ("encoding.max_input_bytes", "expected"),
+        ("topics.create", "expected a boolean"),
+        ("dead_letter.max_ratio", "expected"),
+        ("finbox.backoff_multiplier", "expected f64"),
+        ("credeau.deadline", "expected a duration"),
+        ("shutdown.timeout", "expected a duration"),
+        ("schedule.delay_tiers", "durations"),
+        ("finbox.retry_delays", "durations"),
+        ("kafka.security_protocol", "`sasl_ssl`"),
+        ("log.format", "`json`"),
+        ("encoding.output", "`avro`"),
+        ("finbox.environment", "`staging`"),
+        ("kafka.partition_assignment", "`range`"),
+        ("kafka.static_membership", "expected a boolean"),
+        // "not a URL (...)" or "scheme must be https (...)"
+        ("finbox.base_url", ""),
+        ("encoding.schema_registry_url", ""),
+    ];
+
+    fn problems(e: ConfigError) -> Vec<crate::config::Problem> {
+        match e {
+            ConfigError::Problems(ps) => ps,
+            other => panic!("not a list of problems: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_wrong_value_is_named_by_key_origin_and_type_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        for value in [
+            PLANTED.to_string(),
+            format!("5{PLANTED}"),
+            format!("1s,{PLANTED}"),
+        ] {
+            for (key, expected) in KEYS {
+                let (section, name) = key.split_once('.').unwrap();
+                let var = format!("INSIGHTS__{}", key.to_uppercase().replace('.', "__"));
+                let from_env = Settings::load_from(None, with(&[(var.as_str(), value.as_str())]));
+                std::fs::write(&file, format!("[{section}]\n{name} = {value:?}\n")).unwrap();
+                let from_file = Settings::load_from(Some(&file), base_env());
+                for (result, origin) in [
+                    (from_env, Origin::Env(var.clone())),
+                    (from_file, Origin::File(file.clone())),
+                ] {
+                    let e = result.expect_err(key);
+                    let text = format!("{e} {e:?}");
+                    assert!(!text.contains("PLANTED"), "{key} = {value}: {text}");
+                    let ps = problems(e);
+                    let p = ps.iter().find(|p| p.key == *key).expect(key);
+                    assert_eq!(p.origin.as_ref(), Some(&origin), "{p}");
+                    assert!(p.reason.contains(expected), "{key} = {value}: {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_in_a_list_or_a_number_in_place_of_text_is_not_quoted_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[finbox]\nretry_delays = [\"1s\", \"{PLANTED}\"]\nrate_limit_per_minute = [\"{PLANTED}\"]\n\
+                 [encoding]\noutput = 5\n[topics]\ncreate = {{ x = \"{PLANTED}\" }}\n"
+            ),
+        )
+        .unwrap();
+        let e = Settings::load_from(Some(&file), base_env()).unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("PLANTED"), "{text}");
+        for key in [
+            "finbox.retry_delays",
+            "finbox.rate_limit_per_minute",
+            "encoding.output",
+            // A table where a value belongs: named by the table's key.
+            "topics.create.x",
+        ] {
+            assert!(text.contains(&format!("`{key}`")), "{key}: {text}");
+        }
+        // `salt` reads the layers without the per-key pass.
+        let e = Settings::finbox_server_hash(
+            None,
+            [(
+                "INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE".to_string(),
+                PLANTED.to_string(),
+            )],
+        )
+        .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("PLANTED"), "{e}");
+        assert!(e.to_string().contains("expected u32"), "{e}");
+    }
 }

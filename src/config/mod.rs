@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 pub use encoding::{EncodingSettings, InputEncoding, OutputEncoding};
 pub use kafka::{KafkaSettings, PartitionAssignment, SecurityProtocol};
 use layers::{
-    check_toml_syntax, env_key, flatten_keys, load_reason, remove_key, single_key_table,
-    with_defaults, with_known_keys, ENV_PREFIX,
+    check_toml_syntax, env_key, flatten_keys, hide_values, load_key, load_reason, remove_key,
+    single_key_table, toml_strings, with_defaults, with_known_keys, ENV_PREFIX,
 };
 use problem::{Checks, Origins};
 pub use problem::{ConfigError, Origin, Problem};
@@ -109,9 +109,12 @@ impl Settings {
             for p in paths {
                 let key = p.join(".");
                 let origin = Origin::File(path.to_path_buf());
-                let source = toml::to_string(&single_key_table(table, &p)).unwrap_or_default();
+                let single = single_key_table(table, &p);
+                let source = toml::to_string(&single).unwrap_or_default();
                 if let Err(e) = with_defaults(Some(&source), BTreeMap::new()) {
-                    errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
+                    let given = toml_strings(&toml::Value::Table(single));
+                    let reason = hide_values(load_reason(&e), given.iter().map(String::as_str));
+                    errs.fail_from(&key, origin.clone(), with_known_keys(&key, reason));
                     bad.push(p);
                 }
                 origins.set.insert(key, origin);
@@ -123,9 +126,10 @@ impl Settings {
         for (var, value) in env_vars.clone() {
             let key = env_key(&var);
             let origin = Origin::Env(var.clone());
-            let single = BTreeMap::from([(var.clone(), value)]);
+            let single = BTreeMap::from([(var.clone(), value.clone())]);
             if let Err(e) = with_defaults(None, single) {
-                errs.fail_from(&key, origin.clone(), with_known_keys(&key, load_reason(&e)));
+                let reason = hide_values(load_reason(&e), value.split(','));
+                errs.fail_from(&key, origin.clone(), with_known_keys(&key, reason));
                 env_vars.remove(&var);
             }
             origins.set.insert(key, origin);
@@ -168,7 +172,9 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
-        let mut s = with_defaults(file_toml.as_deref(), env)?;
+        let mut s = with_defaults(file_toml.as_deref(), env).map_err(|e| {
+            ConfigError::invalid(load_key(&e).unwrap_or("configuration"), load_reason(&e))
+        })?;
         s.finbox.server_hash.resolve("finbox.server_hash")?;
         Ok(s.finbox.server_hash.expose().to_string())
     }

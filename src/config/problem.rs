@@ -9,7 +9,7 @@ use super::layers::load_reason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration: {0}")]
+    #[error("configuration: {}", load_reason(.0))]
     Load(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: String, reason: String },

@@ -212,7 +212,20 @@ pub(super) mod humantime_list {
         };
         items
             .iter()
-            .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+            .map(|s| {
+                humantime::parse_duration(s).map_err(|e| {
+                    // humantime quotes an unknown unit, part of the value.
+                    let why = match e {
+                        humantime::DurationError::UnknownUnit { .. } => {
+                            "unknown time unit".to_string()
+                        }
+                        other => other.to_string(),
+                    };
+                    serde::de::Error::custom(format!(
+                        "not a list of durations such as \"1s,5m\" ({why})"
+                    ))
+                })
+            })
             .collect()
     }
 
