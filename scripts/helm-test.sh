@@ -82,6 +82,7 @@ declare -A SETS=(
     [keda]="$VALUES/keda.yaml"
     [statefulset]="$VALUES/statefulset.yaml"
     [statefulset-hpa]="$VALUES/everything-on.yaml $VALUES/statefulset-hpa.yaml"
+    [registry-auth]="$VALUES/minimal.yaml $VALUES/registry-auth.yaml"
 )
 declare -A EXPECT_CONFIG=(
     [default]="fail:finbox.api_key_file"
@@ -90,9 +91,10 @@ declare -A EXPECT_CONFIG=(
     [keda]="ok"
     [statefulset]="ok"
     [statefulset-hpa]="ok"
+    [registry-auth]="ok"
 )
 
-for set in default minimal everything-on keda statefulset statefulset-hpa; do
+for set in default minimal everything-on keda statefulset statefulset-hpa registry-auth; do
     args=()
     for file in ${SETS[$set]}; do
         args+=(-f "$file")
@@ -159,6 +161,15 @@ for secret in fake-finbox-key fake-server-hash fake-credeau-token fake-sasl-pass
         pass "secret value $secret kept out of every ConfigMap"
     fi
 done
+echo "== the registry password is only in the Secret"
+py_checks secret-only "$OUT/registry-auth.yaml" \
+    schema-registry-password=fake-registry-password-5e21 \
+    finbox-api-key=fake-finbox-key credeau-auth-token=fake-credeau-token
+if grep -q 'schema_registry_password_file = ".*/schema-registry-password"' "$OUT/registry-auth.yaml"; then
+    pass "registry-auth wires encoding.schema_registry_password_file to the mounted Secret"
+else
+    fail "registry-auth wires encoding.schema_registry_password_file to the mounted Secret"
+fi
 if [[ "$(grep -c '^kind: Secret$' "$OUT/keda.yaml" || true)" == 0 ]]; then
     pass "with existingSecret the chart creates no Secret"
 else
@@ -231,12 +242,17 @@ declare -A INVALID=(
     [tls-without-tls-protocol]="kafkaTls.enabled needs config.kafka.security_protocol ssl or sasl_ssl"
     [keda-scale-to-zero]="at '/keda/minReplicas': minimum: got 0, want 1"
     [workload-kind-unknown]="at '/workload/kind': value must be one of 'Deployment', 'StatefulSet'"
+    [registry-credentials-in-url]="config.encoding.schema_registry_url must not hold credentials (user:password@): they would be stored in the ConfigMap; set config.encoding.schema_registry_username and secrets.schemaRegistryPassword instead"
+    [provider-credentials-in-url]="config.finbox.base_url must not hold credentials"
+    [registry-password-without-username]="secrets.schemaRegistryPassword needs config.encoding.schema_registry_username"
 )
 for name in $(printf '%s\n' "${!INVALID[@]}" | sort); do
     want=${INVALID[$name]}
     if "$HELM" template insights-enricher "$CHART" --kube-version "$K8S_VERSION" \
         -f "$VALUES/minimal.yaml" -f "$VALUES/invalid/$name.yaml" >/dev/null 2>"$OUT/err.log"; then
         fail "$name: rendered, but must be rejected"
+    elif grep -q fake-url-password "$OUT/err.log"; then
+        fail "$name: the error echoes the password in the URL"
     elif grep -qF -- "$want" "$OUT/err.log"; then
         pass "$name rejected: $want"
     else

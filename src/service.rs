@@ -337,9 +337,16 @@ impl Service {
     ) -> anyhow::Result<BuiltWorker> {
         let registry = match &settings.encoding.schema_registry_url {
             None => None,
-            Some(url) => Some(Arc::new(
-                RegistryClient::new(url.as_str()).context("encoding.schema_registry_url")?,
-            )),
+            Some(url) => {
+                let client =
+                    RegistryClient::new(url.as_str()).context("encoding.schema_registry_url")?;
+                Some(Arc::new(
+                    match settings.encoding.schema_registry_credentials() {
+                        Some((user, password)) => client.with_basic_auth(user, password),
+                        None => client,
+                    },
+                ))
+            }
         };
         let decoder = Arc::new(
             InputDecoder::new(settings.encoding.input, registry.clone())

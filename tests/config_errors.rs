@@ -12,9 +12,20 @@ const SERVER_HASH: &str = "CFGSECREThash77a0";
 const TOKEN: &str = "CFGSECRETtoken0c3d";
 const SASL_PASSWORD: &str = "CFGSECRETsasl9f12";
 const FILE_SECRET: &str = "CFGSECRETinfile4e6a";
+const REGISTRY_PASSWORD: &str = "CFGSECRETregistry3a7f";
+/// An API key pasted into a key that wants something else.
+const MISPLACED: &str = "CFGSECRETmisplaced_sk_live_8d2c";
 
-fn secrets() -> [&'static str; 5] {
-    [API_KEY, SERVER_HASH, TOKEN, SASL_PASSWORD, FILE_SECRET]
+fn secrets() -> [&'static str; 7] {
+    [
+        API_KEY,
+        SERVER_HASH,
+        TOKEN,
+        SASL_PASSWORD,
+        FILE_SECRET,
+        REGISTRY_PASSWORD,
+        MISPLACED,
+    ]
 }
 
 /// A valid configuration: only the required secrets and ids.
@@ -24,6 +35,11 @@ fn valid_env() -> Vec<(String, String)> {
         ("INSIGHTS__FINBOX__SERVER_HASH", SERVER_HASH),
         ("INSIGHTS__CREDEAU__CLIENT_ID", "client-1"),
         ("INSIGHTS__CREDEAU__AUTH_TOKEN", TOKEN),
+        ("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME", "SRKEY"),
+        (
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_PASSWORD",
+            REGISTRY_PASSWORD,
+        ),
         // `run` never gets this far in these tests; a free port all the same.
         ("INSIGHTS__SERVER__LISTEN", "127.0.0.1:0"),
     ]
@@ -135,6 +151,62 @@ fn cases(dir: &std::path::Path) -> Vec<Case> {
         .set("INSIGHTS__SCHEDULE__MAX_IN_FLIGHT_BYTES", "1000"),
         Case::new("CA bundle missing", "finbox.ca_bundle")
             .set("INSIGHTS__FINBOX__CA_BUNDLE", "/nonexistent/ca.pem"),
+        Case::new(
+            "credentials in the registry URL",
+            "encoding.schema_registry_username",
+        )
+        .set(
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+            format!("https://SRKEY:{REGISTRY_PASSWORD}@psrc.example"),
+        ),
+        Case::new("credentials in a provider URL", "finbox.base_url").set(
+            "INSIGHTS__FINBOX__BASE_URL",
+            format!("https://key:{API_KEY}@insights.example"),
+        ),
+        Case::new(
+            "credentials in the registry URL in the file",
+            "encoding.schema_registry_url",
+        )
+        .file(&format!(
+            "[encoding]\nschema_registry_url = \"https://SRKEY:{REGISTRY_PASSWORD}@psrc.example\"\n"
+        )),
+        Case::new(
+            "registry password without a username",
+            "encoding.schema_registry_username",
+        )
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME"),
+        Case::new(
+            "a secret in a number's variable",
+            "`finbox.rate_limit_per_minute` (set by environment variable \
+             INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE): invalid type: string, expected u32",
+        )
+        .set("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", MISPLACED),
+        Case::new(
+            "a secret in a number's key in the file",
+            "`topics.partitions` (set in ",
+        )
+        .file(&format!("[topics]\npartitions = \"{MISPLACED}\"\n")),
+        Case::new(
+            "a secret in an enum's variable",
+            "`kafka.security_protocol` (set by environment variable \
+             INSIGHTS__KAFKA__SECURITY_PROTOCOL): unknown value, expected one of `plaintext`",
+        )
+        .set("INSIGHTS__KAFKA__SECURITY_PROTOCOL", MISPLACED),
+        Case::new(
+            "a secret in an enum's key in the file",
+            "`log.format` (set in ",
+        )
+        .file(&format!("[log]\nformat = \"{MISPLACED}\"\n")),
+        Case::new("a secret in a duration's variable", "`credeau.deadline`")
+            .set("INSIGHTS__CREDEAU__DEADLINE", format!("5{MISPLACED}")),
+        Case::new("a secret in a duration list", "`schedule.delay_tiers`").set(
+            "INSIGHTS__SCHEDULE__DELAY_TIERS",
+            format!("1s,5{MISPLACED}"),
+        ),
+        Case::new("a secret in a boolean's key", "`topics.create`")
+            .file(&format!("[topics]\ncreate = \"{MISPLACED}\"\n")),
+        Case::new("a secret in a URL's variable", "`finbox.base_url`")
+            .set("INSIGHTS__FINBOX__BASE_URL", format!("sklive:{MISPLACED}")),
         Case::new("config file with a syntax error on a secret", "--config")
             .file(&format!("[finbox]\napi_key = \"{FILE_SECRET}\n")),
         Case::new("config file with an unquoted secret", "--config")
@@ -221,7 +293,67 @@ fn check_config_accepts_the_valid_base_and_prints_secrets_redacted() {
     let (code, _, text) = run(&valid, dir.path(), "check-config");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("api_key = \"<redacted>\""), "{text}");
+    assert!(
+        text.contains("schema_registry_password = \"<redacted>\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("schema_registry_username = \"SRKEY\""),
+        "{text}"
+    );
     for s in secrets() {
         assert!(!text.contains(s), "secret {s} printed:\n{text}");
     }
+}
+
+/// The registry's credentials have keys of their own; in the URL they are
+/// refused (by check-config and by run) with a message naming those keys,
+/// and the password is in nothing the process wrote.
+#[test]
+fn registry_credentials_in_the_url_are_refused_naming_the_keys_to_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = Case::new("registry URL with credentials", "")
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_USERNAME")
+        .unset("INSIGHTS__ENCODING__SCHEMA_REGISTRY_PASSWORD")
+        .set(
+            "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL",
+            "https://user:SECRETPW@registry.example",
+        );
+    for subcommand in ["check-config", "run"] {
+        let (code, _, text) = run(&case, dir.path(), subcommand);
+        assert_eq!(code, Some(2), "{subcommand}: {text}");
+        assert!(
+            text.contains(
+                "`encoding.schema_registry_url` (set by environment variable \
+                 INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL): must not hold credentials"
+            ),
+            "{subcommand}: {text}"
+        );
+        assert!(
+            text.contains("encoding.schema_registry_username")
+                && text.contains("encoding.schema_registry_password_file"),
+            "{subcommand}: {text}"
+        );
+        assert!(!text.contains("SECRETPW"), "{subcommand}: {text}");
+    }
+}
+
+/// `salt` reads the configuration's layers without the per-key pass; a
+/// value of the wrong type is not quoted there either.
+#[test]
+fn salt_does_not_echo_a_wrong_type_value() {
+    let out = Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
+        .env_clear()
+        .env("INSIGHTS__FINBOX__RATE_LIMIT_PER_MINUTE", MISPLACED)
+        .args(["salt", "--customer-id", "c-1"])
+        .output()
+        .expect("run salt");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("expected u32"), "{text}");
+    assert!(!text.contains(MISPLACED), "{text}");
 }

@@ -4,9 +4,11 @@
 //! for the life of the process: ids are immutable in the registry, and a
 //! schema registered once keeps its id.
 //!
-//! Credentials in the URL (`https://key:secret@host`, as Confluent Cloud
-//! hands them out) are taken out of it and sent as HTTP basic auth, so they
-//! never appear in a URL that an error message could echo.
+//! Credentials (`encoding.schema_registry_username` / `_password`, given
+//! with [`RegistryClient::with_basic_auth`]) are sent as HTTP basic auth.
+//! Ones in the URL (`https://key:secret@host`; the service's configuration
+//! refuses those) are taken out of it the same way, so they never appear in
+//! a URL that an error message could echo.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -120,6 +122,13 @@ impl RegistryClient {
             by_id: RwLock::new(HashMap::new()),
             registered: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Sends `username` and `password` as HTTP basic auth with every request
+    /// (instead of any credentials the URL held).
+    pub fn with_basic_auth(mut self, username: &str, password: &str) -> Self {
+        self.basic_auth = Some((username.to_string(), Some(password.to_string())));
+        self
     }
 
     /// The registry's base URL, credentials removed.

@@ -23,6 +23,10 @@ Subcommands (each prints one line per check and exits non-zero on failure):
       EXPECT is "ok" or "fail:<text the error must contain>". Also checks
       that no fake secret value appears in the command's output.
 
+  secret-only MANIFESTS KEY=VALUE...
+      The chart's Secret holds each VALUE under its KEY, and no other
+      object (nor another key of the Secret) holds it, in clear or base64.
+
   schema-drift SCHEMA DEFAULT_TOML
       values.schema.json's `config` tree must list exactly the keys of
       config/default.toml, minus those the chart owns (secrets, *_file,
@@ -52,6 +56,7 @@ EXISTING_SECRET_KEYS = [
     "finbox-server-hash",
     "credeau-auth-token",
     "kafka-sasl-password",
+    "schema-registry-password",
 ]
 
 CHART_OWNED_CONFIG_KEYS = {
@@ -65,6 +70,8 @@ CHART_OWNED_CONFIG_KEYS = {
     ("kafka", "sasl_password_file"),
     ("kafka", "ssl_key_password"),
     ("kafka", "ssl_key_password_file"),
+    ("encoding", "schema_registry_password"),
+    ("encoding", "schema_registry_password_file"),
     ("server", "listen"),
 }
 
@@ -363,12 +370,35 @@ def cmd_schema_drift(schema_path, default_toml):
     checks.exit()
 
 
+def cmd_secret_only(path, *pairs):
+    """Each KEY=VALUE: the chart's Secret holds VALUE under KEY, and no
+    other object holds it, in clear or base64."""
+    checks = Checks()
+    docs = load_docs(path)
+    secrets = [d for d in docs if d.get("kind") == "Secret"]
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        encoded = base64.b64encode(value.encode()).decode()
+        holders = [s for s in secrets
+                   if base64.b64decode((s.get("data") or {}).get(key, "")).decode() == value]
+        checks.check(len(holders) == 1, f"the chart's Secret holds {key}")
+        for d in docs:
+            data = dict(d.get("data") or {}) if d.get("kind") == "Secret" else {}
+            data.pop(key, None)
+            rest = yaml.safe_dump({**d, "data": data} if d.get("kind") == "Secret" else d)
+            checks.check(value not in rest and encoded not in rest,
+                         f"{name_of(d)} holds nothing of {key} elsewhere")
+    checks.exit()
+
+
 def main():
     cmd, *rest = sys.argv[1:]
     if cmd == "validate":
         cmd_validate(*rest)
     elif cmd == "check-config":
         cmd_check_config(*rest)
+    elif cmd == "secret-only":
+        cmd_secret_only(*rest)
     elif cmd == "schema-drift":
         cmd_schema_drift(*rest)
     else:

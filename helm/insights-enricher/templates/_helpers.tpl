@@ -142,6 +142,11 @@ mounted secrets and TLS files.
 {{- $_ = set $kafka "ssl_key_location" (printf "%s/tls.key" (include "insights-enricher.kafkaClientDir" .)) }}
 {{- end }}
 {{- end }}
+{{- $encoding := index $cfg "encoding" | default dict }}
+{{- if $encoding.schema_registry_username }}
+{{- $_ = set $encoding "schema_registry_password_file" (printf "%s/schema-registry-password" $secretDir) }}
+{{- $_ = set $cfg "encoding" $encoding }}
+{{- end }}
 {{- if not (hasKey $kafka "static_membership") }}
 {{- $_ = set $kafka "static_membership" (eq .Values.workload.kind "StatefulSet") }}
 {{- end }}
@@ -190,7 +195,7 @@ valid TOML for strings and lists of strings.
 Checks the schema cannot express. Each failure names the value to change.
 */}}
 {{- define "insights-enricher.validate" -}}
-{{- $secretKeys := dict "finbox" (list "api_key" "api_key_file" "server_hash" "server_hash_file") "credeau" (list "auth_token" "auth_token_file") "kafka" (list "sasl_password" "sasl_password_file" "ssl_key_password" "ssl_key_password_file") }}
+{{- $secretKeys := dict "finbox" (list "api_key" "api_key_file" "server_hash" "server_hash_file") "credeau" (list "auth_token" "auth_token_file") "kafka" (list "sasl_password" "sasl_password_file" "ssl_key_password" "ssl_key_password_file") "encoding" (list "schema_registry_password" "schema_registry_password_file") }}
 {{- range $section, $keys := $secretKeys }}
 {{- $given := index $.Values.config $section | default dict }}
 {{- range $keys }}
@@ -198,6 +203,20 @@ Checks the schema cannot express. Each failure names the value to change.
 {{- fail (printf "config.%s.%s must not be set: secrets never go into the ConfigMap; use secrets.* or secrets.existingSecret (the chart wires the *_file keys)" $section .) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- $urlKeys := dict "encoding" (list "schema_registry_url" "config.encoding.schema_registry_username and secrets.schemaRegistryPassword") "finbox" (list "base_url" "secrets.finboxApiKey and secrets.finboxServerHash") "credeau" (list "base_url" "config.credeau.client_id and secrets.credeauAuthToken") }}
+{{- range $section, $spec := $urlKeys }}
+{{- $url := index ($.Values.config | default dict) $section | default dict | dig (first $spec) "" | toString }}
+{{- if regexMatch "^[^/]*//[^/@]*@" $url }}
+{{- fail (printf "config.%s.%s must not hold credentials (user:password@): they would be stored in the ConfigMap; set %s instead" $section (first $spec) (last $spec)) }}
+{{- end }}
+{{- end }}
+{{- $registryUser := (.Values.config.encoding | default dict).schema_registry_username }}
+{{- if and .Values.secrets.schemaRegistryPassword (not $registryUser) }}
+{{- fail "secrets.schemaRegistryPassword needs config.encoding.schema_registry_username (the registry's user name; Confluent Cloud: the API key)" }}
+{{- end }}
+{{- if and $registryUser (not .Values.secrets.existingSecret) (not .Values.secrets.schemaRegistryPassword) }}
+{{- fail "config.encoding.schema_registry_username needs secrets.schemaRegistryPassword (or secrets.existingSecret holding the key schema-registry-password)" }}
 {{- end }}
 {{- if hasKey (.Values.config.server | default dict) "listen" }}
 {{- fail "config.server.listen must not be set: the chart derives it from containerPort" }}
