@@ -33,7 +33,8 @@ use layers::{
 use problem::{Checks, Origins};
 pub use problem::{ConfigError, Origin, Problem};
 pub use providers::{
-    CredeauSettings, FinboxEnvironment, FinboxSettings, PollSettings, ProviderHttpSettings,
+    CredeauSettings, FinboxEnvironment, FinboxSettings, PollPolicy, PollSettings,
+    ProviderHttpSettings, FINBOX_MIN_POLL_INTERVAL,
 };
 pub use runtime::{
     DeadLetterSettings, LogFormat, LogSettings, ScheduleSettings, ServerSettings, ShutdownSettings,

@@ -10,11 +10,28 @@ use super::problem::{must_exist, non_empty, positive, Checks};
 use super::secret::secret_keys;
 use super::values::{humantime_list, lenient, HttpUrl};
 use super::SecretSource;
-use crate::core::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
 
 secret_keys!(api_key_keys, "api_key", "api_key_file");
 secret_keys!(server_hash_keys, "server_hash", "server_hash_file");
 secret_keys!(auth_token_keys, "auth_token", "auth_token_file");
+
+/// FinBox asks clients to poll no more often than this.
+pub const FINBOX_MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How one provider is polled over time (the durable, Kafka-scheduled part).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollPolicy {
+    pub initial_delay: Duration,
+    pub poll_interval: Duration,
+    pub max_poll_interval: Duration,
+    pub backoff_multiplier: f64,
+    pub deadline: Duration,
+    /// FinBox only: how long `not_found` is retried before it is final.
+    pub not_found_grace: Option<Duration>,
+    /// After this many polls in a row end in a retryable error, the
+    /// provider ends `failed`; `None` polls on until the deadline.
+    pub max_failed_polls: Option<u32>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

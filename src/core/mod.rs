@@ -16,23 +16,7 @@ use crate::task::{
 };
 use dead_letter::{Reason, Stage};
 
-/// FinBox asks clients to poll no more often than this.
-pub const FINBOX_MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
-
-/// How one provider is polled over time (the durable, Kafka-scheduled part).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PollPolicy {
-    pub initial_delay: Duration,
-    pub poll_interval: Duration,
-    pub max_poll_interval: Duration,
-    pub backoff_multiplier: f64,
-    pub deadline: Duration,
-    /// FinBox only: how long `not_found` is retried before it is final.
-    pub not_found_grace: Option<Duration>,
-    /// After this many polls in a row end in a retryable error, the
-    /// provider ends `failed`; `None` polls on until the deadline.
-    pub max_failed_polls: Option<u32>,
-}
+pub use crate::config::{PollPolicy, FINBOX_MIN_POLL_INTERVAL};
 
 /// The polling policies of both providers.
 #[derive(Debug, Clone, PartialEq)]
