@@ -1,7 +1,10 @@
 //! Prometheus metrics: one registry per process, every metric the service
 //! exports, named after Prometheus conventions (base units, `_total` for
-//! counters, bounded label values only: never a user id).
+//! counters, bounded label values only: never a user id). The metrics are
+//! one table ([`metrics!`] below): field, type, name (under the
+//! `insights_` prefix), help, labels and, for histograms, buckets.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -9,87 +12,186 @@ use prometheus::{
 
 pub mod events;
 
-/// All metrics of one process. Cheap to clone handles out of; share it in an
-/// `Arc`.
-pub struct Metrics {
-    /// The service's own metrics, each named `insights_*`.
-    pub registry: Registry,
-    /// The standard process metrics (`process_cpu_seconds_total`,
-    /// `process_resident_memory_bytes`, ...), unprefixed as dashboards and
-    /// the Prometheus conventions expect them.
-    pub process_registry: Registry,
+/// A metric built from one row of the table and registered.
+trait Define: Collector + Clone + Sized + 'static {
+    fn make(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> prometheus::Result<Self>;
+
+    /// The `expect`s only fire on a malformed static definition or a
+    /// duplicate registration, both programming errors caught by any test
+    /// that builds a `Metrics`.
+    fn define(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Self {
+        let m = Self::make(name, help, labels, buckets).expect("static metric definition");
+        registry
+            .register(Box::new(m.clone()))
+            .expect("metric registered once");
+        m
+    }
+}
+
+impl Define for IntCounterVec {
+    fn make(name: &str, help: &str, labels: &[&str], _: &[f64]) -> prometheus::Result<Self> {
+        IntCounterVec::new(Opts::new(name, help), labels)
+    }
+}
+
+impl Define for IntGaugeVec {
+    fn make(name: &str, help: &str, labels: &[&str], _: &[f64]) -> prometheus::Result<Self> {
+        IntGaugeVec::new(Opts::new(name, help), labels)
+    }
+}
+
+impl Define for IntCounter {
+    fn make(name: &str, help: &str, _: &[&str], _: &[f64]) -> prometheus::Result<Self> {
+        IntCounter::new(name, help)
+    }
+}
+
+impl Define for IntGauge {
+    fn make(name: &str, help: &str, _: &[&str], _: &[f64]) -> prometheus::Result<Self> {
+        IntGauge::new(name, help)
+    }
+}
+
+impl Define for Histogram {
+    fn make(name: &str, help: &str, _: &[&str], buckets: &[f64]) -> prometheus::Result<Self> {
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+    }
+}
+
+impl Define for HistogramVec {
+    fn make(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> prometheus::Result<Self> {
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+    }
+}
+
+/// Latency buckets of a provider request, in seconds.
+const LATENCY: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The table: each row a field of [`Metrics`], its type and its
+/// definition `(name, help, labels[, buckets])`.
+macro_rules! metrics {
+    ($($field:ident : $ty:ty = ($name:literal, $help:literal, [$($label:literal),*] $(, $buckets:expr)?);)*) => {
+        /// All metrics of one process. Cheap to clone handles out of; share
+        /// it in an `Arc`.
+        pub struct Metrics {
+            /// The service's own metrics, each named `insights_*`.
+            pub registry: Registry,
+            /// The standard process metrics (`process_cpu_seconds_total`,
+            /// `process_resident_memory_bytes`, ...), unprefixed as
+            /// dashboards and the Prometheus conventions expect them.
+            pub process_registry: Registry,
+            $(#[doc = $help] pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            fn define_all(registry: Registry, process_registry: Registry) -> Metrics {
+                Metrics {
+                    $($field: <$ty as Define>::define(
+                        &registry,
+                        $name,
+                        $help,
+                        &[$($label),*],
+                        metrics!(@buckets $($buckets)?),
+                    ),)*
+                    registry,
+                    process_registry,
+                }
+            }
+        }
+    };
+    (@buckets) => { &[] };
+    (@buckets $buckets:expr) => { $buckets };
+}
+
+metrics! {
     // providers
-    pub provider_requests: IntCounterVec,
-    pub provider_request_duration: HistogramVec,
-    pub provider_retries: IntCounterVec,
-    pub stragglers_cut: IntCounterVec,
-    pub rate_limiter_wait: HistogramVec,
-    pub provider_healthy: IntGaugeVec,
-    pub rate_limit: IntGaugeVec,
-    pub provider_unexpected_data: IntCounterVec,
+    provider_requests: IntCounterVec = ("provider_requests_total",
+        "HTTP requests to a provider, by outcome and HTTP status (\"none\" when no response).",
+        ["provider", "outcome", "http_status"]);
+    provider_request_duration: HistogramVec = ("provider_request_duration_seconds",
+        "Latency of one HTTP request to a provider.",
+        ["provider"], LATENCY);
+    provider_retries: IntCounterVec = ("provider_retries_total",
+        "In-process retries of a provider call, by reason.",
+        ["provider", "reason"]);
+    stragglers_cut: IntCounterVec = ("stragglers_cut_total",
+        "Provider polls cut short because their record was holding its batch (schedule.straggler_wait, or four times what answers take now); the call goes on, parked, and the user's next poll takes its answer.",
+        ["provider"]);
+    rate_limiter_wait: HistogramVec = ("rate_limiter_wait_seconds",
+        "Time a request waited for the client-side rate limiter.",
+        ["provider"], &[0.0, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]);
+    provider_healthy: IntGaugeVec = ("provider_healthy",
+        "0 after the provider rejected our credentials or IP (401/403), 1 otherwise.",
+        ["provider"]);
+    rate_limit: IntGaugeVec = ("rate_limit_per_minute",
+        "Requests per minute this instance may send the provider now: its share of the deployment's limit (its share of all partitions), lower during a back-off after a 429.",
+        ["provider"]);
+    provider_unexpected_data: IntCounterVec = ("provider_unexpected_data_total",
+        "Final provider answers whose data is not in the documented shape (FinBox `data` not a list of {name, value} objects); published with the raw data, not retried.",
+        ["provider"]);
     // pipeline
-    pub events_consumed: IntCounterVec,
-    pub tasks_scheduled: IntCounterVec,
-    pub tasks_due: IntCounterVec,
-    pub tasks_forwarded: IntCounterVec,
-    pub poll_lateness: HistogramVec,
-    pub users_waiting: IntGauge,
-    pub published: IntCounterVec,
-    pub dead_letters: IntCounterVec,
-    pub transactions: IntCounterVec,
-    pub batch_size: Histogram,
-    pub transaction_duration: Histogram,
-    pub onboarding_to_combined: Histogram,
-    pub assigned_partitions: IntGauge,
-    pub consumer_lag: IntGaugeVec,
-    pub loop_iterations: IntCounter,
-    pub build_info: IntGaugeVec,
-}
-
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
-}
-
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
-}
-
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .expect("static metric definition");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
-}
-
-fn histogram_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    buckets: Vec<f64>,
-) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("static metric definition");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
+    events_consumed: IntCounterVec = ("events_consumed_total",
+        "Records consumed, by topic kind (input, delay) and result.",
+        ["topic", "result"]);
+    tasks_scheduled: IntCounterVec = ("tasks_scheduled_total",
+        "Task records written to a delay tier.",
+        ["tier"]);
+    tasks_due: IntCounterVec = ("tasks_due_total",
+        "Task records read back from a delay tier at or after their due time.",
+        ["tier"]);
+    tasks_forwarded: IntCounterVec = ("tasks_forwarded_total",
+        "Task records read back before their due time and sent on to a shorter tier.",
+        ["tier"]);
+    poll_lateness: HistogramVec = ("poll_lateness_seconds",
+        "How long after its due time a task was processed, by the delay tier it was read from.",
+        ["tier"], &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0]);
+    users_waiting: IntGauge = ("users_waiting",
+        "Records not yet consumed on the delay-topic partitions assigned to this process: users waiting for their next poll (an upper bound: each transaction also leaves one marker on every partition it wrote to).",
+        []);
+    published: IntCounterVec = ("published_total",
+        "Records published (committed in a transaction), by topic kind.",
+        ["topic"]);
+    dead_letters: IntCounterVec = ("dead_letters_total",
+        "Records sent to the dead-letter topic, by stage and reason.",
+        ["stage", "reason"]);
+    transactions: IntCounterVec = ("transactions_total",
+        "Kafka transactions, by result (committed, aborted).",
+        ["result"]);
+    batch_size: Histogram = ("batch_records",
+        "Records consumed per transaction.",
+        [], &[1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]);
+    transaction_duration: Histogram = ("transaction_duration_seconds",
+        "Time from a batch's transaction begin to its commit or abort (batches commit one at a time, in order).",
+        [], &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
+    onboarding_to_combined: Histogram = ("onboarding_to_combined_seconds",
+        "Time from the onboarding timestamp to the combined insights event.",
+        [], &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0, 86400.0]);
+    assigned_partitions: IntGauge = ("assigned_partitions",
+        "Partitions of the input topic assigned to this process.",
+        []);
+    consumer_lag: IntGaugeVec = ("consumer_lag_records",
+        "Consumer lag per topic and partition, from librdkafka statistics.",
+        ["topic", "partition"]);
+    loop_iterations: IntCounter = ("consume_loop_iterations_total",
+        "Iterations of the consume loop (liveness follows this).",
+        []);
+    build_info: IntGaugeVec = ("build_info",
+        "Build information; the value is always 1.",
+        ["version"]);
 }
 
 impl Metrics {
-    // The `expect`s above only fire on a malformed static definition or a
-    // duplicate registration, both programming errors caught by any test
-    // that builds a `Metrics`.
     pub fn new() -> Metrics {
         let registry =
             Registry::new_custom(Some("insights".into()), None).expect("static registry prefix");
@@ -99,167 +201,7 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = process_registry.register(Box::new(pc));
         }
-        let latency = vec![
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ];
-        let m = Metrics {
-            provider_requests: counter_vec(
-                &registry,
-                "provider_requests_total",
-                "HTTP requests to a provider, by outcome and HTTP status (\"none\" when no response).",
-                &["provider", "outcome", "http_status"],
-            ),
-            provider_request_duration: histogram_vec(
-                &registry,
-                "provider_request_duration_seconds",
-                "Latency of one HTTP request to a provider.",
-                &["provider"],
-                latency.clone(),
-            ),
-            provider_retries: counter_vec(
-                &registry,
-                "provider_retries_total",
-                "In-process retries of a provider call, by reason.",
-                &["provider", "reason"],
-            ),
-            stragglers_cut: counter_vec(
-                &registry,
-                "stragglers_cut_total",
-                "Provider polls cut short because their record was holding its batch (schedule.straggler_wait, or four times the longest wait for an answer of the batch's records done); polled again when due.",
-                &["provider"],
-            ),
-            rate_limiter_wait: histogram_vec(
-                &registry,
-                "rate_limiter_wait_seconds",
-                "Time a request waited for the client-side rate limiter.",
-                &["provider"],
-                vec![0.0, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
-            ),
-            provider_healthy: gauge_vec(
-                &registry,
-                "provider_healthy",
-                "0 after the provider rejected our credentials or IP (401/403), 1 otherwise.",
-                &["provider"],
-            ),
-            rate_limit: gauge_vec(
-                &registry,
-                "rate_limit_per_minute",
-                "Requests per minute this instance may send the provider now: its share of the deployment's limit (its share of all partitions), lower during a back-off after a 429.",
-                &["provider"],
-            ),
-            provider_unexpected_data: counter_vec(
-                &registry,
-                "provider_unexpected_data_total",
-                "Final provider answers whose data is not in the documented shape (FinBox `data` not a list of {name, value} objects); published with the raw data, not retried.",
-                &["provider"],
-            ),
-            events_consumed: counter_vec(
-                &registry,
-                "events_consumed_total",
-                "Records consumed, by topic kind (input, delay) and result.",
-                &["topic", "result"],
-            ),
-            tasks_scheduled: counter_vec(
-                &registry,
-                "tasks_scheduled_total",
-                "Task records written to a delay tier.",
-                &["tier"],
-            ),
-            tasks_due: counter_vec(
-                &registry,
-                "tasks_due_total",
-                "Task records read back from a delay tier at or after their due time.",
-                &["tier"],
-            ),
-            tasks_forwarded: counter_vec(
-                &registry,
-                "tasks_forwarded_total",
-                "Task records read back before their due time and sent on to a shorter tier.",
-                &["tier"],
-            ),
-            poll_lateness: histogram_vec(
-                &registry,
-                "poll_lateness_seconds",
-                "How long after its due time a task was processed, by the delay tier it was read from.",
-                &["tier"],
-                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0],
-            ),
-            users_waiting: IntGauge::new(
-                "users_waiting",
-                "Records not yet consumed on the delay-topic partitions assigned to this process: users waiting for their next poll (an upper bound: each transaction also leaves one marker on every partition it wrote to).",
-            )
-            .expect("static metric definition"),
-            published: counter_vec(
-                &registry,
-                "published_total",
-                "Records published (committed in a transaction), by topic kind.",
-                &["topic"],
-            ),
-            dead_letters: counter_vec(
-                &registry,
-                "dead_letters_total",
-                "Records sent to the dead-letter topic, by stage and reason.",
-                &["stage", "reason"],
-            ),
-            transactions: counter_vec(
-                &registry,
-                "transactions_total",
-                "Kafka transactions, by result (committed, aborted).",
-                &["result"],
-            ),
-            batch_size: histogram(
-                &registry,
-                "batch_records",
-                "Records consumed per transaction.",
-                vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
-            ),
-            transaction_duration: histogram(
-                &registry,
-                "transaction_duration_seconds",
-                "Time from a batch's transaction begin to its commit or abort (batches commit one at a time, in order).",
-                vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
-            ),
-            onboarding_to_combined: histogram(
-                &registry,
-                "onboarding_to_combined_seconds",
-                "Time from the onboarding timestamp to the combined insights event.",
-                vec![
-                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0,
-                    21600.0, 86400.0,
-                ],
-            ),
-            assigned_partitions: IntGauge::new(
-                "assigned_partitions",
-                "Partitions of the input topic assigned to this process.",
-            )
-            .expect("static metric definition"),
-            consumer_lag: gauge_vec(
-                &registry,
-                "consumer_lag_records",
-                "Consumer lag per topic and partition, from librdkafka statistics.",
-                &["topic", "partition"],
-            ),
-            loop_iterations: IntCounter::new(
-                "consume_loop_iterations_total",
-                "Iterations of the consume loop (liveness follows this).",
-            )
-            .expect("static metric definition"),
-            build_info: gauge_vec(
-                &registry,
-                "build_info",
-                "Build information; the value is always 1.",
-                &["version"],
-            ),
-            registry,
-            process_registry,
-        };
-        for g in [
-            Box::new(m.users_waiting.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.assigned_partitions.clone()),
-            Box::new(m.loop_iterations.clone()),
-        ] {
-            m.registry.register(g).expect("metric registered once");
-        }
+        let m = Metrics::define_all(registry, process_registry);
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
