@@ -380,6 +380,20 @@ mod tests {
         ] {
             assert!(text.contains(&format!("`{key}`")), "{key}: {text}");
         }
+        // Checks after reading quote no value either.
+        let t = err_text(with(&[
+            ("INSIGHTS__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("INSIGHTS__KAFKA__SASL_MECHANISM", PLANTED),
+            ("INSIGHTS__KAFKA__SASL_USERNAME", "svc"),
+            ("INSIGHTS__KAFKA__SASL_PASSWORD", "pw"),
+            ("INSIGHTS__TOPICS__INPUT", &format!("{PLANTED}!")),
+            ("INSIGHTS__TOPICS__COMBINED", PLANTED),
+            ("INSIGHTS__TOPICS__DEAD_LETTER", PLANTED),
+        ]));
+        assert!(!t.contains("PLANTED"), "{t}");
+        assert!(t.contains("`kafka.sasl_mechanism`"), "{t}");
+        assert!(t.contains("`topics.input`"), "{t}");
+        assert!(t.contains("names the same topic as topics.combined"), "{t}");
         // `salt` reads the layers without the per-key pass.
         let e = Settings::finbox_server_hash(
             None,
