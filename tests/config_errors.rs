@@ -357,3 +357,28 @@ fn salt_does_not_echo_a_wrong_type_value() {
     assert!(text.contains("expected u32"), "{text}");
     assert!(!text.contains(MISPLACED), "{text}");
 }
+
+/// A value that cannot be read, a value out of range, a contradiction
+/// between two keys and an unknown section: one check-config run lists all
+/// four, each once (the unknown section not again as `configuration`).
+#[test]
+fn check_config_lists_every_kind_of_problem_in_one_run_each_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = Case::new("every kind of problem", "").file(
+        "[metrics]\nlisten = \"0.0.0.0:9464\"\n\
+         [finbox]\npoll_interval = \"5s\"\nrate_limit_per_minute = \"lots\"\n\
+         [schedule]\nmax_in_flight_bytes = 1000\n",
+    );
+    let (code, _, text) = run(&case, dir.path(), "check-config");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("4 configuration problems:"), "{text}");
+    for key in [
+        "`finbox.rate_limit_per_minute` (set in ",
+        "`metrics` (set in ",
+        "`finbox.poll_interval` (set in ",
+        "`schedule.max_in_flight_bytes` (set in ",
+    ] {
+        assert_eq!(text.matches(key).count(), 1, "{key}: {text}");
+    }
+    assert!(!text.contains("`configuration`"), "{text}");
+}

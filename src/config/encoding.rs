@@ -54,7 +54,8 @@ impl EncodingSettings {
     }
 
     pub(super) fn validate(&self, errs: &mut Checks) {
-        // The URL itself was checked when it was read.
+        // The URL's form was checked when it was read; its credentials
+        // are refused here, where the message can name the keys to use.
         if self
             .schema_registry_url
             .as_ref()

@@ -136,15 +136,16 @@ impl KafkaSettings {
         if self.security_protocol.uses_sasl() {
             match self.sasl_mechanism.as_deref() {
                 Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
-                other => {
-                    errs.fail(
-                        "kafka.sasl_mechanism",
-                        format!(
-                            "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL, got {:?}",
-                            other.unwrap_or("")
-                        ),
-                    );
-                }
+                // The value is not quoted: it may be a secret pasted into
+                // the wrong key.
+                None => errs.fail(
+                    "kafka.sasl_mechanism",
+                    "is required with SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ),
+                Some(_) => errs.fail(
+                    "kafka.sasl_mechanism",
+                    "unknown value, expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ),
             }
             errs.check(non_empty("kafka.sasl_username", &self.sasl_username));
             if !self.sasl_password.is_given() {

@@ -227,18 +227,36 @@ pub(super) fn single_key_table(table: &toml::Table, path: &[String]) -> toml::Ta
     out
 }
 
+/// Removes the value at `path`, and each table it leaves empty (an empty
+/// table left behind would be read as a value of its own).
 pub(super) fn remove_key(table: &mut toml::Table, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else {
+    let Some((first, rest)) = path.split_first() else {
         return;
     };
-    let mut t = table;
-    for seg in parents {
-        match t.get_mut(seg) {
-            Some(toml::Value::Table(inner)) => t = inner,
-            _ => return,
+    if rest.is_empty() {
+        table.remove(first);
+        return;
+    }
+    if let Some(toml::Value::Table(inner)) = table.get_mut(first) {
+        remove_key(inner, rest);
+        if inner.is_empty() {
+            table.remove(first);
         }
     }
-    t.remove(last);
+}
+
+/// The sections of the defaults, as "`log`, `kafka`, ...", when `section`
+/// is not one of them.
+pub(super) fn unknown_section(section: &str) -> Option<String> {
+    let defaults = toml::from_str::<toml::Table>(DEFAULTS_TOML).ok()?;
+    if defaults.contains_key(section) {
+        return None;
+    }
+    let known: Vec<String> = defaults.keys().map(|k| format!("`{k}`")).collect();
+    Some(format!(
+        "unknown section, expected one of {}",
+        known.join(", ")
+    ))
 }
 
 /// Parses the file on our side so a syntax error is reported by line
@@ -362,6 +380,20 @@ mod tests {
         ] {
             assert!(text.contains(&format!("`{key}`")), "{key}: {text}");
         }
+        // Checks after reading quote no value either.
+        let t = err_text(with(&[
+            ("INSIGHTS__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("INSIGHTS__KAFKA__SASL_MECHANISM", PLANTED),
+            ("INSIGHTS__KAFKA__SASL_USERNAME", "svc"),
+            ("INSIGHTS__KAFKA__SASL_PASSWORD", "pw"),
+            ("INSIGHTS__TOPICS__INPUT", &format!("{PLANTED}!")),
+            ("INSIGHTS__TOPICS__COMBINED", PLANTED),
+            ("INSIGHTS__TOPICS__DEAD_LETTER", PLANTED),
+        ]));
+        assert!(!t.contains("PLANTED"), "{t}");
+        assert!(t.contains("`kafka.sasl_mechanism`"), "{t}");
+        assert!(t.contains("`topics.input`"), "{t}");
+        assert!(t.contains("names the same topic as topics.combined"), "{t}");
         // `salt` reads the layers without the per-key pass.
         let e = Settings::finbox_server_hash(
             None,

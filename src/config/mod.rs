@@ -28,7 +28,7 @@ pub use encoding::{EncodingSettings, InputEncoding, OutputEncoding};
 pub use kafka::{KafkaSettings, PartitionAssignment, SecurityProtocol};
 use layers::{
     check_toml_syntax, env_key, flatten_keys, hide_values, load_key, load_reason, remove_key,
-    single_key_table, toml_strings, with_defaults, with_known_keys, ENV_PREFIX,
+    single_key_table, toml_strings, unknown_section, with_defaults, with_known_keys, ENV_PREFIX,
 };
 use problem::{Checks, Origins};
 pub use problem::{ConfigError, Origin, Problem};
@@ -110,6 +110,16 @@ impl Settings {
             for p in paths {
                 let key = p.join(".");
                 let origin = Origin::File(path.to_path_buf());
+                // An unknown section is one problem, however many keys it has.
+                if let Some(reason) = p.first().and_then(|s| unknown_section(s)) {
+                    let section = p[..1].to_vec();
+                    if !bad.contains(&section) {
+                        errs.fail_from(&section[0], origin.clone(), reason);
+                        origins.set.insert(section[0].clone(), origin);
+                        bad.push(section);
+                    }
+                    continue;
+                }
                 let single = single_key_table(table, &p);
                 let source = toml::to_string(&single).unwrap_or_default();
                 if let Err(e) = with_defaults(Some(&source), BTreeMap::new()) {
@@ -127,6 +137,13 @@ impl Settings {
         for (var, value) in env_vars.clone() {
             let key = env_key(&var);
             let origin = Origin::Env(var.clone());
+            if let Some(reason) = key.split('.').next().and_then(unknown_section) {
+                let section = key.split('.').next().unwrap_or_default();
+                errs.fail_from(section, origin.clone(), reason);
+                env_vars.remove(&var);
+                origins.set.insert(key, origin);
+                continue;
+            }
             let single = BTreeMap::from([(var.clone(), value.clone())]);
             if let Err(e) = with_defaults(None, single) {
                 let reason = hide_values(load_reason(&e), value.split(','));
@@ -143,12 +160,14 @@ impl Settings {
             Ok(s) => s,
             Err(e) => {
                 // Each value passed on its own; together they did not.
-                errs.check(Err(ConfigError::Load(e)));
+                errs.fail(load_key(&e).unwrap_or("configuration"), load_reason(&e));
                 return Err(errs.into_error(&origins));
             }
         };
+        let parsed = errs.len();
         settings.resolve_secret_files(&mut errs);
         settings.check_values(&mut errs);
+        errs.drop_stand_ins(parsed);
         errs.into_result(&origins)?;
         Ok(settings)
     }
@@ -394,6 +413,48 @@ mod tests {
                 problems(Settings::load_from(Some(&p), env()).unwrap_err()),
                 first
             );
+        }
+    }
+
+    /// A value that cannot be read, a value out of range, two values that
+    /// contradict each other and an unknown section: all in one run, each
+    /// once, in a stable order; a check of a value that could not be read
+    /// (its default stood in) is left out.
+    #[test]
+    fn every_kind_of_problem_is_listed_in_one_run_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[metrics]\nlisten = \"0.0.0.0:9464\"\nport = 9464\n\
+             [finbox]\npoll_interval = \"5s\"\nmax_poll_interval = \"soon\"\n\
+             [server]\nlisten = 9464\n[schedule]\nmax_in_flight_bytes = 1000\n",
+        )
+        .unwrap();
+        let env = with(&[("INSIGHTS__OTHER__KEY", "1")]);
+        let e = Settings::load_from(Some(&p), env.clone()).unwrap_err();
+        let ConfigError::Problems(problems) = &e else {
+            panic!("{e}");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "finbox.max_poll_interval",
+                "metrics",
+                "other",
+                "finbox.poll_interval",
+                "server.listen",
+                "schedule.max_in_flight_bytes",
+            ],
+            "{e}"
+        );
+        let text = e.to_string();
+        assert!(!text.contains("`configuration`"), "{text}");
+        assert!(!text.contains("not set: built-in default"), "{text}");
+        for _ in 0..3 {
+            let again = Settings::load_from(Some(&p), env.clone()).unwrap_err();
+            assert_eq!(again.to_string(), text);
         }
     }
 

@@ -85,6 +85,31 @@ fn render_problems(problems: &[Problem]) -> String {
 pub(super) struct Checks(Vec<(String, Option<Origin>, String)>);
 
 impl Checks {
+    /// How many problems so far.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Leaves out, among the problems after the first `parsed`, each one
+    /// about a key one of those already names (its value could not be
+    /// read, so a default stood in: a check of it says nothing about what
+    /// was given), and each one listed before.
+    pub(super) fn drop_stand_ins(&mut self, parsed: usize) {
+        let (first, rest) = self.0.split_at(parsed.min(self.0.len()));
+        let mut kept: Vec<(String, Option<Origin>, String)> = first.to_vec();
+        for p in rest {
+            let stood_in = first.iter().any(|(key, _, _)| {
+                p.0 == *key
+                    || p.0
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            });
+            let again = kept.iter().any(|k| k.0 == p.0 && k.2 == p.2);
+            if !stood_in && !again {
+                kept.push(p.clone());
+            }
+        }
+        self.0 = kept;
+    }
     pub(super) fn fail(&mut self, key: &str, reason: impl Into<String>) {
         self.0.push((key.to_string(), None, reason.into()));
     }

@@ -31,8 +31,8 @@ impl TopicSettings {
         ];
         for (i, (key, name)) in names.iter().enumerate() {
             errs.check(topic_name(key, name));
-            if names[..i].iter().any(|(_, other)| other == name) {
-                errs.fail(key, format!("topic {name:?} is used twice"));
+            if let Some((first, _)) = names[..i].iter().find(|(_, other)| other == name) {
+                errs.fail(key, format!("names the same topic as {first}"));
             }
         }
         if self.partitions < 1 {
@@ -58,7 +58,9 @@ fn topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             key,
-            format!("{name:?} is not a valid Kafka topic name"),
+            // The name is not quoted: it may be a secret pasted into the
+            // wrong key.
+            "is not a valid Kafka topic name (1 to 200 of a-z, A-Z, 0-9, '.', '_', '-')",
         ))
     }
 }
