@@ -13,6 +13,7 @@ mod kafka;
 mod layers;
 mod problem;
 mod providers;
+mod reasons;
 mod runtime;
 mod secret;
 mod topics;
@@ -27,8 +28,8 @@ use serde::{Deserialize, Serialize};
 pub use encoding::{EncodingSettings, InputEncoding, OutputEncoding};
 pub use kafka::{KafkaSettings, PartitionAssignment, SecurityProtocol};
 use layers::{
-    check_toml_syntax, env_key, flatten_keys, hide_values, load_key, load_reason, remove_key,
-    single_key_table, toml_strings, unknown_section, with_defaults, with_known_keys, ENV_PREFIX,
+    check_toml_syntax, env_key, flatten_keys, remove_key, single_key_table, toml_strings,
+    unknown_section, with_defaults, with_known_keys, ENV_PREFIX,
 };
 use problem::{Checks, Origins};
 pub use problem::{ConfigError, Origin, Problem};
@@ -36,6 +37,7 @@ pub use providers::{
     CredeauSettings, FinboxEnvironment, FinboxSettings, PollPolicy, PollSettings,
     ProviderHttpSettings, FINBOX_MIN_POLL_INTERVAL,
 };
+use reasons::{hide_values, load_key, load_reason};
 pub use runtime::{
     DeadLetterSettings, LogFormat, LogSettings, ScheduleSettings, ServerSettings, ShutdownSettings,
 };

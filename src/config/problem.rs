@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::layers::load_reason;
+use super::reasons::load_reason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
