@@ -14,7 +14,8 @@ use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::events::{Committed, Fate, Source};
 use crate::metrics::Metrics;
 use crate::pipeline::deadletter::{DeadLetter, Stage};
-use crate::providers::budget::{self, RecordClock};
+use crate::providers::budget::RecordClock;
+use crate::providers::call::{self, PollOutcome};
 use crate::providers::{CredeauApi, FinboxApi, Provider};
 use crate::task::{Millis, Outcome, SourceRef, Task, TaskDecodeError};
 
@@ -209,9 +210,9 @@ pub struct Worker {
     pub topics: OutputTopics,
     pub max_message_bytes: usize,
     /// How long one record's provider calls may take, retries included
-    /// (`schedule.record_budget`). A call still unanswered then counts as a
-    /// timed-out poll, and the core schedules the next one through a delay
-    /// tier, so no record holds its batch longer.
+    /// (`schedule.record_budget`). A call still running then ends as
+    /// [`call::run`] says, and the core schedules the next poll through a
+    /// delay tier, so no record holds its batch longer.
     pub record_budget: std::time::Duration,
     /// How long a record may wait on a provider before the loop cuts it
     /// short (`schedule.straggler_wait`;
@@ -327,7 +328,7 @@ impl Worker {
                 async {
                     if poll_finbox {
                         let call = self.finbox.fetch_predictors(&finbox_id);
-                        Some(within_budget(Provider::Finbox, clock, budget, call).await)
+                        Some(call::run(Provider::Finbox, clock, budget, call).await)
                     } else {
                         None
                     }
@@ -335,7 +336,7 @@ impl Worker {
                 async {
                     if poll_credeau {
                         let call = self.credeau.fetch_sms(&credeau_id);
-                        Some(within_budget(Provider::Credeau, clock, budget, call).await)
+                        Some(call::run(Provider::Credeau, clock, budget, call).await)
                     } else {
                         None
                     }
@@ -343,22 +344,28 @@ impl Worker {
             );
             let answered_at = now_ms();
             decided_at = answered_at;
-            // `None`: not polled; `Some(None)`: cut short.
+            // `None`: not polled.
             match fa {
-                Some(Some(a)) => {
+                Some(PollOutcome::Answered(a)) => {
                     let fx = core::apply(&mut task, Answer::Finbox(a), answered_at, &self.policies);
                     self.effects(&mut task, fx, answered_at, out);
                 }
-                Some(None) => self.cut_short(&mut task, Provider::Finbox, answered_at),
+                Some(PollOutcome::Cut) => self.cut_short(&mut task, Provider::Finbox, answered_at),
+                Some(PollOutcome::NotSent) => {
+                    core::not_sent(&mut task, Provider::Finbox, answered_at, &self.policies)
+                }
                 None => {}
             }
             match ca {
-                Some(Some(a)) => {
+                Some(PollOutcome::Answered(a)) => {
                     let fx =
                         core::apply(&mut task, Answer::Credeau(a), answered_at, &self.policies);
                     self.effects(&mut task, fx, answered_at, out);
                 }
-                Some(None) => self.cut_short(&mut task, Provider::Credeau, answered_at),
+                Some(PollOutcome::Cut) => self.cut_short(&mut task, Provider::Credeau, answered_at),
+                Some(PollOutcome::NotSent) => {
+                    core::not_sent(&mut task, Provider::Credeau, answered_at, &self.policies)
+                }
                 None => {}
             }
         }
@@ -553,42 +560,6 @@ impl Worker {
             value: Some(value),
             headers,
         }
-    }
-}
-
-/// Runs one provider call on the record's clock: its in-process retries
-/// see the deadline and stop rather than sleep past it, a call still
-/// running at the deadline is cut off and reported as a timeout (polled
-/// again when due), and a call the loop cuts short because the record
-/// holds its batch ends with `None` (polled again when due, with a longer
-/// leash).
-async fn within_budget<T>(
-    provider: Provider,
-    clock: &Arc<RecordClock>,
-    budget: std::time::Duration,
-    call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
-) -> Option<Result<T, crate::providers::ProviderError>> {
-    let deadline = clock
-        .deadline()
-        .unwrap_or_else(|| tokio::time::Instant::now() + budget);
-    let scoped = budget::RECORD.scope(clock.clone(), call);
-    tokio::select! {
-        // A retry's sleep ends with the failed attempt's error when the
-        // record is cut: that answer is taken first.
-        biased;
-        r = tokio::time::timeout_at(deadline, scoped) => Some(match r {
-            Ok(r) => r,
-            Err(_) => Err(crate::providers::http::error(
-                provider,
-                crate::providers::ProviderErrorKind::Timeout,
-                None,
-                format!(
-                    "no answer within the record budget ({}, schedule.record_budget); polled again when due",
-                    humantime::format_duration(budget)
-                ),
-            )),
-        }),
-        _ = clock.cut_off() => None,
     }
 }
 
