@@ -239,6 +239,31 @@ pub fn cut_short(task: &mut Task, provider: Provider, now: Millis, policies: &Po
     task.refresh_due();
 }
 
+/// How soon a provider whose call sent nothing is asked again.
+pub const NOT_SENT_RETRY: Duration = Duration::from_secs(1);
+
+/// A call that sent no request: it waited for our own rate-limit permit
+/// until its record was cut or its budget ran out. The provider was not
+/// asked, so nothing is counted (no poll, no failed poll, no cut, no
+/// longer spacing): it is asked again [`NOT_SENT_RETRY`] from `now`, or
+/// ends as [`schedule`] ends it once its deadline has passed. Terminal
+/// providers are never changed.
+pub fn not_sent(task: &mut Task, provider: Provider, now: Millis, policies: &Policies) {
+    let policy = policies.get(provider);
+    let deadline_at = task.user.onboarded_at.saturating_add(ms(policy.deadline));
+    let track = task.track_mut(provider);
+    if track.is_done() {
+        return;
+    }
+    if now >= deadline_at {
+        schedule(provider, track, policy, now, 0, deadline_at);
+    } else {
+        let next = now.saturating_add(ms(NOT_SENT_RETRY));
+        track.next_poll_at = track.next_poll_at.max(next.min(deadline_at.max(now)));
+    }
+    task.refresh_due();
+}
+
 /// How long a record may wait on providers while it holds its batch
 /// before it is cut short (its call is parked and taken back by the next
 /// poll, so the leash need not grow for a slow provider to be heard):

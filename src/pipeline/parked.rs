@@ -21,19 +21,43 @@
 //! `capacity` parked at once (the oldest is dropped first).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::core::Answer;
+use crate::providers::call::CallLog;
 use crate::providers::Provider;
+
+/// How one provider call of a record ended, as the worker applies it.
+#[derive(Debug)]
+pub enum Polled {
+    /// The provider answered, or failed (its last answer).
+    Answered(Answer),
+    /// No request was sent: the call waited for our own rate-limit permit
+    /// until its budget ran out. Not a poll.
+    NotSent,
+    /// Its latest request, sent late in the budget, was still unanswered:
+    /// nothing learnt, asked again when due.
+    Unanswered,
+    /// The record was cut short while the call waited on the provider: the
+    /// call is parked, still running, for the user's next poll.
+    Parked,
+}
+
+/// A running provider call: its task and its log.
+#[derive(Debug)]
+pub struct Call {
+    pub handle: JoinHandle<Polled>,
+    pub log: Arc<CallLog>,
+}
 
 /// A call still running (or finished) whose record was cut short.
 #[derive(Debug)]
-pub struct ParkedCall {
-    pub handle: JoinHandle<Answer>,
+struct ParkedCall {
+    call: Call,
     /// Until when the call may run (its record budget); kept a little
     /// longer so a poll due right after it still finds the answer.
     keep_until: Instant,
@@ -65,19 +89,13 @@ impl ParkedCalls {
     /// Parks a call of `provider` for the user it knows as `id`, running
     /// until `deadline`. A call parked before for the same user is dropped
     /// (it cannot be older than the poll that took it back).
-    pub fn park(
-        &self,
-        provider: Provider,
-        id: &str,
-        handle: JoinHandle<Answer>,
-        deadline: Instant,
-    ) {
+    pub fn park(&self, provider: Provider, id: &str, call: Call, deadline: Instant) {
         let mut calls = self.lock();
         let now = Instant::now();
         calls.retain(|_, c| {
             let keep = c.keep_until > now;
             if !keep {
-                c.handle.abort();
+                c.call.handle.abort();
             }
             keep
         });
@@ -90,23 +108,23 @@ impl ParkedCalls {
                 break;
             };
             if let Some(c) = calls.remove(&oldest) {
-                c.handle.abort();
+                c.call.handle.abort();
             }
         }
-        let call = ParkedCall {
-            handle,
+        let parked = ParkedCall {
+            call,
             keep_until: deadline + KEEP_MARGIN,
         };
-        if let Some(old) = calls.insert((provider, id.to_string()), call) {
-            old.handle.abort();
+        if let Some(old) = calls.insert((provider, id.to_string()), parked) {
+            old.call.handle.abort();
         }
     }
 
     /// Takes back the call parked for this user and provider, if any.
-    pub fn take(&self, provider: Provider, id: &str) -> Option<JoinHandle<Answer>> {
+    pub fn take(&self, provider: Provider, id: &str) -> Option<Call> {
         self.lock()
             .remove(&(provider, id.to_string()))
-            .map(|c| c.handle)
+            .map(|c| c.call)
     }
 
     /// How many calls are parked now.
@@ -122,7 +140,7 @@ impl ParkedCalls {
 impl Drop for ParkedCalls {
     fn drop(&mut self) {
         for (_, c) in self.lock().drain() {
-            c.handle.abort();
+            c.call.handle.abort();
         }
     }
 }
@@ -132,29 +150,39 @@ mod tests {
     use super::*;
     use crate::providers::ProviderErrorKind;
 
-    fn answer() -> Answer {
-        Answer::Credeau(Err(crate::providers::http::error(
-            Provider::Credeau,
-            ProviderErrorKind::Timeout,
-            None,
-            "x",
-        )))
+    fn answered() -> Call {
+        Call {
+            handle: tokio::spawn(async {
+                Polled::Answered(Answer::Credeau(Err(crate::providers::http::error(
+                    Provider::Credeau,
+                    ProviderErrorKind::Timeout,
+                    None,
+                    "x",
+                ))))
+            }),
+            log: Arc::default(),
+        }
+    }
+
+    fn hanging() -> Call {
+        Call {
+            handle: tokio::spawn(std::future::pending::<Polled>()),
+            log: Arc::default(),
+        }
     }
 
     #[tokio::test]
     async fn a_parked_call_is_taken_back_once_by_its_user_and_provider() {
         let parked = ParkedCalls::new(8);
         let deadline = Instant::now() + Duration::from_secs(15);
-        parked.park(
-            Provider::Credeau,
-            "u1",
-            tokio::spawn(async { answer() }),
-            deadline,
-        );
+        parked.park(Provider::Credeau, "u1", answered(), deadline);
         assert!(parked.take(Provider::Finbox, "u1").is_none());
         assert!(parked.take(Provider::Credeau, "u2").is_none());
-        let h = parked.take(Provider::Credeau, "u1").expect("parked");
-        assert!(matches!(h.await.unwrap(), Answer::Credeau(Err(_))));
+        let call = parked.take(Provider::Credeau, "u1").expect("parked");
+        assert!(matches!(
+            call.handle.await.unwrap(),
+            Polled::Answered(Answer::Credeau(Err(_)))
+        ));
         assert!(parked.take(Provider::Credeau, "u1").is_none());
         assert!(parked.is_empty());
     }
@@ -163,7 +191,7 @@ mod tests {
     async fn the_oldest_call_makes_room_and_stale_calls_are_dropped() {
         let parked = ParkedCalls::new(2);
         let now = Instant::now();
-        let hang = || tokio::spawn(async { std::future::pending::<Answer>().await });
+        let hang = hanging;
         parked.park(Provider::Credeau, "a", hang(), now + Duration::from_secs(1));
         parked.park(Provider::Credeau, "b", hang(), now + Duration::from_secs(2));
         parked.park(Provider::Credeau, "c", hang(), now + Duration::from_secs(3));

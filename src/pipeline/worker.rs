@@ -13,11 +13,12 @@ use crate::events::DeadLetter;
 use crate::events::{DecodeError, InputDecoder, OutputEncoder};
 use crate::metrics::events::{Committed, Fate, Source};
 use crate::metrics::Metrics;
-use crate::pipeline::parked::ParkedCalls;
+use crate::pipeline::parked::{Call, ParkedCalls, Polled};
 use crate::pipeline::record::{
     Incoming, Job, OutKind, OutRecord, Processed, SourceKind, Transient,
 };
-use crate::providers::budget::{self, RecordClock};
+use crate::providers::budget::RecordClock;
+use crate::providers::call::{self, PollOutcome};
 use crate::providers::{CredeauApi, FinboxApi, Provider};
 use crate::task::{Millis, Outcome, SourceRef, Task};
 
@@ -45,9 +46,9 @@ pub struct Worker {
     pub topics: OutputTopics,
     pub max_message_bytes: usize,
     /// How long one record's provider calls may take, retries included
-    /// (`schedule.record_budget`). A call still unanswered then counts as a
-    /// timed-out poll, and the core schedules the next one through a delay
-    /// tier, so no record holds its batch longer.
+    /// (`schedule.record_budget`). A call still running then ends as
+    /// [`call::run`] says, and the core schedules the next poll through a
+    /// delay tier, so no record holds its batch longer.
     pub record_budget: std::time::Duration,
     /// How long a record may wait on a provider before the loop cuts it
     /// short (`schedule.straggler_wait`; zero: never); its call is then
@@ -167,8 +168,9 @@ impl Worker {
                     if poll_finbox {
                         let api = self.finbox.clone();
                         let id = finbox_id.clone();
-                        let call = async move { Answer::Finbox(api.fetch_predictors(&id).await) };
-                        Some(self.call(Provider::Finbox, &finbox_id, clock, call).await)
+                        let call = async move { api.fetch_predictors(&id).await };
+                        let start = || self.start(Provider::Finbox, clock, call, Answer::Finbox);
+                        Some(self.call(Provider::Finbox, &finbox_id, clock, start).await)
                     } else {
                         None
                     }
@@ -177,8 +179,12 @@ impl Worker {
                     if poll_credeau {
                         let api = self.credeau.clone();
                         let id = credeau_id.clone();
-                        let call = async move { Answer::Credeau(api.fetch_sms(&id).await) };
-                        Some(self.call(Provider::Credeau, &credeau_id, clock, call).await)
+                        let call = async move { api.fetch_sms(&id).await };
+                        let start = || self.start(Provider::Credeau, clock, call, Answer::Credeau);
+                        Some(
+                            self.call(Provider::Credeau, &credeau_id, clock, start)
+                                .await,
+                        )
                     } else {
                         None
                     }
@@ -186,14 +192,19 @@ impl Worker {
             );
             let answered_at = now_ms();
             decided_at = answered_at;
-            // `None`: not polled; `Some(None)`: cut short (the call parked).
-            for (provider, answer) in [(Provider::Finbox, fa), (Provider::Credeau, ca)] {
-                match answer {
-                    Some(Some(a)) => {
+            // `None`: not polled.
+            for (provider, polled) in [(Provider::Finbox, fa), (Provider::Credeau, ca)] {
+                match polled {
+                    Some(Polled::Answered(a)) => {
                         let fx = core::apply(&mut task, a, answered_at, &self.policies);
                         self.effects(&mut task, fx, answered_at, out);
                     }
-                    Some(None) => self.cut_short(&mut task, provider, answered_at),
+                    Some(Polled::Parked | Polled::Unanswered) => {
+                        self.cut_short(&mut task, provider, answered_at)
+                    }
+                    Some(Polled::NotSent) => {
+                        core::not_sent(&mut task, provider, answered_at, &self.policies)
+                    }
                     None => {}
                 }
             }
@@ -237,35 +248,53 @@ impl Worker {
         }
     }
 
+    /// Starts `call` on the record's clock (`providers::call`), spawned so
+    /// that it can outlive the record's turn in its batch; `answer` makes
+    /// its result the provider's [`Answer`].
+    fn start<T, F>(
+        &self,
+        provider: Provider,
+        clock: &Arc<RecordClock>,
+        call: F,
+        answer: fn(Result<T, crate::providers::ProviderError>) -> Answer,
+    ) -> Call
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, crate::providers::ProviderError>>
+            + Send
+            + 'static,
+    {
+        let (log, run) = call::start(provider, clock, self.record_budget, call);
+        let handle = tokio::spawn(async move {
+            match run.await {
+                PollOutcome::Answered(r) => Polled::Answered(answer(r)),
+                PollOutcome::NotSent => Polled::NotSent,
+                PollOutcome::Cut => Polled::Unanswered,
+            }
+        });
+        Call { handle, log }
+    }
+
     /// One provider call of a record: the call parked for this user by an
     /// earlier cut if there is one (its answer, or the rest of the wait for
-    /// it, without asking the provider again), else `call` started anew,
-    /// within the record budget. `None` when the record is cut short
-    /// first: the call is parked, still running, for the next poll
-    /// (`parked`).
+    /// it, without asking the provider again), else the one `start`
+    /// starts. When the loop cuts the record short first, a call that has
+    /// sent a request is parked, still running, for the next poll
+    /// ([`Polled::Parked`]); one still waiting for our own rate-limit
+    /// permit is dropped and was no poll ([`Polled::NotSent`]).
     async fn call(
         &self,
         provider: Provider,
         id: &str,
         clock: &Arc<RecordClock>,
-        call: impl std::future::Future<Output = Answer> + Send + 'static,
-    ) -> Option<Answer> {
-        let budget = self.record_budget;
+        start: impl FnOnce() -> Call,
+    ) -> Polled {
         let deadline = clock
             .deadline()
-            .unwrap_or_else(|| tokio::time::Instant::now() + budget);
-        let (mut handle, resumed) = match self.parked.take(provider, id) {
-            Some(handle) => (handle, true),
-            None => {
-                let scoped = budget::RECORD.scope(clock.clone(), call);
-                let bounded = async move {
-                    match tokio::time::timeout_at(deadline, scoped).await {
-                        Ok(answer) => answer,
-                        Err(_) => no_answer_within_budget(provider, budget),
-                    }
-                };
-                (tokio::spawn(bounded), false)
-            }
+            .unwrap_or_else(|| tokio::time::Instant::now() + self.record_budget);
+        let (mut call, resumed) = match self.parked.take(provider, id) {
+            Some(call) => (call, true),
+            None => (start(), false),
         };
         // A call taken back from an earlier cut keeps its own record's
         // clock; the wait for it counts on this record's, so the loop can
@@ -274,17 +303,22 @@ impl Worker {
         tokio::select! {
             // An answer that is there is taken before a cut.
             biased;
-            joined = &mut handle => Some(joined.unwrap_or_else(|e| {
-                answer_of(provider, Err(crate::providers::http::error(
+            joined = &mut call.handle => joined.unwrap_or_else(|e| {
+                Polled::Answered(answer_of(provider, crate::providers::http::error(
                     provider,
                     crate::providers::ProviderErrorKind::Timeout,
                     None,
                     format!("the provider call ended without an answer ({e}); polled again when due"),
                 )))
-            })),
+            }),
             _ = clock.cut_off() => {
-                self.parked.park(provider, id, handle, deadline);
-                None
+                if call.log.sent() == 0 {
+                    call.handle.abort();
+                    Polled::NotSent
+                } else {
+                    self.parked.park(provider, id, call, deadline);
+                    Polled::Parked
+                }
             }
         }
     }
@@ -444,28 +478,8 @@ impl Worker {
     }
 }
 
-/// The answer of a call still unanswered when its record budget ran out.
-fn no_answer_within_budget(provider: Provider, budget: std::time::Duration) -> Answer {
-    answer_of(
-        provider,
-        Err(crate::providers::http::error(
-            provider,
-            crate::providers::ProviderErrorKind::Timeout,
-            None,
-            format!(
-                "no answer within the record budget ({}, schedule.record_budget); polled again when due",
-                humantime::format_duration(budget)
-            ),
-        )),
-    )
-}
-
 /// A failed call as `provider`'s answer.
-fn answer_of(
-    provider: Provider,
-    error: Result<std::convert::Infallible, crate::providers::ProviderError>,
-) -> Answer {
-    let Err(e) = error;
+fn answer_of(provider: Provider, e: crate::providers::ProviderError) -> Answer {
     match provider {
         Provider::Finbox => Answer::Finbox(Err(e)),
         Provider::Credeau => Answer::Credeau(Err(e)),

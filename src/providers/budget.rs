@@ -2,8 +2,9 @@
 //! the pipeline sets the record's budget and may cut a straggler short;
 //! the retry loop (`http::with_retries`) marks when the record is waiting
 //! on a provider (an attempt in flight or a retry's sleep, not a
-//! rate-limit permit) and stops retrying once the budget is spent or the
-//! record is cut.
+//! rate-limit permit, not an answer's body arriving) and stops retrying
+//! once the budget is spent or the record is cut. How one call ends then
+//! is [`super::call`]'s.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,9 @@ pub struct RecordClock {
     /// The longest wait for an answer of this record that has ended (not
     /// cut short), in ms.
     longest_await_ms: AtomicU64,
+    /// Answer bodies being read now: a record receiving one is not a
+    /// straggler.
+    bodies: AtomicU32,
     cut: CancellationToken,
 }
 
@@ -43,6 +47,7 @@ impl Default for RecordClock {
             waiting: Stretch::default(),
             awaiting: Stretch::default(),
             longest_await_ms: AtomicU64::new(0),
+            bodies: AtomicU32::new(0),
             cut: CancellationToken::new(),
         }
     }
@@ -86,10 +91,21 @@ impl RecordClock {
     }
 
     /// Whether the record has waited on a provider for at least its cut
-    /// time, and is waiting still.
+    /// time, and is waiting still (an answer's body arriving is not
+    /// waiting: it is cut only when it stalls).
     pub fn is_straggling(&self) -> bool {
         let cut_after = self.cut_after_ms.load(Ordering::Relaxed);
-        cut_after != u64::MAX && self.waiting.lasted(self.now_ms(), cut_after)
+        cut_after != u64::MAX
+            && self.bodies.load(Ordering::Acquire) == 0
+            && self.waiting.lasted(self.now_ms(), cut_after)
+    }
+
+    pub(crate) fn body_started(&self) {
+        self.bodies.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn body_ended(&self) {
+        self.bodies.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Marks a request sent to a provider and not yet answered (status

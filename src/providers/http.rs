@@ -21,6 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use super::budget;
+use super::call;
 use super::ratelimit::RateLimiter;
 use super::retry::{random_jitter, RetryPolicy};
 use super::{Provider, ProviderError, ProviderErrorKind};
@@ -374,6 +375,9 @@ pub(crate) async fn read_capped(
     if announced.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
+    // The answer has begun: the loop's cut and the record budget let it
+    // finish.
+    let _arriving = call::body_arriving();
     let read = Limited::new(answer.body, max_bytes).collect();
     match tokio::time::timeout_at(answer.deadline, read).await {
         Ok(Ok(body)) => Ok(body.to_bytes()),
@@ -493,6 +497,7 @@ where
     loop {
         let number = retry + 1;
         ctx.limiter.acquire().await;
+        call::note_sent();
         // From here until the answer (or the end of a retry's sleep) the
         // record waits on the provider: the time a straggler is cut for.
         let clock = budget::current();
@@ -535,6 +540,7 @@ where
             Err(e) => e,
         };
         err.attempts = number;
+        call::note_failed(&err);
         if err.kind.is_credential_problem() {
             ctx.metrics
                 .provider_healthy

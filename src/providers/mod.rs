@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod budget;
+pub mod call;
 pub mod credeau;
 pub mod finbox;
 pub mod http;

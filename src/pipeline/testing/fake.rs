@@ -746,6 +746,7 @@ impl FakeProvider {
 
     async fn call(&self, user: &str) {
         self.limiter.acquire().await;
+        crate::providers::call::note_sent();
         self.calls.fetch_add(1, Ordering::SeqCst);
         let latency = {
             let slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());

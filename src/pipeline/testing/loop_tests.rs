@@ -145,6 +145,33 @@ async fn start_with(
     max_message_bytes: usize,
     straggler_wait: Duration,
 ) -> Harness {
+    let rate = finbox
+        .limiter
+        .per_second()
+        .min(credeau.limiter.per_second());
+    start_admitting(
+        broker,
+        finbox,
+        credeau,
+        ls,
+        max_message_bytes,
+        straggler_wait,
+        rate,
+    )
+    .await
+}
+
+/// As [`start_with`], admitting records as if the rate limits served
+/// `admission_per_second`.
+async fn start_admitting(
+    broker: Arc<FakeBroker>,
+    finbox: Arc<FakeProvider>,
+    credeau: Arc<FakeProvider>,
+    ls: LoopSettings,
+    max_message_bytes: usize,
+    straggler_wait: Duration,
+    admission_per_second: f64,
+) -> Harness {
     let s = settings();
     let metrics = Arc::new(Metrics::new());
     let tiers = DelayTiers::new(&s.schedule.delay_tiers);
@@ -166,10 +193,7 @@ async fn start_with(
         .await,
     );
     let health = Arc::new(Health::new(Duration::from_secs(60)));
-    let rate = finbox
-        .limiter
-        .per_second()
-        .min(credeau.limiter.per_second());
+    let rate = admission_per_second;
     let mut consume = ConsumeLoop::new(LoopParts {
         consumer: broker.clone(),
         producer: broker.clone(),
@@ -1071,4 +1095,78 @@ async fn a_slow_answer_cut_short_is_parked_and_used_by_the_next_poll_without_ask
     let kinds: Vec<&str> = out.outputs.iter().map(|o| o.kind.label()).collect();
     assert!(kinds.contains(&"sms_extraction"), "{kinds:?}");
     assert!(kinds.contains(&"insights_ready"), "{kinds:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_our_own_rate_limit_permit_is_never_a_failed_poll() {
+    // FinBox's limiter serves 1 call/s while the loop admits as if it
+    // served 100/s (as after a 429 halved it): most of 100 records wait
+    // longer than the record budget (15 s) for a permit.
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "permit", 100);
+    let finbox = Arc::new(FakeProvider::new(60, Duration::from_millis(10)));
+    let s = settings();
+    let h = start_admitting(
+        broker,
+        finbox,
+        quick(10),
+        loop_settings(),
+        s.topics.max_message_bytes,
+        s.schedule.straggler_wait,
+        100.0,
+    )
+    .await;
+    // Repolls are due in wall-clock time, which paused time does not
+    // advance: this is the first round of polls.
+    wait_for(Duration::from_secs(40), || false).await;
+    stop(&h).await;
+    let done = combined(&h.broker);
+    assert!(done.len() >= 15, "{} users done", done.len());
+    assert!(done.len() < users.len(), "every user got a permit in time");
+    // Each user's FinBox polls are the requests actually sent.
+    for r in h.broker.read_topic(COMBINED) {
+        let event: serde_json::Value =
+            serde_json::from_slice(r.value.as_deref().unwrap_or_default()).expect("JSON");
+        assert_eq!(
+            (
+                event["finbox"]["outcome"].as_str(),
+                event["finbox"]["polls"].as_u64()
+            ),
+            (Some("complete"), Some(1)),
+            "{event}"
+        );
+    }
+    // The others were never asked, or their request was parked when their
+    // record was cut: back in a delay tier, no poll counted, no failure.
+    let mut latest: HashMap<String, Task> = HashMap::new();
+    for topic in DelayTiers::new(&s.schedule.delay_tiers).topics(&s.topics.delay_prefix) {
+        for r in h.broker.read_topic(&topic) {
+            let task = Task::decode(r.value.as_deref().unwrap_or_default()).expect("a task");
+            latest.insert(task.user.user_id.clone(), task);
+        }
+    }
+    let waiting: Vec<&String> = users.iter().filter(|u| !done.contains_key(*u)).collect();
+    let mut parked = 0;
+    for user in waiting {
+        let task = latest
+            .get(user)
+            .unwrap_or_else(|| panic!("{user} in no tier"));
+        let finbox = task.track(Provider::Finbox);
+        assert_eq!(
+            (finbox.polls, finbox.failed_polls, finbox.is_done()),
+            (0, 0, false),
+            "{user}: {finbox:?}"
+        );
+        assert_eq!(finbox.last_error, None, "{user}");
+        parked += finbox.cut_polls as usize;
+    }
+    // Every request sent is a poll counted or a call parked for its
+    // user's next poll.
+    assert!(
+        (done.len()..=done.len() + parked).contains(&h.finbox.calls()),
+        "{} users done, {parked} calls parked, {} requests sent",
+        done.len(),
+        h.finbox.calls()
+    );
+    assert_eq!(dead_letters(&h.broker), HashMap::new());
 }
