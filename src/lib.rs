@@ -9,6 +9,7 @@ pub mod events;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod printable;
 pub mod providers;
 pub mod salt;
 pub mod simulator;
