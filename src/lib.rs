@@ -6,6 +6,7 @@ pub mod config;
 pub mod core;
 pub mod dlq;
 pub mod events;
+pub mod journey;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

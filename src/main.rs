@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use insights_enricher::config::Settings;
-use insights_enricher::{dlq, logging, pipeline, salt, simulator};
+use insights_enricher::{dlq, journey, logging, pipeline, salt, simulator};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -43,6 +43,10 @@ enum Command {
     /// Dead-letter tools: inspect and replay.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Where is this user? Their journey from the topics the service writes:
+    /// onboarding, scheduled polls, provider outcomes, events, dead letters,
+    /// and what happens next (never SMS bodies or secrets).
+    User(journey::UserArgs),
 }
 
 /// jemalloc serves every allocation of the process: Rust's, and through
@@ -122,6 +126,20 @@ fn main() -> ExitCode {
             block_on(false, async move {
                 let out = dlq::run(&settings, cmd).await?;
                 print!("{out}");
+                Ok(())
+            })
+        }
+        Command::User(args) => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init(settings.log.format, "warn");
+            block_on(false, async move {
+                print!("{}", journey::run(&settings, args).await?);
                 Ok(())
             })
         }
