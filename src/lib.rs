@@ -15,3 +15,4 @@ pub mod providers;
 pub mod salt;
 pub mod simulator;
 pub mod task;
+pub mod users_waiting;

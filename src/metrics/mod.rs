@@ -186,7 +186,7 @@ impl Metrics {
             ),
             users_waiting: IntGauge::new(
                 "users_waiting",
-                "Records not yet consumed on the delay-topic partitions assigned to this process: users waiting for their next poll (an upper bound: each transaction also leaves one marker on every partition it wrote to).",
+                "Users waiting for their next poll: task records in the delay-tier partitions this process holds that the group has not committed past (refreshed every 5 s; exact for up to 2,000 records per partition, over by at most one transaction marker per write beyond that).",
             )
             .expect("static metric definition"),
             published: counter_vec(

@@ -460,7 +460,9 @@ impl Pipeline {
         consumer
             .subscribe(&subscribe)
             .context("kafka: cannot subscribe")?;
-        Ok(Arc::new(consumer))
+        let consumer = Arc::new(consumer);
+        crate::users_waiting::spawn(k, metrics.clone(), Arc::downgrade(&consumer));
+        Ok(consumer)
     }
 
     /// The transactional producer, its transactions initialised (which
