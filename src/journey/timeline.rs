@@ -394,3 +394,143 @@ fn next(
         deadlines: deadline_list,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{OnboardedUser, SourceRef, TASK_VERSION};
+
+    const DEADLINES: Deadlines = Deadlines {
+        finbox_ms: 3_600_000,
+        credeau_ms: 7_200_000,
+    };
+
+    fn task(due_at: i64) -> Task {
+        Task {
+            v: TASK_VERSION,
+            user: OnboardedUser {
+                event_id: "ev-1".into(),
+                user_id: "u-1".into(),
+                finbox_customer_id: "u-1".into(),
+                credeau_user_id: "u-1".into(),
+                onboarded_at: 1_000,
+            },
+            origin: SourceRef {
+                topic: "in".into(),
+                partition: 2,
+                offset: 7,
+            },
+            created_at: 1_000,
+            due_at,
+            finbox: ProviderTrack::pending(due_at, 10_000),
+            credeau: ProviderTrack::pending(due_at, 10_000),
+            replay_of: None,
+        }
+    }
+
+    fn found(role: Role, offset: i64, ts: i64, value: Vec<u8>, headers: &[(&str, &str)]) -> Found {
+        Found {
+            role,
+            tier_label: matches!(role, Role::Tier(_)).then(|| "10s".to_string()),
+            topic: "t".into(),
+            record: DlqRecord {
+                partition: 0,
+                offset,
+                timestamp: Some(ts),
+                key: Some("u-1".into()),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                raw_key: Some(b"u-1".to_vec()),
+                value: Some(value),
+            },
+        }
+    }
+
+    #[test]
+    fn a_scheduled_task_is_waiting_with_its_next_poll_and_deadlines() {
+        let mut polled = task(20_000);
+        polled.finbox.polls = 1;
+        let j = build(
+            &[
+                found(Role::Tier(0), 0, 5_000, task(10_000).encode(), &[]),
+                found(Role::Tier(0), 1, 12_000, polled.encode(), &[]),
+            ],
+            DEADLINES,
+            15_000,
+        );
+        assert_eq!(j.onboarding.as_ref().unwrap().input_offset, 7);
+        assert_eq!(j.next.state, "waiting");
+        assert_eq!(j.next.next_poll_due, rfc3339(20_000));
+        assert_eq!(
+            j.next.deadlines,
+            vec![
+                ("finbox".to_string(), rfc3339(3_601_000).unwrap()),
+                ("credeau".to_string(), rfc3339(7_201_000).unwrap())
+            ]
+        );
+        let outcomes: Vec<&StepKind> = j
+            .steps
+            .iter()
+            .map(|s| &s.kind)
+            .filter(|k| matches!(k, StepKind::ProviderOutcome { .. }))
+            .collect();
+        assert!(
+            matches!(outcomes.as_slice(), [StepKind::ProviderOutcome { provider, poll: 1, result, .. }]
+                if provider == "finbox" && result == "not ready yet"),
+            "{outcomes:?}"
+        );
+        // Long past its due time: flagged.
+        let late = build(
+            &[found(Role::Tier(0), 0, 5_000, task(10_000).encode(), &[])],
+            DEADLINES,
+            10_000 + 61_000,
+        );
+        assert!(
+            late.next.summary.contains("has not happened yet"),
+            "{}",
+            late.next.summary
+        );
+    }
+
+    #[test]
+    fn a_dead_lettered_onboarding_event_and_an_empty_window_say_so() {
+        let j = build(
+            &[found(
+                Role::DeadLetter,
+                0,
+                5_000,
+                b"{".to_vec(),
+                &[(h::STAGE, "decode"), (h::ERROR_CLASS, "malformed_json")],
+            )],
+            DEADLINES,
+            6_000,
+        );
+        assert_eq!(j.next.state, "dead_lettered");
+        assert!(j.onboarding.is_none());
+        assert_eq!(build(&[], DEADLINES, 0).next.state, "not_found");
+    }
+
+    #[test]
+    fn an_sms_event_is_shown_by_its_counts_only() {
+        let value = serde_json::json!({
+            "part": 1, "parts": 2, "total_sms": 3,
+            "entries": [{"sms_body": "your OTP is 123456"}],
+        });
+        let j = build(
+            &[found(
+                Role::SmsExtraction,
+                0,
+                5_000,
+                value.to_string().into_bytes(),
+                &[],
+            )],
+            DEADLINES,
+            6_000,
+        );
+        let shown = serde_json::to_string(&j.steps).unwrap();
+        assert!(shown.contains("part 1 of 2, 3 SMS in all"), "{shown}");
+        assert!(!shown.contains("OTP"), "{shown}");
+    }
+}
