@@ -186,7 +186,7 @@ impl Metrics {
             ),
             users_waiting: IntGauge::new(
                 "users_waiting",
-                "Users waiting for their next poll: task records in the delay-tier partitions this process holds that the group has not committed past (refreshed every 5 s; exact for up to 2,000 records per partition, over by at most one transaction marker per write beyond that).",
+                "Users waiting for their next poll: task records in the delay-tier partitions this process holds that the group has not committed past (refreshed every 5 s; exact while at most 2,000 wait there, beyond that over by at most one transaction marker per batch written).",
             )
             .expect("static metric definition"),
             published: counter_vec(
