@@ -222,7 +222,15 @@ pub struct Journey {
 /// Builds the journey of `found` (the user's records, any order) as of `now`.
 pub fn build(found: &[Found], deadlines: Deadlines, now: i64) -> Journey {
     let mut found: Vec<&Found> = found.iter().collect();
-    found.sort_by_key(|f| (f.record.timestamp.unwrap_or(0), f.record.offset));
+    // Written in one transaction, records share a time: the insights-ready
+    // event, which closes the journey, goes last among them.
+    found.sort_by_key(|f| {
+        (
+            f.record.timestamp.unwrap_or(0),
+            f.role == Role::InsightsReady,
+            f.record.offset,
+        )
+    });
     let mut steps = Vec::new();
     let mut onboarding = None;
     let mut last_task: Option<Task> = None;
