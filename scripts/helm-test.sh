@@ -65,18 +65,75 @@ echo "== helm's built-in Kubernetes version"
 # Without --kube-version helm checks the chart's kubeVersion against the
 # version compiled into it; scripts/tools.sh builds helm with the ldflags
 # that set it (a plain go install assumes Kubernetes 1.20 and fails here).
-if "$HELM" template insights-enricher "$CHART" >/dev/null 2>"$OUT/plain.log"; then
+if "$HELM" template insights-enricher "$CHART" -f "$VALUES/minimal.yaml" >/dev/null 2>"$OUT/plain.log"; then
     pass "plain helm template (no --kube-version) renders"
 else
     cat "$OUT/plain.log"
     fail "plain helm template (no --kube-version) renders"
 fi
 
-# name -> values files, space separated ("" = chart defaults), and what
-# check-config must say. The defaults carry no secrets: the binary must
-# refuse to start and say why.
+echo "== values a pod cannot run without are required"
+# The chart's defaults set neither the brokers, the Credeau client id nor
+# the secrets: helm refuses them, naming every value to set, whether or not
+# the schema is checked. tests/helm/minimal.yaml sets them and every other
+# value set builds on it or sets them itself.
+for skip in "" --skip-schema-validation; do
+    if "$HELM" template insights-enricher "$CHART" ${skip:+"$skip"} >/dev/null 2>"$OUT/err.log"; then
+        fail "default values${skip:+ ($skip)}: rendered, but must be refused"
+        continue
+    fi
+    for want in config.kafka.bootstrap_servers config.credeau.client_id secrets.finboxApiKey \
+        secrets.finboxServerHash secrets.credeauAuthToken secrets.existingSecret; do
+        if grep -qF -- "$want" "$OUT/err.log"; then
+            pass "default values${skip:+ ($skip)} refused, naming $want"
+        else
+            cat "$OUT/err.log"
+            fail "default values${skip:+ ($skip)} refused, but without naming $want"
+        fi
+    done
+done
+# helm lint reports a template's fail as information (so a chart with
+# required values can be linted): with the defaults it lints the templates.
+if "$HELM" lint --strict "$CHART" >"$OUT/lint.log" 2>&1; then
+    pass "helm lint --strict (default values)"
+else
+    cat "$OUT/lint.log"
+    fail "helm lint --strict (default values)"
+fi
+# One value missing: named alone.
+REQUIRED="config.kafka.bootstrap_servers config.credeau.client_id secrets.finboxApiKey
+secrets.finboxServerHash secrets.credeauAuthToken secrets.kafkaSaslPassword"
+# The required values other than $1, as an extended regex.
+others() { tr ' ' '\n' <<<"$REQUIRED" | grep -vxF "$1" | paste -sd'|' | sed 's/\./\\./g'; }
+declare -A MISSING_ONE=(
+    [config.credeau.client_id]="--set config.credeau.client_id="
+    [secrets.finboxServerHash]="--set secrets.finboxServerHash="
+    [secrets.kafkaSaslPassword]="--set config.kafka.security_protocol=sasl_ssl --set config.kafka.sasl_mechanism=PLAIN"
+)
+for name in $(printf '%s\n' "${!MISSING_ONE[@]}" | sort); do
+    # shellcheck disable=SC2086 # the --set flags split on purpose
+    if "$HELM" template insights-enricher "$CHART" -f "$VALUES/minimal.yaml" ${MISSING_ONE[$name]} \
+        >/dev/null 2>"$OUT/err.log"; then
+        fail "minimal.yaml without $name: rendered, but must be refused"
+    elif listed=$(sed -n 's/.*without these values: \(.*\)\. Secrets may.*/\1/p' "$OUT/err.log") &&
+        [[ "$listed" == "$name"* ]] && ! grep -qE "$(others "$name")" <<<"$listed"; then
+        pass "minimal.yaml without $name refused, naming it alone"
+    else
+        cat "$OUT/err.log"
+        fail "minimal.yaml without $name refused, naming it alone"
+    fi
+done
+# With an existing Secret, no secret value is needed.
+if "$HELM" template insights-enricher "$CHART" --set config.kafka.bootstrap_servers=k:9092 \
+    --set config.credeau.client_id=c --set secrets.existingSecret=s >/dev/null 2>"$OUT/err.log"; then
+    pass "with secrets.existingSecret only the brokers and the client id are required"
+else
+    cat "$OUT/err.log"
+    fail "with secrets.existingSecret only the brokers and the client id are required"
+fi
+
+# name -> values files, space separated, and what check-config must say.
 declare -A SETS=(
-    [default]=""
     [minimal]="$VALUES/minimal.yaml"
     [everything-on]="$VALUES/everything-on.yaml"
     [keda]="$VALUES/keda.yaml"
@@ -85,7 +142,6 @@ declare -A SETS=(
     [registry-auth]="$VALUES/minimal.yaml $VALUES/registry-auth.yaml"
 )
 declare -A EXPECT_CONFIG=(
-    [default]="fail:finbox.api_key_file"
     [minimal]="ok"
     [everything-on]="ok"
     [keda]="ok"
@@ -94,7 +150,7 @@ declare -A EXPECT_CONFIG=(
     [registry-auth]="ok"
 )
 
-for set in default minimal everything-on keda statefulset statefulset-hpa registry-auth; do
+for set in minimal everything-on keda statefulset statefulset-hpa registry-auth; do
     args=()
     for file in ${SETS[$set]}; do
         args+=(-f "$file")

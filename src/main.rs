@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use insights_enricher::config::Settings;
 use insights_enricher::providers::salt;
-use insights_enricher::{dlq, logging, service, simulator};
+use insights_enricher::{dlq, journey, logging, service, simulator};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -44,6 +44,10 @@ enum Command {
     /// Dead-letter tools: inspect and replay.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Where is this user? Their journey from the topics the service writes:
+    /// onboarding, scheduled polls, provider outcomes, events, dead letters,
+    /// and what happens next (never SMS bodies or secrets).
+    User(journey::UserArgs),
 }
 
 /// jemalloc serves every allocation of the process: Rust's, and through
@@ -136,6 +140,20 @@ fn main() -> ExitCode {
             block_on(false, async move {
                 let out = dlq::run(&settings, cmd).await?;
                 print!("{out}");
+                Ok(())
+            })
+        }
+        Command::User(args) => {
+            let settings = match Settings::load(cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init(settings.log.format, "warn");
+            block_on(false, async move {
+                print!("{}", journey::run(&settings, args).await?);
                 Ok(())
             })
         }

@@ -1,5 +1,5 @@
 //! What an operator sees when something around the binary is wrong: an
-//! unreachable broker (`dlq inspect`, `dlq replay`, `run`), a simulator port
+//! unreachable broker (`dlq inspect`, `dlq replay`, `user`, `run`), a simulator port
 //! already taken, and `salt` reading the server hash from `--config`. Each
 //! runs the real binary and reads what it printed.
 
@@ -47,12 +47,14 @@ fn text(out: &Output) -> (String, String) {
 }
 
 #[test]
-fn dlq_tools_fail_fast_with_one_line_naming_the_unreachable_broker() {
+fn operator_tools_fail_fast_with_one_line_naming_the_unreachable_broker() {
     let servers = format!("127.0.0.1:{}", closed_port());
     for args in [
         &["dlq", "inspect"][..],
         &["dlq", "inspect", "--json"],
         &["dlq", "replay", "--dry-run"],
+        &["user", "u-1"],
+        &["user", "u-1", "--json"],
     ] {
         let (out, took) = timed(command(&servers).args(args));
         let (stdout, stderr) = text(&out);

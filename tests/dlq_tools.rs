@@ -808,3 +808,81 @@ async fn dlq_inspect_never_shows_the_sms_bodies_of_dead_lettered_users() {
     }
     let _ = sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_escapes_control_characters_and_shows_utf8_as_text() {
+    // Poison the service dead-letters as it found it: JSON with raw control
+    // bytes (a terminal escape sequence among them) and non-ASCII text, a
+    // value that is not UTF-8, and a producer header holding an escape.
+    let topics = Topics::new("dlqesc");
+    create_topic(&topics.input, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = service_env(&topics, &unique("g"), "http://127.0.0.1:9");
+    let service = Service::start(&env, &dir.path().join("service.log"));
+    let p = producer();
+    let json_poison = b"{\"user_id\": \"caf\xc3\xa9\x00\x01\x1b[2J\x1b]0;owned\x07\"}".to_vec();
+    let not_utf8 = b"\xff\xfecaf\xc3\xa9 \x1b[31m".to_vec();
+    let headers = vec![("app.trace".to_string(), b"na\xc3\xafve\x1b[5m".to_vec())];
+    produce_at(
+        &p,
+        &topics.input,
+        None,
+        None,
+        Some(b"k1"),
+        Some(&json_poison),
+        &headers,
+    )
+    .await;
+    produce_at(
+        &p,
+        &topics.input,
+        None,
+        None,
+        Some(b"k2"),
+        Some(&not_utf8),
+        &[],
+    )
+    .await;
+    let dlq = read_topic(&topics.dlq, Some(2), Duration::from_secs(60));
+    assert_eq!(dlq.len(), 2, "log:\n{}", service.log_text());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_insights-enricher"))
+        .args(["dlq", "inspect"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run dlq inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = out.stdout;
+    let control: Vec<u8> = raw
+        .iter()
+        .copied()
+        .filter(|b| (*b < 0x20 && *b != b'\n') || *b == 0x7f)
+        .collect();
+    assert!(
+        control.is_empty(),
+        "control bytes {control:?} reached the terminal"
+    );
+    let text = String::from_utf8(raw).expect("inspect prints UTF-8");
+    // The value: UTF-8 as text, controls escaped.
+    assert!(
+        text.contains("{\"user_id\": \"café\\x00\\x01\\x1b[2J\\x1b]0;owned\\x07\"}"),
+        "{text}"
+    );
+    // Bytes that are not UTF-8: each invalid byte as \xNN, the rest as text.
+    assert!(text.contains("not UTF-8, invalid bytes as \\xNN"), "{text}");
+    assert!(text.contains("\\xff\\xfecafé \\x1b[31m"), "{text}");
+    // The service's error messages quote the value as text too.
+    assert!(
+        text.contains("dlq.error.message: the value is not valid UTF-8 (starts with \"\\xff\\xfecafé \\x1b[31m\")"),
+        "{text}"
+    );
+    assert!(!text.contains("\\xc3\\xa9"), "{text}");
+    // A producer's header, kept in the dead letter, shown escaped.
+    assert!(text.contains("app.trace: naïve\\x1b[5m"), "{text}");
+}

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::dlq::read::DlqRecord;
 use crate::events::dead_letter::headers as h;
+use crate::printable::{printable, printable_str, Lines};
 use crate::task::Task;
 
 #[derive(Debug, Default, Serialize)]
@@ -63,14 +64,15 @@ fn is_time_header(k: &str) -> bool {
     k == h::FAILED_AT || k == h::ORIGINAL_TIMESTAMP
 }
 
-/// A header's value for people: times in RFC 3339, the rest as it is.
+/// A header's value for people: times in RFC 3339, the rest on one line
+/// with control characters escaped.
 fn header_text(k: &str, v: &str) -> String {
     if is_time_header(k) {
         if let Some(t) = v.parse::<i64>().ok().and_then(rfc3339) {
             return t;
         }
     }
-    v.to_string()
+    printable_str(v, Lines::One)
 }
 
 fn raw_value(v: &[u8]) -> serde_json::Value {
@@ -132,11 +134,14 @@ pub fn show(r: &DlqRecord) -> Shown<'_> {
     }
 }
 
-/// The value for people: a JSON value pretty-printed, text as it is, each
+/// The value for people: a JSON value pretty-printed, text as it is, bytes
+/// that are not UTF-8 as text with each invalid byte as `\xNN`; control
+/// characters escaped everywhere (no record writes to the terminal), each
 /// line indented under `value:`.
-fn value_text(v: &serde_json::Value) -> String {
+fn value_text(v: &serde_json::Value, raw: Option<&[u8]>) -> String {
     let indent = |s: &str| {
-        s.lines()
+        printable_str(s, Lines::Keep)
+            .lines()
             .map(|l| format!("      {l}\n"))
             .collect::<String>()
     };
@@ -154,12 +159,19 @@ fn value_text(v: &serde_json::Value) -> String {
         (Some(n), None, Some(serde_json::Value::String(text)), _) => {
             format!("    value ({n} bytes, text{cut}):\n{}", indent(text))
         }
-        (Some(n), None, None, Some(serde_json::Value::String(b64))) => {
-            format!(
+        (Some(n), None, None, Some(serde_json::Value::String(b64))) => match raw {
+            Some(raw) => {
+                let shown = &raw[..raw.len().min(SHOWN_VALUE_BYTES)];
+                format!(
+                    "    value ({n} bytes, not UTF-8, invalid bytes as \\xNN{cut}):\n{}",
+                    indent(&printable(shown, Lines::Keep))
+                )
+            }
+            None => format!(
                 "    value ({n} bytes, binary, Base64{cut}):\n{}",
                 indent(b64)
-            )
-        }
+            ),
+        },
         _ => format!(
             "    value:\n{}",
             indent(&serde_json::to_string_pretty(v).unwrap_or_default())
@@ -178,7 +190,7 @@ pub fn render_text(records: &[DlqRecord], show_records: bool) -> String {
     ] {
         out.push_str(&format!("{title}:\n"));
         for (k, v) in map {
-            out.push_str(&format!("  {k:<24} {v}\n"));
+            out.push_str(&format!("  {:<24} {v}\n", printable_str(k, Lines::One)));
         }
     }
     if show_records {
@@ -190,14 +202,22 @@ pub fn render_text(records: &[DlqRecord], show_records: bool) -> String {
                 r.partition,
                 r.offset,
                 shown.time.as_deref().unwrap_or("-"),
-                r.reason(),
-                r.header(h::STAGE).unwrap_or("-"),
-                r.key.as_deref().unwrap_or("-"),
+                printable_str(r.reason(), Lines::One),
+                printable_str(r.header(h::STAGE).unwrap_or("-"), Lines::One),
+                r.raw_key
+                    .as_deref()
+                    .map(|k| printable(k, Lines::One))
+                    .or_else(|| r.key.as_deref().map(|k| printable_str(k, Lines::One)))
+                    .unwrap_or_else(|| "-".into()),
             ));
             for (k, v) in &r.headers {
-                out.push_str(&format!("    {k}: {}\n", header_text(k, v)));
+                out.push_str(&format!(
+                    "    {}: {}\n",
+                    printable_str(k, Lines::One),
+                    header_text(k, v)
+                ));
             }
-            out.push_str(&value_text(&shown.value));
+            out.push_str(&value_text(&shown.value, r.value.as_deref()));
         }
     }
     out
@@ -285,13 +305,46 @@ mod tests {
         let binary = [0u8, 159, 146, 150];
         let text = render_text(&[input_record(&binary)], true);
         assert!(
-            text.contains("value (4 bytes, binary, Base64):\n      AJ+Slg==\n"),
+            text.contains(
+                "value (4 bytes, not UTF-8, invalid bytes as \\xNN):\n      \\x00\\x9f\\x92\\x96\n"
+            ),
             "{text}"
         );
+        // Scripts get the exact bytes.
+        assert_eq!(show_value_of(&binary)["base64"], "AJ+Slg==");
         let long = "é".repeat(SHOWN_VALUE_BYTES);
         let shown = show_value_of(long.as_bytes());
         assert_eq!(shown["truncated"], true);
         assert!(shown["text"].as_str().unwrap().len() <= SHOWN_VALUE_BYTES);
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal_and_utf8_stays_text() {
+        let mut r =
+            input_record(b"caf\xc3\xa9 \x00\x01 \x1b[2J\x1b]0;owned\x07 \xc2\x9b1m\nline two");
+        r.key = Some("k\u{1b}[31m".into());
+        r.raw_key = Some(b"k\x1b[31m\xff".to_vec());
+        r.headers
+            .insert("app.note".into(), "caf\u{e9}\u{1b}[5m\nx".into());
+        r.headers.insert(h::ERROR_CLASS.into(), "bad\u{7}".into());
+        let text = render_text(&[r], true);
+        assert!(
+            !text.bytes().any(|b| b < 0x20 && b != b'\n'),
+            "control bytes in the output: {text:?}"
+        );
+        assert!(
+            !text.contains('\u{7f}') && !text.contains('\u{9b}'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                "      café \\x00\\x01 \\x1b[2J\\x1b]0;owned\\x07 \\u{9b}1m\n      line two\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("key k\\x1b[31m\\xff\n"), "{text}");
+        assert!(text.contains("    app.note: café\\x1b[5m\\nx\n"), "{text}");
+        assert!(text.contains("  bad\\x07 "), "{text}");
     }
 
     fn show_value_of(v: &[u8]) -> serde_json::Value {

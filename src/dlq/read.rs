@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
 use crate::events::dead_letter::{headers as h, Reason, ReplayTarget, Stage};
 use crate::kafka::dlq_reader_config;
+use crate::printable::lossless_text;
 use crate::providers::Provider;
 
 /// One dead-letter record as read back.
@@ -158,7 +159,7 @@ impl Filter {
 
 /// A client context that keeps librdkafka's end-of-partition notices (which
 /// this reader asks for to know when it is done) out of the log.
-struct QuietEof;
+pub(crate) struct QuietEof;
 
 impl rdkafka::ClientContext for QuietEof {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
@@ -174,18 +175,21 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-/// Reads a whole topic (to its end as of now) without a consumer group.
-pub fn read_all(
-    settings: &Settings,
-    topic: &str,
-    partition: Option<i32>,
-    start_offset: Option<i64>,
-    since: Option<i64>,
-) -> Result<Vec<DlqRecord>, ReadError> {
-    let consumer: BaseConsumer<QuietEof> =
-        dlq_reader_config(&settings.kafka).create_with_context(QuietEof)?;
-    let timeout = Duration::from_secs(15);
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+/// The tools' reader: outside any group, read_committed, quiet about the
+/// ends of partitions.
+pub(crate) type Reader = BaseConsumer<QuietEof>;
+
+/// A reader configured like the service's clients.
+pub(crate) fn reader(settings: &Settings) -> Result<Reader, ReadError> {
+    Ok(dlq_reader_config(&settings.kafka).create_with_context(QuietEof)?)
+}
+
+/// How long one metadata, watermark or offset query may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The partition ids of `topic`; an error when it does not exist.
+pub(crate) fn partitions_of(consumer: &Reader, topic: &str) -> Result<Vec<i32>, ReadError> {
+    let md = consumer.fetch_metadata(Some(topic), QUERY_TIMEOUT)?;
     let partitions: Vec<i32> = md
         .topics()
         .iter()
@@ -195,39 +199,102 @@ pub fn read_all(
     if partitions.is_empty() {
         return Err(ReadError::NoTopic(topic.to_string()));
     }
-    let mut tpl = TopicPartitionList::new();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    for p in partitions
-        .into_iter()
-        .filter(|p| partition.is_none_or(|w| w == *p))
-    {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+    Ok(partitions)
+}
+
+/// Where a read starts in each partition and where it ends (the high
+/// watermark when the read began); partitions with nothing in them are
+/// left out.
+#[derive(Default)]
+pub(crate) struct ReadPlan {
+    assignment: TopicPartitionList,
+    ends: HashMap<i32, i64>,
+}
+
+/// The first offset at or after `since` (epoch ms) in one partition; the
+/// end when no record is that recent.
+fn offset_at_time(
+    consumer: &Reader,
+    topic: &str,
+    partition: i32,
+    since: i64,
+) -> Result<Offset, ReadError> {
+    let mut q = TopicPartitionList::new();
+    q.add_partition_offset(topic, partition, Offset::Offset(since))?;
+    let found = consumer.offsets_for_times(q, QUERY_TIMEOUT)?;
+    Ok(found
+        .find_partition(topic, partition)
+        .map(|e| e.offset())
+        .filter(|o| matches!(o, Offset::Offset(_)))
+        .unwrap_or(Offset::End))
+}
+
+/// Plans reading `partitions` of `topic` from `start_offset` (clamped to
+/// the low watermark), else from the first record at or after `since`,
+/// else from the beginning, to each partition's end as of now.
+pub(crate) fn plan_read(
+    consumer: &Reader,
+    topic: &str,
+    partitions: &[i32],
+    start_offset: Option<i64>,
+    since: Option<i64>,
+) -> Result<ReadPlan, ReadError> {
+    let mut plan = ReadPlan::default();
+    for &p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, QUERY_TIMEOUT)?;
         if high <= low {
             continue;
         }
-        ends.insert(p, high);
+        plan.ends.insert(p, high);
         let start = match (start_offset, since) {
             (Some(o), _) => Offset::Offset(o.max(low)),
-            (None, Some(ts)) => {
-                let mut q = TopicPartitionList::new();
-                q.add_partition_offset(topic, p, Offset::Offset(ts))?;
-                let found = consumer.offsets_for_times(q, timeout)?;
-                found
-                    .find_partition(topic, p)
-                    .map(|e| e.offset())
-                    .filter(|o| matches!(o, Offset::Offset(_)))
-                    .unwrap_or(Offset::End)
-            }
+            (None, Some(ts)) => offset_at_time(consumer, topic, p, ts)?,
             (None, None) => Offset::Beginning,
         };
-        tpl.add_partition_offset(topic, p, start)?;
+        plan.assignment.add_partition_offset(topic, p, start)?;
     }
-    if ends.is_empty() {
+    Ok(plan)
+}
+
+/// One consumed record as the tools keep it: header values and the key as
+/// text, bytes that are not UTF-8 as `\xNN`.
+fn to_record(m: &BorrowedMessage<'_>) -> DlqRecord {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|x| {
+                    (
+                        x.key.to_string(),
+                        lossless_text(x.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    DlqRecord {
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+        key: m.key().map(lossless_text),
+        headers,
+        raw_key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+    }
+}
+
+/// Carries out a plan: reads every planned partition to its end (or until
+/// ten seconds pass with nothing new), in partition and offset order.
+pub(crate) fn read_planned(
+    consumer: &Reader,
+    plan: &ReadPlan,
+) -> Result<Vec<DlqRecord>, ReadError> {
+    if plan.ends.is_empty() {
         return Ok(vec![]);
     }
-    consumer.assign(&tpl)?;
+    consumer.assign(&plan.assignment)?;
     let mut out = Vec::new();
-    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    let mut done: HashMap<i32, bool> = plan.ends.keys().map(|p| (*p, false)).collect();
     let mut idle_polls = 0;
     while done.values().any(|d| !d) && idle_polls < 20 {
         match consumer.poll(Duration::from_millis(500)) {
@@ -238,42 +305,35 @@ pub fn read_all(
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
                 idle_polls = 0;
-                let end = ends.get(&m.partition()).copied().unwrap_or(i64::MAX);
-                if m.offset() >= end {
-                    done.insert(m.partition(), true);
-                    continue;
-                }
+                let end = plan.ends.get(&m.partition()).copied().unwrap_or(i64::MAX);
                 if m.offset() + 1 >= end {
                     done.insert(m.partition(), true);
                 }
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_string(),
-                                    String::from_utf8_lossy(x.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(DlqRecord {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    headers,
-                    raw_key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                });
+                if m.offset() < end {
+                    out.push(to_record(&m));
+                }
             }
         }
     }
     out.sort_by_key(|r| (r.partition, r.offset));
     Ok(out)
+}
+
+/// Reads a whole topic (to its end as of now) without a consumer group.
+pub fn read_all(
+    settings: &Settings,
+    topic: &str,
+    partition: Option<i32>,
+    start_offset: Option<i64>,
+    since: Option<i64>,
+) -> Result<Vec<DlqRecord>, ReadError> {
+    let consumer = reader(settings)?;
+    let partitions: Vec<i32> = partitions_of(&consumer, topic)?
+        .into_iter()
+        .filter(|p| partition.is_none_or(|w| w == *p))
+        .collect();
+    let plan = plan_read(&consumer, topic, &partitions, start_offset, since)?;
+    read_planned(&consumer, &plan)
 }
 
 /// Reads the dead-letter topic and applies the filter.

@@ -23,11 +23,19 @@ const QUOTED_PREFIX_BYTES: usize = 32;
 /// Library error texts are cut to this length before they reach ours.
 const MAX_MESSAGE_CHARS: usize = 200;
 
-/// The first bytes of a value, escaped so the result is printable ASCII;
-/// the only part of a record an error message may carry.
+/// The first bytes of a value, escaped so the result is printable (valid
+/// UTF-8 as text, control characters and invalid bytes escaped); the only
+/// part of a record an error message may carry.
 pub(crate) fn escaped_prefix(bytes: &[u8]) -> String {
-    let cut = &bytes[..bytes.len().min(QUOTED_PREFIX_BYTES)];
-    let mut s = cut.escape_ascii().to_string();
+    let mut end = bytes.len().min(QUOTED_PREFIX_BYTES);
+    // Not inside a character: a cut `é` would read as an invalid byte.
+    if let Err(e) = std::str::from_utf8(&bytes[..end]) {
+        if e.error_len().is_none() && end < bytes.len() {
+            end = e.valid_up_to();
+        }
+    }
+    let cut = &bytes[..end];
+    let mut s = crate::printable::quoted(cut);
     if bytes.len() > cut.len() {
         s.push_str("...");
     }
@@ -56,6 +64,10 @@ mod tests {
         let s = escaped_prefix(&[b'a'; 100]);
         assert_eq!(s, format!("{}...", "a".repeat(32)));
         assert_eq!(escaped_prefix(b"\x00\xff\"x"), "\\x00\\xff\\\"x");
+        // Valid UTF-8 stays text, and the cut never splits a character.
+        assert_eq!(escaped_prefix("café \u{1b}[2J".as_bytes()), "café \\x1b[2J");
+        let s = escaped_prefix("é".repeat(20).as_bytes());
+        assert_eq!(s, format!("{}...", "é".repeat(16)));
     }
 
     #[test]

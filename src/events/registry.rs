@@ -251,7 +251,7 @@ fn status_error(status: reqwest::StatusCode, body: &[u8]) -> RegistryError {
 
 fn quote(bytes: &[u8]) -> String {
     let cut = &bytes[..bytes.len().min(MAX_QUOTED_BODY)];
-    let mut s = cut.escape_ascii().to_string();
+    let mut s = crate::printable::quoted(cut);
     if bytes.len() > cut.len() {
         s.push_str("...");
     }

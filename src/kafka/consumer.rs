@@ -59,8 +59,10 @@ impl KafkaConsumer {
         consumer
             .subscribe(&subscribe)
             .context("kafka: cannot subscribe")?;
+        let consumer = Arc::new(consumer);
+        crate::kafka::users_waiting::spawn(k, metrics.clone(), Arc::downgrade(&consumer));
         Ok(KafkaConsumer {
-            consumer: Arc::new(consumer),
+            consumer,
             topic_kinds,
         })
     }

@@ -132,7 +132,6 @@ impl ClientContext for PipelineContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut waiting = 0i64;
         let mut lags = HashMap::new();
         let mut leaders = HashMap::new();
         for (topic, t) in &stats.topics {
@@ -158,12 +157,8 @@ impl ClientContext for PipelineContext {
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &id.to_string()])
                     .set(lag);
-                if self.delay_topics.contains(topic) {
-                    waiting += lag;
-                }
             }
         }
-        self.metrics.users_waiting.set(waiting);
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = lags;
         *self.leaders.lock().unwrap_or_else(|p| p.into_inner()) = leaders;
     }

@@ -12,7 +12,9 @@
 //!   port over librdkafka;
 //! - [`transactions`]: the [`TxnProducer`](crate::pipeline::ports::TxnProducer)
 //!   port over librdkafka;
-//! - [`topics`]: creating and checking the service's topics.
+//! - [`topics`]: creating and checking the service's topics;
+//! - [`users_waiting`]: the users waiting in this instance's delay-tier
+//!   partitions, counted from the brokers.
 
 pub mod consumer;
 pub mod context;
@@ -20,6 +22,7 @@ pub mod probe;
 pub mod settings;
 pub mod topics;
 pub mod transactions;
+pub mod users_waiting;
 
 pub use consumer::KafkaConsumer;
 pub use context::PipelineContext;

@@ -157,7 +157,7 @@ metrics! {
         "How long after its due time a task was processed, by the delay tier it was read from.",
         ["tier"], &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0]);
     users_waiting: IntGauge = ("users_waiting",
-        "Records not yet consumed on the delay-topic partitions assigned to this process: users waiting for their next poll (an upper bound: each transaction also leaves one marker on every partition it wrote to).",
+        "Users waiting for their next poll: task records in the delay-tier partitions this process holds that the group has not committed past (refreshed every 5 s; exact while at most 2,000 wait there, beyond that over by at most one transaction marker per batch written).",
         []);
     published: IntCounterVec = ("published_total",
         "Records published (committed in a transaction), by topic kind.",

@@ -192,9 +192,39 @@ valid TOML for strings and lists of strings.
 {{- end }}
 
 {{/*
+The values without which a pod cannot start (its configuration would fail
+check-config, or reach no broker): all missing ones named in one message.
+*/}}
+{{- define "insights-enricher.requireRunnable" -}}
+{{- $missing := list }}
+{{- $kafka := .Values.config.kafka | default dict }}
+{{- if not $kafka.bootstrap_servers }}
+{{- $missing = append $missing "config.kafka.bootstrap_servers (the Kafka brokers, host:port,...)" }}
+{{- end }}
+{{- if not (.Values.config.credeau | default dict).client_id }}
+{{- $missing = append $missing "config.credeau.client_id (the client id Credeau issued)" }}
+{{- end }}
+{{- $s := .Values.secrets }}
+{{- if not $s.existingSecret }}
+{{- range $value := list "finboxApiKey" "finboxServerHash" "credeauAuthToken" }}
+{{- if not (index $s $value) }}
+{{- $missing = append $missing (printf "secrets.%s" $value) }}
+{{- end }}
+{{- end }}
+{{- if and (hasPrefix "sasl_" (toString ($kafka.security_protocol | default ""))) (not $s.kafkaSaslPassword) }}
+{{- $missing = append $missing "secrets.kafkaSaslPassword (config.kafka.security_protocol is SASL)" }}
+{{- end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "the chart cannot run without these values: %s. Secrets may come from secrets.existingSecret instead (a Secret with the keys finbox-api-key, finbox-server-hash, credeau-auth-token and, with SASL, kafka-sasl-password); see docs/deploy.md" (join ", " $missing)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks the schema cannot express. Each failure names the value to change.
 */}}
 {{- define "insights-enricher.validate" -}}
+{{- include "insights-enricher.requireRunnable" . }}
 {{- $secretKeys := dict "finbox" (list "api_key" "api_key_file" "server_hash" "server_hash_file") "credeau" (list "auth_token" "auth_token_file") "kafka" (list "sasl_password" "sasl_password_file" "ssl_key_password" "ssl_key_password_file") "encoding" (list "schema_registry_password" "schema_registry_password_file") }}
 {{- range $section, $keys := $secretKeys }}
 {{- $given := index $.Values.config $section | default dict }}
