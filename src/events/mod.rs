@@ -10,6 +10,7 @@ pub mod input;
 pub mod output;
 pub mod registry;
 mod sms;
+mod startup;
 pub mod timestamps;
 
 pub use input::{DecodeError, InputDecoder, UserOnboarded, DEFAULT_MAX_INPUT_BYTES};
