@@ -16,7 +16,7 @@
 # Environment read: TEST_THREADS (cargo test threads, default 2),
 # KAFKA_START_TIMEOUT (seconds, default 90). Exported to the tests:
 # KAFKA_BOOTSTRAP, KAFKA_DIR, TEST_SCHEMA_REGISTRY (the registry's Confluent
-# API URL), INSIGHTS_PYTHON, HELM, PROMTOOL.
+# API URL), INSIGHTS_PYTHON, HELM, PROMTOOL, PROMETHEUS.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -141,7 +141,7 @@ run_stage clippy cargo clippy --all-targets -- -D warnings
 
 # ---- tools and the broker
 tools_ok=1
-banner "tools: Kafka jars (4 and 3.9), Apicurio Registry, Python venv, helm, promtool"
+banner "tools: Kafka jars (4 and 3.9), Apicurio Registry, Python venv, helm, promtool, prometheus"
 start=$SECONDS
 {
     scripts/tools.sh kafka >/dev/null &&
@@ -149,10 +149,11 @@ start=$SECONDS
         scripts/tools.sh apicurio >/dev/null &&
         INSIGHTS_PYTHON="$(scripts/tools.sh python)" &&
         HELM="$(scripts/tools.sh helm)" &&
-        PROMTOOL="$(scripts/tools.sh promtool)"
+        PROMTOOL="$(scripts/tools.sh promtool)" &&
+        PROMETHEUS="$(scripts/tools.sh prometheus)"
 } || tools_ok=0
 record tools $((1 - tools_ok)) $((SECONDS - start))
-export INSIGHTS_PYTHON="${INSIGHTS_PYTHON:-}" HELM="${HELM:-}" PROMTOOL="${PROMTOOL:-}"
+export INSIGHTS_PYTHON="${INSIGHTS_PYTHON:-}" HELM="${HELM:-}" PROMTOOL="${PROMTOOL:-}" PROMETHEUS="${PROMETHEUS:-}"
 
 broker_ok=0
 if ((tools_ok)); then
