@@ -154,3 +154,84 @@ async fn the_consumer_group_protocol_is_exactly_once_across_a_kill_a_restart_and
     drop((a, b));
     let _ = sim.shutdown().await;
 }
+
+/// Restart-to-first-output after a SIGKILL, for both group protocols with
+/// and without static membership (the figures in docs/benchmarks.md). The
+/// classic protocol runs with a 10 s session timeout, the same as the test
+/// broker's group.consumer.session.timeout.ms for the consumer protocol.
+/// Not part of the suite: `cargo test --test group_protocol -- --ignored
+/// --nocapture` against a Kafka 4 broker from scripts/kafka.sh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/benchmarks.md, not a check"]
+async fn restart_to_first_output_by_protocol_and_membership() {
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    sim_admin(
+        &sim.base_url(),
+        "/admin/scenarios",
+        &json!({"default": {"finbox": {"predictors": 2}, "credeau": {"sms_count": 1}}}),
+    )
+    .await;
+    let mut figures = Vec::new();
+    for (protocol, static_membership) in [
+        ("classic", false),
+        ("classic", true),
+        ("consumer", false),
+        ("consumer", true),
+    ] {
+        let topics = Topics::new("restart");
+        create_topic(&topics.input, 3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+        env.extend(
+            [
+                ("INSIGHTS__KAFKA__GROUP_PROTOCOL", protocol),
+                ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
+                ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
+                (
+                    "INSIGHTS__KAFKA__STATIC_MEMBERSHIP",
+                    if static_membership { "true" } else { "false" },
+                ),
+                ("POD_NAME", "bench-0"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let log = dir.path().join("service.log");
+        let mut service = Service::start(&env, &log);
+        produce_users(&topics.input, "before-", 20).await;
+        eventually(Duration::from_secs(60), || {
+            (!read_topic(&topics.combined, Some(1), Duration::from_secs(1)).is_empty())
+                .then_some(())
+        })
+        .await
+        .expect("first output");
+        service.kill();
+        let restarted = std::time::Instant::now();
+        service = Service::start(&env, &log);
+        let after = produce_users(&topics.input, "after-", 5).await;
+        // A process that exits is started again at once, as Kubernetes
+        // would (without its back-off).
+        let mut restarts = 0;
+        let back = eventually(Duration::from_secs(120), || {
+            if matches!(service.child.try_wait(), Ok(Some(_))) {
+                restarts += 1;
+                service = Service::start(&env, &log);
+            }
+            read_topic(&topics.combined, None, Duration::from_millis(500))
+                .iter()
+                .any(|r| after.iter().any(|u| r.value["user_id"] == u.as_str()))
+                .then(|| restarted.elapsed())
+        })
+        .await
+        .expect("output after the restart");
+        figures.push(format!(
+            "{protocol:<8} static={static_membership:<5} restart to first output {:.1} s \
+             ({restarts} more exits and starts)",
+            back.as_secs_f64()
+        ));
+        drop(service);
+    }
+    eprintln!("{}", figures.join("\n"));
+    let _ = sim.shutdown().await;
+}
