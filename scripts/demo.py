@@ -129,6 +129,21 @@ def read_all(bootstrap, topic):
     return out
 
 
+def json_or_avro(registry):
+    """How to read an output value: JSON, or with a registry Avro in the
+    Confluent wire format, read as a decision engine would (confluent-kafka's
+    AvroDeserializer and SchemaRegistryClient)."""
+    if not registry:
+        return lambda value, topic: json.loads(value)
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry}))
+    return lambda value, topic: deserializer(
+        value, SerializationContext(topic, MessageField.VALUE))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", required=True)
@@ -139,7 +154,9 @@ def main():
     ap.add_argument("--sms", default="insights.credeau.sms")
     ap.add_argument("--dlq", default="insights-enricher.dlq")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--registry", help="schema registry URL: outputs are Avro (demo.sh --avro)")
     a = ap.parse_args()
+    decode = json_or_avro(a.registry)
 
     users = send(a.bootstrap, a.input)
     print(f"sent {len(users)} onboarded users and 2 poison records to {a.input}")
@@ -179,7 +196,7 @@ def main():
         if topic == a.combined:
             outcomes = collections.Counter()
             for r in recs:
-                v = json.loads(r.value())
+                v = decode(r.value(), topic)
                 prefix = v["user_id"].split("-")[0]
                 outcomes[(prefix, v["finbox"]["outcome"], v["credeau"]["outcome"])] += 1
             for (prefix, fo, co), n in sorted(outcomes.items()):

@@ -5,6 +5,9 @@
 #
 #   ./scripts/demo.sh            # run the demo, then stop everything
 #   ./scripts/demo.sh --keep     # leave broker, simulator and service running
+#   ./scripts/demo.sh --avro     # outputs in Avro through a real schema
+#                                # registry (scripts/registry.sh), read back
+#                                # with confluent-kafka's AvroDeserializer
 #
 # Everything it needs is built or installed on first use (cached under
 # ~/.cache/insights-enricher). Every port is a free one picked at start and
@@ -16,7 +19,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEEP=0
-[[ "${1:-}" == "--keep" ]] && KEEP=1
+AVRO=0
+for arg in "$@"; do
+    case "$arg" in
+    --keep) KEEP=1 ;;
+    --avro) AVRO=1 ;;
+    *)
+        echo "usage: $0 [--keep] [--avro]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 scripts/prereqs.sh demo
 
@@ -44,6 +57,7 @@ stop_all() {
     if [[ -n "$SVC_PID" ]] && kill -TERM "$SVC_PID" 2>/dev/null; then wait "$SVC_PID" 2>/dev/null || true; fi
     if [[ -n "$SIM_PID" ]] && kill -TERM "$SIM_PID" 2>/dev/null; then wait "$SIM_PID" 2>/dev/null || true; fi
     scripts/kafka.sh stop --dir "$RUN_DIR/kafka" >/dev/null 2>&1 || true
+    scripts/registry.sh stop --dir "$RUN_DIR/registry" >/dev/null 2>&1 || true
 }
 cleanup() {
     if [[ "$KEEP" == 1 && "$FAILED" == 0 ]]; then
@@ -82,6 +96,17 @@ if ! BOOTSTRAP="$(scripts/kafka.sh start --dir "$RUN_DIR/kafka" | tail -n 1)"; t
 fi
 echo "   broker at $BOOTSTRAP"
 
+REGISTRY=""
+if [[ "$AVRO" == 1 ]]; then
+    echo "== starting a schema registry (Apicurio Registry, in memory)"
+    if ! REGISTRY="$(scripts/registry.sh start --dir "$RUN_DIR/registry" | tail -n 1)"; then
+        FAILED=1
+        echo "error: the schema registry did not start (see above)" >&2
+        exit 1
+    fi
+    echo "   registry at $REGISTRY"
+fi
+
 echo "== starting the provider simulator on 127.0.0.1:$SIM_PORT (examples/scenarios/mixed.json)"
 "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --scenarios examples/scenarios/mixed.json \
     >"$RUN_DIR/simulator.log" 2>&1 &
@@ -94,6 +119,11 @@ SERVICE_ENV=(
     "INSIGHTS__CREDEAU__BASE_URL=http://127.0.0.1:$SIM_PORT"
     "INSIGHTS__SERVER__LISTEN=127.0.0.1:$METRICS_PORT"
 )
+DEMO_ARGS=()
+if [[ -n "$REGISTRY" ]]; then
+    SERVICE_ENV+=("INSIGHTS__ENCODING__OUTPUT=avro" "INSIGHTS__ENCODING__SCHEMA_REGISTRY_URL=$REGISTRY")
+    DEMO_ARGS+=(--registry "$REGISTRY")
+fi
 env "${SERVICE_ENV[@]}" "$BIN" run --config config/local.toml >"$RUN_DIR/service.log" 2>&1 &
 SVC_PID=$!
 
@@ -117,7 +147,7 @@ fi
 echo "   ready: $METRICS/metrics"
 
 echo "== sending sample users"
-"$PY" scripts/demo.py --bootstrap "$BOOTSTRAP" --metrics "$METRICS/metrics" &
+"$PY" scripts/demo.py --bootstrap "$BOOTSTRAP" --metrics "$METRICS/metrics" "${DEMO_ARGS[@]}" &
 PY_PID=$!
 while demo_alive "$PY_PID"; do
     check_alive
@@ -146,7 +176,8 @@ if [[ "$KEEP" == 1 ]]; then
      INSIGHTS__KAFKA__BOOTSTRAP_SERVERS=$BOOTSTRAP $BIN dlq replay --dry-run --config config/local.toml
      curl -s $METRICS/metrics | grep ^insights_
    stop everything:
-     kill $SVC_PID $SIM_PID; scripts/kafka.sh stop --dir $RUN_DIR/kafka; rm -rf $RUN_DIR
+     kill $SVC_PID $SIM_PID; scripts/kafka.sh stop --dir $RUN_DIR/kafka
+     scripts/registry.sh stop --dir $RUN_DIR/registry; rm -rf $RUN_DIR
 EOF
 fi
 if [[ "$status" != 0 ]]; then

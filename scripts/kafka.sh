@@ -3,8 +3,8 @@
 # from the jars scripts/tools.sh installs (it pins the version and resolves
 # them from Maven Central with the pom in scripts/kafka/).
 #
-#   scripts/kafka.sh fetch                      install the jars (tools.sh kafka)
-#   scripts/kafka.sh start --dir DIR [--port N] [--sasl-ssl]
+#   scripts/kafka.sh fetch [--kafka 3.9]        install the jars (tools.sh kafka)
+#   scripts/kafka.sh start --dir DIR [--port N] [--sasl-ssl] [--kafka 3.9]
 #                                               start a broker, print host:port
 #   scripts/kafka.sh stop --dir DIR             SIGTERM, then SIGKILL if needed
 #   scripts/kafka.sh restart --dir DIR          same ports, same data
@@ -13,6 +13,9 @@
 #       kafka.admin.ConfigCommand (kafka-configs), org.apache.kafka.tools.TopicCommand
 #
 # DIR holds server.properties, data/, broker.log, bootstrap (host:port) and pid.
+# The broker is the Kafka 4 release tools.sh pins; --kafka 3.9 starts the
+# 3.9 one instead (DIR/kafka-line remembers it for restart). Kafka 4 brokers
+# need Java 17 or newer.
 # --sasl-ssl adds a second listener (TLS + SASL: SCRAM-SHA-512, SCRAM-SHA-256
 # and PLAIN) next to the plaintext one: a CA and a broker certificate are
 # generated with openssl, user "insights" gets a random password, and DIR
@@ -25,10 +28,13 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 TEMPLATE="$HERE/kafka/server.properties.template"
-LOG4J="$HERE/kafka/log4j.properties"
-TOOLS_LOG4J="$HERE/kafka/tools-log4j.properties"
-# Set by fetch.
+# Set by fetch: the jars, and the logging options for the broker and the
+# tools (Kafka 4 logs through log4j2, 3.9 through reload4j).
 LIBS=""
+LOG_OPT=""
+TOOLS_LOG_OPT=""
+# "" for the default Kafka 4 line, or "3.9".
+LINE=""
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 HEAP_MAX="${KAFKA_HEAP_MAX:-768m}"
@@ -40,7 +46,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -48,7 +54,26 @@ usage() {
 
 # The broker's jars: scripts/tools.sh installs them once and prints where.
 fetch() {
-    LIBS="$("$HERE/tools.sh" kafka)" || die "scripts/tools.sh kafka failed"
+    local tool="kafka${LINE:+-$LINE}"
+    LIBS="$("$HERE/tools.sh" "$tool")" || die "scripts/tools.sh $tool failed"
+    if compgen -G "$LIBS/log4j-core-*.jar" >/dev/null; then
+        LOG_OPT="-Dlog4j2.configurationFile=file:$HERE/kafka/log4j2.properties"
+        TOOLS_LOG_OPT="-Dlog4j2.configurationFile=file:$HERE/kafka/tools-log4j2.properties"
+    else
+        LOG_OPT="-Dlog4j.configuration=file:$HERE/kafka/log4j.properties"
+        TOOLS_LOG_OPT="-Dlog4j.configuration=file:$HERE/kafka/tools-log4j.properties"
+    fi
+    check_java
+}
+
+# Kafka 4 brokers run on Java 17 or newer (3.9 too, here): say so plainly
+# instead of letting the JVM fail on a class file version.
+check_java() {
+    command -v java >/dev/null || die "java (17 or newer) is required for the Kafka broker"
+    local v
+    v="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+    [[ "$v" =~ ^[0-9]+$ ]] || die "cannot tell the version of $(command -v java)"
+    ((v >= 17)) || die "the Kafka broker needs Java 17 or newer; $(command -v java) is Java $v"
 }
 
 # ---------------------------------------------------------------- helpers
@@ -76,13 +101,13 @@ java_opts() {
     # Small heap and a single-threaded collector: the machine has two cores
     # shared with the build and the tests.
     echo "-Xms128m -Xmx$HEAP_MAX -XX:+UseSerialGC" \
-        "-Djava.awt.headless=true -Dlog4j.configuration=file:$LOG4J"
+        "-Djava.awt.headless=true $LOG_OPT"
 }
 
 # Short-lived tools: C1-only compilation starts faster and they do little work.
 run_tool() {
     java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-        -Dlog4j.configuration="file:$TOOLS_LOG4J" -cp "$LIBS/*" "$@"
+        "$TOOLS_LOG_OPT" -cp "$LIBS/*" "$@"
 }
 
 # The pid file is only trusted when that pid is still our broker for this
@@ -146,7 +171,7 @@ fail_start() {
 metadata_ok() {
     local bootstrap="$1"
     timeout 45 java -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-        -Dlog4j.configuration="file:$TOOLS_LOG4J" -cp "$LIBS/*" \
+        "$TOOLS_LOG_OPT" -cp "$LIBS/*" \
         org.apache.kafka.tools.TopicCommand --bootstrap-server "$bootstrap" --list \
         >/dev/null 2>&1
 }
@@ -237,7 +262,16 @@ start() {
     local dir="$1" port="$2" sasl="$3"
     mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
+    # A directory keeps the Kafka line it was formatted with.
+    if [[ -f "$dir/kafka-line" ]]; then
+        local had
+        had="$(cat "$dir/kafka-line")"
+        [[ -z "$LINE_GIVEN" || "$LINE" == "$had" ]] ||
+            die "$dir holds a Kafka ${had:-4} broker; use a fresh directory for Kafka ${LINE:-4}"
+        LINE="$had"
+    fi
     fetch
+    printf '%s' "$LINE" >"$dir/kafka-line"
     local pid
     if pid="$(broker_pid "$dir")"; then
         log "broker already running in $dir (pid $pid)"
@@ -388,6 +422,7 @@ fi
 dir=""
 port=""
 sasl=""
+LINE_GIVEN=""
 while (($#)); do
     case "$1" in
     --dir)
@@ -402,6 +437,15 @@ while (($#)); do
     --sasl-ssl)
         sasl=1
         shift
+        ;;
+    --kafka)
+        case "${2:-}" in
+        3.9) LINE="3.9" ;;
+        4) LINE="" ;;
+        *) die "--kafka takes 4 (the default) or 3.9" ;;
+        esac
+        LINE_GIVEN=1
+        shift 2
         ;;
     *) usage ;;
     esac

@@ -65,6 +65,18 @@ if [[ "$what" == test ]]; then
     need apt-get "fetches promtool from Debian's prometheus package" "a Debian or Ubuntu machine"
     need dpkg "unpacks promtool from Debian's prometheus package" "a Debian or Ubuntu machine"
     need openssl "makes the certificates of the Kafka TLS tests" "apt-get install openssl"
+    # The schema registry (Apicurio, scripts/registry.sh) needs Java 21+,
+    # found where registry.sh looks: JAVA_HOME, java on the PATH, /usr/lib/jvm.
+    java21=0
+    for j in "${JAVA_HOME:-/nonexistent}/bin/java" "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+        [[ -x "$j" ]] || continue
+        v="$("$j" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+        if [[ "$v" =~ ^[0-9]+$ ]] && ((v >= 21)); then
+            java21=1
+            break
+        fi
+    done
+    ((java21)) || missing+=("a Java 21 or newer (runs the schema registry, Apicurio): a Temurin 21+ JDK, or openjdk-21-jdk-headless where the release has it")
 fi
 
 if ((${#missing[@]} > 0)); then

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from nothing: builds, installs the tools it needs
-# (cached under ~/.cache/insights-enricher), starts one local Apache Kafka
-# broker for the run, runs every test, stops the broker.
+# (cached under ~/.cache/insights-enricher), starts one local Apache Kafka 4
+# broker and one schema registry (Apicurio, scripts/registry.sh) for the run,
+# runs every test, stops them.
 #
 # Stages: cargo fmt --check, cargo clippy -D warnings, tools + broker,
-# cargo build --all-targets, cargo test --all-targets, pytest tests/python,
+# cargo build --all-targets, cargo test --all-targets, the broker-restart
+# tests, tests/pipeline_crash.rs again (ignored ones included) on a Kafka 3.9
+# broker of its own, pytest tests/python,
 # scripts/asyncapi-check.sh, scripts/lint-shell.sh (shellcheck),
 # scripts/check-layers.sh (import rules),
 # scripts/helm-test.sh (when present). A failing stage does not hide the
@@ -13,7 +16,8 @@
 #
 # Environment read: TEST_THREADS (cargo test threads, default 2),
 # KAFKA_START_TIMEOUT (seconds, default 90). Exported to the tests:
-# KAFKA_BOOTSTRAP, KAFKA_DIR, INSIGHTS_PYTHON, HELM, PROMTOOL.
+# KAFKA_BOOTSTRAP, KAFKA_DIR, TEST_SCHEMA_REGISTRY (the registry's Confluent
+# API URL), INSIGHTS_PYTHON, HELM, PROMTOOL, PROMETHEUS.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -36,11 +40,19 @@ TESTS_PASSED=0
 TESTS_FAILED=0
 
 KAFKA_DIR=""
+KAFKA3_DIR=""
+REGISTRY_DIR=""
 # shellcheck disable=SC2317,SC2329 # run by the EXIT trap
 cleanup() {
-    if [[ -n "$KAFKA_DIR" ]]; then
-        scripts/kafka.sh stop --dir "$KAFKA_DIR" >/dev/null 2>&1 || true
-        rm -rf "$KAFKA_DIR"
+    local d
+    for d in "$KAFKA_DIR" "$KAFKA3_DIR"; do
+        [[ -n "$d" ]] || continue
+        scripts/kafka.sh stop --dir "$d" >/dev/null 2>&1 || true
+        rm -rf "$d"
+    done
+    if [[ -n "$REGISTRY_DIR" ]]; then
+        scripts/registry.sh stop --dir "$REGISTRY_DIR" >/dev/null 2>&1 || true
+        rm -rf "$REGISTRY_DIR"
     fi
     rm -rf "$LOGS"
 }
@@ -104,6 +116,25 @@ count_summary() {
     TESTS_FAILED=$((TESTS_FAILED + ${f:-0} + ${e:-0}))
 }
 
+# The transaction, crash and broker-restart tests (tests/pipeline_crash.rs,
+# ignored ones included) once more on the last 3.x line, with a broker of
+# their own: clusters not yet on Kafka 4 run the same service.
+kafka3_stage() {
+    local start=$SECONDS bootstrap
+    banner "kafka-3.9: a Kafka 3.9 broker for tests/pipeline_crash.rs"
+    KAFKA3_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-kafka3.XXXXXX")"
+    if ! bootstrap="$(scripts/kafka.sh start --kafka 3.9 --dir "$KAFKA3_DIR")"; then
+        record kafka-3.9 1 $((SECONDS - start))
+        return
+    fi
+    KAFKA_BOOTSTRAP="$bootstrap" KAFKA_DIR="$KAFKA3_DIR" \
+        run_stage kafka-3.9 cargo test --test pipeline_crash -- --include-ignored --test-threads=1
+    count_cargo "$LOGS/kafka-3.9.log"
+    scripts/kafka.sh stop --dir "$KAFKA3_DIR" >/dev/null 2>&1 || true
+    rm -rf "$KAFKA3_DIR"
+    KAFKA3_DIR=""
+}
+
 TOTAL_START=$SECONDS
 
 run_stage fmt cargo fmt --all -- --check
@@ -111,16 +142,19 @@ run_stage clippy cargo clippy --all-targets -- -D warnings
 
 # ---- tools and the broker
 tools_ok=1
-banner "tools: Kafka jars, Python venv, helm, promtool"
+banner "tools: Kafka jars (4 and 3.9), Apicurio Registry, Python venv, helm, promtool, prometheus"
 start=$SECONDS
 {
     scripts/tools.sh kafka >/dev/null &&
+        scripts/tools.sh kafka-3.9 >/dev/null &&
+        scripts/tools.sh apicurio >/dev/null &&
         INSIGHTS_PYTHON="$(scripts/tools.sh python)" &&
         HELM="$(scripts/tools.sh helm)" &&
-        PROMTOOL="$(scripts/tools.sh promtool)"
+        PROMTOOL="$(scripts/tools.sh promtool)" &&
+        PROMETHEUS="$(scripts/tools.sh prometheus)"
 } || tools_ok=0
 record tools $((1 - tools_ok)) $((SECONDS - start))
-export INSIGHTS_PYTHON="${INSIGHTS_PYTHON:-}" HELM="${HELM:-}" PROMTOOL="${PROMTOOL:-}"
+export INSIGHTS_PYTHON="${INSIGHTS_PYTHON:-}" HELM="${HELM:-}" PROMTOOL="${PROMTOOL:-}" PROMETHEUS="${PROMETHEUS:-}"
 
 broker_ok=0
 if ((tools_ok)); then
@@ -133,8 +167,21 @@ if ((tools_ok)); then
         echo "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP KAFKA_DIR=$KAFKA_DIR"
     fi
     record kafka $((1 - broker_ok)) $((SECONDS - start))
+    # The schema registry: a broker without it still runs the JSON tests,
+    # so its failure fails the run without skipping them.
+    banner "registry: starting one schema registry for the run"
+    start=$SECONDS
+    REGISTRY_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-registry.XXXXXX")"
+    registry_ok=0
+    if TEST_SCHEMA_REGISTRY="$(scripts/registry.sh start --dir "$REGISTRY_DIR")"; then
+        registry_ok=1
+        export TEST_SCHEMA_REGISTRY
+        echo "TEST_SCHEMA_REGISTRY=$TEST_SCHEMA_REGISTRY"
+    fi
+    record registry $((1 - registry_ok)) $((SECONDS - start))
 else
     skip kafka "tools failed"
+    skip registry "tools failed"
 fi
 
 # ---- Rust
@@ -147,6 +194,7 @@ if ((build_ok && broker_ok)); then
     # and run here alone, after the rest.
     run_stage broker-restart cargo test --test pipeline_crash -- --ignored --test-threads=1
     count_cargo "$LOGS/broker-restart.log"
+    kafka3_stage
 else
     skip cargo-test "needs a build and a broker"
 fi

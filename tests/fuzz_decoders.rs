@@ -341,7 +341,12 @@ fn writer_schema(id: u32) -> Option<String> {
 }
 
 /// The registry fake (tests/common) on its own thread, for the whole
-/// binary, holding the writer schemas above under ids 1 to 3.
+/// binary, holding the writer schemas above under ids 1 to 3. A fake, not
+/// the run's real registry: the fuzzer draws schema ids from a small fixed
+/// range (known, evolved, unresolvable, unknown), which needs ids the test
+/// chooses; a real registry gives its own, and its ids are not dense. The
+/// same decoding against the real registry is in tests/events.rs and
+/// tests/pipeline_e2e.rs.
 fn registry_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {

@@ -40,6 +40,24 @@ impl PartitionAssignment {
             PartitionAssignment::CooperativeSticky => "cooperative-sticky",
         }
     }
+
+    /// The brokers' assignor of the same intent under KIP-848.
+    pub fn as_remote_assignor(self) -> &'static str {
+        match self {
+            PartitionAssignment::Range => "range",
+            PartitionAssignment::CooperativeSticky => "uniform",
+        }
+    }
+}
+
+/// The consumer group protocol: `classic` (the member-side assignment of
+/// every Kafka release) or `consumer` (KIP-848, Kafka 4: the broker assigns,
+/// and owns the session timeout, `group.consumer.session.timeout.ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    Classic,
+    Consumer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -110,6 +128,7 @@ pub struct KafkaSettings {
     /// once instead of after a rebalance.
     pub static_membership: bool,
     pub partition_assignment: PartitionAssignment,
+    pub group_protocol: GroupProtocol,
     #[serde(deserialize_with = "lenient::string_map")]
     pub extra: BTreeMap<String, String>,
 }
@@ -208,7 +227,10 @@ fn owned_kafka_property(key: &str) -> Option<&'static str> {
         "transaction.timeout.ms" => "use kafka.transaction_timeout",
         "session.timeout.ms" => "use kafka.session_timeout",
         "max.poll.interval.ms" => "use kafka.max_poll_interval",
-        "partition.assignment.strategy" => "use kafka.partition_assignment",
+        "partition.assignment.strategy" | "group.remote.assignor" => {
+            "use kafka.partition_assignment"
+        }
+        "group.protocol" => "use kafka.group_protocol",
         "security.protocol" => "use kafka.security_protocol",
         "sasl.mechanism" | "sasl.mechanisms" => "use kafka.sasl_mechanism",
         "sasl.username" => "use kafka.sasl_username",

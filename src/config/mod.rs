@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use encoding::{EncodingSettings, InputEncoding, OutputEncoding};
-pub use kafka::{KafkaSettings, PartitionAssignment, SecurityProtocol};
+pub use kafka::{GroupProtocol, KafkaSettings, PartitionAssignment, SecurityProtocol};
 use layers::{
     check_toml_syntax, env_key, flatten_keys, remove_key, single_key_table, toml_strings,
     unknown_section, with_defaults, with_known_keys, ENV_PREFIX,

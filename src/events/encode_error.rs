@@ -16,6 +16,22 @@ pub enum EncodeError {
         #[source]
         source: RegistryError,
     },
+    /// The registry did not answer (connection refused, timeouts, 5xx)
+    /// for as long as start-up waits for it.
+    #[error("schema registry {url} did not answer for {}s: {source}", .waited.as_secs())]
+    RegistryUnavailable {
+        url: String,
+        waited: std::time::Duration,
+        #[source]
+        source: RegistryError,
+    },
+    /// Schemas the registry would refuse, each with its subject and the
+    /// registry's reasons, whole. Nothing was registered.
+    #[error("the schema registry {url} refuses the output schemas as incompatible; nothing was registered: {}", .subjects.iter().map(|(s, why)| format!("subject {s}: {why}")).collect::<Vec<_>>().join("; "))]
+    Incompatible {
+        url: String,
+        subjects: Vec<(String, String)>,
+    },
     #[error(transparent)]
     Schema(#[from] SchemaError),
     /// A single SMS entry (`entry`), or the event's fixed fields alone

@@ -11,6 +11,7 @@ pub mod input;
 pub mod output;
 pub mod registry;
 mod sms;
+mod startup;
 pub mod timestamps;
 
 pub use dead_letter::DeadLetter;

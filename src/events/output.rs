@@ -11,13 +11,11 @@ use serde::Serialize;
 
 use super::avro::{
     self, put_bool, put_double, put_int, put_long, put_opt, put_opt_str, put_str, EventSchema,
-    SchemaError,
 };
 pub use super::encode_error::EncodeError;
 use super::registry::RegistryClient;
 use super::sms::{self, SmsHeader};
 use super::timestamps::parse_finbox_timestamp;
-use super::value_subject;
 use crate::config::{OutputEncoding, TopicSettings};
 use crate::providers::{FinboxInsights, Provider, SmsExtraction};
 use crate::task::{Millis, ProviderTrack, Task};
@@ -49,25 +47,19 @@ impl OutputEncoder {
             OutputEncoding::Json => None,
             OutputEncoding::Avro => {
                 let registry = registry.ok_or(EncodeError::NoRegistry)?;
+                let ids = super::startup::register_all(
+                    &registry,
+                    &[
+                        (&topics.finbox_predictors, EventSchema::FinboxPredictors),
+                        (&topics.sms_extraction, EventSchema::SmsExtraction),
+                        (&topics.combined, EventSchema::InsightsReady),
+                    ],
+                )
+                .await?;
                 Some(SchemaIds {
-                    finbox_predictors: register(
-                        &registry,
-                        &topics.finbox_predictors,
-                        EventSchema::FinboxPredictors,
-                    )
-                    .await?,
-                    sms_extraction: register(
-                        &registry,
-                        &topics.sms_extraction,
-                        EventSchema::SmsExtraction,
-                    )
-                    .await?,
-                    insights_ready: register(
-                        &registry,
-                        &topics.combined,
-                        EventSchema::InsightsReady,
-                    )
-                    .await?,
+                    finbox_predictors: ids[0],
+                    sms_extraction: ids[1],
+                    insights_ready: ids[2],
                 })
             }
         };
@@ -211,28 +203,6 @@ impl OutputEncoder {
         credeau.put_avro(&mut buf);
         Ok(buf)
     }
-}
-
-async fn register(
-    registry: &RegistryClient,
-    topic: &str,
-    schema: EventSchema,
-) -> Result<u32, EncodeError> {
-    // Parse first so a broken built-in schema is reported as such.
-    schema.schema()?;
-    let subject = value_subject(topic);
-    // The registry normalizes whitespace itself; sending the compact form
-    // keeps requests small and the cache key stable.
-    let compact = serde_json::from_str::<serde_json::Value>(schema.text())
-        .map(|v| v.to_string())
-        .map_err(|e| SchemaError {
-            schema: schema.file_stem(),
-            reason: e.to_string(),
-        })?;
-    registry
-        .register(&subject, &compact)
-        .await
-        .map_err(|source| EncodeError::Registry { subject, source })
 }
 
 #[derive(Serialize)]

@@ -1,8 +1,10 @@
 //! A small client for a Confluent-compatible schema registry: fetch a writer
-//! schema by id (`GET /schemas/ids/{id}`) and register a schema under a
-//! subject (`POST /subjects/{subject}/versions`). Both answers are cached
-//! for the life of the process: ids are immutable in the registry, and a
-//! schema registered once keeps its id.
+//! schema by id (`GET /schemas/ids/{id}`), check a schema against a
+//! subject's latest version (`POST /compatibility/subjects/{subject}/
+//! versions/latest`) and register a schema under a subject (`POST
+//! /subjects/{subject}/versions`). Ids and registrations are cached for the
+//! life of the process: ids are immutable in the registry, and a schema
+//! registered once keeps its id.
 //!
 //! Credentials (`encoding.schema_registry_username` / `_password`, given
 //! with [`RegistryClient::with_basic_auth`]) are sent as HTTP basic auth.
@@ -20,8 +22,14 @@ use serde::Deserialize;
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Error bodies are quoted in errors; keep that short.
+/// Error bodies are quoted in errors; keep that short, except for the
+/// answers to a registration, which explain an incompatible schema.
 const MAX_QUOTED_BODY: usize = 200;
+const MAX_QUOTED_REGISTRATION: usize = 64 * 1024;
+/// How long start-up waits for a registry that does not answer (connection
+/// refused, timeouts, HTTP 5xx), as it does for the brokers: a registry
+/// restarting next to the service is not a reason to exit.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -67,6 +75,15 @@ pub struct RegistryClient {
     basic_auth: Option<(String, Option<String>)>,
     by_id: RwLock<HashMap<u32, Arc<Schema>>>,
     registered: RwLock<HashMap<(String, String), u32>>,
+    startup_wait: Duration,
+}
+
+/// The registry's view of a schema for a subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compatibility {
+    Compatible,
+    /// With the registry's reasons, when it gives any (`verbose=true`).
+    Incompatible(Vec<String>),
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -87,6 +104,13 @@ struct SchemaById {
 #[derive(Deserialize)]
 struct Registered {
     id: u32,
+}
+
+#[derive(Deserialize)]
+struct CompatibilityAnswer {
+    is_compatible: bool,
+    #[serde(default)]
+    messages: Vec<String>,
 }
 
 impl RegistryClient {
@@ -114,13 +138,14 @@ impl RegistryClient {
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
-            .map_err(|e| RegistryError::Transport(e.without_url().to_string()))?;
+            .map_err(|e| transport(&base, e))?;
         Ok(RegistryClient {
             http,
             base,
             basic_auth,
             by_id: RwLock::new(HashMap::new()),
             registered: RwLock::new(HashMap::new()),
+            startup_wait: STARTUP_WAIT,
         })
     }
 
@@ -129,6 +154,16 @@ impl RegistryClient {
     pub fn with_basic_auth(mut self, username: &str, password: &str) -> Self {
         self.basic_auth = Some((username.to_string(), Some(password.to_string())));
         self
+    }
+
+    /// How long start-up waits for the registry (default [`STARTUP_WAIT`]).
+    pub fn with_startup_wait(mut self, wait: Duration) -> Self {
+        self.startup_wait = wait;
+        self
+    }
+
+    pub fn startup_wait(&self) -> Duration {
+        self.startup_wait
     }
 
     /// The registry's base URL, credentials removed.
@@ -156,14 +191,14 @@ impl RegistryClient {
             .request(reqwest::Method::GET, &format!("/schemas/ids/{id}"))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| transport(&self.base, e))?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(RegistryError::UnknownId(id));
         }
-        let body = resp.bytes().await.map_err(transport)?;
+        let body = resp.bytes().await.map_err(|e| transport(&self.base, e))?;
         if !status.is_success() {
-            return Err(status_error(status, &body));
+            return Err(status_error(status, &body, MAX_QUOTED_BODY));
         }
         let answer: SchemaById = serde_json::from_slice(&body)
             .map_err(|e| RegistryError::InvalidResponse(e.to_string()))?;
@@ -192,31 +227,74 @@ impl RegistryClient {
         if let Some(id) = read_lock(&self.registered).get(&key) {
             return Ok(*id);
         }
-        let mut url_path = url::Url::parse("http://x/subjects")
-            .map_err(|e| RegistryError::InvalidUrl(e.to_string()))?;
-        url_path
-            .path_segments_mut()
-            .map_err(|()| RegistryError::InvalidUrl("cannot build subject path".into()))?
-            .push(subject)
-            .push("versions");
+        let path = subject_path(&["subjects", subject, "versions"])?;
         let body = serde_json::json!({ "schema": schema });
         let resp = self
-            .request(reqwest::Method::POST, url_path.path())
+            .request(reqwest::Method::POST, &path)
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(body.to_string())
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| transport(&self.base, e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let bytes = resp.bytes().await.map_err(|e| transport(&self.base, e))?;
         if !status.is_success() {
-            return Err(status_error(status, &bytes));
+            // A refused registration says why (an incompatibility lists
+            // every difference): quoted whole, not cut.
+            return Err(status_error(status, &bytes, MAX_QUOTED_REGISTRATION));
         }
         let answer: Registered = serde_json::from_slice(&bytes)
             .map_err(|e| RegistryError::InvalidResponse(e.to_string()))?;
         write_lock(&self.registered).insert(key, answer.id);
         Ok(answer.id)
     }
+
+    /// Whether `schema` may be registered under `subject`, under the
+    /// subject's compatibility level against its latest version. A subject
+    /// with no versions yet accepts any schema (Confluent answers 404 there,
+    /// Apicurio `true`).
+    pub async fn check_compatibility(
+        &self,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Compatibility, RegistryError> {
+        let path = subject_path(&["compatibility", "subjects", subject, "versions", "latest"])?;
+        let body = serde_json::json!({ "schema": schema });
+        let resp = self
+            .request(reqwest::Method::POST, &format!("{path}?verbose=true"))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| transport(&self.base, e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| transport(&self.base, e))?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Compatibility::Compatible);
+        }
+        if !status.is_success() {
+            return Err(status_error(status, &bytes, MAX_QUOTED_REGISTRATION));
+        }
+        let answer: CompatibilityAnswer = serde_json::from_slice(&bytes)
+            .map_err(|e| RegistryError::InvalidResponse(e.to_string()))?;
+        Ok(if answer.is_compatible {
+            Compatibility::Compatible
+        } else {
+            Compatibility::Incompatible(answer.messages)
+        })
+    }
+}
+
+/// `/a/b/...` with each segment percent-encoded (subjects may hold any
+/// character).
+fn subject_path(segments: &[&str]) -> Result<String, RegistryError> {
+    let mut url =
+        url::Url::parse("http://x/").map_err(|e| RegistryError::InvalidUrl(e.to_string()))?;
+    url.path_segments_mut()
+        .map_err(|()| RegistryError::InvalidUrl("cannot build subject path".into()))?
+        .clear()
+        .extend(segments);
+    Ok(url.path().to_string())
 }
 
 /// A poisoned lock only means another thread panicked mid-insert into a
@@ -229,11 +307,24 @@ fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn transport(e: reqwest::Error) -> RegistryError {
-    RegistryError::Transport(e.without_url().to_string())
+/// The registry's URL (credentials are never part of it) and why it did not
+/// answer, with the causes reqwest keeps behind "error sending request".
+fn transport(base: &str, e: reqwest::Error) -> RegistryError {
+    let e = e.without_url();
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    RegistryError::Transport(format!("{base}: {reason}"))
 }
 
-fn status_error(status: reqwest::StatusCode, body: &[u8]) -> RegistryError {
+fn status_error(status: reqwest::StatusCode, body: &[u8], limit: usize) -> RegistryError {
     #[derive(Deserialize)]
     struct ErrorBody {
         message: Option<String>,
@@ -241,8 +332,8 @@ fn status_error(status: reqwest::StatusCode, body: &[u8]) -> RegistryError {
     let message = serde_json::from_slice::<ErrorBody>(body)
         .ok()
         .and_then(|b| b.message)
-        .map(|m| quote(m.as_bytes()))
-        .unwrap_or_else(|| quote(body));
+        .map(|m| quote_at_most(m.as_bytes(), limit))
+        .unwrap_or_else(|| quote_at_most(body, limit));
     RegistryError::Status {
         status: status.as_u16(),
         message,
@@ -250,7 +341,11 @@ fn status_error(status: reqwest::StatusCode, body: &[u8]) -> RegistryError {
 }
 
 fn quote(bytes: &[u8]) -> String {
-    let cut = &bytes[..bytes.len().min(MAX_QUOTED_BODY)];
+    quote_at_most(bytes, MAX_QUOTED_BODY)
+}
+
+fn quote_at_most(bytes: &[u8], limit: usize) -> String {
+    let cut = &bytes[..bytes.len().min(limit)];
     let mut s = crate::printable::quoted(cut);
     if bytes.len() > cut.len() {
         s.push_str("...");

@@ -78,19 +78,28 @@ pub fn consumer_config(k: &KafkaSettings, group_instance_id: Option<&str>) -> Cl
     if let Some(id) = group_instance_id {
         c.set("group.instance.id", id);
     }
+    match k.group_protocol {
+        crate::config::GroupProtocol::Classic => c
+            .set(
+                "partition.assignment.strategy",
+                k.partition_assignment.as_librdkafka(),
+            )
+            .set(
+                "session.timeout.ms",
+                k.session_timeout.as_millis().to_string(),
+            ),
+        // KIP-848: librdkafka refuses both properties above; the brokers
+        // assign and own the session timeout.
+        crate::config::GroupProtocol::Consumer => c.set("group.protocol", "consumer").set(
+            "group.remote.assignor",
+            k.partition_assignment.as_remote_assignor(),
+        ),
+    };
     c.set("group.id", &k.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        .set(
-            "partition.assignment.strategy",
-            k.partition_assignment.as_librdkafka(),
-        )
-        .set(
-            "session.timeout.ms",
-            k.session_timeout.as_millis().to_string(),
-        )
         .set(
             "max.poll.interval.ms",
             k.max_poll_interval.as_millis().to_string(),
@@ -248,10 +257,13 @@ mod tests {
     fn every_property_the_service_sets_is_refused_in_kafka_extra() {
         let s = everything_on();
         let k = &s.kafka;
+        let mut kip848 = k.clone();
+        kip848.group_protocol = crate::config::GroupProtocol::Consumer;
         let configs = [
             base_config(k),
             probe_config(k),
             consumer_config(k, Some("member-1")),
+            consumer_config(&kip848, Some("member-1")),
             producer_config(k, "tx-1", s.topics.max_message_bytes),
             dlq_reader_config(k),
             dlq_replay_config(k, s.topics.max_message_bytes),
@@ -260,7 +272,7 @@ mod tests {
             .iter()
             .flat_map(|c| c.config_map().into_keys().map(str::to_string))
             .collect();
-        assert!(keys.len() >= 30, "{keys:?}");
+        assert!(keys.len() >= 32, "{keys:?}");
         for key in &keys {
             let mut bad = s.clone();
             bad.kafka.extra.insert(key.clone(), "1".into());
@@ -281,5 +293,35 @@ mod tests {
             base_config(&ok.kafka).get("socket.keepalive.enable"),
             Some("true")
         );
+    }
+
+    /// KIP-848: librdkafka refuses a consumer with `group.protocol=consumer`
+    /// and either classic-only property, so neither is set then.
+    #[test]
+    fn the_consumer_group_protocol_leaves_out_the_classic_only_properties() {
+        let s = everything_on();
+        let classic = consumer_config(&s.kafka, None);
+        assert!(classic.get("session.timeout.ms").is_some());
+        assert!(classic.get("partition.assignment.strategy").is_some());
+        assert_eq!(classic.get("group.protocol"), None);
+        let mut k = s.kafka.clone();
+        k.group_protocol = crate::config::GroupProtocol::Consumer;
+        let c = consumer_config(&k, Some("member-1"));
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        assert_eq!(c.get("group.remote.assignor"), Some("range"));
+        assert_eq!(c.get("session.timeout.ms"), None);
+        assert_eq!(c.get("partition.assignment.strategy"), None);
+        assert_eq!(c.get("group.instance.id"), Some("member-1"));
+        // librdkafka itself accepts what is left (plaintext: no key files
+        // to load).
+        let mut plain = k.clone();
+        plain.security_protocol = crate::config::SecurityProtocol::Plaintext;
+        plain.ssl_ca_location = None;
+        plain.ssl_certificate_location = None;
+        plain.ssl_key_location = None;
+        plain.sasl_mechanism = None;
+        consumer_config(&plain, None)
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .expect("librdkafka accepts the config");
     }
 }

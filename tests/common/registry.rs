@@ -1,16 +1,18 @@
-//! The schema registry in tests. `FakeRegistry` is the one in-process fake
-//! (the subset of Confluent's REST API the service's client uses: schemas
-//! by id, registering under a subject), which a test can take down and
-//! whose reads it can count. `Registry` starts tests/python/registry.py, the
-//! stand-in for other processes (the service, the Python reader and
-//! decision engine), which also checks compatibility. Plus Avro onboarding
+//! The schema registry in tests. `Registry` is the run's real one (Apicurio
+//! Registry's Confluent API, started by scripts/test.sh with
+//! scripts/registry.sh, its URL in TEST_SCHEMA_REGISTRY), shared by every
+//! test: subjects are named after each test's own unique topics.
+//! `FakeRegistry` is an in-process fake of the subset of Confluent's REST
+//! API the service's client uses (schemas by id, registering under a
+//! subject), kept only for the faults the real registry cannot produce at
+//! a test's command: an outage that starts and ends mid-test without
+//! disturbing the other tests, counted reads (the client's cache), and
+//! writer schemas at fixed, dense ids for the fuzzer. Plus Avro onboarding
 //! events in the Confluent wire format.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -18,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{python, repo_root};
+use super::repo_root;
 
 /// An in-process schema registry on a free port. Ids start at 1, as in
 /// Confluent's registry, and the same schema text always gets the same id.
@@ -124,44 +126,20 @@ async fn register(
     (StatusCode::OK, Json(json!({ "id": id })))
 }
 
-/// The schema registry stand-in (tests/python/registry.py) on a free port.
+/// The run's schema registry (TEST_SCHEMA_REGISTRY).
 pub struct Registry {
-    child: Child,
     pub url: String,
 }
 
 impl Registry {
     pub fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let mut child = Command::new(python())
-            .arg(repo_root().join("tests/python/registry.py"))
-            .args(["--port", "0", "--port-file"])
-            .arg(&port_file)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start registry");
-        for _ in 0..100 {
-            if let Ok(p) = std::fs::read_to_string(&port_file) {
-                if !p.trim().is_empty() {
-                    return Registry {
-                        child,
-                        url: format!("http://127.0.0.1:{}", p.trim()),
-                    };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("registry did not start");
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let url = std::env::var("TEST_SCHEMA_REGISTRY").unwrap_or_else(|_| {
+            panic!(
+                "TEST_SCHEMA_REGISTRY is not set: run the tests with ./scripts/test.sh, or start \
+                 a registry with `scripts/registry.sh start --dir /tmp/r` and export its URL"
+            )
+        });
+        Registry { url }
     }
 }
 

@@ -1,9 +1,10 @@
 """Fixtures shared by the Python tests: a real Kafka broker, fresh topics and
-an in-process schema registry.
+a real schema registry (Apicurio Registry's Confluent API).
 
-The broker is the one scripts/test.sh started (KAFKA_BOOTSTRAP); when pytest
-runs on its own, a broker is started here with scripts/kafka.sh and stopped
-at the end of the session.
+The broker and the registry are the ones scripts/test.sh started
+(KAFKA_BOOTSTRAP, TEST_SCHEMA_REGISTRY); when pytest runs on its own, each
+is started here with scripts/kafka.sh / scripts/registry.sh and stopped at
+the end of the session.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-
-from registry import RegistryServer, start_in_thread  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +60,20 @@ def new_topic(admin: AdminClient) -> Callable[..., str]:
     return create
 
 
-@pytest.fixture
-def registry() -> Iterator[RegistryServer]:
-    server = start_in_thread()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+@pytest.fixture(scope="session")
+def registry() -> Iterator[str]:
+    """The registry's Confluent API URL. Shared by the session: tests use
+    subjects named after their own fresh topics."""
+    existing = os.environ.get("TEST_SCHEMA_REGISTRY")
+    if existing:
+        yield existing
+        return
+    with tempfile.TemporaryDirectory(prefix="pytest-registry-") as tmp:
+        script = REPO / "scripts" / "registry.sh"
+        started = subprocess.run(
+            [str(script), "start", "--dir", tmp], check=True, capture_output=True, text=True
+        )
+        try:
+            yield started.stdout.strip()
+        finally:
+            subprocess.run([str(script), "stop", "--dir", tmp], check=False)

@@ -80,8 +80,16 @@ def decode(data: bytes | None, schemas: SchemaCache, fmt: str) -> Any:
         except UnicodeDecodeError:
             return opaque(data)
     looks_avro = len(data) >= 5 and data[0] == MAGIC and schemas.url is not None
-    if fmt == "avro" or (fmt == "auto" and looks_avro):
+    if fmt == "avro":
         return decode_avro(data, schemas)
+    if fmt == "auto" and looks_avro:
+        # Only a guess: a dead-lettered copy of a poison record may start
+        # like Avro without being any (its schema id unknown, its datum
+        # broken). Such a value is shown as it is.
+        try:
+            return decode_avro(data, schemas)
+        except Exception:  # noqa: BLE001
+            return opaque(data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -19,7 +19,6 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from registry import RegistryServer
 
 READ_TOPIC = Path(__file__).resolve().parent / "read_topic.py"
 
@@ -46,9 +45,9 @@ def run_reader(bootstrap: str, topic: str, *args: str) -> tuple[int, list[dict[s
     return done.returncode, records, done.stderr
 
 
-def register(registry: RegistryServer, subject: str, schema: dict[str, Any]) -> int:
+def register(registry: str, subject: str, schema: dict[str, Any]) -> int:
     response = requests.post(
-        f"{registry.url}/subjects/{subject}/versions",
+        f"{registry}/subjects/{subject}/versions",
         json={"schema": json.dumps(schema)},
         timeout=10,
     )
@@ -75,7 +74,7 @@ def transactional_producer(bootstrap: str) -> Producer:
 
 
 def test_committed_json_and_avro_records_are_read_and_aborted_ones_are_not(
-    bootstrap: str, new_topic: Callable[..., str], registry: RegistryServer
+    bootstrap: str, new_topic: Callable[..., str], registry: str
 ) -> None:
     topic = new_topic()
     schema_id = register(registry, f"{topic}-value", INSIGHT_SCHEMA)
@@ -110,7 +109,7 @@ def test_committed_json_and_avro_records_are_read_and_aborted_ones_are_not(
     txn.produce(topic, key=b"u-5", value=json.dumps({"n": 5}))
     txn.commit_transaction(60)
 
-    code, records, stderr = run_reader(bootstrap, topic, "--registry", registry.url, "--idle", "3")
+    code, records, stderr = run_reader(bootstrap, topic, "--registry", registry, "--idle", "3")
 
     assert code == 0, stderr
     assert [r["key"] for r in records] == ["u-1", "u-2", "u-3", "u-4", "u-5"]
@@ -130,11 +129,11 @@ def test_committed_json_and_avro_records_are_read_and_aborted_ones_are_not(
 
 
 def test_values_from_the_confluent_avro_serializer_decode_through_the_registry(
-    bootstrap: str, new_topic: Callable[..., str], registry: RegistryServer
+    bootstrap: str, new_topic: Callable[..., str], registry: str
 ) -> None:
     topic = new_topic()
     serializer = AvroSerializer(
-        SchemaRegistryClient({"url": registry.url}), json.dumps(INSIGHT_SCHEMA)
+        SchemaRegistryClient({"url": registry}), json.dumps(INSIGHT_SCHEMA)
     )
     producer = Producer({"bootstrap.servers": bootstrap})
     record = {"user_id": "u-9", "score": 1.25, "raw": b"xyz"}
@@ -143,12 +142,12 @@ def test_values_from_the_confluent_avro_serializer_decode_through_the_registry(
     assert producer.flush(30) == 0
 
     code, records, stderr = run_reader(
-        bootstrap, topic, "--registry", registry.url, "--expect", "1", "--idle", "30"
+        bootstrap, topic, "--registry", registry, "--expect", "1", "--idle", "30"
     )
 
     assert code == 0, stderr
     assert records[0]["value"] == {"user_id": "u-9", "score": 1.25, "raw": {"base64": "eHl6"}}
-    assert requests.get(f"{registry.url}/subjects", timeout=10).json() == [f"{topic}-value"]
+    assert f"{topic}-value" in requests.get(f"{registry}/subjects", timeout=10).json()
 
 
 def test_reading_stops_at_expect_and_reports_a_shortfall(
