@@ -830,6 +830,7 @@ impl PollSettings {
             deadline: self.deadline,
             not_found_grace,
             max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
+            max_retry_after: Duration::ZERO,
         }
     }
 
@@ -875,7 +876,10 @@ pub struct FinboxSettings {
 
 impl FinboxSettings {
     pub fn poll_policy(&self) -> PollPolicy {
-        self.poll.policy(Some(self.not_found_grace))
+        PollPolicy {
+            max_retry_after: self.retry_max_wait,
+            ..self.poll.policy(Some(self.not_found_grace))
+        }
     }
     /// The predictors endpoint for the configured environment.
     pub fn endpoint(&self) -> String {
@@ -947,7 +951,10 @@ fn no_groupings() -> serde_json::Value {
 
 impl CredeauSettings {
     pub fn poll_policy(&self) -> PollPolicy {
-        self.poll.policy(None)
+        PollPolicy {
+            max_retry_after: self.retry_cap,
+            ..self.poll.policy(None)
+        }
     }
     /// The `groupings` to send, if any: an empty list, empty string or
     /// null means none.

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub provider_healthy: IntGaugeVec,
     pub rate_limit: IntGaugeVec,
     pub provider_unexpected_data: IntCounterVec,
+    pub provider_identity_mismatch: IntCounterVec,
+    pub provider_partial_answers: IntCounterVec,
     // pipeline
     pub events_consumed: IntCounterVec,
     pub tasks_scheduled: IntCounterVec,
@@ -151,6 +153,18 @@ impl Metrics {
                 &registry,
                 "provider_unexpected_data_total",
                 "Final provider answers whose data is not in the documented shape (FinBox `data` not a list of {name, value} objects); published with the raw data, not retried.",
+                &["provider"],
+            ),
+            provider_identity_mismatch: counter_vec(
+                &registry,
+                "provider_identity_mismatch_total",
+                "Provider answers about another user than the one asked for (FinBox echoed another customer_id, a Credeau SMS entry names another user_id); the provider ends failed with identity_mismatch and nothing is published.",
+                &["provider"],
+            ),
+            provider_partial_answers: counter_vec(
+                &registry,
+                "provider_partial_answers_total",
+                "Final provider answers that say the provider holds more than it sent (Credeau has_more true, a next_cursor, or a total above the entries sent); published, flagged partial in the combined event.",
                 &["provider"],
             ),
             events_consumed: counter_vec(
