@@ -5,6 +5,7 @@
 //! identity check, the lenient reading of non-standard JSON, outcomes that
 //! say what happened, and the answer's envelope.
 
+mod common;
 mod providers_support;
 
 use std::sync::Arc;
@@ -634,4 +635,65 @@ async fn a_long_retry_after_is_honoured_at_the_poll_level_beyond_the_spacing_cap
         "{} ms",
         fb - before
     );
+}
+
+// ---- 1. Avro output never loses an extraction to one value
+
+#[tokio::test]
+async fn in_avro_an_sms_entry_with_a_lone_surrogate_and_a_huge_number_is_published_not_dead_lettered(
+) {
+    let registry = Arc::new(common::FakeRegistry::default());
+    let url = registry.serve().await;
+    let client =
+        Arc::new(insights_enricher::events::RegistryClient::new(&format!("{url}/")).unwrap());
+    let body = r#"{"extracted_sms_data": [
+        {"_id": "1", "user_id": "{id}", "sms_id": "1", "sms_body": "paid \ud83d", "transaction": 1e400},
+        {"_id": "2", "user_id": "{id}", "sms_id": "2", "sms_body": "plain", "transaction": 80.0}]}"#;
+    let sim = simulator(&[("u-avro-odd", credeau_says(200, body))]).await;
+    let s = settings(&sim.base_url());
+    let mut w = worker(&s, Arc::new(Metrics::new())).await;
+    w.encoder = Arc::new(
+        OutputEncoder::new(OutputEncoding::Avro, Some(client.clone()), &s.topics)
+            .await
+            .unwrap(),
+    );
+    let r = run(&w, "u-avro-odd", 5).await;
+    assert!(r.dead_letters().is_empty(), "nothing dead-lettered");
+    let sms: Vec<&OutRecord> = r
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutKind::SmsExtraction)
+        .collect();
+    assert_eq!(sms.len(), 1);
+    let sms = avro_value(&client, sms[0]).await;
+    assert_eq!(field(&sms, "total_sms"), &Av::Int(2));
+    let ready = r
+        .outputs
+        .iter()
+        .find(|o| o.kind == OutKind::InsightsReady)
+        .unwrap();
+    let ready = avro_value(&client, ready).await;
+    let credeau = field(&ready, "credeau");
+    assert_eq!(field(credeau, "outcome"), &Av::Enum(0, "complete".into()));
+    assert_eq!(field(credeau, "items"), &Av::Int(2));
+}
+
+use apache_avro::types::Value as Av;
+
+/// A Confluent-framed output value, decoded with the schema its id names.
+async fn avro_value(client: &insights_enricher::events::RegistryClient, rec: &OutRecord) -> Av {
+    let value = rec.value.as_deref().unwrap();
+    let id = u32::from_be_bytes(value[1..5].try_into().unwrap());
+    let schema = client.schema_by_id(id).await.unwrap();
+    apache_avro::from_avro_datum(&schema, &mut &value[5..], None).unwrap()
+}
+
+fn field<'a>(v: &'a Av, name: &str) -> &'a Av {
+    let Av::Record(fields) = v else {
+        panic!("not a record: {v:?}")
+    };
+    match &fields.iter().find(|(n, _)| n == name).unwrap().1 {
+        Av::Union(_, inner) => inner,
+        v => v,
+    }
 }
