@@ -279,6 +279,11 @@ impl Metrics {
             .set(1);
         for p in ["finbox", "credeau"] {
             m.provider_healthy.with_label_values(&[p]).set(1);
+            // Exported at 0 from the start, so the first such answer is an
+            // increase the alerts on them can see.
+            m.provider_unexpected_data.with_label_values(&[p]);
+            m.provider_identity_mismatch.with_label_values(&[p]);
+            m.provider_partial_answers.with_label_values(&[p]);
         }
         m
     }
@@ -315,6 +320,21 @@ mod tests {
         let text = m.render();
         assert!(text.contains("insights_provider_requests_total{http_status=\"200\",outcome=\"complete\",provider=\"finbox\"} 1"), "{text}");
         assert!(text.contains("insights_build_info"));
+    }
+
+    #[test]
+    fn the_provider_answer_counters_the_alerts_watch_start_at_zero() {
+        let text = Metrics::new().render();
+        for name in [
+            "insights_provider_unexpected_data_total",
+            "insights_provider_identity_mismatch_total",
+            "insights_provider_partial_answers_total",
+        ] {
+            for p in ["finbox", "credeau"] {
+                let line = format!("{name}{{provider=\"{p}\"}} 0");
+                assert!(text.contains(&line), "{line} in\n{text}");
+            }
+        }
     }
 
     #[cfg(target_os = "linux")]
