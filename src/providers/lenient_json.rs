@@ -9,9 +9,7 @@
 //! Strict parsing is tried first by the callers; this module runs only when
 //! it failed, so the common path pays nothing. What cannot be repaired is
 //! described without quoting the body (it may hold SMS text): invalid UTF-8
-//! and where, a gzip stream nobody asked for, an empty body.
-
-use std::fmt::Write as _;
+//! and where, a gzip stream nobody asked for, a UTF-16 body.
 
 /// A body rewritten into standard JSON, and what was changed to get there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +36,7 @@ pub enum Unreadable {
     #[error("invalid UTF-8 at byte {0}")]
     InvalidUtf8(usize),
     #[error(
-        "a gzip stream (bytes 1f 8b) the request did not ask for and the answer did not declare"
+        "a gzip stream (bytes 1f 8b) that was not decoded: compression the request did not ask for"
     )]
     UndeclaredGzip,
     #[error("a UTF-16 body (byte-order mark {0}); JSON must be UTF-8")]
@@ -87,7 +85,7 @@ pub fn repair(body: &[u8]) -> Result<Repaired, Unreadable> {
             let end = token_end(bytes, i);
             let token = &text[i..end];
             match token {
-                "NaN" | "Infinity" | "-Infinity" | "+Infinity" => {
+                "NaN" | "Infinity" | "-Infinity" => {
                     out.push_str("null");
                     let name = match token {
                         "NaN" => "NaN",
@@ -232,9 +230,7 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
 /// A description of a body that strict and lenient reading both failed on,
 /// for an error message: what made it unreadable, never its content.
 pub fn describe_unreadable(e: &Unreadable) -> String {
-    let mut s = String::new();
-    let _ = write!(s, "unreadable body: {e}");
-    s
+    format!("unreadable body: {e}")
 }
 
 #[cfg(test)]
