@@ -63,6 +63,10 @@ pub struct LastError {
     pub http_status: Option<u16>,
     pub message: String,
     pub provider_request_id: Option<String>,
+    /// With `IdentityMismatch`: the id the provider's answer named.
+    /// Absent in tasks written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_id: Option<String>,
 }
 
 /// One provider's state within a task.
@@ -95,6 +99,14 @@ pub struct ProviderTrack {
     /// error (FinBox sends one with every status). Absent in older tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The data problem of the final answer (FinBox `data` not in the
+    /// documented shape, repaired JSON, an answer that says it is
+    /// incomplete), carried into the combined event. Absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_problem: Option<String>,
+    /// The provider said it holds more than it sent. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -122,6 +134,8 @@ impl ProviderTrack {
             failed_polls: 0,
             cut_polls: 0,
             request_id: None,
+            data_problem: None,
+            partial: false,
         }
     }
     pub fn is_done(&self) -> bool {

@@ -406,6 +406,7 @@ fn input_dead_letter(input: &str, user: &str, offset: i64, failed_at: i64) -> De
         provider: None,
         http_status: None,
         provider_request_id: None,
+        answered_id: None,
         user_id: None,
         event_id: None,
         replay_target: ReplayTarget::Input,

@@ -517,6 +517,9 @@ fn insights() -> FinboxInsights {
         ],
         data_json: Some(r#"[{"name": "n_null", "value": null}, {"k": 1}]"#.into()),
         data_problem: Some("1 of 2 ...".into()),
+        customer_id: Some("FB-1".into()),
+        answered_version: Some(4),
+        response_json: Some(r#"{"score":712}"#.into()),
     }
 }
 
@@ -571,6 +574,9 @@ async fn finbox_predictors_round_trip_through_avro() {
         &s(r#"[{"name": "n_null", "value": null}, {"k": 1}]"#)
     );
     assert_eq!(field(&v, "data_problem"), &s("1 of 2 ..."));
+    assert_eq!(field(&v, "answered_customer_id"), &s("FB-1"));
+    assert_eq!(field(&v, "answered_version"), &Av::Long(4));
+    assert_eq!(field(&v, "response_json"), &s(r#"{"score":712}"#));
 }
 
 #[tokio::test]
@@ -600,9 +606,64 @@ async fn finbox_predictors_in_json_use_the_same_fields() {
             ],
             "version": 3, "message": "data processed successfully",
             "data_json": "[{\"name\": \"n_null\", \"value\": null}, {\"k\": 1}]",
-            "data_problem": "1 of 2 ..."
+            "data_problem": "1 of 2 ...",
+            "answered_customer_id": "FB-1", "answered_version": 4,
+            "response_json": "{\"score\":712}"
         })
     );
+}
+
+/// One entry with a lone surrogate escape (an emoji cut in half) and a
+/// number beyond double range: JSON text, but no Avro string or double
+/// holds them as sent.
+const ODD_ENTRY: &str = r#"{"_id": "odd-1", "user_id": "u-1", "sms_id": "77", "sms_body": "paid \ud83d", "transaction": 1e400, "is_extracted": true}"#;
+
+#[tokio::test]
+async fn an_sms_entry_avro_cannot_hold_as_sent_keeps_its_text_in_extra_and_the_rest_typed() {
+    let (_reg, client, enc) = avro_encoder().await;
+    let odd = serde_json::value::RawValue::from_string(ODD_ENTRY.to_string()).unwrap();
+    let sms = SmsExtraction {
+        entries: vec![as_entry(seed_entry(1)), odd],
+        cnt_sms_threshold: Some(5000),
+        ..Default::default()
+    };
+    let parts = enc
+        .sms_extraction(&task(), &sms, T0 + 9, 1 << 20)
+        .expect("one odd value does not fail the extraction");
+    assert_eq!(parts.len(), 1);
+    let v = decode_output(&client, &parts[0]).await;
+    assert_eq!(field(&v, "total_sms"), &Av::Int(2));
+    let Av::Array(entries) = field(&v, "entries") else {
+        panic!()
+    };
+    let odd = &entries[1];
+    let opt = |name: &str| match field(odd, name) {
+        Av::Union(_, inner) => (**inner).clone(),
+        other => other.clone(),
+    };
+    assert_eq!(opt("sms_id"), s("77"));
+    assert_eq!(opt("is_extracted"), Av::Boolean(true));
+    assert_eq!(opt("sms_body"), s("paid \u{fffd}"));
+    assert_eq!(opt("transaction"), Av::Null, "not a double: in extra");
+    let Av::Map(extra) = field(odd, "extra") else {
+        panic!()
+    };
+    assert_eq!(extra.get("transaction"), Some(&s("\"1e400\"")));
+    let Some(Av::String(as_sent)) = extra.get("_entry_json") else {
+        panic!("{extra:?}")
+    };
+    let as_sent: String = serde_json::from_str(as_sent).unwrap();
+    assert_eq!(as_sent, ODD_ENTRY, "the entry exactly as Credeau sent it");
+    // JSON output carries the same entry byte for byte.
+    let json_enc = OutputEncoder::new(OutputEncoding::Json, None, &topics())
+        .await
+        .unwrap();
+    let parts = json_enc
+        .sms_extraction(&task(), &sms, T0 + 9, 1 << 20)
+        .unwrap();
+    assert!(String::from_utf8(parts[0].clone())
+        .unwrap()
+        .contains(ODD_ENTRY));
 }
 
 /// The first entry of Credeau's documented example, plus a field Credeau
@@ -655,6 +716,7 @@ async fn sms_extraction_round_trips_through_avro_with_unknown_fields_in_extra() 
     let sms = SmsExtraction {
         entries: vec![as_entry(seed_entry(1)), as_entry(odd)],
         cnt_sms_threshold: Some(5000),
+        ..Default::default()
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
     assert_eq!(parts.len(), 1);
@@ -743,6 +805,7 @@ async fn sms_extraction_in_json_keeps_the_provider_entries_unchanged() {
     let sms = SmsExtraction {
         entries: vec![as_entry(seed_entry(1)), as_entry(seed_entry(2))],
         cnt_sms_threshold: Some(2),
+        ..Default::default()
     };
     let parts = enc.sms_extraction(&task(), &sms, T0 + 9, 1 << 20).unwrap();
     assert_eq!(parts.len(), 1);
@@ -773,6 +836,7 @@ async fn split_check(enc: &OutputEncoder, client: Option<&RegistryClient>) {
     let sms = SmsExtraction {
         entries: (0..40).map(|i| as_entry(seed_entry(i))).collect(),
         cnt_sms_threshold: Some(i32::MAX as u32),
+        ..Default::default()
     };
     let max = 4096;
     let parts = enc.sms_extraction(&task(), &sms, T0, max).unwrap();
@@ -871,6 +935,7 @@ async fn five_thousand_sms_fit_one_eight_mib_value_in_both_encodings() {
     let sms = SmsExtraction {
         entries: (0..5000).map(|i| as_entry(seed_entry(i))).collect(),
         cnt_sms_threshold: Some(5000),
+        ..Default::default()
     };
     let raw: usize = sms
         .entries
@@ -925,11 +990,14 @@ async fn insights_ready_round_trips_through_avro_and_json() {
     t.finbox.done = finished(Outcome::Complete, T0 + 90_000, Some(6));
     t.credeau.polls = 2;
     t.credeau.last_error = Some(LastError {
-        kind: ProviderErrorKind::Forbidden,
-        http_status: Some(403),
-        message: "IP not whitelisted".into(),
+        kind: ProviderErrorKind::IdentityMismatch,
+        http_status: Some(200),
+        message: "answered for another user_id".into(),
         provider_request_id: Some("rq-1".into()),
+        answered_id: Some("CR-2".into()),
     });
+    t.finbox.data_problem = Some("`data` is an empty object".into());
+    t.finbox.partial = true;
     t.credeau.done = finished(Outcome::Failed, T0 + 60_000, None);
     t.finbox.request_id = Some("abcd-def-dfdf-jjj1".into());
 
@@ -957,16 +1025,25 @@ async fn insights_ready_round_trips_through_avro_and_json() {
         assert_eq!(field(fb, k), &Av::Null, "{k}");
     }
     assert_eq!(field(fb, "request_id"), &s("abcd-def-dfdf-jjj1"));
+    assert_eq!(field(fb, "answered_id"), &Av::Null);
+    assert_eq!(field(fb, "data_problem"), &s("`data` is an empty object"));
+    assert_eq!(field(fb, "partial"), &Av::Boolean(true));
     let cr = field(&v, "credeau");
     assert_eq!(field(cr, "outcome"), &Av::Enum(4, "failed".into()));
     assert_eq!(field(cr, "polls"), &Av::Int(2));
     assert_eq!(field(cr, "first_poll_at"), &Av::Null);
     assert_eq!(field(cr, "items"), &Av::Null);
-    assert_eq!(field(cr, "error_kind"), &s("forbidden"));
-    assert_eq!(field(cr, "http_status"), &Av::Int(403));
-    assert_eq!(field(cr, "error_message"), &s("IP not whitelisted"));
+    assert_eq!(field(cr, "error_kind"), &s("identity_mismatch"));
+    assert_eq!(field(cr, "http_status"), &Av::Int(200));
+    assert_eq!(
+        field(cr, "error_message"),
+        &s("answered for another user_id")
+    );
     assert_eq!(field(cr, "provider_request_id"), &s("rq-1"));
     assert_eq!(field(cr, "request_id"), &Av::Null);
+    assert_eq!(field(cr, "answered_id"), &s("CR-2"));
+    assert_eq!(field(cr, "data_problem"), &Av::Null);
+    assert_eq!(field(cr, "partial"), &Av::Boolean(false));
 
     let j: Value =
         serde_json::from_slice(&json_enc.insights_ready(&t, T0 + 90_001).unwrap()).unwrap();
@@ -978,11 +1055,13 @@ async fn insights_ready_round_trips_through_avro_and_json() {
             "finbox": {"outcome": "complete", "polls": 4, "first_poll_at": T0 + 30_000,
                 "finished_at": T0 + 90_000, "items": 6, "error_kind": null, "http_status": null,
                 "error_message": null, "provider_request_id": null,
-                "request_id": "abcd-def-dfdf-jjj1"},
+                "request_id": "abcd-def-dfdf-jjj1", "answered_id": null,
+                "data_problem": "`data` is an empty object", "partial": true},
             "credeau": {"outcome": "failed", "polls": 2, "first_poll_at": null,
-                "finished_at": T0 + 60_000, "items": null, "error_kind": "forbidden",
-                "http_status": 403, "error_message": "IP not whitelisted",
-                "provider_request_id": "rq-1", "request_id": null}
+                "finished_at": T0 + 60_000, "items": null, "error_kind": "identity_mismatch",
+                "http_status": 200, "error_message": "answered for another user_id",
+                "provider_request_id": "rq-1", "request_id": null, "answered_id": "CR-2",
+                "data_problem": null, "partial": false}
         })
     );
 }

@@ -31,6 +31,12 @@ pub struct PollPolicy {
     /// After this many polls in a row end in a retryable error, the
     /// provider ends `failed`; `None` polls on until the deadline.
     pub max_failed_polls: Option<u32>,
+    /// The longest wait a provider's `Retry-After` (or FinBox's suggested
+    /// wait) is honoured for at the poll level, when longer than
+    /// `max_poll_interval`: the same cap as its in-process retries
+    /// (`finbox.retry_max_wait`, `credeau.retry_cap`), so no level shortens
+    /// a wait the other would honour.
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -103,6 +109,7 @@ impl PollSettings {
             deadline: self.deadline,
             not_found_grace,
             max_failed_polls: (self.max_failed_polls > 0).then_some(self.max_failed_polls),
+            max_retry_after: Duration::ZERO,
         }
     }
 
@@ -148,7 +155,10 @@ pub struct FinboxSettings {
 
 impl FinboxSettings {
     pub fn poll_policy(&self) -> PollPolicy {
-        self.poll.policy(Some(self.not_found_grace))
+        PollPolicy {
+            max_retry_after: self.retry_max_wait,
+            ..self.poll.policy(Some(self.not_found_grace))
+        }
     }
     /// The predictors endpoint for the configured environment.
     pub fn endpoint(&self) -> String {
@@ -227,7 +237,10 @@ fn no_groupings() -> serde_json::Value {
 
 impl CredeauSettings {
     pub fn poll_policy(&self) -> PollPolicy {
-        self.poll.policy(None)
+        PollPolicy {
+            max_retry_after: self.retry_cap,
+            ..self.poll.policy(None)
+        }
     }
     /// The `groupings` to send, if any: an empty list, empty string or
     /// null means none.

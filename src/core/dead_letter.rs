@@ -106,6 +106,8 @@ pub enum Reason {
     Forbidden,
     Unprocessable,
     UnexpectedStatus,
+    /// A provider answer about another user than the one asked for.
+    IdentityMismatch,
     /// A provider answer over `max_response_bytes` (stage `poll_*`), or an
     /// output larger than a record (stage `publish`).
     TooLarge,
@@ -117,7 +119,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Empty,
         Reason::NotUtf8,
         Reason::MalformedJson,
@@ -130,6 +132,7 @@ impl Reason {
         Reason::Forbidden,
         Reason::Unprocessable,
         Reason::UnexpectedStatus,
+        Reason::IdentityMismatch,
         Reason::TooLarge,
         Reason::Exhausted,
         Reason::EncodeFailed,
@@ -149,6 +152,7 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::Unprocessable => "unprocessable",
             Reason::UnexpectedStatus => "unexpected_status",
+            Reason::IdentityMismatch => "identity_mismatch",
             Reason::TooLarge => "too_large",
             Reason::Exhausted => "exhausted",
             Reason::EncodeFailed => "encode_failed",
@@ -238,6 +242,7 @@ pub fn provider_failed(provider: Provider, kind: ProviderErrorKind) -> (Stage, R
     let poll = Stage::Poll(provider);
     match kind {
         ProviderErrorKind::OutputTooLarge => (Stage::Publish, Reason::TooLarge),
+        ProviderErrorKind::OutputUnencodable => (Stage::Publish, Reason::EncodeFailed),
         k if k.is_retryable() => (poll, Reason::Exhausted),
         ProviderErrorKind::BadRequest => (poll, Reason::BadRequest),
         ProviderErrorKind::Unauthorized => (poll, Reason::Unauthorized),
@@ -245,6 +250,7 @@ pub fn provider_failed(provider: Provider, kind: ProviderErrorKind) -> (Stage, R
         ProviderErrorKind::Unprocessable => (poll, Reason::Unprocessable),
         ProviderErrorKind::UnexpectedStatus => (poll, Reason::UnexpectedStatus),
         ProviderErrorKind::TooLarge => (poll, Reason::TooLarge),
+        ProviderErrorKind::IdentityMismatch => (poll, Reason::IdentityMismatch),
         // The retryable kinds, matched above.
         ProviderErrorKind::RateLimited
         | ProviderErrorKind::ServerError
@@ -258,7 +264,7 @@ pub fn provider_failed(provider: Provider, kind: ProviderErrorKind) -> (Stage, R
 mod tests {
     use super::*;
 
-    const KINDS: [ProviderErrorKind; 12] = [
+    const KINDS: [ProviderErrorKind; 14] = [
         ProviderErrorKind::BadRequest,
         ProviderErrorKind::Unauthorized,
         ProviderErrorKind::Forbidden,
@@ -271,6 +277,8 @@ mod tests {
         ProviderErrorKind::InvalidBody,
         ProviderErrorKind::TooLarge,
         ProviderErrorKind::OutputTooLarge,
+        ProviderErrorKind::OutputUnencodable,
+        ProviderErrorKind::IdentityMismatch,
     ];
 
     /// Fails to compile when a kind is added without being listed above.
@@ -288,7 +296,9 @@ mod tests {
             | ProviderErrorKind::Connection
             | ProviderErrorKind::InvalidBody
             | ProviderErrorKind::TooLarge
-            | ProviderErrorKind::OutputTooLarge => {}
+            | ProviderErrorKind::OutputTooLarge
+            | ProviderErrorKind::OutputUnencodable
+            | ProviderErrorKind::IdentityMismatch => {}
         }
     }
 
@@ -329,6 +339,7 @@ mod tests {
                 "forbidden",
                 "unprocessable",
                 "unexpected_status",
+                "identity_mismatch",
                 "too_large",
                 "exhausted",
                 "encode_failed",
@@ -435,6 +446,9 @@ mod tests {
                 match k {
                     ProviderErrorKind::OutputTooLarge => {
                         assert_eq!((stage, reason), (Stage::Publish, Reason::TooLarge))
+                    }
+                    ProviderErrorKind::OutputUnencodable => {
+                        assert_eq!((stage, reason), (Stage::Publish, Reason::EncodeFailed))
                     }
                     k if k.is_retryable() => {
                         assert_eq!(

@@ -152,6 +152,7 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
         Answer::Finbox(Ok(FinboxAnswer::Complete(insights))) => {
             let n = u32::try_from(insights.predictors.len()).unwrap_or(u32::MAX);
             finish(track, Outcome::Complete, Some(n));
+            track.data_problem = insights.data_problem.clone();
             effects.finbox_insights = Some(insights);
         }
         Answer::Finbox(Ok(FinboxAnswer::NoData { .. })) => {
@@ -174,6 +175,8 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
         Answer::Credeau(Ok(CredeauAnswer::Data(sms))) => {
             let n = u32::try_from(sms.entries.len()).unwrap_or(u32::MAX);
             finish(track, Outcome::Complete, Some(n));
+            track.data_problem = sms.data_problem.clone();
+            track.partial = sms.partial;
             effects.sms = Some(sms);
         }
         Answer::Credeau(Ok(CredeauAnswer::Empty)) => {
@@ -185,6 +188,7 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
                 http_status: error.http_status,
                 message: error.message.clone(),
                 provider_request_id: error.provider_request_id.clone(),
+                answered_id: error.answered_id.clone(),
             });
             if error.is_retryable() {
                 track.failed_polls = track.failed_polls.saturating_add(1);
@@ -281,8 +285,13 @@ pub fn straggler_leash(
 /// last error, so the task is dead-lettered when it ends and a replay
 /// reopens only this provider. Returns the stage and reason the failure is
 /// counted under.
-pub fn fail_publish(task: &mut Task, p: Provider, now: Millis, message: &str) -> (Stage, Reason) {
-    let kind = ProviderErrorKind::OutputTooLarge;
+pub fn fail_publish(
+    task: &mut Task,
+    p: Provider,
+    now: Millis,
+    kind: ProviderErrorKind,
+    message: &str,
+) -> (Stage, Reason) {
     let track = task.track_mut(p);
     track.done = Some(Done {
         outcome: Outcome::Failed,
@@ -294,6 +303,7 @@ pub fn fail_publish(task: &mut Task, p: Provider, now: Millis, message: &str) ->
         http_status: None,
         message: message.to_string(),
         provider_request_id: None,
+        answered_id: None,
     });
     dead_letter::provider_failed(p, kind)
 }
@@ -328,7 +338,12 @@ fn schedule(
     }
     let floor = min_interval_ms(provider, policy);
     let interval = track.interval_ms.max(floor);
-    let wait = interval.max(hint_ms.min(ms(policy.max_poll_interval).max(floor)));
+    // A provider's asked-for wait is honoured up to the larger of the
+    // spacing cap and its retry cap: never cut to the spacing cap alone.
+    let hint_cap = ms(policy.max_poll_interval)
+        .max(ms(policy.max_retry_after))
+        .max(floor);
+    let wait = interval.max(hint_ms.min(hint_cap));
     // Never poll before the floor, but do make a last poll at the deadline
     // rather than giving up early.
     let next = now.saturating_add(wait);

@@ -17,6 +17,7 @@ fn policies() -> Policies {
             deadline: Duration::from_secs(6 * 3600),
             not_found_grace: Some(Duration::from_secs(1800)),
             max_failed_polls: None,
+            max_retry_after: Duration::from_secs(60),
         },
         credeau: PollPolicy {
             initial_delay: Duration::from_secs(30),
@@ -26,6 +27,7 @@ fn policies() -> Policies {
             deadline: Duration::from_secs(6 * 3600),
             not_found_grace: None,
             max_failed_polls: None,
+            max_retry_after: Duration::from_secs(60),
         },
     }
 }
@@ -57,6 +59,7 @@ fn err(kind: ProviderErrorKind, status: Option<u16>) -> ProviderError {
         provider_request_id: None,
         retry_after: None,
         attempts: 3,
+        answered_id: None,
     }
 }
 
@@ -288,6 +291,23 @@ fn retry_after_longer_than_the_spacing_is_honoured() {
     assert_eq!(t.finbox.next_poll_at, 1_075_000);
 }
 
+#[test]
+fn a_retry_after_beyond_the_spacing_cap_is_honoured_up_to_the_retry_cap() {
+    let mut p = policies();
+    p.finbox.max_poll_interval = Duration::from_secs(20);
+    p.credeau.max_poll_interval = Duration::from_secs(15);
+    let mut t = start(user(), origin(), 0, &p);
+    let mut e = err(ProviderErrorKind::RateLimited, Some(429));
+    e.retry_after = Some(Duration::from_secs(70));
+    apply(&mut t, Answer::Finbox(Err(e.clone())), 1_030_000, &p);
+    // Not cut to the 20 s spacing cap: the 60 s retry cap applies.
+    assert_eq!(t.finbox.next_poll_at, 1_090_000);
+    e.provider = Provider::Credeau;
+    e.retry_after = Some(Duration::from_secs(40));
+    apply(&mut t, Answer::Credeau(Err(e)), 1_030_000, &p);
+    assert_eq!(t.credeau.next_poll_at, 1_070_000);
+}
+
 fn arb_finbox() -> impl Strategy<Value = Answer> {
     prop_oneof![
         Just(Answer::Finbox(Ok(FinboxAnswer::NotFound {
@@ -481,7 +501,13 @@ fn an_output_that_cannot_be_published_fails_only_its_provider_under_publish_too_
     let p = policies();
     let mut t = start(user(), origin(), 0, &p);
     let credeau_before = t.credeau.clone();
-    let label = fail_publish(&mut t, Provider::Finbox, 2_000_000, "entry 3 is 2 MiB");
+    let label = fail_publish(
+        &mut t,
+        Provider::Finbox,
+        2_000_000,
+        ProviderErrorKind::OutputTooLarge,
+        "entry 3 is 2 MiB",
+    );
     assert_eq!(label, (Stage::Publish, Reason::TooLarge));
     assert_eq!(t.finbox.outcome(), Some(Outcome::Failed));
     assert_eq!(t.finbox.done.as_ref().map(|d| d.at), Some(2_000_000));

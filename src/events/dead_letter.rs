@@ -22,6 +22,8 @@ pub mod headers {
     pub const PROVIDER: &str = "dlq.provider";
     pub const HTTP_STATUS: &str = "dlq.http.status";
     pub const PROVIDER_REQUEST_ID: &str = "dlq.provider.request_id";
+    /// With `identity_mismatch`: the id the provider's answer named.
+    pub const PROVIDER_ANSWERED_ID: &str = "dlq.provider.answered_id";
     pub const FAILED_AT: &str = "dlq.failed_at";
     pub const USER_ID: &str = "dlq.user_id";
     pub const EVENT_ID: &str = "dlq.event_id";
@@ -50,6 +52,8 @@ pub struct DeadLetter {
     pub provider: Option<Provider>,
     pub http_status: Option<u16>,
     pub provider_request_id: Option<String>,
+    /// With `identity_mismatch`: the id the provider's answer named.
+    pub answered_id: Option<String>,
     pub user_id: Option<String>,
     pub event_id: Option<String>,
     pub replay_target: ReplayTarget,
@@ -89,6 +93,9 @@ impl DeadLetter {
         }
         if let Some(r) = &self.provider_request_id {
             put(headers::PROVIDER_REQUEST_ID, r.clone());
+        }
+        if let Some(a) = &self.answered_id {
+            put(headers::PROVIDER_ANSWERED_ID, a.clone());
         }
         if let Some(u) = &self.user_id {
             put(headers::USER_ID, u.clone());
@@ -136,6 +143,7 @@ mod tests {
             provider: Some(Provider::Credeau),
             http_status: Some(401),
             provider_request_id: Some("rid".into()),
+            answered_id: None,
             user_id: Some("u".into()),
             event_id: Some("e".into()),
             replay_target: ReplayTarget::Task,

@@ -110,6 +110,9 @@ impl OutputEncoder {
                 message: insights.message.as_deref(),
                 data_json: insights.data_json.as_deref(),
                 data_problem: insights.data_problem.as_deref(),
+                answered_customer_id: insights.customer_id.as_deref(),
+                answered_version: insights.answered_version,
+                response_json: insights.response_json.as_deref(),
             };
             return Ok(serde_json::to_vec(&event)?);
         };
@@ -144,6 +147,9 @@ impl OutputEncoder {
         put_opt_str(&mut buf, insights.message.as_deref());
         put_opt_str(&mut buf, insights.data_json.as_deref());
         put_opt_str(&mut buf, insights.data_problem.as_deref());
+        put_opt_str(&mut buf, insights.customer_id.as_deref());
+        put_opt(&mut buf, insights.answered_version, put_long);
+        put_opt_str(&mut buf, insights.response_json.as_deref());
         Ok(buf)
     }
 
@@ -165,6 +171,8 @@ impl OutputEncoder {
             onboarded_at: u.onboarded_at,
             fetched_at,
             cnt_sms_threshold: sms.cnt_sms_threshold,
+            data_problem: sms.data_problem.as_deref(),
+            response_json: sms.response_json.as_deref(),
         };
         match self.avro_ids {
             Some(ids) => sms::encode_avro(&header, &sms.entries, ids.sms_extraction, max_bytes),
@@ -221,6 +229,9 @@ struct FinboxPredictorsJson<'a> {
     message: Option<&'a str>,
     data_json: Option<&'a str>,
     data_problem: Option<&'a str>,
+    answered_customer_id: Option<&'a str>,
+    answered_version: Option<i64>,
+    response_json: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -308,6 +319,9 @@ struct ProviderResult<'a> {
     error_message: Option<&'a str>,
     provider_request_id: Option<&'a str>,
     request_id: Option<&'a str>,
+    answered_id: Option<&'a str>,
+    data_problem: Option<&'a str>,
+    partial: bool,
 }
 
 impl<'a> ProviderResult<'a> {
@@ -333,6 +347,9 @@ impl<'a> ProviderResult<'a> {
             error_message: err.map(|e| e.message.as_str()),
             provider_request_id: err.and_then(|e| e.provider_request_id.as_deref()),
             request_id: t.request_id.as_deref(),
+            answered_id: err.and_then(|e| e.answered_id.as_deref()),
+            data_problem: t.data_problem.as_deref(),
+            partial: t.partial,
         })
     }
 
@@ -347,6 +364,9 @@ impl<'a> ProviderResult<'a> {
         put_opt_str(buf, self.error_message);
         put_opt_str(buf, self.provider_request_id);
         put_opt_str(buf, self.request_id);
+        put_opt_str(buf, self.answered_id);
+        put_opt_str(buf, self.data_problem);
+        put_bool(buf, self.partial);
     }
 }
 

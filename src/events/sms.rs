@@ -25,6 +25,35 @@ pub(crate) struct SmsHeader<'a> {
     pub onboarded_at: Millis,
     pub fetched_at: Millis,
     pub cnt_sms_threshold: Option<u32>,
+    pub data_problem: Option<&'a str>,
+    pub response_json: Option<&'a str>,
+}
+
+/// The key under which an entry that is not standard JSON (a lone
+/// surrogate escape, a number beyond double range) keeps its text exactly
+/// as Credeau sent it, in the Avro entry's `extra`; its typed fields are
+/// read from the repaired text (see `providers::lenient_json`).
+pub const ENTRY_AS_SENT_KEY: &str = "_entry_json";
+
+/// One entry's fields for the Avro record. An entry Avro's types cannot
+/// hold as sent is read leniently, and its original text kept in `extra`,
+/// so one odd value never loses the extraction.
+fn entry_fields(text: &str) -> Result<Entry, EncodeError> {
+    let strict = match serde_json::from_str::<Entry>(text) {
+        Ok(fields) => return Ok(fields),
+        Err(e) => e,
+    };
+    let repaired = crate::providers::lenient_json::repair(text.as_bytes())
+        .map_err(|u| EncodeError::Json(format!("an SMS entry is not JSON text: {u}")))?;
+    let mut fields: Entry = serde_json::from_str(&repaired.text).map_err(|_| {
+        EncodeError::Json(format!(
+            "an SMS entry cannot be read even leniently (line {}, column {})",
+            strict.line(),
+            strict.column()
+        ))
+    })?;
+    fields.insert(ENTRY_AS_SENT_KEY.to_owned(), Value::String(text.to_owned()));
+    Ok(fields)
 }
 
 #[derive(Clone, Copy)]
@@ -222,7 +251,7 @@ pub(crate) fn encode_avro(
     };
     let mut scratch = Vec::new();
     for e in entries {
-        let fields: Entry = serde_json::from_str(e.get())?;
+        let fields = entry_fields(e.get())?;
         let mut extras = Vec::new();
         put_entry(&mut enc.bytes, &fields, &mut extras, &mut scratch)?;
         enc.ends.push(enc.bytes.len());
@@ -239,7 +268,11 @@ pub(crate) fn encode_avro(
         put_int(buf, total);
     };
     let threshold = h.cnt_sms_threshold.map(count_i32_u32);
-    let put_trailer = |buf: &mut Vec<u8>| avro::put_opt(buf, threshold, put_int);
+    let put_trailer = |buf: &mut Vec<u8>| {
+        avro::put_opt(buf, threshold, put_int);
+        avro::put_opt_str(buf, h.data_problem);
+        avro::put_opt_str(buf, h.response_json);
+    };
     let mut widest = Vec::new();
     put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
     put_trailer(&mut widest);
@@ -301,11 +334,13 @@ pub(crate) fn encode_json(
         }
         buf.extend_from_slice(b"\"entries\":[");
     };
-    // After the entries: `],"cnt_sms_threshold":N}` (null when unknown).
+    // After the entries: `],"cnt_sms_threshold":N,...}` (null when unknown).
     let trailer = format!(
-        "],\"cnt_sms_threshold\":{}}}",
+        "],\"cnt_sms_threshold\":{},\"data_problem\":{},\"response_json\":{}}}",
         h.cnt_sms_threshold
-            .map_or_else(|| "null".to_string(), |t| t.to_string())
+            .map_or_else(|| "null".to_string(), |t| t.to_string()),
+        serde_json::to_string(&h.data_problem)?,
+        serde_json::to_string(&h.response_json)?,
     );
     let mut widest = Vec::new();
     put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);

@@ -140,6 +140,12 @@ metrics! {
     provider_unexpected_data: IntCounterVec = ("provider_unexpected_data_total",
         "Final provider answers whose data is not in the documented shape (FinBox `data` not a list of {name, value} objects); published with the raw data, not retried.",
         ["provider"]);
+    provider_identity_mismatch: IntCounterVec = ("provider_identity_mismatch_total",
+        "Provider answers about another user than the one asked for (FinBox echoed another customer_id, a Credeau SMS entry names another user_id); the provider ends failed with identity_mismatch and nothing is published.",
+        ["provider"]);
+    provider_partial_answers: IntCounterVec = ("provider_partial_answers_total",
+        "Final provider answers that say the provider holds more than it sent (Credeau has_more true, a next_cursor, or a total above the entries sent); published, flagged partial in the combined event.",
+        ["provider"]);
     // pipeline
     events_consumed: IntCounterVec = ("events_consumed_total",
         "Records consumed, by topic kind (input, delay) and result.",
@@ -207,6 +213,11 @@ impl Metrics {
             .set(1);
         for p in ["finbox", "credeau"] {
             m.provider_healthy.with_label_values(&[p]).set(1);
+            // Exported at 0 from the start, so the first such answer is an
+            // increase the alerts on them can see.
+            m.provider_unexpected_data.with_label_values(&[p]);
+            m.provider_identity_mismatch.with_label_values(&[p]);
+            m.provider_partial_answers.with_label_values(&[p]);
         }
         m
     }
@@ -243,6 +254,21 @@ mod tests {
         let text = m.render();
         assert!(text.contains("insights_provider_requests_total{http_status=\"200\",outcome=\"complete\",provider=\"finbox\"} 1"), "{text}");
         assert!(text.contains("insights_build_info"));
+    }
+
+    #[test]
+    fn the_provider_answer_counters_the_alerts_watch_start_at_zero() {
+        let text = Metrics::new().render();
+        for name in [
+            "insights_provider_unexpected_data_total",
+            "insights_provider_identity_mismatch_total",
+            "insights_provider_partial_answers_total",
+        ] {
+            for p in ["finbox", "credeau"] {
+                let line = format!("{name}{{provider=\"{p}\"}} 0");
+                assert!(text.contains(&line), "{line} in\n{text}");
+            }
+        }
     }
 
     #[cfg(target_os = "linux")]

@@ -348,7 +348,7 @@ impl Worker {
                     value,
                     vec![],
                 )),
-                Err(e) => self.fail_publish(task, Provider::Finbox, &e.to_string(), out),
+                Err(e) => self.fail_publish(task, Provider::Finbox, &e, out),
             }
         }
         if let Some(sms) = fx.sms {
@@ -375,7 +375,7 @@ impl Worker {
                         ));
                     }
                 }
-                Err(e) => self.fail_publish(task, Provider::Credeau, &e.to_string(), out),
+                Err(e) => self.fail_publish(task, Provider::Credeau, &e, out),
             }
         }
         if let Some(f) = fx.failure {
@@ -406,14 +406,30 @@ impl Worker {
             dl.provider = Some(p);
             dl.http_status = err.http_status;
             dl.provider_request_id = err.provider_request_id.clone();
+            dl.answered_id = err.answered_id.clone();
             self.push_dead_letter(dl, out);
         }
     }
 
     /// An output that cannot be encoded (an SMS entry larger than a record):
     /// the provider ends as failed and the task is dead-lettered.
-    fn fail_publish(&self, task: &mut Task, p: Provider, msg: &str, out: &mut Processed) {
-        let failure = core::fail_publish(task, p, now_ms(), msg);
+    fn fail_publish(
+        &self,
+        task: &mut Task,
+        p: Provider,
+        e: &crate::events::EncodeError,
+        out: &mut Processed,
+    ) {
+        // Only a size is fixed by `topics.max_message_bytes`: anything else
+        // has its own reason (`publish/encode_failed`).
+        let kind = match e {
+            crate::events::EncodeError::TooLarge { .. } => {
+                crate::providers::ProviderErrorKind::OutputTooLarge
+            }
+            _ => crate::providers::ProviderErrorKind::OutputUnencodable,
+        };
+        let msg = &e.to_string();
+        let failure = core::fail_publish(task, p, now_ms(), kind, msg);
         tracing::warn!(provider = %p, error = msg, "output cannot be published; dead-lettered when the user's task ends");
         out.failures.push(failure);
     }
@@ -503,6 +519,7 @@ fn record_dead_letter(rec: &Incoming, stage: Stage, reason: Reason, message: &st
         provider: None,
         http_status: None,
         provider_request_id: None,
+        answered_id: None,
         user_id: None,
         event_id: None,
         replay_target: ReplayTarget::None,

@@ -18,6 +18,8 @@ use super::http::{
     truncate, AnswerOutcome, Attempt, ClientBuildError, ClientOptions, RetryContext,
     MAX_MESSAGE_CHARS,
 };
+use super::identity;
+use super::lenient_json;
 use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
 use super::ProviderErrorKind as Kind;
@@ -180,8 +182,34 @@ impl CredeauApi for CredeauClient {
             metrics: &self.metrics,
         };
         let mut result = http::with_retries(ctx, |_| self.attempt(user_id)).await;
+        if let Ok(CredeauAnswer::Data(sms)) = &result {
+            if let Some(e) = foreign_entries(user_id, &sms.entries) {
+                self.metrics
+                    .provider_identity_mismatch
+                    .with_label_values(&[PROVIDER.as_str()])
+                    .inc();
+                return Err(e);
+            }
+        }
         if let Ok(CredeauAnswer::Data(sms)) = &mut result {
             sms.cnt_sms_threshold = Some(self.cnt_sms_threshold);
+            if sms.partial {
+                self.metrics
+                    .provider_partial_answers
+                    .with_label_values(&[PROVIDER.as_str()])
+                    .inc();
+            }
+            if let Some(problem) = &sms.data_problem {
+                self.metrics
+                    .provider_unexpected_data
+                    .with_label_values(&[PROVIDER.as_str()])
+                    .inc();
+                tracing::warn!(
+                    provider = PROVIDER.as_str(),
+                    problem = problem.as_str(),
+                    "Credeau answered non-standard JSON; read leniently and published"
+                );
+            }
         }
         result
     }
@@ -196,9 +224,128 @@ impl AnswerOutcome for CredeauAnswer {
     }
 }
 
-#[derive(Deserialize)]
+/// The identity mismatch of an answer whose entries name another
+/// `user_id` than `asked` (entries without one are not checked), or `None`.
+/// Reads each entry's `user_id` alone; the entries stay as Credeau sent them.
+pub fn foreign_entries(asked: &str, entries: &[SmsEntry]) -> Option<ProviderError> {
+    #[derive(Deserialize)]
+    struct UserIdOnly<'a> {
+        #[serde(borrow, default)]
+        user_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let mut foreign = 0usize;
+    let mut first: Option<(usize, String)> = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let named = serde_json::from_str::<UserIdOnly<'_>>(entry.get())
+            .ok()
+            .and_then(|e| e.user_id);
+        if let Some(named) = named {
+            if !identity::same_id(asked, &named) {
+                foreign += 1;
+                first.get_or_insert_with(|| (i, named.into_owned()));
+            }
+        }
+    }
+    let (i, named) = first?;
+    let detail = format!(
+        " ({foreign} of {} SMS entries, the first is entry {i})",
+        entries.len()
+    );
+    Some(identity::mismatch(
+        PROVIDER,
+        Some(200),
+        asked,
+        &named,
+        &detail,
+    ))
+}
+
+/// A 2xx body: the entries kept as text, and every other top-level key
+/// (read in the same pass, so the entries are scanned once).
 struct SuccessBody {
     extracted_sms_data: Vec<SmsEntry>,
+    rest: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for SuccessBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = SuccessBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with extracted_sms_data")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<SuccessBody, A::Error> {
+                let mut entries = None;
+                let mut rest = Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "extracted_sms_data" {
+                        entries = Some(map.next_value::<Vec<SmsEntry>>()?);
+                    } else {
+                        rest.insert(key, map.next_value::<Value>()?);
+                    }
+                }
+                let entries =
+                    entries.ok_or_else(|| serde::de::Error::missing_field("extracted_sms_data"))?;
+                Ok(SuccessBody {
+                    extracted_sms_data: entries,
+                    rest,
+                })
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Whether Credeau said it holds more than it sent, and how it said so.
+fn incompleteness(rest: &Map<String, Value>, sent: usize) -> Option<String> {
+    let mut signs = Vec::new();
+    if rest.get("has_more") == Some(&Value::Bool(true)) {
+        signs.push("has_more: true".to_string());
+    }
+    match rest.get("next_cursor") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(_) => signs.push("a next_cursor".to_string()),
+    }
+    if let Some(total) = rest.get("total").and_then(Value::as_u64) {
+        if total > sent as u64 {
+            signs.push(format!("total {total}"));
+        }
+    }
+    (!signs.is_empty()).then(|| {
+        format!(
+            "Credeau holds more than it sent ({}) for {sent} entries sent: only those are published",
+            signs.join(", ")
+        )
+    })
+}
+
+/// Why a 2xx body could not be read.
+enum SuccessRead {
+    Malformed(serde_json::Error),
+    Unreadable(lenient_json::Unreadable),
+}
+
+/// The 2xx body, strictly or else leniently read (see [`lenient_json`]):
+/// Credeau answers the same way every time, so a repairable body is
+/// repaired, not retried.
+fn read_success(body: &[u8]) -> Result<(SuccessBody, Option<lenient_json::Repaired>), SuccessRead> {
+    let strict = match serde_json::from_slice::<SuccessBody>(body) {
+        Ok(parsed) => return Ok((parsed, None)),
+        Err(e) => e,
+    };
+    match lenient_json::repair(body) {
+        Ok(r) if !r.notes.is_empty() => match serde_json::from_str::<SuccessBody>(&r.text) {
+            Ok(parsed) => Ok((parsed, Some(r))),
+            Err(_) => Err(SuccessRead::Malformed(strict)),
+        },
+        Ok(_) => Err(SuccessRead::Malformed(strict)),
+        Err(u) => Err(SuccessRead::Unreadable(u)),
+    }
 }
 
 /// Maps one Credeau response (status, content type, body) to an answer or
@@ -210,38 +357,53 @@ pub fn map_response(
     body: &[u8],
 ) -> Result<CredeauAnswer, ProviderError> {
     if (200..300).contains(&status) {
-        return match serde_json::from_slice::<SuccessBody>(body) {
-            Ok(parsed) if parsed.extracted_sms_data.is_empty() => Ok(CredeauAnswer::Empty),
-            Ok(parsed) => {
-                // Kept as text, so the shape of each entry is checked here.
-                if let Some(i) = parsed
-                    .extracted_sms_data
-                    .iter()
-                    .position(|e| !e.get().starts_with('{'))
-                {
-                    return Err(error(
-                        PROVIDER,
-                        Kind::InvalidBody,
-                        Some(status),
-                        format!("JSON of an unexpected shape (SMS entry {i} is not an object)"),
-                    ));
-                }
-                Ok(CredeauAnswer::Data(SmsExtraction {
-                    entries: parsed.extracted_sms_data,
-                    cnt_sms_threshold: None,
-                }))
-            }
-            Err(e) => {
-                let json_like =
-                    content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
-                let why = if json_like || e.classify() != serde_json::error::Category::Syntax {
-                    json_error_summary(&e)
-                } else {
-                    non_json_summary(content_type, body)
+        let (parsed, repaired) = match read_success(body) {
+            Ok(read) => read,
+            Err(why) => {
+                let why = match why {
+                    SuccessRead::Unreadable(u) => lenient_json::describe_unreadable(&u),
+                    SuccessRead::Malformed(e) => {
+                        let json_like =
+                            content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+                        if json_like || e.classify() != serde_json::error::Category::Syntax {
+                            json_error_summary(&e)
+                        } else {
+                            non_json_summary(content_type, body)
+                        }
+                    }
                 };
-                Err(error(PROVIDER, Kind::InvalidBody, Some(status), why))
+                return Err(error(PROVIDER, Kind::InvalidBody, Some(status), why));
             }
         };
+        if parsed.extracted_sms_data.is_empty() {
+            return Ok(CredeauAnswer::Empty);
+        }
+        // Kept as text, so the shape of each entry is checked here.
+        if let Some(i) = parsed
+            .extracted_sms_data
+            .iter()
+            .position(|e| !e.get().starts_with('{'))
+        {
+            return Err(error(
+                PROVIDER,
+                Kind::InvalidBody,
+                Some(status),
+                format!("JSON of an unexpected shape (SMS entry {i} is not an object)"),
+            ));
+        }
+        let incomplete = incompleteness(&parsed.rest, parsed.extracted_sms_data.len());
+        let (response_json, envelope_problem) = super::envelope_json(&parsed.rest);
+        return Ok(CredeauAnswer::Data(SmsExtraction {
+            partial: incomplete.is_some(),
+            data_problem: super::join_problems([
+                repaired.and_then(|r| r.summary()),
+                incomplete,
+                envelope_problem,
+            ]),
+            response_json,
+            entries: parsed.extracted_sms_data,
+            cnt_sms_threshold: None,
+        }));
     }
     let json = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(obj)) => Some(obj),

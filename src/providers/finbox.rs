@@ -17,6 +17,8 @@ use super::http::{
     truncate, AnswerOutcome, Attempt, ClientBuildError, ClientOptions, RetryContext,
     MAX_MESSAGE_CHARS,
 };
+use super::identity;
+use super::lenient_json;
 use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
 use super::ProviderErrorKind as Kind;
@@ -153,6 +155,19 @@ impl FinboxApi for FinboxClient {
             metrics: &self.metrics,
         };
         let mut result = http::with_retries(ctx, |_| self.attempt(customer_id, &salt)).await;
+        if let Ok(FinboxAnswer::Complete(insights)) = &result {
+            if let Some(echo) = insights.customer_id.as_deref() {
+                if !identity::same_id(customer_id, echo) {
+                    self.metrics
+                        .provider_identity_mismatch
+                        .with_label_values(&[PROVIDER.as_str()])
+                        .inc();
+                    let mut e = identity::mismatch(PROVIDER, Some(200), customer_id, echo, "");
+                    e.provider_request_id = insights.request_id.clone();
+                    return Err(e);
+                }
+            }
+        }
         if let Ok(FinboxAnswer::Complete(insights)) = &mut result {
             insights.version = Some(self.version);
             if let Some(problem) = &insights.data_problem {
@@ -190,33 +205,42 @@ pub fn map_response(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<FinboxAnswer, ProviderError> {
-    let parsed = serde_json::from_slice::<Value>(body);
-    let object = match &parsed {
-        Ok(Value::Object(map)) => Some(map),
+    let read = read_body(body);
+    let object = match &read {
+        Read::Json(Value::Object(map), _) => Some(map),
         _ => None,
     };
     if (200..300).contains(&status) {
         let Some(obj) = object else {
-            let why = match &parsed {
-                Err(e) => json_error_summary(e),
-                Ok(_) if body.is_empty() => "empty body".to_string(),
-                Ok(_) => "JSON that is not an object".to_string(),
-            };
-            let why = if parsed.is_err() && !looks_like_json(content_type) {
-                non_json_summary(content_type, body)
-            } else {
-                why
+            let why = match &read {
+                Read::Unreadable(u) => lenient_json::describe_unreadable(u),
+                Read::Malformed(_) if !looks_like_json(content_type) => {
+                    non_json_summary(content_type, body)
+                }
+                Read::Malformed(e) => json_error_summary(e),
+                Read::Json(..) if body.is_empty() => "empty body".to_string(),
+                Read::Json(..) => "JSON that is not an object".to_string(),
             };
             return Err(error(PROVIDER, Kind::InvalidBody, Some(status), why));
         };
-        return map_success(status, obj, body);
+        let repaired = match &read {
+            Read::Json(_, Some(r)) => Some(r),
+            _ => None,
+        };
+        return map_success(status, obj, body, repaired);
     }
     let message = match object {
-        Some(obj) => match text_field(obj, "message").or_else(|| text_field(obj, "error")) {
+        Some(obj) => match text_field(obj, "message")
+            .or_else(|| text_field(obj, "error"))
+            .or_else(|| text_field(obj, "detail"))
+        {
             Some(m) => truncate(&m, MAX_MESSAGE_CHARS),
             None => "no message".to_string(),
         },
-        None => non_json_summary(content_type, body),
+        None => match &read {
+            Read::Unreadable(u) => lenient_json::describe_unreadable(u),
+            _ => non_json_summary(content_type, body),
+        },
     };
     let kind = match status {
         400 => Kind::BadRequest,
@@ -232,6 +256,30 @@ pub fn map_response(
     Err(err)
 }
 
+/// A body as read: standard JSON (with the repair that made it so, if any,
+/// see [`lenient_json`]), JSON that even a lenient reading cannot parse,
+/// or bytes that are not JSON text at all.
+enum Read {
+    Json(Value, Option<lenient_json::Repaired>),
+    Malformed(serde_json::Error),
+    Unreadable(lenient_json::Unreadable),
+}
+
+fn read_body(body: &[u8]) -> Read {
+    let strict = match serde_json::from_slice::<Value>(body) {
+        Ok(v) => return Read::Json(v, None),
+        Err(e) => e,
+    };
+    match lenient_json::repair(body) {
+        Ok(r) if !r.notes.is_empty() => match serde_json::from_str::<Value>(&r.text) {
+            Ok(v) => Read::Json(v, Some(r)),
+            Err(_) => Read::Malformed(strict),
+        },
+        Ok(_) => Read::Malformed(strict),
+        Err(u) => Read::Unreadable(u),
+    }
+}
+
 fn looks_like_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
 }
@@ -240,6 +288,7 @@ fn map_success(
     status: u16,
     obj: &Map<String, Value>,
     body: &[u8],
+    repaired: Option<&lenient_json::Repaired>,
 ) -> Result<FinboxAnswer, ProviderError> {
     let invalid = |why: String| error(PROVIDER, Kind::InvalidBody, Some(status), why);
     let request_id = text_field(obj, "request_id");
@@ -256,23 +305,67 @@ fn map_success(
             request_id,
         }),
         "complete" => {
-            let (predictors, data_problem) = read_data(obj.get("data"));
+            let (predictors, shape_problem) = read_data(obj.get("data"));
+            let body = repaired.map_or(body, |r| r.text.as_bytes());
+            let rest: Map<String, Value> = obj
+                .iter()
+                .filter(|(k, _)| !DOCUMENTED_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let (response_json, envelope_problem) = super::envelope_json(&rest);
+            let data_problem = super::join_problems([
+                repaired.and_then(lenient_json::Repaired::summary),
+                shape_problem,
+                envelope_problem,
+            ]);
             Ok(FinboxAnswer::Complete(FinboxInsights {
                 request_id,
                 date_requested: text_field(obj, "date_requested"),
                 date_processed: text_field(obj, "date_processed"),
                 message: text_field(obj, "message"),
                 version: None,
+                customer_id: text_field(obj, "customer_id"),
+                answered_version: obj.get("version").and_then(Value::as_i64),
+                response_json,
                 predictors,
                 data_json: raw_data(body, obj),
                 data_problem,
             }))
         }
         "no_data" => Ok(FinboxAnswer::NoData { request_id }),
+        // A documented status, sent without the 4xx/5xx the document pairs
+        // it with: handled as FinBox's errors without a client-error
+        // status are (a server error, retried), its message kept.
+        "error" => {
+            let message = text_field(obj, "message")
+                .or_else(|| text_field(obj, "error"))
+                .or_else(|| text_field(obj, "detail"))
+                .map(|m| truncate(&m, MAX_MESSAGE_CHARS))
+                .unwrap_or_else(|| "no message".to_string());
+            let mut e = error(
+                PROVIDER,
+                Kind::ServerError,
+                Some(status),
+                format!("status \"error\" with HTTP {status}: {message}"),
+            );
+            e.provider_request_id = request_id;
+            Err(e)
+        }
         "not_found" => Ok(FinboxAnswer::NotFound { request_id }),
         other => Err(invalid(format!("unknown status {:?}", truncate(other, 40)))),
     }
 }
+
+/// The response keys the document lists; the others go to `response_json`.
+const DOCUMENTED_KEYS: [&str; 7] = [
+    "customer_id",
+    "request_id",
+    "status",
+    "message",
+    "date_requested",
+    "date_processed",
+    "data",
+];
 
 /// `data` byte for byte as it appears in the body; `None` when absent or
 /// null. Falls back to re-serializing the parsed value if the body cannot
@@ -306,6 +399,33 @@ pub fn read_data(data: Option<&Value>) -> (Vec<Predictor>, Option<String>) {
     let entries = match data {
         None | Some(Value::Null) => return (Vec::new(), None),
         Some(Value::Array(entries)) => entries,
+        Some(Value::String(text)) => {
+            // Double-encoded: the list written as a JSON string.
+            return match serde_json::from_str::<Value>(text) {
+                Ok(inner @ (Value::Array(_) | Value::Object(_))) => {
+                    let (predictors, problem) = read_data(Some(&inner));
+                    let note =
+                        "`data` is a JSON string holding the data (encoded twice): it was decoded";
+                    (
+                        predictors,
+                        Some(match problem {
+                            Some(p) => format!("{note}; {p}"),
+                            None => note.to_string(),
+                        }),
+                    )
+                }
+                _ => (
+                    Vec::new(),
+                    Some("`data` is a string, not a list".to_string()),
+                ),
+            };
+        }
+        Some(Value::Object(map)) if map.is_empty() => {
+            return (
+                Vec::new(),
+                Some("`data` is an empty object, not a list: no predictors could be read".into()),
+            );
+        }
         Some(Value::Object(map)) => {
             let predictors = map
                 .iter()

@@ -295,6 +295,7 @@ pub(crate) fn error(
         provider_request_id: None,
         retry_after: None,
         attempts: 1,
+        answered_id: None,
     }
 }
 

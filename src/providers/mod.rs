@@ -12,6 +12,8 @@ pub mod call;
 pub mod credeau;
 pub mod finbox;
 pub mod http;
+pub mod identity;
+pub mod lenient_json;
 pub mod ratelimit;
 pub mod retry;
 pub mod salt;
@@ -69,18 +71,62 @@ pub struct FinboxInsights {
     pub date_processed: Option<String>,
     /// The top-level `message` ("data processed successfully").
     pub message: Option<String>,
-    /// The DC_PREDICTORS_VERSION the request asked for (set by the client;
-    /// FinBox does not echo it).
+    /// The DC_PREDICTORS_VERSION the request asked for (set by the client).
     pub version: Option<i64>,
+    /// The `customer_id` FinBox echoed (checked against the one asked for;
+    /// kept for audit).
+    pub customer_id: Option<String>,
     pub predictors: Vec<Predictor>,
     /// `data` exactly as FinBox sent it (JSON text); `None` when absent.
     pub data_json: Option<String>,
     /// Why `data` is not (wholly) the documented list of `{name, value}`
-    /// objects; `None` when it is (or when it is null or absent).
+    /// objects, and what was repaired to read the answer; `None` when
+    /// there is nothing to say.
     pub data_problem: Option<String>,
+    /// The `version` FinBox's answer named, when it named one as an integer.
+    pub answered_version: Option<i64>,
+    /// The answer's top-level keys other than the documented ones, as a
+    /// JSON object text (bounded, see [`envelope_json`]); `None` when none.
+    pub response_json: Option<String>,
+}
+
+/// The most bytes an answer's envelope (`response_json`) may take in an
+/// event; a larger one is left out and the data problem says so.
+pub const MAX_ENVELOPE_BYTES: usize = 65_536;
+
+/// `rest` (an answer's top-level keys other than the ones an event carries
+/// in fields of their own) as JSON object text, or why it is left out.
+pub fn envelope_json(
+    rest: &serde_json::Map<String, serde_json::Value>,
+) -> (Option<String>, Option<String>) {
+    if rest.is_empty() {
+        return (None, None);
+    }
+    let text = serde_json::Value::Object(rest.clone()).to_string();
+    if text.len() > MAX_ENVELOPE_BYTES {
+        let keys: Vec<&str> = rest.keys().map(String::as_str).take(10).collect();
+        return (
+            None,
+            Some(format!(
+                "the answer's other top-level keys ({}) take {} bytes, over {MAX_ENVELOPE_BYTES}: left out of response_json",
+                keys.join(", "),
+                text.len()
+            )),
+        );
+    }
+    (Some(text), None)
+}
+
+/// Joins data problems into one text (`None` when there are none).
+pub fn join_problems<I: IntoIterator<Item = Option<String>>>(parts: I) -> Option<String> {
+    let parts: Vec<String> = parts.into_iter().flatten().collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// What a FinBox call answered, once it answered something meaningful.
+// One answer per poll, moved into the task's effects at once: never held
+// in bulk, so the size of `Complete` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum FinboxAnswer {
     /// 202 `in_progress`; the message may suggest a wait ("try again in 10 Seconds").
@@ -121,11 +167,24 @@ pub struct SmsExtraction {
     /// The `cnt_sms_threshold` the request sent (set by the client): when
     /// there are exactly this many entries, the device may hold more.
     pub cnt_sms_threshold: Option<u32>,
+    /// What had to be repaired to read Credeau's answer (a non-finite
+    /// number read as null, a byte-order mark skipped); `None` when it was
+    /// standard JSON.
+    pub data_problem: Option<String>,
+    /// The answer's top-level keys other than `extracted_sms_data`, as a
+    /// JSON object text (bounded); `None` when there were none.
+    pub response_json: Option<String>,
+    /// Credeau said it holds more than it sent (`has_more: true`, a
+    /// `next_cursor`, or a `total` above the entries sent).
+    pub partial: bool,
 }
 
 impl PartialEq for SmsExtraction {
     fn eq(&self, other: &Self) -> bool {
         self.cnt_sms_threshold == other.cnt_sms_threshold
+            && self.data_problem == other.data_problem
+            && self.response_json == other.response_json
+            && self.partial == other.partial
             && self
                 .entries
                 .iter()
@@ -186,6 +245,13 @@ pub enum ProviderErrorKind {
     /// (one SMS entry larger than `topics.max_message_bytes`): ours to fix,
     /// not the provider's.
     OutputTooLarge,
+    /// An answer about someone else: FinBox echoed another `customer_id`,
+    /// or a Credeau SMS entry names another `user_id`. Never published as
+    /// this user's data, never retried.
+    IdentityMismatch,
+    /// An answer that arrived whole but whose event cannot be encoded for
+    /// another reason than its size: ours to fix, not the provider's.
+    OutputUnencodable,
 }
 
 impl ProviderErrorKind {
@@ -224,6 +290,8 @@ impl ProviderErrorKind {
             ProviderErrorKind::InvalidBody => "invalid_body",
             ProviderErrorKind::TooLarge => "too_large",
             ProviderErrorKind::OutputTooLarge => "output_too_large",
+            ProviderErrorKind::IdentityMismatch => "identity_mismatch",
+            ProviderErrorKind::OutputUnencodable => "output_unencodable",
         }
     }
 }
@@ -243,6 +311,8 @@ pub struct ProviderError {
     pub retry_after: Option<Duration>,
     /// How many HTTP requests this call made (1 + in-process retries).
     pub attempts: u32,
+    /// With `IdentityMismatch`: the id the answer named (kept for audit).
+    pub answered_id: Option<String>,
 }
 
 impl ProviderError {

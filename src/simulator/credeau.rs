@@ -193,6 +193,11 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
         ticket.number.into(),
     );
     let fault = faults::decide(&scenario.faults, ticket.number, &mut dice);
+    let scripted = scenario
+        .faults
+        .scripted
+        .as_ref()
+        .filter(|s| s.applies(ticket.number));
     let request_id = dice.hex_id(16);
     let ready_at = ticket
         .first_contact_ms
@@ -220,9 +225,10 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
     if !scenario.faults.latency.is_zero() {
         tokio::time::sleep(scenario.faults.latency).await;
     }
-    let resp = match fault {
-        None => respond::json_bytes(StatusCode::OK, body),
-        Some(fault) => respond::render_fault(
+    let resp = match (fault, scripted) {
+        (None, Some(answer)) => respond::scripted(answer, &req.user_id),
+        (None, None) => respond::json_bytes(StatusCode::OK, body),
+        (Some(fault), _) => respond::render_fault(
             fault,
             body,
             |status| error(status, "Internal Server Error"),

@@ -178,14 +178,20 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
         ticket.number.into(),
     );
     let fault = faults::decide(&scenario.faults, ticket.number, &mut dice);
+    let scripted = scenario
+        .faults
+        .scripted
+        .as_ref()
+        .filter(|s| s.applies(ticket.number));
     let request_id = dice.hex_id(16);
     let (status, body) = answer(&sim, &scenario, &req, ticket, now, &request_id);
     if !scenario.faults.latency.is_zero() {
         tokio::time::sleep(scenario.faults.latency).await;
     }
-    let resp = match fault {
-        None => respond::json_bytes(status, body),
-        Some(fault) => respond::render_fault(
+    let resp = match (fault, scripted) {
+        (None, Some(answer)) => respond::scripted(answer, &req.customer_id),
+        (None, None) => respond::json_bytes(status, body),
+        (Some(fault), _) => respond::render_fault(
             fault,
             body,
             |status| error(status, SERVER_ERROR_MESSAGE),

@@ -32,7 +32,7 @@ use self::ratelimit::ProviderLimit;
 use self::respond::Dropped;
 pub use self::scenario::{
     CredeauScenario, Faults, FinboxDataShape, FinboxOutcome, FinboxScenario, ScenarioPatch,
-    ScenarioSet, UserScenario,
+    ScenarioSet, ScriptedAnswer, UserScenario,
 };
 use self::stats::{Channel, Stats};
 use self::users::{Clock, UserBook};

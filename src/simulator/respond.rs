@@ -89,6 +89,16 @@ pub fn truncated(body: &[u8]) -> Response {
     json_bytes(StatusCode::OK, body[..body.len() / 2].to_vec())
 }
 
+/// A scripted answer (see `ScriptedAnswer`) for a request about `id`.
+pub fn scripted(answer: &super::scenario::ScriptedAnswer, id: &str) -> Response {
+    let mut resp = Response::new(Body::from(answer.body_bytes(id)));
+    *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    if let Ok(ct) = HeaderValue::from_str(&answer.content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    with_retry_after(resp, answer.retry_after_secs)
+}
+
 /// Renders a fault. `real_body` is the answer the request would have got
 /// (dropped and truncated answers are cut from it); server errors and rate
 /// limits use the provider's own bodies.

@@ -165,6 +165,61 @@ pub struct Faults {
     pub truncated_json_first: u32,
     pub truncated_json_ratio: f64,
     pub proxy_html_first: u32,
+    /// An exact answer sent instead of the user's own: bodies the
+    /// documents do not describe (non-standard JSON, another user's id,
+    /// extra keys, a 200 `"status": "error"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scripted: Option<ScriptedAnswer>,
+}
+
+/// One exact answer (see [`Faults::scripted`]). `{id}` in `body` is
+/// replaced by the id the request asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScriptedAnswer {
+    /// Only the user's first N requests; 0 = every request.
+    pub first: u32,
+    pub status: u16,
+    /// The body as text.
+    pub body: String,
+    /// The body as Base64, for bytes that are not UTF-8 (a gzip stream,
+    /// invalid UTF-8); used instead of `body` when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    pub content_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Default for ScriptedAnswer {
+    fn default() -> Self {
+        Self {
+            first: 0,
+            status: 200,
+            body: String::new(),
+            body_base64: None,
+            content_type: "application/json".into(),
+            retry_after_secs: None,
+        }
+    }
+}
+
+impl ScriptedAnswer {
+    /// Whether request number `n` (1-based) gets this answer.
+    pub fn applies(&self, n: u32) -> bool {
+        self.first == 0 || n <= self.first
+    }
+
+    /// The body's bytes for a request about `id`.
+    pub fn body_bytes(&self, id: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        match &self.body_base64 {
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default(),
+            None => self.body.replace("{id}", id).into_bytes(),
+        }
+    }
 }
 
 impl Default for Faults {
@@ -184,6 +239,7 @@ impl Default for Faults {
             truncated_json_first: 0,
             truncated_json_ratio: 0.0,
             proxy_html_first: 0,
+            scripted: None,
         }
     }
 }
@@ -211,6 +267,26 @@ impl Faults {
                     place: place.to_owned(),
                     problem: format!("{name} must be between 0 and 1, got {p}"),
                 });
+            }
+        }
+        if let Some(s) = &self.scripted {
+            use base64::Engine as _;
+            if !(100..=599).contains(&s.status) {
+                return Err(ScenarioError {
+                    place: format!("{place}.scripted"),
+                    problem: format!("status must be an HTTP status, got {}", s.status),
+                });
+            }
+            if let Some(b64) = &s.body_base64 {
+                if base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .is_err()
+                {
+                    return Err(ScenarioError {
+                        place: format!("{place}.scripted"),
+                        problem: "body_base64 is not standard Base64".into(),
+                    });
+                }
             }
         }
         if !(500..=599).contains(&self.server_error_status) {

@@ -797,6 +797,7 @@ impl CredeauApi for FakeProvider {
         Ok(CredeauAnswer::Data(SmsExtraction {
             entries: vec![entry],
             cnt_sms_threshold: Some(5000),
+            ..SmsExtraction::default()
         }))
     }
 }
