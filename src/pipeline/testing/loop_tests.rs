@@ -7,7 +7,7 @@
 //! offsets that do not follow the group's.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -25,6 +25,7 @@ use crate::pipeline::record::{SourceKind, TopicPartition};
 use crate::pipeline::share::RateShare;
 use crate::pipeline::testing::fake::{Disruption, FakeBroker, FakeProvider};
 use crate::pipeline::worker::{now_ms, OutputTopics, Worker};
+use crate::providers::ratelimit::RateLimiter;
 use crate::providers::Provider;
 use crate::task::Task;
 
@@ -101,6 +102,20 @@ async fn start_with(
     max_message_bytes: usize,
     straggler_wait: Duration,
 ) -> Harness {
+    let providers = (finbox, credeau);
+    let limits = (max_message_bytes, straggler_wait);
+    start_sharing(broker, providers, ls, limits, RateShare::unknown()).await
+}
+
+/// `start_with` whose loop applies `share` as it gains and loses
+/// partitions.
+async fn start_sharing(
+    broker: Arc<FakeBroker>,
+    (finbox, credeau): (Arc<FakeProvider>, Arc<FakeProvider>),
+    ls: LoopSettings,
+    (max_message_bytes, straggler_wait): (usize, Duration),
+    share: RateShare,
+) -> Harness {
     let s = settings();
     let metrics = Arc::new(Metrics::new());
     let tiers = DelayTiers::new(&s.schedule.delay_tiers);
@@ -152,7 +167,7 @@ async fn start_with(
         guard: DeadLetterGuard::new(s.dead_letter.clone()),
         health,
         metrics: metrics.clone(),
-        share: RateShare::unknown(),
+        share,
         admission_rate: Box::new(move || rate),
     });
     let shutdown = CancellationToken::new();
@@ -858,4 +873,66 @@ async fn batches_that_finish_during_a_slow_commit_go_into_the_next_transaction_t
         "{commits} transactions for 40 batches"
     );
     assert_eq!(h.broker.violations(), Vec::<String>::new());
+}
+
+/// The share of a real Credeau limiter of 1,000/min that the loop applies
+/// (all partitions are this member's), with every share applied logged.
+fn credeau_share(limiter: &Arc<RateLimiter>) -> (RateShare, Arc<Mutex<Vec<f64>>>) {
+    let s = settings();
+    let tiers = DelayTiers::new(&s.schedule.delay_tiers).len();
+    let total = INPUT_PARTITIONS as usize + 2 * tiers;
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let (limiter, log) = (limiter.clone(), applied.clone());
+    let share = RateShare::new(
+        total,
+        Arc::new(move |share: f64| {
+            log.lock().unwrap().push(share);
+            limiter.set_rate_per_minute((1000.0 * share).floor() as u32);
+        }),
+    );
+    (share, applied)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_and_a_rebalance_during_a_429_backoff_give_back_the_share_times_the_backoff() {
+    // The limiter runs on the system clock, which paused time does not
+    // move: its 60 s back-off lasts the whole test.
+    let metrics = Arc::new(Metrics::new());
+    let limiter = Arc::new(RateLimiter::new(Provider::Credeau, 1000, metrics.clone()));
+    limiter.note_rate_limited();
+    assert_eq!(limiter.effective_rate_per_minute(), 500);
+    let in_force = || {
+        let shown = metrics.rate_limit.with_label_values(&["credeau"]).get();
+        (limiter.effective_rate_per_minute(), shown)
+    };
+    let (share, applied) = credeau_share(&limiter);
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "backoff", 100);
+    let s = settings();
+    let limits = (s.topics.max_message_bytes, s.schedule.straggler_wait);
+    let providers = (quick(10), quick(10));
+    let h = start_sharing(broker.clone(), providers, loop_settings(), limits, share).await;
+    finish(&h, &users, Duration::from_secs(30)).await;
+    assert_exactly_once(&h, &users);
+    // The (re)started member had no share, then all of it: the rate in
+    // force is all of the limit halved by the back-off, and shown.
+    assert_eq!(applied.lock().unwrap()[..2], [0.0, 1.0]);
+    assert_eq!(in_force(), (500, 500));
+    // A rebalance (the member rejoins) while the back-off still runs.
+    let stopped = h.running.await.expect("no panic");
+    assert!(stopped.is_ok(), "{stopped:?}");
+    let (share, applied) = credeau_share(&limiter);
+    broker.restart_member();
+    let more = onboard(&broker, "after", 100);
+    let providers = (quick(10), quick(10));
+    let h2 = start_sharing(broker.clone(), providers, loop_settings(), limits, share).await;
+    let done = wait_for(Duration::from_secs(30), || {
+        more.iter().all(|u| combined(&h2.broker).contains_key(u))
+    })
+    .await;
+    stop(&h2).await;
+    assert!(done, "users after the rebalance were not done");
+    assert!(applied.lock().unwrap().contains(&0.0));
+    assert_eq!(in_force(), (500, 500));
+    assert_eq!(limiter.configured_rate_per_minute(), 1000);
 }
