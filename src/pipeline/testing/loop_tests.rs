@@ -19,7 +19,7 @@ use crate::core::Policies;
 use crate::events::{InputDecoder, OutputEncoder};
 use crate::metrics::Metrics;
 use crate::pipeline::consume::{ConsumeLoop, LoopError, LoopParts, LoopSettings};
-use crate::pipeline::guard::DeadLetterGuard;
+use crate::pipeline::guard::{DeadLetterGuard, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::record::{SourceKind, TopicPartition};
 use crate::pipeline::share::RateShare;
@@ -935,4 +935,79 @@ async fn a_restart_and_a_rebalance_during_a_429_backoff_give_back_the_share_time
     assert!(applied.lock().unwrap().contains(&0.0));
     assert_eq!(in_force(), (500, 500));
     assert_eq!(limiter.configured_rate_per_minute(), 1000);
+}
+
+/// Onboarding events on input partition 0, two undecodable ones (dead
+/// letters that count for the guard) for every good one.
+fn two_bad_one_good(broker: &FakeBroker, prefix: &str, n: usize) {
+    for i in 0..n {
+        let user = format!("{prefix}-{i}");
+        let value = if i % 3 == 2 {
+            serde_json::json!({
+                "event_id": format!("ev-{user}"),
+                "user_id": user,
+                "onboarded_at": now_ms() - 3_600_000,
+            })
+            .to_string()
+            .into_bytes()
+        } else {
+            b"not json".to_vec()
+        };
+        broker.produce(INPUT, 0, &user, value);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_that_crosses_the_dead_letter_ratio_is_aborted_not_committed() {
+    // dead_letter defaults: more than 100 of the last 200, or 100 in a row.
+    let broker = broker(Duration::from_secs(30));
+    let p0 = TopicPartition::new(INPUT, 0);
+    two_bad_one_good(&broker, "first", 60);
+    let h = start(broker.clone(), quick(10), quick(10), loop_settings()).await;
+    // 40 dead letters of 60 records: committed.
+    assert!(wait_for(Duration::from_secs(10), || broker.committed(&p0) == 60).await);
+    let dlq = &settings().topics.dead_letter;
+    assert_eq!(broker.read_topic(dlq).len(), 40);
+    // 100 more of 150: the 101st dead letter of the last 200 records is in
+    // this batch, which is aborted.
+    two_bad_one_good(&broker, "second", 150);
+    let result = tokio::time::timeout(Duration::from_secs(30), h.running)
+        .await
+        .expect("the loop stops by itself")
+        .expect("no panic");
+    let Err(LoopError::Guard(tripped)) = result else {
+        panic!("{result:?}");
+    };
+    assert!(matches!(tripped, GuardTripped::Ratio { dead: 101, .. }));
+    assert!(
+        tripped
+            .to_string()
+            .ends_with("Last dead letter: stage decode, reason malformed_json"),
+        "{tripped}"
+    );
+    assert_eq!(broker.committed(&p0), 60);
+    assert_eq!(broker.read_topic(dlq).len(), 40);
+    assert!(!combined(&broker).keys().any(|u| u.starts_with("second")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_rejecting_many_users_does_not_trip_the_guard() {
+    // A contract change on the provider's side: 422 for 150 users in one
+    // burst. Each is dead-lettered once with its reason and gets its final
+    // answer; the loop goes on.
+    let (h, users) = all_failing_with(crate::providers::ProviderErrorKind::Unprocessable).await;
+    finish(&h, &users, Duration::from_secs(60)).await;
+    assert_exactly_once(&h, &users);
+    let dl = dead_letters(&h.broker);
+    assert_eq!(dl.len(), users.len(), "{dl:?}");
+    assert!(
+        dl.values()
+            .all(|v| v == &("poll_finbox".to_string(), "unprocessable".to_string())),
+        "{dl:?}"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(30), h.running)
+        .await
+        .expect("stops when asked")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
 }
