@@ -86,8 +86,8 @@ impl RateLimiter<DefaultClock> {
     pub fn new(provider: Provider, per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let burst = (per_minute / 600).max(1);
         let mut limiter = Self::with_clock(provider, per_minute, burst, DefaultClock::default());
-        let effective = limiter.lock().effective;
-        show_rate(&metrics, provider, effective);
+        // Not shown yet: the service sets this instance's share (0 until it
+        // has partitions) before it calls anyone, and that shows it.
         limiter.metrics = Some(metrics);
         limiter
     }
@@ -151,13 +151,13 @@ impl<C: Clock + Clone> RateLimiter<C> {
             0 => 0,
             configured => (configured >> state.cuts).max(1),
         };
+        if let Some(m) = &self.metrics {
+            show_rate(m, self.provider, effective);
+        }
         if effective == state.effective {
             return;
         }
         state.effective = effective;
-        if let Some(m) = &self.metrics {
-            show_rate(m, self.provider, effective);
-        }
         state.bucket = (effective > 0).then(|| {
             let bucket =
                 Bucket::<C>::direct_with_clock(quota(effective, self.burst), self.clock.clone());
@@ -523,10 +523,19 @@ mod tests {
     }
 
     #[test]
-    fn new_shows_its_rate_before_any_change() {
+    fn the_first_share_set_is_shown() {
         let metrics = Arc::new(Metrics::new());
-        let _l = RateLimiter::new(Provider::Finbox, 600, metrics.clone());
-        assert_eq!(metrics.rate_limit.with_label_values(&["finbox"]).get(), 600);
+        let l = RateLimiter::new(Provider::Finbox, 600, metrics.clone());
+        l.set_rate_per_minute(0);
+        assert_eq!(metrics.rate_limit.with_label_values(&["finbox"]).get(), 0);
+        l.set_rate_per_minute(300);
+        assert_eq!(metrics.rate_limit.with_label_values(&["finbox"]).get(), 300);
+        let other = RateLimiter::new(Provider::Credeau, 600, metrics.clone());
+        other.set_rate_per_minute(600);
+        assert_eq!(
+            metrics.rate_limit.with_label_values(&["credeau"]).get(),
+            600
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
