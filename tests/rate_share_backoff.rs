@@ -99,7 +99,7 @@ async fn output_resumes_within_seconds_after_a_rebalance_that_follows_429s() {
     };
     let a = Service::start(&env("a"), &dir.path().join("a.log"));
     wait_ready(&a).await;
-    let early = produce_users(&topics.input, "early-", 100).await;
+    let early = produce_users(&topics.input, "early-", 40).await;
 
     // A backs off: its rate in force, and the metric, drop below its share.
     let until = Instant::now() + Duration::from_secs(30);
@@ -146,7 +146,7 @@ async fn output_resumes_within_seconds_after_a_rebalance_that_follows_429s() {
         b.log_text()
     );
 
-    let late = produce_users(&topics.input, "late-", 60).await;
+    let late = produce_users(&topics.input, "late-", 20).await;
     let produced = Instant::now();
     let late_set: std::collections::HashSet<&String> = late.iter().collect();
     let mut late_done = 0;
