@@ -17,7 +17,7 @@
 //! in force is always the configured rate (this instance's share of the
 //! limit, which moves with every rebalance) times that factor. A share cut
 //! to nothing during a rebalance and given back a moment later therefore
-//! gives back the backed-off share, not the 1/min floor it passed through.
+//! gives back the backed-off share, not the lowest rate it passed through.
 //! `insights_rate_limit_per_minute{provider}` shows that rate, set here
 //! whenever the share or the back-off changes it.
 //!
@@ -382,7 +382,7 @@ mod tests {
         assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (0, 0));
         assert!(l.try_acquire().is_err());
         // ... and gives it back a moment later: the share's rate times the
-        // back-off, not the 1/min the old limiter kept for a minute.
+        // back-off, not the lowest rate it passed through.
         clock.advance(Duration::from_secs(9));
         l.set_rate_per_minute(1000);
         assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (250, 250));
