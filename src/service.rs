@@ -168,12 +168,7 @@ impl Service {
             return Ok(None);
         };
 
-        let share = Self::rate_share(
-            &settings,
-            &worker.limits,
-            &metrics,
-            brokers.total_partitions,
-        );
+        let share = Self::rate_share(&settings, &worker.limits, brokers.total_partitions);
         consumer.set_rate_share(share.clone());
         let consume_loop = ConsumeLoop::new(LoopParts {
             consumer: consumer.clone(),
@@ -220,35 +215,26 @@ impl Service {
     }
 
     /// This instance's share of the provider rate limits: it resizes both
-    /// providers' limiters to the share of `total_partitions` held, and
-    /// shows it in `insights_rate_limit_per_minute`.
+    /// providers' limiters to the share of `total_partitions` held (each
+    /// limiter shows the rate it puts in force, back-off included, in
+    /// `insights_rate_limit_per_minute`).
     fn rate_share(
         settings: &Settings,
         limits: &(Arc<RateLimiter>, Arc<RateLimiter>),
-        metrics: &Arc<Metrics>,
         total_partitions: usize,
     ) -> RateShare {
         let (finbox, credeau) = (limits.0.clone(), limits.1.clone());
         let finbox_total = settings.finbox.http.rate_limit_per_minute;
         let credeau_total = settings.credeau.http.rate_limit_per_minute;
-        let metrics = metrics.clone();
         RateShare::new(
             total_partitions,
             Arc::new(move |share: f64| {
                 // Shares are rounded down, so they never add up to more than
-                // the limit. An instance without partitions has no share (its
-                // limiter keeps the 1/min floor; it has nothing to call for).
+                // the limit. An instance without partitions has no share: its
+                // limiters hand out no permits until it has some again.
                 let part = |total: u32| (total as f64 * share).floor() as u32;
-                for (provider, limiter, total) in [
-                    (Provider::Finbox, &finbox, finbox_total),
-                    (Provider::Credeau, &credeau, credeau_total),
-                ] {
-                    limiter.set_rate_per_minute(part(total).max(1));
-                    metrics
-                        .rate_limit
-                        .with_label_values(&[provider.as_str()])
-                        .set(i64::from(part(total)));
-                }
+                finbox.set_rate_per_minute(part(finbox_total));
+                credeau.set_rate_per_minute(part(credeau_total));
             }),
         )
     }

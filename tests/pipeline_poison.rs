@@ -152,7 +152,7 @@ async fn the_dead_letter_guard_stops_the_service_loudly_and_the_batch_that_tripp
     assert!(
         log.contains(
             "error: 3 consecutive records were dead-lettered (dead_letter.max_consecutive = 3)"
-        ) && log.contains("Last reason: forbidden"),
+        ) && log.contains("Last dead letter: stage poll_finbox, reason forbidden"),
         "no error line naming the guard; log:\n{log}"
     );
     assert!(!log.contains("revoked-finbox-key"), "key in the log");

@@ -161,13 +161,21 @@ impl Reason {
 
     /// Whether a record dead-lettered for this reason counts for the
     /// dead-letter guard. Exhausted retries do not: they are a provider's
-    /// outage or brown-out, the user already gets a final combined event
-    /// (`failed`), and stopping the service would hold back every other
-    /// user's answer without bringing the provider back. Every other reason
-    /// is something a person can fix (the input producer, a key, a limit),
-    /// so a run of them stops the service instead of dead-lettering a topic.
+    /// outage or brown-out. Nor does a provider's rejection of one user's
+    /// request (`bad_request` 400, `unprocessable` 422): that is the
+    /// provider's final answer about that user (a contract change on its
+    /// side rejects users one by one), not something a restart fixes. In
+    /// both cases the user already gets a final combined event (`failed`)
+    /// and a dead letter to replay, and stopping the service would hold back
+    /// every other user's answer. Every other reason is something a person
+    /// can fix on our side (the input producer, a key or IP, a limit, a
+    /// deploy), so a run of them stops the service instead of dead-lettering
+    /// a topic.
     pub fn counts_for_guard(self) -> bool {
-        !matches!(self, Reason::Exhausted)
+        !matches!(
+            self,
+            Reason::Exhausted | Reason::BadRequest | Reason::Unprocessable
+        )
     }
 }
 

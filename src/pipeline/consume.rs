@@ -723,10 +723,9 @@ impl ConsumeLoop {
                 .dead_letters
                 .iter()
                 .chain(&p.failures)
-                .map(|(_, r)| *r)
-                .find(|r| r.counts_for_guard());
-            let (dead, reason) = (counted.is_some(), counted.map_or("", |r| r.as_str()));
-            if let Err(tripped) = self.parts.guard.observe(dead, reason) {
+                .find(|(_, r)| r.counts_for_guard())
+                .copied();
+            if let Err(tripped) = self.parts.guard.observe(counted) {
                 self.parts.guard.restore(snapshot);
                 tracing::error!(error = %tripped, "dead-letter guard tripped; stopping without committing the batch");
                 self.hand_back(&offsets);

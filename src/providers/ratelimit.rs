@@ -12,6 +12,18 @@
 //! [`CUT_SPACING`] (a burst of concurrent 429s is one signal, not many) and
 //! never below 1/16 of the configured rate. [`BACKOFF_WINDOW`] after the
 //! last 429 the configured rate is restored in one step.
+//!
+//! The back-off is a factor (1/2 per cut), not a remembered rate: the rate
+//! in force is always the configured rate (this instance's share of the
+//! limit, which moves with every rebalance) times that factor. A share cut
+//! to nothing during a rebalance and given back a moment later therefore
+//! gives back the backed-off share, not the lowest rate it passed through.
+//! `insights_rate_limit_per_minute{provider}` shows that rate, set here
+//! whenever the share or the back-off changes it.
+//!
+//! A configured rate of 0 (an instance holding no partitions has no share)
+//! hands out no permit at all until a rate is set again, so the shares of
+//! the instances never add up to more than the deployment's limit.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,16 +45,24 @@ pub const BACKOFF_WINDOW: Duration = Duration::from_secs(60);
 pub const CUT_SPACING: Duration = Duration::from_secs(5);
 /// The effective rate never drops below `configured / MAX_CUT_FACTOR`.
 pub const MAX_CUT_FACTOR: u32 = 16;
+/// How many halvings `MAX_CUT_FACTOR` allows.
+const MAX_CUTS: u32 = MAX_CUT_FACTOR.trailing_zeros();
+/// How long a caller without a rate (0) sleeps before it checks again; a
+/// rate set in the meantime wakes it at once.
+const NO_RATE_RECHECK: Duration = Duration::from_secs(60);
 
 type Bucket<C> =
     governor::RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 struct State<C: Clock> {
     configured: u32,
+    /// Halvings in force (the back-off factor is `1 / 2^cuts`).
+    cuts: u32,
     effective: u32,
     backoff_until: Option<C::Instant>,
     last_cut: Option<C::Instant>,
-    bucket: Arc<Bucket<C>>,
+    /// `None` at a rate of 0: no permits.
+    bucket: Option<Arc<Bucket<C>>>,
 }
 
 /// A token bucket for one provider. Share it in an `Arc`; every HTTP
@@ -66,6 +86,8 @@ impl RateLimiter<DefaultClock> {
     pub fn new(provider: Provider, per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let burst = (per_minute / 600).max(1);
         let mut limiter = Self::with_clock(provider, per_minute, burst, DefaultClock::default());
+        // Not shown yet: the service sets this instance's share (0 until it
+        // has partitions) before it calls anyone, and that shows it.
         limiter.metrics = Some(metrics);
         limiter
     }
@@ -87,17 +109,19 @@ impl<C: Clock + Clone> RateLimiter<C> {
     /// A limiter on any governor clock (tests use `FakeRelativeClock`).
     pub fn with_clock(provider: Provider, per_minute: u32, burst: u32, clock: C) -> Self {
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-        let per_minute = per_minute.max(1);
-        let bucket = Arc::new(Bucket::<C>::direct_with_clock(
-            quota(per_minute, burst),
-            clock.clone(),
-        ));
+        let bucket = (per_minute > 0).then(|| {
+            Arc::new(Bucket::<C>::direct_with_clock(
+                quota(per_minute, burst),
+                clock.clone(),
+            ))
+        });
         RateLimiter {
             provider,
             burst,
             clock,
             state: Mutex::new(State {
                 configured: per_minute,
+                cuts: 0,
                 effective: per_minute,
                 backoff_until: None,
                 last_cut: None,
@@ -119,43 +143,51 @@ impl<C: Clock + Clone> RateLimiter<C> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Swaps in an empty bucket at `effective` and wakes the waiters.
-    fn rebuild(&self, state: &mut State<C>, effective: u32) {
-        let effective = effective.max(1);
+    /// Puts the configured rate times the back-off factor in force: swaps
+    /// in an empty bucket at that rate (if it changed), shows it, and wakes
+    /// the waiters.
+    fn rebuild(&self, state: &mut State<C>) {
+        let effective = match state.configured {
+            0 => 0,
+            configured => (configured >> state.cuts).max(1),
+        };
+        if let Some(m) = &self.metrics {
+            show_rate(m, self.provider, effective);
+        }
         if effective == state.effective {
             return;
         }
         state.effective = effective;
-        if let Some(m) = &self.metrics {
-            m.rate_limit
-                .with_label_values(&[self.provider.as_str()])
-                .set(i64::from(effective));
-        }
-        let bucket =
-            Bucket::<C>::direct_with_clock(quota(effective, self.burst), self.clock.clone());
-        // Start empty: the old bucket may just have handed out its burst.
-        let _ = bucket.check_n(self.burst);
-        state.bucket = Arc::new(bucket);
+        state.bucket = (effective > 0).then(|| {
+            let bucket =
+                Bucket::<C>::direct_with_clock(quota(effective, self.burst), self.clock.clone());
+            // Start empty: the old bucket may just have handed out its burst.
+            let _ = bucket.check_n(self.burst);
+            Arc::new(bucket)
+        });
         self.changed.notify_waiters();
     }
 
-    /// The current bucket, after ending an expired back-off.
-    fn current(&self) -> Arc<Bucket<C>> {
+    /// The current bucket (none at a rate of 0), after ending an expired
+    /// back-off.
+    fn current(&self) -> Option<Arc<Bucket<C>>> {
         let mut state = self.lock();
         if let Some(until) = state.backoff_until {
             if self.clock.now() >= until {
                 state.backoff_until = None;
                 state.last_cut = None;
-                let configured = state.configured;
-                self.rebuild(&mut state, configured);
+                state.cuts = 0;
+                self.rebuild(&mut state);
             }
         }
-        Arc::clone(&state.bucket)
+        state.bucket.clone()
     }
 
     /// Takes a permit if one is free now; otherwise how long until one may be.
     pub fn try_acquire(&self) -> Result<(), Duration> {
-        let bucket = self.current();
+        let Some(bucket) = self.current() else {
+            return Err(NO_RATE_RECHECK);
+        };
         bucket
             .check()
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
@@ -190,18 +222,13 @@ impl<C: Clock + Clone> RateLimiter<C> {
     }
 
     /// Sets the configured rate (e.g. this instance's share of the
-    /// deployment's limit). During a back-off the reduced rate stays in
-    /// force if it is lower.
+    /// deployment's limit; 0 hands out no permits). A back-off running
+    /// applies to the new rate as it did to the old one (the same factor),
+    /// until its window ends.
     pub fn set_rate_per_minute(&self, per_minute: u32) {
-        let per_minute = per_minute.max(1);
         let mut state = self.lock();
         state.configured = per_minute;
-        let effective = if state.backoff_until.is_some() {
-            state.effective.min(per_minute)
-        } else {
-            per_minute
-        };
-        self.rebuild(&mut state, effective);
+        self.rebuild(&mut state);
     }
 
     /// Reports a 429 from the provider: halves the effective rate (see the
@@ -217,9 +244,8 @@ impl<C: Clock + Clone> RateLimiter<C> {
             return;
         }
         state.last_cut = Some(now);
-        let floor = (state.configured / MAX_CUT_FACTOR).max(1);
-        let halved = (state.effective / 2).max(floor);
-        self.rebuild(&mut state, halved);
+        state.cuts = (state.cuts + 1).min(MAX_CUTS);
+        self.rebuild(&mut state);
     }
 
     /// The rate the bucket runs at now, per minute.
@@ -233,6 +259,14 @@ impl<C: Clock + Clone> RateLimiter<C> {
     pub fn configured_rate_per_minute(&self) -> u32 {
         self.lock().configured
     }
+}
+
+/// Shows the rate in force in `insights_rate_limit_per_minute{provider}`.
+fn show_rate(metrics: &Metrics, provider: Provider, per_minute: u32) {
+    metrics
+        .rate_limit
+        .with_label_values(&[provider.as_str()])
+        .set(i64::from(per_minute));
 }
 
 #[cfg(test)]
@@ -309,14 +343,69 @@ mod tests {
     }
 
     #[test]
-    fn set_rate_keeps_a_lower_backed_off_rate_until_the_window_ends() {
+    fn a_backoff_applies_to_a_new_share_as_a_factor() {
         let (l, clock) = fake(1000, 1);
         l.note_rate_limited();
         l.set_rate_per_minute(800);
-        assert_eq!(l.effective_rate_per_minute(), 500);
+        assert_eq!(l.effective_rate_per_minute(), 400);
         assert_eq!(l.configured_rate_per_minute(), 800);
+        l.set_rate_per_minute(2000);
+        assert_eq!(l.effective_rate_per_minute(), 1000);
         clock.advance(BACKOFF_WINDOW);
-        assert_eq!(l.effective_rate_per_minute(), 800);
+        assert_eq!(l.effective_rate_per_minute(), 2000);
+    }
+
+    /// A limiter on a fake clock that shows its rate in `metrics`.
+    fn shown(per_minute: u32) -> (RateLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let (mut l, clock) = fake(per_minute, 1);
+        let metrics = Arc::new(Metrics::new());
+        show_rate(&metrics, l.provider, per_minute);
+        l.metrics = Some(metrics);
+        (l, clock)
+    }
+
+    fn shown_rate(l: &RateLimiter<FakeRelativeClock>) -> i64 {
+        let metrics = l.metrics.as_ref().expect("shown");
+        metrics.rate_limit.with_label_values(&["credeau"]).get()
+    }
+
+    #[test]
+    fn a_share_taken_away_and_given_back_during_a_backoff_is_the_share_times_the_backoff() {
+        let (l, clock) = shown(1000);
+        // 429s: two cuts, a quarter of the share.
+        l.note_rate_limited();
+        clock.advance(CUT_SPACING);
+        l.note_rate_limited();
+        assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (250, 250));
+        // A rebalance takes the share away ...
+        l.set_rate_per_minute(0);
+        assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (0, 0));
+        assert!(l.try_acquire().is_err());
+        // ... and gives it back a moment later: the share's rate times the
+        // back-off, not the lowest rate it passed through.
+        clock.advance(Duration::from_secs(9));
+        l.set_rate_per_minute(1000);
+        assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (250, 250));
+        clock.advance(Duration::from_millis(240));
+        assert!(l.try_acquire().is_ok(), "one permit per 240 ms at 250/min");
+        // The back-off ends a window after the last 429, not later.
+        clock.advance(BACKOFF_WINDOW - Duration::from_millis(9_240));
+        assert_eq!(
+            (l.effective_rate_per_minute(), shown_rate(&l)),
+            (1000, 1000)
+        );
+    }
+
+    #[test]
+    fn a_rate_of_zero_hands_out_no_permit_and_a_429_meanwhile_still_counts() {
+        let (l, clock) = shown(600);
+        l.set_rate_per_minute(0);
+        clock.advance(Duration::from_secs(120));
+        assert_eq!(l.try_acquire(), Err(NO_RATE_RECHECK));
+        l.note_rate_limited();
+        assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (0, 0));
+        l.set_rate_per_minute(600);
+        assert_eq!((l.effective_rate_per_minute(), shown_rate(&l)), (300, 300));
     }
 
     proptest! {
@@ -412,6 +501,41 @@ mod tests {
             .expect("released after the rate change")
             .unwrap();
         assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_share_given_back_releases_tasks_waiting_without_one() {
+        let metrics = Arc::new(Metrics::new());
+        let limiter = Arc::new(RateLimiter::new(Provider::Credeau, 60_000, metrics));
+        limiter.set_rate_per_minute(0);
+        let waiter = {
+            let limiter = Arc::clone(&limiter);
+            tokio::spawn(async move { limiter.acquire().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "no share, no permit");
+        limiter.set_rate_per_minute(60_000);
+        let waited = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("released when the share comes back")
+            .unwrap();
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[test]
+    fn the_first_share_set_is_shown() {
+        let metrics = Arc::new(Metrics::new());
+        let l = RateLimiter::new(Provider::Finbox, 600, metrics.clone());
+        l.set_rate_per_minute(0);
+        assert_eq!(metrics.rate_limit.with_label_values(&["finbox"]).get(), 0);
+        l.set_rate_per_minute(300);
+        assert_eq!(metrics.rate_limit.with_label_values(&["finbox"]).get(), 300);
+        let other = RateLimiter::new(Provider::Credeau, 600, metrics.clone());
+        other.set_rate_per_minute(600);
+        assert_eq!(
+            metrics.rate_limit.with_label_values(&["credeau"]).get(),
+            600
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 //! offsets that do not follow the group's.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -19,13 +19,14 @@ use crate::core::Policies;
 use crate::events::{InputDecoder, OutputEncoder};
 use crate::metrics::Metrics;
 use crate::pipeline::consume::{ConsumeLoop, LoopError, LoopParts, LoopSettings};
-use crate::pipeline::guard::DeadLetterGuard;
+use crate::pipeline::guard::{DeadLetterGuard, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::parked::ParkedCalls;
 use crate::pipeline::record::{SourceKind, TopicPartition};
 use crate::pipeline::share::RateShare;
 use crate::pipeline::testing::fake::{Disruption, FakeBroker, FakeProvider};
 use crate::pipeline::worker::{now_ms, OutputTopics, Worker};
+use crate::providers::ratelimit::RateLimiter;
 use crate::providers::Provider;
 use crate::task::Task;
 
@@ -172,6 +173,46 @@ async fn start_admitting(
     straggler_wait: Duration,
     admission_per_second: f64,
 ) -> Harness {
+    let providers = (finbox, credeau);
+    let limits = (max_message_bytes, straggler_wait);
+    launch(
+        broker,
+        providers,
+        ls,
+        limits,
+        admission_per_second,
+        RateShare::unknown(),
+    )
+    .await
+}
+
+/// `start_with` whose loop applies `share` as it gains and loses
+/// partitions.
+async fn start_sharing(
+    broker: Arc<FakeBroker>,
+    providers: (Arc<FakeProvider>, Arc<FakeProvider>),
+    ls: LoopSettings,
+    limits: (usize, Duration),
+    share: RateShare,
+) -> Harness {
+    let rate = providers
+        .0
+        .limiter
+        .per_second()
+        .min(providers.1.limiter.per_second());
+    launch(broker, providers, ls, limits, rate, share).await
+}
+
+/// The loop over the fake broker and providers, admitting records as if
+/// the rate limits served `admission_per_second`, applying `share`.
+async fn launch(
+    broker: Arc<FakeBroker>,
+    (finbox, credeau): (Arc<FakeProvider>, Arc<FakeProvider>),
+    ls: LoopSettings,
+    (max_message_bytes, straggler_wait): (usize, Duration),
+    admission_per_second: f64,
+    share: RateShare,
+) -> Harness {
     let s = settings();
     let metrics = Arc::new(Metrics::new());
     let tiers = DelayTiers::new(&s.schedule.delay_tiers);
@@ -203,7 +244,7 @@ async fn start_admitting(
         guard: DeadLetterGuard::new(s.dead_letter.clone()),
         health,
         metrics: metrics.clone(),
-        share: RateShare::unknown(),
+        share,
         admission_rate: Box::new(move || rate),
     });
     let shutdown = CancellationToken::new();
@@ -1169,4 +1210,141 @@ async fn waiting_for_our_own_rate_limit_permit_is_never_a_failed_poll() {
         h.finbox.calls()
     );
     assert_eq!(dead_letters(&h.broker), HashMap::new());
+}
+
+/// The share of a real Credeau limiter of 1,000/min that the loop applies
+/// (all partitions are this member's), with every share applied logged.
+fn credeau_share(limiter: &Arc<RateLimiter>) -> (RateShare, Arc<Mutex<Vec<f64>>>) {
+    let s = settings();
+    let tiers = DelayTiers::new(&s.schedule.delay_tiers).len();
+    let total = INPUT_PARTITIONS as usize + 2 * tiers;
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let (limiter, log) = (limiter.clone(), applied.clone());
+    let share = RateShare::new(
+        total,
+        Arc::new(move |share: f64| {
+            log.lock().unwrap().push(share);
+            limiter.set_rate_per_minute((1000.0 * share).floor() as u32);
+        }),
+    );
+    (share, applied)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_and_a_rebalance_during_a_429_backoff_give_back_the_share_times_the_backoff() {
+    // The limiter runs on the system clock, which paused time does not
+    // move: its 60 s back-off lasts the whole test.
+    let metrics = Arc::new(Metrics::new());
+    let limiter = Arc::new(RateLimiter::new(Provider::Credeau, 1000, metrics.clone()));
+    limiter.note_rate_limited();
+    assert_eq!(limiter.effective_rate_per_minute(), 500);
+    let in_force = || {
+        let shown = metrics.rate_limit.with_label_values(&["credeau"]).get();
+        (limiter.effective_rate_per_minute(), shown)
+    };
+    let (share, applied) = credeau_share(&limiter);
+    let broker = broker(Duration::from_secs(30));
+    let users = onboard(&broker, "backoff", 100);
+    let s = settings();
+    let limits = (s.topics.max_message_bytes, s.schedule.straggler_wait);
+    let providers = (quick(10), quick(10));
+    let h = start_sharing(broker.clone(), providers, loop_settings(), limits, share).await;
+    finish(&h, &users, Duration::from_secs(30)).await;
+    assert_exactly_once(&h, &users);
+    // The (re)started member had no share, then all of it: the rate in
+    // force is all of the limit halved by the back-off, and shown.
+    assert_eq!(applied.lock().unwrap()[..2], [0.0, 1.0]);
+    assert_eq!(in_force(), (500, 500));
+    // A rebalance (the member rejoins) while the back-off still runs.
+    let stopped = h.running.await.expect("no panic");
+    assert!(stopped.is_ok(), "{stopped:?}");
+    let (share, applied) = credeau_share(&limiter);
+    broker.restart_member();
+    let more = onboard(&broker, "after", 100);
+    let providers = (quick(10), quick(10));
+    let h2 = start_sharing(broker.clone(), providers, loop_settings(), limits, share).await;
+    let done = wait_for(Duration::from_secs(30), || {
+        more.iter().all(|u| combined(&h2.broker).contains_key(u))
+    })
+    .await;
+    stop(&h2).await;
+    assert!(done, "users after the rebalance were not done");
+    assert!(applied.lock().unwrap().contains(&0.0));
+    assert_eq!(in_force(), (500, 500));
+    assert_eq!(limiter.configured_rate_per_minute(), 1000);
+}
+
+/// Onboarding events on input partition 0, two undecodable ones (dead
+/// letters that count for the guard) for every good one.
+fn two_bad_one_good(broker: &FakeBroker, prefix: &str, n: usize) {
+    for i in 0..n {
+        let user = format!("{prefix}-{i}");
+        let value = if i % 3 == 2 {
+            serde_json::json!({
+                "event_id": format!("ev-{user}"),
+                "user_id": user,
+                "onboarded_at": now_ms() - 3_600_000,
+            })
+            .to_string()
+            .into_bytes()
+        } else {
+            b"not json".to_vec()
+        };
+        broker.produce(INPUT, 0, &user, value);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_that_crosses_the_dead_letter_ratio_is_aborted_not_committed() {
+    // dead_letter defaults: more than 100 of the last 200, or 100 in a row.
+    let broker = broker(Duration::from_secs(30));
+    let p0 = TopicPartition::new(INPUT, 0);
+    two_bad_one_good(&broker, "first", 60);
+    let h = start(broker.clone(), quick(10), quick(10), loop_settings()).await;
+    // 40 dead letters of 60 records: committed.
+    assert!(wait_for(Duration::from_secs(10), || broker.committed(&p0) == 60).await);
+    let dlq = &settings().topics.dead_letter;
+    assert_eq!(broker.read_topic(dlq).len(), 40);
+    // 100 more of 150: the 101st dead letter of the last 200 records is in
+    // this batch, which is aborted.
+    two_bad_one_good(&broker, "second", 150);
+    let result = tokio::time::timeout(Duration::from_secs(30), h.running)
+        .await
+        .expect("the loop stops by itself")
+        .expect("no panic");
+    let Err(LoopError::Guard(tripped)) = result else {
+        panic!("{result:?}");
+    };
+    assert!(matches!(tripped, GuardTripped::Ratio { dead: 101, .. }));
+    assert!(
+        tripped
+            .to_string()
+            .ends_with("Last dead letter: stage decode, reason malformed_json"),
+        "{tripped}"
+    );
+    assert_eq!(broker.committed(&p0), 60);
+    assert_eq!(broker.read_topic(dlq).len(), 40);
+    assert!(!combined(&broker).keys().any(|u| u.starts_with("second")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_rejecting_many_users_does_not_trip_the_guard() {
+    // A contract change on the provider's side: 422 for 150 users in one
+    // burst. Each is dead-lettered once with its reason and gets its final
+    // answer; the loop goes on.
+    let (h, users) = all_failing_with(crate::providers::ProviderErrorKind::Unprocessable).await;
+    finish(&h, &users, Duration::from_secs(60)).await;
+    assert_exactly_once(&h, &users);
+    let dl = dead_letters(&h.broker);
+    assert_eq!(dl.len(), users.len(), "{dl:?}");
+    assert!(
+        dl.values()
+            .all(|v| v == &("poll_finbox".to_string(), "unprocessable".to_string())),
+        "{dl:?}"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(30), h.running)
+        .await
+        .expect("stops when asked")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
 }
