@@ -221,7 +221,7 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
         tokio::time::sleep(scenario.faults.latency).await;
     }
     let resp = match fault {
-        None => respond::json_bytes(StatusCode::OK, body),
+        None => respond::shaped_json(StatusCode::OK, body, &scenario.faults),
         Some(fault) => respond::render_fault(
             fault,
             body,

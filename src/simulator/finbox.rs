@@ -184,7 +184,7 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
         tokio::time::sleep(scenario.faults.latency).await;
     }
     let resp = match fault {
-        None => respond::json_bytes(status, body),
+        None => respond::shaped_json(status, body, &scenario.faults),
         Some(fault) => respond::render_fault(
             fault,
             body,

@@ -165,6 +165,16 @@ pub struct Faults {
     pub truncated_json_first: u32,
     pub truncated_json_ratio: f64,
     pub proxy_html_first: u32,
+    /// An answer's body (not a fault's) is sent at this many bytes per
+    /// second (in tenth-of-a-second pieces); 0 = at once.
+    pub body_bytes_per_second: u64,
+    /// An answer's body (not a fault's) stops after this many bytes, the
+    /// connection held open: a body that stalls mid-way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_stall_after_bytes: Option<u64>,
+    /// An answer's body (not a fault's) is gzip-compressed
+    /// (`Content-Encoding: gzip`), whether or not the request asked for it.
+    pub gzip: bool,
 }
 
 impl Default for Faults {
@@ -184,6 +194,9 @@ impl Default for Faults {
             truncated_json_first: 0,
             truncated_json_ratio: 0.0,
             proxy_html_first: 0,
+            body_bytes_per_second: 0,
+            body_stall_after_bytes: None,
+            gzip: false,
         }
     }
 }
