@@ -526,7 +526,6 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Attempt<T>>,
 {
-    let provider = ctx.provider.as_str();
     let mut retry = 0u32;
     loop {
         let number = retry + 1;
@@ -541,104 +540,145 @@ where
             http_status,
             result,
         } = attempt(number).await;
-        let latency = started.elapsed();
-        let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
-        let outcome = match &result {
-            Ok(answer) => answer.outcome(),
-            Err(e) => e.kind.as_str(),
-        };
-        ctx.metrics
-            .provider_requests
-            .with_label_values(&[provider, outcome, &status_label])
-            .inc();
-        ctx.metrics
-            .provider_request_duration
-            .with_label_values(&[provider])
-            .observe(latency.as_secs_f64());
-        tracing::debug!(
-            provider,
-            status = %status_label,
-            outcome,
-            attempt = number,
-            latency_ms = latency.as_millis() as u64,
-            "provider request"
-        );
+        observe(&ctx, number, http_status, &result, started.elapsed());
         let mut err = match result {
             Ok(answer) => {
                 ctx.metrics
                     .provider_healthy
-                    .with_label_values(&[provider])
+                    .with_label_values(&[ctx.provider.as_str()])
                     .set(1);
                 return Ok(answer);
             }
             Err(e) => e,
         };
         err.attempts = number;
-        call::note_failed(&err);
-        if err.kind.is_credential_problem() {
-            ctx.metrics
-                .provider_healthy
-                .with_label_values(&[provider])
-                .set(0);
-            tracing::warn!(
-                provider,
-                status = %status_label,
-                provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
-                error = %err,
-                "provider rejected our credentials or address"
-            );
-        }
-        if err.kind == ProviderErrorKind::RateLimited {
-            ctx.limiter.note_rate_limited();
-        }
-        let delay = if err.is_retryable() {
-            ctx.policy
-                .delay_with_retry_after(retry, random_jitter(), err.retry_after)
-        } else {
-            None
-        };
-        let Some(delay) = delay else {
+        note_failure(&ctx, &err, http_status);
+        let Some(delay) = retry_delay(&ctx, retry, &err) else {
             return Err(err);
         };
-        if !budget::retry_fits(delay) {
-            tracing::debug!(
-                provider,
-                reason = err.kind.as_str(),
-                attempt = number,
-                "retry would pass the record budget; polled again when due"
-            );
+        if !sleep_unless_cut(&ctx, clock.as_deref(), delay, &err).await {
             return Err(err);
-        }
-        ctx.metrics
-            .provider_retries
-            .with_label_values(&[provider, err.kind.as_str()])
-            .inc();
-        tracing::debug!(
-            provider,
-            reason = err.kind.as_str(),
-            attempt = number,
-            delay_ms = delay.as_millis() as u64,
-            "retrying provider request"
-        );
-        match &clock {
-            Some(clock) => {
-                tokio::select! {
-                    _ = sleep_before_retry(delay) => {}
-                    _ = clock.cut_off() => {
-                        tracing::debug!(
-                            provider,
-                            reason = err.kind.as_str(),
-                            attempt = number,
-                            "record cut short while it held its batch; polled again when due"
-                        );
-                        return Err(err);
-                    }
-                }
-            }
-            None => sleep_before_retry(delay).await,
         }
         drop(waiting);
         retry += 1;
+    }
+}
+
+/// Counts and logs one attempt: `provider_requests` by outcome and status,
+/// its latency.
+fn observe<T: AnswerOutcome>(
+    ctx: &RetryContext<'_>,
+    number: u32,
+    http_status: Option<u16>,
+    result: &Result<T, ProviderError>,
+    latency: Duration,
+) {
+    let provider = ctx.provider.as_str();
+    let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
+    let outcome = match result {
+        Ok(answer) => answer.outcome(),
+        Err(e) => e.kind.as_str(),
+    };
+    ctx.metrics
+        .provider_requests
+        .with_label_values(&[provider, outcome, &status_label])
+        .inc();
+    ctx.metrics
+        .provider_request_duration
+        .with_label_values(&[provider])
+        .observe(latency.as_secs_f64());
+    tracing::debug!(
+        provider,
+        status = %status_label,
+        outcome,
+        attempt = number,
+        latency_ms = latency.as_millis() as u64,
+        "provider request"
+    );
+}
+
+/// What a failed attempt tells beyond itself: the call's last answer (for
+/// a cut at the record budget), our credentials or address rejected (the
+/// provider marked unhealthy), a 429 (the limiter slows down).
+fn note_failure(ctx: &RetryContext<'_>, err: &ProviderError, http_status: Option<u16>) {
+    let provider = ctx.provider.as_str();
+    call::note_failed(err);
+    if err.kind.is_credential_problem() {
+        ctx.metrics
+            .provider_healthy
+            .with_label_values(&[provider])
+            .set(0);
+        tracing::warn!(
+            provider,
+            status = %http_status.map_or_else(|| "none".to_string(), |s| s.to_string()),
+            provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
+            error = %err,
+            "provider rejected our credentials or address"
+        );
+    }
+    if err.kind == ProviderErrorKind::RateLimited {
+        ctx.limiter.note_rate_limited();
+    }
+}
+
+/// The wait before retry `retry` after `err`, when one is due and fits in
+/// the record budget (counted in `provider_retries`); `None`: the call
+/// ends with `err`.
+fn retry_delay(ctx: &RetryContext<'_>, retry: u32, err: &ProviderError) -> Option<Duration> {
+    let provider = ctx.provider.as_str();
+    let reason = err.kind.as_str();
+    if !err.is_retryable() {
+        return None;
+    }
+    let delay = ctx
+        .policy
+        .delay_with_retry_after(retry, random_jitter(), err.retry_after)?;
+    if !budget::retry_fits(delay) {
+        tracing::debug!(
+            provider,
+            reason,
+            attempt = err.attempts,
+            "retry would pass the record budget; polled again when due"
+        );
+        return None;
+    }
+    ctx.metrics
+        .provider_retries
+        .with_label_values(&[provider, reason])
+        .inc();
+    tracing::debug!(
+        provider,
+        reason,
+        attempt = err.attempts,
+        delay_ms = delay.as_millis() as u64,
+        "retrying provider request"
+    );
+    Some(delay)
+}
+
+/// Sleeps `delay` before a retry; false when the loop cut the record short
+/// meanwhile (the call then ends with `err`, the attempt's error).
+async fn sleep_unless_cut(
+    ctx: &RetryContext<'_>,
+    clock: Option<&budget::RecordClock>,
+    delay: Duration,
+    err: &ProviderError,
+) -> bool {
+    let Some(clock) = clock else {
+        sleep_before_retry(delay).await;
+        return true;
+    };
+    tokio::select! {
+        _ = sleep_before_retry(delay) => true,
+        _ = clock.cut_off() => {
+            tracing::debug!(
+                provider = ctx.provider.as_str(),
+                reason = err.kind.as_str(),
+                attempt = err.attempts,
+                "record cut short while it held its batch; polled again when due"
+            );
+            false
+        }
     }
 }
 
