@@ -84,7 +84,7 @@ tokio::task_local! {
 }
 
 /// Counts a request as sent by the current call (its permit taken).
-pub fn note_sent() {
+pub(crate) fn note_sent() {
     let _ = CALL.try_with(|log| {
         log.sent.fetch_add(1, Ordering::AcqRel);
         *log.last_sent_at.lock().unwrap_or_else(|p| p.into_inner()) =
