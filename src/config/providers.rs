@@ -54,6 +54,12 @@ pub struct ProviderHttpSettings {
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// An answer's body that sends no byte for this long is cut.
+    #[serde(with = "humantime_serde")]
+    pub body_stall_timeout: Duration,
+    /// An answer's body that brings fewer bytes than this per second,
+    /// over any `body_stall_timeout`, is cut.
+    pub min_body_bytes_per_second: u64,
     /// For the whole deployment; each instance takes its share.
     pub rate_limit_per_minute: u32,
     pub max_response_bytes: usize,
@@ -67,6 +73,10 @@ impl ProviderHttpSettings {
         let key = |k: &str| format!("{section}.{k}");
         errs.check(positive(&key("request_timeout"), self.request_timeout));
         errs.check(positive(&key("connect_timeout"), self.connect_timeout));
+        errs.check(positive(
+            &key("body_stall_timeout"),
+            self.body_stall_timeout,
+        ));
         if self.rate_limit_per_minute == 0 {
             errs.fail(&key("rate_limit_per_minute"), "must be >= 1");
         }

@@ -115,6 +115,13 @@ impl Batch {
         self.offsets.retain(|tp, _| !gone.contains(tp));
     }
 
+    /// Whether a record still running is receiving an answer's body.
+    pub(super) fn receiving_body(&self) -> bool {
+        self.jobs
+            .iter()
+            .any(|(_, w)| !w.running.is_finished() && w.clock.is_receiving_body())
+    }
+
     pub(super) fn cancel(&self) {
         for (_, w) in &self.jobs {
             w.running.abort();

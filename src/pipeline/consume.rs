@@ -497,6 +497,15 @@ impl ConsumeLoop {
             self.parts.health.progress();
             return;
         }
+        // An answer's body arriving is progress: it is cut when it stalls
+        // (<provider>.body_stall_timeout), not held to server.stall_timeout.
+        if std::iter::once(&self.collecting)
+            .chain(self.queued.iter())
+            .any(Batch::receiving_body)
+        {
+            self.parts.health.progress();
+            return;
+        }
         if self.outstanding() > 0 || self.committing.is_some() {
             return;
         }

@@ -100,6 +100,11 @@ impl RecordClock {
             && self.waiting.lasted(self.now_ms(), cut_after)
     }
 
+    /// Whether an answer's body of this record is arriving now.
+    pub fn is_receiving_body(&self) -> bool {
+        self.bodies.load(Ordering::Acquire) > 0
+    }
+
     pub(crate) fn body_started(&self) {
         self.bodies.fetch_add(1, Ordering::AcqRel);
     }

@@ -62,7 +62,7 @@ tokio::task_local! {
 }
 
 /// Counts a request as sent by the current call (its permit taken).
-pub fn note_sent() {
+pub(crate) fn note_sent() {
     let _ = CALL.try_with(|log| {
         log.sent.fetch_add(1, Ordering::AcqRel);
         *log.last_sent_at.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -212,7 +212,8 @@ impl CallLog {
 /// Runs one call on the record's clock to its end, as [`start`] runs it,
 /// in place: when the loop cuts the record first, the call is dropped and
 /// ends [`PollOutcome::NotSent`] if it had sent nothing (it waited for our
-/// own permit), else [`PollOutcome::Cut`]. (The pipeline's worker parks a
+/// own permit), else [`PollOutcome::Cut`], unless an answer's body is
+/// arriving, which is let finish. (The pipeline's worker parks a
 /// cut call instead, for the user's next poll.)
 pub async fn run<T, F>(
     provider: Provider,
@@ -225,12 +226,16 @@ where
     F: Future<Output = Result<T, ProviderError>> + Send,
 {
     let (log, run) = start(provider, clock, budget, call);
+    tokio::pin!(run);
     tokio::select! {
         biased;
-        outcome = run => outcome,
+        outcome = &mut run => outcome,
         _ = clock.cut_off() => {
             if log.sent() == 0 {
                 PollOutcome::NotSent
+            } else if log.is_streaming() {
+                // A body that is arriving is let finish.
+                run.await
             } else {
                 PollOutcome::Cut
             }

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    USER_AGENT,
 };
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::body::{self, BodyError, BodyLimits};
 use super::budget;
 use super::call;
 use super::ratelimit::RateLimiter;
@@ -58,7 +60,11 @@ pub(crate) struct ClientOptions<'a> {
     pub provider: Provider,
     pub base_url: &'a str,
     pub connect_timeout: Duration,
+    /// Until the answer begins (status line and headers).
     pub request_timeout: Duration,
+    /// When an answer's body is cut (its stall, its floor).
+    pub body_stall_timeout: Duration,
+    pub min_body_bytes_per_second: u64,
     pub ca_bundle: Option<&'a std::path::Path>,
 }
 
@@ -70,6 +76,8 @@ impl<'a> ClientOptions<'a> {
             base_url,
             connect_timeout: http.connect_timeout,
             request_timeout: http.request_timeout,
+            body_stall_timeout: http.body_stall_timeout,
+            min_body_bytes_per_second: http.min_body_bytes_per_second,
             ca_bundle: http.ca_bundle.as_deref(),
         }
     }
@@ -101,14 +109,17 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// A pooled HTTP client for one provider, on hyper directly: every request
 /// is a JSON POST to one endpoint, so none of a general client's per-request
 /// layers (redirects, cookies, URL re-parsing, default-header merging) are
-/// paid for. Connect and whole-request timeouts as configured; HTTPS only,
-/// unless the base URL is explicitly `http://` (the local simulator).
+/// paid for. A connect timeout and a timeout until the answer begins as
+/// configured; a body is cut only when it stalls ([`super::body`]). HTTPS
+/// only, unless the base URL is explicitly `http://` (the local simulator).
 #[derive(Clone)]
 pub(crate) struct ProviderHttp {
     provider: Provider,
     client: Client<Connector, Full<Bytes>>,
     endpoint: Uri,
     request_timeout: Duration,
+    body_stall_timeout: Duration,
+    min_body_bytes_per_second: u64,
 }
 
 impl std::fmt::Debug for ProviderHttp {
@@ -121,12 +132,12 @@ impl std::fmt::Debug for ProviderHttp {
 }
 
 /// An answer's status line and headers, with its body still to be read
-/// (by [`read_capped`]) before the request's deadline.
+/// (by [`read_capped`]), cut only if it stalls.
 pub(crate) struct Answer {
     head: hyper::http::response::Parts,
     body: Incoming,
-    deadline: tokio::time::Instant,
-    request_timeout: Duration,
+    body_stall_timeout: Duration,
+    min_body_bytes_per_second: u64,
 }
 
 impl Answer {
@@ -224,6 +235,8 @@ impl ProviderHttp {
             client,
             endpoint,
             request_timeout: opts.request_timeout,
+            body_stall_timeout: opts.body_stall_timeout,
+            min_body_bytes_per_second: opts.min_body_bytes_per_second,
         })
     }
 
@@ -251,6 +264,7 @@ impl ProviderHttp {
         let h = request.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        h.insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
         for (name, value) in headers {
             h.insert(*name, (*value).clone());
         }
@@ -260,8 +274,8 @@ impl ProviderHttp {
                 Ok(Answer {
                     head,
                     body,
-                    deadline,
-                    request_timeout: self.request_timeout,
+                    body_stall_timeout: self.body_stall_timeout,
+                    min_body_bytes_per_second: self.min_body_bytes_per_second,
                 })
             }
             Ok(Err(e)) => Err(transport_error(self.provider, &e, None)),
@@ -337,34 +351,39 @@ pub(crate) fn transport_error(
     )
 }
 
-/// The request outlived its `request_timeout` (answer or body).
+/// The answer did not begin within `request_timeout`.
 fn timed_out(provider: Provider, limit: Duration, http_status: Option<u16>) -> ProviderError {
     error(
         provider,
         ProviderErrorKind::Timeout,
         http_status,
         format!(
-            "operation timed out: no complete answer within the {} request timeout",
+            "operation timed out: no answer within the {} request timeout",
             humantime::format_duration(limit)
         ),
     )
 }
 
-/// Reads the whole body before the request's deadline, refusing (without
-/// buffering further) as soon as it would exceed `max_bytes`. A body that
-/// came in one piece is handed back without a copy.
+/// Reads the whole body, gzip decoded, for as long as it keeps arriving
+/// ([`body::read`]): refused as soon as it (or its decoding) would exceed
+/// `max_bytes`, a timeout when it stalls.
 pub(crate) async fn read_capped(
     provider: Provider,
     answer: Answer,
     max_bytes: usize,
 ) -> Result<Bytes, ProviderError> {
     let status = Some(answer.status());
-    let too_large = || {
+    let too_large = |decoded: bool| {
+        let what = if decoded {
+            "decoded response body"
+        } else {
+            "response body"
+        };
         error(
             provider,
             ProviderErrorKind::TooLarge,
             status,
-            format!("response body exceeds the {max_bytes}-byte limit"),
+            format!("{what} exceeds the {max_bytes}-byte limit"),
         )
     };
     let announced = answer
@@ -374,17 +393,32 @@ pub(crate) async fn read_capped(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|len| len > max_bytes as u64) {
-        return Err(too_large());
+        return Err(too_large(false));
     }
     // The answer has begun: the loop's cut and the record budget let it
-    // finish.
+    // finish; only a stall cuts it.
     let _arriving = call::body_arriving();
-    let read = Limited::new(answer.body, max_bytes).collect();
-    match tokio::time::timeout_at(answer.deadline, read).await {
-        Ok(Ok(body)) => Ok(body.to_bytes()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(transport_error(provider, &*e, status)),
-        Err(_) => Err(timed_out(provider, answer.request_timeout, status)),
+    let limits = BodyLimits {
+        max_bytes,
+        stall_timeout: answer.body_stall_timeout,
+        min_bytes_per_second: answer.min_body_bytes_per_second,
+    };
+    match body::read(&answer.head.headers, answer.body, limits).await {
+        Ok(bytes) => Ok(bytes),
+        Err(BodyError::TooLarge { decoded }) => Err(too_large(decoded)),
+        Err(BodyError::Stalled(why)) => {
+            Err(error(provider, ProviderErrorKind::Timeout, status, why))
+        }
+        Err(BodyError::Transport(e)) => Err(transport_error(provider, &e, status)),
+        Err(BodyError::BadGzip(why)) => Err(error(
+            provider,
+            ProviderErrorKind::InvalidBody,
+            status,
+            truncate(
+                &format!("gzip body not decodable: {why}"),
+                MAX_MESSAGE_CHARS,
+            ),
+        )),
     }
 }
 
@@ -493,7 +527,6 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Attempt<T>>,
 {
-    let provider = ctx.provider.as_str();
     let mut retry = 0u32;
     loop {
         let number = retry + 1;
@@ -508,85 +541,22 @@ where
             http_status,
             result,
         } = attempt(number).await;
-        let latency = started.elapsed();
-        let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
-        let outcome = match &result {
-            Ok(answer) => answer.outcome(),
-            Err(e) => e.kind.as_str(),
-        };
-        ctx.metrics
-            .provider_requests
-            .with_label_values(&[provider, outcome, &status_label])
-            .inc();
-        ctx.metrics
-            .provider_request_duration
-            .with_label_values(&[provider])
-            .observe(latency.as_secs_f64());
-        tracing::debug!(
-            provider,
-            status = %status_label,
-            outcome,
-            attempt = number,
-            latency_ms = latency.as_millis() as u64,
-            "provider request"
-        );
+        observe(&ctx, number, http_status, &result, started.elapsed());
         let mut err = match result {
             Ok(answer) => {
                 ctx.metrics
                     .provider_healthy
-                    .with_label_values(&[provider])
+                    .with_label_values(&[ctx.provider.as_str()])
                     .set(1);
                 return Ok(answer);
             }
             Err(e) => e,
         };
         err.attempts = number;
-        call::note_failed(&err);
-        if err.kind.is_credential_problem() {
-            ctx.metrics
-                .provider_healthy
-                .with_label_values(&[provider])
-                .set(0);
-            tracing::warn!(
-                provider,
-                status = %status_label,
-                provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
-                error = %err,
-                "provider rejected our credentials or address"
-            );
-        }
-        if err.kind == ProviderErrorKind::RateLimited {
-            ctx.limiter.note_rate_limited();
-        }
-        let delay = if err.is_retryable() {
-            ctx.policy
-                .delay_with_retry_after(retry, random_jitter(), err.retry_after)
-        } else {
-            None
-        };
-        let Some(delay) = delay else {
+        note_failure(&ctx, &err, http_status);
+        let Some(delay) = retry_delay(&ctx, retry, &err) else {
             return Err(err);
         };
-        if !budget::retry_fits(delay) {
-            tracing::debug!(
-                provider,
-                reason = err.kind.as_str(),
-                attempt = number,
-                "retry would pass the record budget; polled again when due"
-            );
-            return Err(err);
-        }
-        ctx.metrics
-            .provider_retries
-            .with_label_values(&[provider, err.kind.as_str()])
-            .inc();
-        tracing::debug!(
-            provider,
-            reason = err.kind.as_str(),
-            attempt = number,
-            delay_ms = delay.as_millis() as u64,
-            "retrying provider request"
-        );
         // A record cut short meanwhile does not end the call: the call is
         // parked for the user's next poll (`pipeline::parked`), and its
         // retries go on as documented.
@@ -594,6 +564,98 @@ where
         drop(waiting);
         retry += 1;
     }
+}
+
+/// Counts and logs one attempt: `provider_requests` by outcome and status,
+/// its latency.
+fn observe<T: AnswerOutcome>(
+    ctx: &RetryContext<'_>,
+    number: u32,
+    http_status: Option<u16>,
+    result: &Result<T, ProviderError>,
+    latency: Duration,
+) {
+    let provider = ctx.provider.as_str();
+    let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
+    let outcome = match result {
+        Ok(answer) => answer.outcome(),
+        Err(e) => e.kind.as_str(),
+    };
+    ctx.metrics
+        .provider_requests
+        .with_label_values(&[provider, outcome, &status_label])
+        .inc();
+    ctx.metrics
+        .provider_request_duration
+        .with_label_values(&[provider])
+        .observe(latency.as_secs_f64());
+    tracing::debug!(
+        provider,
+        status = %status_label,
+        outcome,
+        attempt = number,
+        latency_ms = latency.as_millis() as u64,
+        "provider request"
+    );
+}
+
+/// What a failed attempt tells beyond itself: the call's last answer (for
+/// a cut at the record budget), our credentials or address rejected (the
+/// provider marked unhealthy), a 429 (the limiter slows down).
+fn note_failure(ctx: &RetryContext<'_>, err: &ProviderError, http_status: Option<u16>) {
+    let provider = ctx.provider.as_str();
+    call::note_failed(err);
+    if err.kind.is_credential_problem() {
+        ctx.metrics
+            .provider_healthy
+            .with_label_values(&[provider])
+            .set(0);
+        tracing::warn!(
+            provider,
+            status = %http_status.map_or_else(|| "none".to_string(), |s| s.to_string()),
+            provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
+            error = %err,
+            "provider rejected our credentials or address"
+        );
+    }
+    if err.kind == ProviderErrorKind::RateLimited {
+        ctx.limiter.note_rate_limited();
+    }
+}
+
+/// The wait before retry `retry` after `err`, when one is due and fits in
+/// the record budget (counted in `provider_retries`); `None`: the call
+/// ends with `err`.
+fn retry_delay(ctx: &RetryContext<'_>, retry: u32, err: &ProviderError) -> Option<Duration> {
+    let provider = ctx.provider.as_str();
+    let reason = err.kind.as_str();
+    if !err.is_retryable() {
+        return None;
+    }
+    let delay = ctx
+        .policy
+        .delay_with_retry_after(retry, random_jitter(), err.retry_after)?;
+    if !budget::retry_fits(delay) {
+        tracing::debug!(
+            provider,
+            reason,
+            attempt = err.attempts,
+            "retry would pass the record budget; polled again when due"
+        );
+        return None;
+    }
+    ctx.metrics
+        .provider_retries
+        .with_label_values(&[provider, reason])
+        .inc();
+    tracing::debug!(
+        provider,
+        reason,
+        attempt = err.attempts,
+        delay_ms = delay.as_millis() as u64,
+        "retrying provider request"
+    );
+    Some(delay)
 }
 
 #[cfg(test)]
@@ -672,6 +734,8 @@ mod tests {
             base_url: "ftp://example.com",
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            body_stall_timeout: Duration::from_secs(1),
+            min_body_bytes_per_second: 0,
             ca_bundle: None,
         };
         let e = ProviderHttp::new(&opts, opts.base_url)
@@ -690,6 +754,8 @@ mod tests {
             base_url: "https://example.com",
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            body_stall_timeout: Duration::from_secs(1),
+            min_body_bytes_per_second: 0,
             ca_bundle: Some(&path),
         };
         let e = ProviderHttp::new(&opts, opts.base_url)
@@ -704,6 +770,8 @@ mod tests {
             base_url: "http://127.0.0.1:1",
             connect_timeout: Duration::from_secs(2),
             request_timeout: timeout,
+            body_stall_timeout: timeout,
+            min_body_bytes_per_second: 0,
             ca_bundle: None,
         }
     }
@@ -769,7 +837,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_that_stalls_past_the_request_timeout_is_a_timeout() {
+    async fn a_body_that_stalls_is_a_timeout_after_the_stall_timeout() {
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"a\":".to_vec();
         let started = Instant::now();
         let e = post(&serve(vec![head]).await, Duration::from_millis(400), 1024)
@@ -780,9 +848,51 @@ mod tests {
             (ProviderErrorKind::Timeout, Some(200)),
             "{e}"
         );
+        assert!(e.message.contains("stalled"), "{e}");
         assert!(e.message.contains("400ms"), "{e}");
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(400), "{took:?}");
         assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn answer(headers: &str, body: &[u8]) -> Vec<Vec<u8>> {
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        head.extend_from_slice(body);
+        vec![head]
+    }
+
+    #[tokio::test]
+    async fn a_gzip_body_is_decoded_whether_announced_or_not() {
+        let json = br#"{"extracted_sms_data": []}"#;
+        for headers in ["content-encoding: gzip\r\n", ""] {
+            let endpoint = serve(answer(headers, &gzip(json))).await;
+            let body = post(&endpoint, Duration::from_secs(5), 1024).await.unwrap();
+            assert_eq!(&body[..], json, "{headers:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gzip_body_over_the_cap_once_decoded_is_too_large() {
+        let endpoint = serve(answer(
+            "content-encoding: gzip\r\n",
+            &gzip(&[b' '; 200_000]),
+        ))
+        .await;
+        let e = post(&endpoint, Duration::from_secs(5), 100_000)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ProviderErrorKind::TooLarge, "{e}");
+        assert!(e.message.contains("decoded"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod body;
 pub mod budget;
 pub mod call;
 pub mod credeau;

@@ -227,7 +227,7 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
     }
     let resp = match (fault, scripted) {
         (None, Some(answer)) => respond::scripted(answer, &req.user_id),
-        (None, None) => respond::json_bytes(StatusCode::OK, body),
+        (None, None) => respond::shaped_json(StatusCode::OK, body, &scenario.faults),
         (Some(fault), _) => respond::render_fault(
             fault,
             body,

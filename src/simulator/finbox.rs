@@ -190,7 +190,7 @@ async fn serve(sim: Arc<Sim>, req: Accepted, now: u64) -> Response {
     }
     let resp = match (fault, scripted) {
         (None, Some(answer)) => respond::scripted(answer, &req.customer_id),
-        (None, None) => respond::json_bytes(status, body),
+        (None, None) => respond::shaped_json(status, body, &scenario.faults),
         (Some(fault), _) => respond::render_fault(
             fault,
             body,

@@ -10,6 +10,7 @@ use axum::response::Response;
 use bytes::Bytes;
 
 use super::faults::Fault;
+use super::scenario::Faults;
 
 /// Credeau's 403 page (IP not whitelisted, or a wrong path), as in its document.
 pub const FORBIDDEN_HTML: &str = "<html>\n    <head><title>403 Forbidden</title></head>\n    <body>\n        <center><h1>403 Forbidden</h1></center>\n    </body>\n</html>\n";
@@ -81,6 +82,64 @@ pub fn dropped(body: &[u8]) -> Response {
         HeaderValue::from_static("application/json"),
     );
     resp.extensions_mut().insert(Dropped);
+    resp
+}
+
+/// `application/json` with `body` sent as the faults shape it:
+/// gzip-compressed, at a rate, stalling after some bytes.
+pub fn shaped_json(status: StatusCode, body: Vec<u8>, faults: &Faults) -> Response {
+    use std::io::Write as _;
+    let gzip = faults.gzip;
+    let body = if gzip {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        // Writing into memory cannot fail.
+        let _ = e.write_all(&body);
+        e.finish().unwrap_or_default()
+    } else {
+        body
+    };
+    let mut resp = if faults.body_bytes_per_second == 0 && faults.body_stall_after_bytes.is_none() {
+        json_bytes(status, body)
+    } else {
+        let sent = faults.body_stall_after_bytes.map_or(body.len(), |n| {
+            usize::try_from(n).unwrap_or(usize::MAX).min(body.len())
+        });
+        let stalls = sent < body.len() || faults.body_stall_after_bytes.is_some();
+        let piece = match faults.body_bytes_per_second {
+            0 => body.len().max(1),
+            rate => usize::try_from(rate / 10).unwrap_or(usize::MAX).max(1),
+        };
+        let paced = faults.body_bytes_per_second > 0;
+        let body = Bytes::from(body);
+        let stream = futures::stream::unfold(0usize, move |at| {
+            let body = body.clone();
+            async move {
+                if at >= sent {
+                    if stalls {
+                        // Hold the connection open, sending nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                    return None;
+                }
+                if paced && at > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let end = (at + piece).min(sent);
+                Some((Ok::<_, std::io::Error>(body.slice(at..end)), end))
+            }
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    };
+    if gzip {
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     resp
 }
 

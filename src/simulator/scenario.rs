@@ -170,6 +170,16 @@ pub struct Faults {
     /// extra keys, a 200 `"status": "error"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scripted: Option<ScriptedAnswer>,
+    /// An answer's body (not a fault's) is sent at this many bytes per
+    /// second (in tenth-of-a-second pieces); 0 = at once.
+    pub body_bytes_per_second: u64,
+    /// An answer's body (not a fault's) stops after this many bytes, the
+    /// connection held open: a body that stalls mid-way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_stall_after_bytes: Option<u64>,
+    /// An answer's body (not a fault's) is gzip-compressed
+    /// (`Content-Encoding: gzip`), whether or not the request asked for it.
+    pub gzip: bool,
 }
 
 /// One exact answer (see [`Faults::scripted`]). `{id}` in `body` is
@@ -240,6 +250,9 @@ impl Default for Faults {
             truncated_json_ratio: 0.0,
             proxy_html_first: 0,
             scripted: None,
+            body_bytes_per_second: 0,
+            body_stall_after_bytes: None,
+            gzip: false,
         }
     }
 }
