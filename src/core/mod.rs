@@ -126,108 +126,212 @@ pub fn apply(task: &mut Task, answer: Answer, now: Millis, policies: &Policies) 
     }
     track.polls = track.polls.saturating_add(1);
     track.first_poll_at.get_or_insert(now);
-    // Answered, even with an error: the next poll starts from the shortest
-    // leash again.
+    // Answered, even with an error: no longer a run of cut polls.
     track.cut_polls = 0;
-
-    let finish = |track: &mut ProviderTrack, outcome: Outcome, items: Option<u32>| {
-        track.done = Some(Done {
-            outcome,
-            at: now,
-            items,
-        });
+    let at = When {
+        now,
+        deadline_at,
+        policy: &policy,
     };
-
-    if let Answer::Finbox(Ok(a)) = &answer {
-        if let Some(id) = a.request_id() {
-            track.request_id = Some(id.to_owned());
-        }
-    }
-    if matches!(answer, Answer::Finbox(Ok(_)) | Answer::Credeau(Ok(_))) {
-        track.last_error = None;
-        track.failed_polls = 0;
-    }
-
     match answer {
-        Answer::Finbox(Ok(FinboxAnswer::Complete(insights))) => {
-            let n = u32::try_from(insights.predictors.len()).unwrap_or(u32::MAX);
-            finish(track, Outcome::Complete, Some(n));
-            track.data_problem = insights.data_problem.clone();
-            effects.finbox_insights = Some(insights);
-        }
-        Answer::Finbox(Ok(FinboxAnswer::NoData { .. })) => {
-            finish(track, Outcome::NoData, Some(0));
-        }
-        Answer::Finbox(Ok(FinboxAnswer::NotFound { .. })) => {
-            let since = *track.not_found_since.get_or_insert(now);
-            let grace = policy.not_found_grace.map(ms).unwrap_or(0);
-            if now.saturating_sub(since) >= grace {
-                finish(track, Outcome::NotFound, None);
-            } else {
-                schedule(provider, track, &policy, now, 0, deadline_at);
+        Answer::Finbox(Ok(a)) => {
+            answered(track);
+            if let Some(id) = a.request_id() {
+                track.request_id = Some(id.to_owned());
             }
+            effects.finbox_insights = finbox_answered(track, a, &at);
         }
-        Answer::Finbox(Ok(FinboxAnswer::InProgress { suggested_wait, .. })) => {
-            track.not_found_since = None;
-            let hint = suggested_wait.map(ms).unwrap_or(0);
-            schedule(provider, track, &policy, now, hint, deadline_at);
-        }
-        Answer::Credeau(Ok(CredeauAnswer::Data(sms))) => {
-            let n = u32::try_from(sms.entries.len()).unwrap_or(u32::MAX);
-            finish(track, Outcome::Complete, Some(n));
-            track.data_problem = sms.data_problem.clone();
-            track.partial = sms.partial;
-            effects.sms = Some(sms);
-        }
-        Answer::Credeau(Ok(CredeauAnswer::Empty)) => {
-            schedule(provider, track, &policy, now, 0, deadline_at);
+        Answer::Credeau(Ok(a)) => {
+            answered(track);
+            effects.sms = credeau_answered(track, a, &at);
         }
         Answer::Finbox(Err(error)) | Answer::Credeau(Err(error)) => {
-            track.last_error = Some(LastError {
-                kind: error.kind,
-                http_status: error.http_status,
-                message: error.message.clone(),
-                provider_request_id: error.provider_request_id.clone(),
-                answered_id: error.answered_id.clone(),
-            });
-            if error.is_retryable() {
-                track.failed_polls = track.failed_polls.saturating_add(1);
-                let budget_spent = policy
-                    .max_failed_polls
-                    .is_some_and(|max| track.failed_polls >= max);
-                if budget_spent {
-                    // The provider's own advice after its retries ("if the
-                    // issue persists, please contact support"): stop asking.
-                    finish(track, Outcome::Failed, None);
-                } else {
-                    let hint = error.retry_after.map(ms).unwrap_or(0);
-                    schedule(provider, track, &policy, now, hint, deadline_at);
-                }
-                if track.outcome() == Some(Outcome::Failed) {
-                    effects.failure = Some(ProviderFailure {
-                        provider,
-                        error,
-                        exhausted: true,
-                    });
-                }
-            } else {
-                finish(track, Outcome::Failed, None);
-                effects.failure = Some(ProviderFailure {
-                    provider,
-                    error,
-                    exhausted: false,
-                });
-            }
+            effects.failure = failed(track, provider, error, &at);
         }
     }
     task.refresh_due();
     effects
 }
 
-/// A poll cut short because its record was holding its batch: no answer
-/// came, so nothing is learnt; the provider is polled again when due (as
-/// after an empty answer), and its next poll gets twice the leash
-/// ([`straggler_leash`]). Terminal providers are never changed.
+/// When an answer is applied: now, the provider's deadline and policy.
+struct When<'a> {
+    now: Millis,
+    deadline_at: Millis,
+    policy: &'a PollPolicy,
+}
+
+impl When<'_> {
+    fn finish(&self, track: &mut ProviderTrack, outcome: Outcome, items: Option<u32>) {
+        track.done = Some(Done {
+            outcome,
+            at: self.now,
+            items,
+        });
+    }
+
+    fn schedule(&self, provider: Provider, track: &mut ProviderTrack, hint_ms: i64) {
+        schedule(
+            provider,
+            track,
+            self.policy,
+            self.now,
+            hint_ms,
+            self.deadline_at,
+        );
+    }
+}
+
+/// A provider that answered (not with an error): its failures in a row are
+/// over.
+fn answered(track: &mut ProviderTrack) {
+    track.last_error = None;
+    track.failed_polls = 0;
+}
+
+/// FinBox answered: its insights when complete (to publish).
+fn finbox_answered(
+    track: &mut ProviderTrack,
+    answer: FinboxAnswer,
+    at: &When<'_>,
+) -> Option<FinboxInsights> {
+    match answer {
+        FinboxAnswer::Complete(insights) => {
+            let n = u32::try_from(insights.predictors.len()).unwrap_or(u32::MAX);
+            at.finish(track, Outcome::Complete, Some(n));
+            track.data_problem = insights.data_problem.clone();
+            return Some(insights);
+        }
+        FinboxAnswer::NoData { .. } => at.finish(track, Outcome::NoData, Some(0)),
+        FinboxAnswer::NotFound { .. } => {
+            let since = *track.not_found_since.get_or_insert(at.now);
+            let grace = at.policy.not_found_grace.map(ms).unwrap_or(0);
+            if at.now.saturating_sub(since) >= grace {
+                at.finish(track, Outcome::NotFound, None);
+            } else {
+                at.schedule(Provider::Finbox, track, 0);
+            }
+        }
+        FinboxAnswer::InProgress { suggested_wait, .. } => {
+            track.not_found_since = None;
+            at.schedule(Provider::Finbox, track, suggested_wait.map(ms).unwrap_or(0));
+        }
+    }
+    None
+}
+
+/// Credeau answered: its SMS when it had any (to publish).
+fn credeau_answered(
+    track: &mut ProviderTrack,
+    answer: CredeauAnswer,
+    at: &When<'_>,
+) -> Option<SmsExtraction> {
+    match answer {
+        CredeauAnswer::Data(sms) => {
+            let n = u32::try_from(sms.entries.len()).unwrap_or(u32::MAX);
+            at.finish(track, Outcome::Complete, Some(n));
+            track.data_problem = sms.data_problem.clone();
+            track.partial = sms.partial;
+            Some(sms)
+        }
+        CredeauAnswer::Empty => {
+            at.schedule(Provider::Credeau, track, 0);
+            None
+        }
+    }
+}
+
+/// A provider's error: kept as its last error; a retryable one is polled
+/// again (until `max_failed_polls` in a row or its deadline), any other
+/// ends it `failed`. The failure to dead-letter when it ended so.
+fn failed(
+    track: &mut ProviderTrack,
+    provider: Provider,
+    error: ProviderError,
+    at: &When<'_>,
+) -> Option<ProviderFailure> {
+    track.last_error = Some(LastError {
+        kind: error.kind,
+        http_status: error.http_status,
+        message: error.message.clone(),
+        provider_request_id: error.provider_request_id.clone(),
+        answered_id: error.answered_id.clone(),
+    });
+    if !error.is_retryable() {
+        at.finish(track, Outcome::Failed, None);
+        return Some(ProviderFailure {
+            provider,
+            error,
+            exhausted: false,
+        });
+    }
+    track.failed_polls = track.failed_polls.saturating_add(1);
+    let budget_spent = at
+        .policy
+        .max_failed_polls
+        .is_some_and(|max| track.failed_polls >= max);
+    if budget_spent {
+        // The provider's own advice after its retries ("if the issue
+        // persists, please contact support"): stop asking.
+        at.finish(track, Outcome::Failed, None);
+    } else {
+        at.schedule(provider, track, error.retry_after.map(ms).unwrap_or(0));
+    }
+    (track.outcome() == Some(Outcome::Failed)).then_some(ProviderFailure {
+        provider,
+        error,
+        exhausted: true,
+    })
+}
+
+/// What one poll of a due provider brought.
+// Moved once per poll into `settle`: boxing the answer would allocate for
+// every poll to save nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum PollResult {
+    /// The provider answered, or failed (its last answer).
+    Answered(Answer),
+    /// Cut short, or unanswered when the call's budget ran out: nothing
+    /// learnt ([`cut_short`]).
+    Cut,
+    /// No request was sent ([`not_sent`]).
+    NotSent,
+}
+
+/// What a poll leads to, for the worker to carry out in one pass: the
+/// effects of each answer (events to publish, failures to dead-letter)
+/// and the providers cut short.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub effects: Vec<Effects>,
+    pub cut: Vec<Provider>,
+}
+
+/// Applies one poll's results to the task at `now`, all at once.
+pub fn settle(
+    task: &mut Task,
+    results: Vec<(Provider, PollResult)>,
+    now: Millis,
+    policies: &Policies,
+) -> Plan {
+    let mut plan = Plan::default();
+    for (provider, result) in results {
+        match result {
+            PollResult::Answered(answer) => plan.effects.push(apply(task, answer, now, policies)),
+            PollResult::Cut => {
+                cut_short(task, provider, now, policies);
+                plan.cut.push(provider);
+            }
+            PollResult::NotSent => not_sent(task, provider, now, policies),
+        }
+    }
+    plan
+}
+
+/// A poll cut short because its record was holding its batch (its call
+/// parked), or unanswered when its call's budget ran out: no answer came,
+/// so nothing is learnt; the provider is polled again when due (as after
+/// an empty answer). Terminal providers are never changed.
 pub fn cut_short(task: &mut Task, provider: Provider, now: Millis, policies: &Policies) {
     let policy = policies.get(provider).clone();
     let deadline_at = task.user.onboarded_at.saturating_add(ms(policy.deadline));

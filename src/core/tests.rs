@@ -567,3 +567,41 @@ fn a_failure_is_counted_under_the_stage_and_reason_it_is_dead_lettered_with() {
         f.stage_reason()
     );
 }
+
+#[test]
+fn settle_applies_a_polls_results_in_one_pass_and_names_the_cuts() {
+    let p = policies();
+    let t0 = 1_000_000 + 30_000;
+    let mut task = start(user(), origin(), 1_000_000, &p);
+    let plan = settle(
+        &mut task,
+        vec![
+            (
+                Provider::Finbox,
+                PollResult::Answered(Answer::Finbox(Err(err(ProviderErrorKind::Timeout, None)))),
+            ),
+            (Provider::Credeau, PollResult::Cut),
+        ],
+        t0,
+        &p,
+    );
+    assert_eq!(plan.effects.len(), 1);
+    assert_eq!(plan.cut, vec![Provider::Credeau]);
+    let (f, c) = (task.track(Provider::Finbox), task.track(Provider::Credeau));
+    assert_eq!((f.polls, f.failed_polls), (1, 1));
+    assert_eq!((c.polls, c.cut_polls), (0, 1));
+
+    let before = task.track(Provider::Credeau).clone();
+    let plan = settle(
+        &mut task,
+        vec![(Provider::Credeau, PollResult::NotSent)],
+        t0 + 20_000,
+        &p,
+    );
+    assert!(plan.effects.is_empty() && plan.cut.is_empty());
+    let c = task.track(Provider::Credeau);
+    assert_eq!(
+        (c.polls, c.cut_polls, c.failed_polls),
+        (before.polls, before.cut_polls, 0)
+    );
+}

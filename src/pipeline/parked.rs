@@ -148,6 +148,16 @@ impl Drop for ParkedCalls {
     }
 }
 
+impl From<Polled> for crate::core::PollResult {
+    fn from(polled: Polled) -> Self {
+        match polled {
+            Polled::Answered(answer) => crate::core::PollResult::Answered(answer),
+            Polled::Parked | Polled::Unanswered => crate::core::PollResult::Cut,
+            Polled::NotSent => crate::core::PollResult::NotSent,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

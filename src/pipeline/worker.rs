@@ -139,8 +139,9 @@ impl Worker {
         Ok(out)
     }
 
-    /// Polls whatever is due for this task, applies the answers, and emits
-    /// the outputs plus the next task record (or the combined event).
+    /// Polls the task's due providers, has the core settle what they
+    /// answered, carries out its plan, and ends the task (the combined
+    /// event) or schedules its next wait.
     async fn advance(
         &self,
         mut task: Task,
@@ -156,59 +157,80 @@ impl Worker {
         // tier wait starts later still, when the record is written).
         let mut decided_at = now;
         if !due.is_empty() {
-            let poll_finbox = due.contains(&Provider::Finbox);
-            let poll_credeau = due.contains(&Provider::Credeau);
-            let finbox_id = task.user.finbox_customer_id.clone();
-            let credeau_id = task.user.credeau_user_id.clone();
-            let budget = self.record_budget;
-            let leash = core::straggler_leash(self.straggler_wait, budget);
-            clock.begin(budget, leash);
-            let (fa, ca) = tokio::join!(
-                async {
-                    if poll_finbox {
-                        let api = self.finbox.clone();
-                        let id = finbox_id.clone();
-                        let call = async move { api.fetch_predictors(&id).await };
-                        let start = || self.start(Provider::Finbox, clock, call, Answer::Finbox);
-                        Some(self.call(Provider::Finbox, &finbox_id, clock, start).await)
-                    } else {
-                        None
-                    }
-                },
-                async {
-                    if poll_credeau {
-                        let api = self.credeau.clone();
-                        let id = credeau_id.clone();
-                        let call = async move { api.fetch_sms(&id).await };
-                        let start = || self.start(Provider::Credeau, clock, call, Answer::Credeau);
-                        Some(
-                            self.call(Provider::Credeau, &credeau_id, clock, start)
-                                .await,
-                        )
-                    } else {
-                        None
-                    }
-                }
-            );
-            let answered_at = now_ms();
-            decided_at = answered_at;
-            // `None`: not polled.
-            for (provider, polled) in [(Provider::Finbox, fa), (Provider::Credeau, ca)] {
-                match polled {
-                    Some(Polled::Answered(a)) => {
-                        let fx = core::apply(&mut task, a, answered_at, &self.policies);
-                        self.effects(&mut task, fx, answered_at, out);
-                    }
-                    Some(Polled::Parked | Polled::Unanswered) => {
-                        self.cut_short(&mut task, provider, answered_at)
-                    }
-                    Some(Polled::NotSent) => {
-                        core::not_sent(&mut task, provider, answered_at, &self.policies)
-                    }
-                    None => {}
-                }
-            }
+            let results = self.poll(&task, &due, clock).await;
+            decided_at = now_ms();
+            let plan = core::settle(&mut task, results, decided_at, &self.policies);
+            self.carry_out(&mut task, plan, decided_at, out);
         }
+        self.conclude(task, rec, decided_at, out);
+    }
+
+    /// Calls the due providers of one user at once, within the record's
+    /// budget and leash.
+    async fn poll(
+        &self,
+        task: &Task,
+        due: &[Provider],
+        clock: &Arc<RecordClock>,
+    ) -> Vec<(Provider, core::PollResult)> {
+        let finbox_id = task.user.finbox_customer_id.clone();
+        let credeau_id = task.user.credeau_user_id.clone();
+        clock.begin(
+            self.record_budget,
+            core::straggler_leash(self.straggler_wait, self.record_budget),
+        );
+        let (finbox, credeau) = tokio::join!(
+            async {
+                if !due.contains(&Provider::Finbox) {
+                    return None;
+                }
+                let (api, id) = (self.finbox.clone(), finbox_id.clone());
+                let call = async move { api.fetch_predictors(&id).await };
+                let start = || self.start(Provider::Finbox, clock, call, Answer::Finbox);
+                Some(self.call(Provider::Finbox, &finbox_id, clock, start).await)
+            },
+            async {
+                if !due.contains(&Provider::Credeau) {
+                    return None;
+                }
+                let (api, id) = (self.credeau.clone(), credeau_id.clone());
+                let call = async move { api.fetch_sms(&id).await };
+                let start = || self.start(Provider::Credeau, clock, call, Answer::Credeau);
+                Some(
+                    self.call(Provider::Credeau, &credeau_id, clock, start)
+                        .await,
+                )
+            }
+        );
+        [(Provider::Finbox, finbox), (Provider::Credeau, credeau)]
+            .into_iter()
+            .filter_map(|(p, polled)| polled.map(|polled| (p, polled.into())))
+            .collect()
+    }
+
+    /// Carries out what the core decided: the events to publish and the
+    /// failures of each answer, the polls cut short counted.
+    fn carry_out(&self, task: &mut Task, plan: core::Plan, now: Millis, out: &mut Processed) {
+        for fx in plan.effects {
+            self.effects(task, fx, now, out);
+        }
+        for provider in plan.cut {
+            self.metrics
+                .stragglers_cut
+                .with_label_values(&[provider.as_str()])
+                .inc();
+            tracing::debug!(
+                provider = provider.as_str(),
+                user_id = %task.user.user_id,
+                "poll cut short: the record was holding its batch; its call is parked for the next poll"
+            );
+        }
+    }
+
+    /// A task done gets its combined event (and its failed providers'
+    /// dead letters); one still waiting goes to the delay tier its next
+    /// poll falls in, counted from `decided_at`.
+    fn conclude(&self, task: Task, rec: &Incoming, decided_at: Millis, out: &mut Processed) {
         let now = now_ms();
         if task.is_done() {
             self.dead_letter_failed_providers(&task, rec, out);
@@ -321,21 +343,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// A poll cut short while its record held the batch: its call is
-    /// parked, and the user is polled again when due.
-    fn cut_short(&self, task: &mut Task, provider: Provider, now: Millis) {
-        self.metrics
-            .stragglers_cut
-            .with_label_values(&[provider.as_str()])
-            .inc();
-        tracing::debug!(
-            provider = provider.as_str(),
-            user_id = %task.user.user_id,
-            "poll cut short: the record was holding its batch; polled again when due"
-        );
-        core::cut_short(task, provider, now, &self.policies);
     }
 
     fn effects(&self, task: &mut Task, fx: Effects, now: Millis, out: &mut Processed) {
