@@ -27,8 +27,10 @@ use super::kafka::{self, Names, Reader};
 use super::procs::{Service, Simulator};
 use super::{round, secs, Ctx, Report};
 
-/// One run: seconds until every well-behaved user had its combined event.
-async fn run_once(ctx: &Ctx, n: u64, hanging: bool, tag: &str) -> Result<(f64, u64)> {
+/// One run: seconds until every well-behaved user had its combined event,
+/// the hanging users' count, and each well-behaved user's latency from the
+/// input produced to its combined event read, sorted.
+async fn run_once(ctx: &Ctx, n: u64, hanging: bool, tag: &str) -> Result<(f64, u64, Vec<f64>)> {
     let slow = json!({
         "finbox": {"ready_after": "0s", "predictors": 5},
         "credeau": {"ready_after": "0s", "sms_count": 2, "faults": {"latency": "65s"}}
@@ -115,7 +117,17 @@ async fn run_once(ctx: &Ctx, n: u64, hanging: bool, tag: &str) -> Result<(f64, u
     if hanging && cut < slow_count as f64 {
         bail!("{cut} Credeau polls cut short for {slow_count} hanging users");
     }
-    Ok((secs(fast_done), slow_count))
+    let mut latencies: Vec<f64> = {
+        let seen = reader
+            .seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reader poisoned"))?;
+        fast.iter()
+            .map(|u| secs(seen.first_seen[u].saturating_duration_since(started)))
+            .collect()
+    };
+    latencies.sort_by(f64::total_cmp);
+    Ok((secs(fast_done), slow_count, latencies))
 }
 
 /// What every 20th user's Credeau does in a trickle run.
@@ -242,8 +254,8 @@ async fn trickle(ctx: &Ctx, r: &mut Report) -> Result<()> {
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
     let n = ctx.size("BROWNOUT_USERS", 200, 2_000);
-    let (baseline, _) = run_once(ctx, n, false, "base").await?;
-    let (with_slow, slow) = run_once(ctx, n, true, "hang").await?;
+    let (baseline, _, base) = run_once(ctx, n, false, "base").await?;
+    let (with_slow, slow, with) = run_once(ctx, n, true, "hang").await?;
     let mut r = Report::default();
     trickle(ctx, &mut r).await?;
     r.fig("users", n);
@@ -252,10 +264,24 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     r.fig("others_done_with_hanging_s", with_slow);
     r.fig("extra_s", round(with_slow - baseline, 3));
     r.fig("ratio", round(with_slow / baseline.max(0.001), 3));
+    let (b50, b95, w50, w95) = (
+        pct(&base, 0.5),
+        pct(&base, 0.95),
+        pct(&with, 0.5),
+        pct(&with, 0.95),
+    );
+    r.fig("backlog_others_p50_without_s", round(b50, 3));
+    r.fig("backlog_others_p95_without_s", round(b95, 3));
+    r.fig("backlog_hanging_others_p50_s", round(w50, 3));
+    r.fig("backlog_hanging_others_p95_s", round(w95, 3));
     if !ctx.smoke {
         r.goal(
             "the others are done within 1 s of a run without hanging users",
             with_slow <= baseline + 1.0,
+        );
+        r.goal(
+            "backlog, 5 % hanging: the others' p50 within +0.5 s and p95 within +1.5 s",
+            w50 <= b50 + 0.5 && w95 <= b95 + 1.5,
         );
     }
     Ok(r)
