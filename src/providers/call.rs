@@ -193,7 +193,7 @@ impl CallLog {
             // no fair chance to be answered: not the provider's timeout.
             None if out_for < budget / 2 => PollOutcome::Cut,
             None => {
-                let mut e = super::http::error(
+                let mut e = ProviderError::new(
                     provider,
                     ProviderErrorKind::Timeout,
                     None,

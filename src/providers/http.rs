@@ -301,16 +301,7 @@ pub(crate) fn error(
     http_status: Option<u16>,
     message: impl Into<String>,
 ) -> ProviderError {
-    ProviderError {
-        provider,
-        kind,
-        http_status,
-        message: message.into(),
-        provider_request_id: None,
-        retry_after: None,
-        attempts: 1,
-        answered_id: None,
-    }
+    ProviderError::new(provider, kind, http_status, message)
 }
 
 /// A transport failure: timeouts are `Timeout`, everything else (refused,

@@ -317,6 +317,26 @@ pub struct ProviderError {
 }
 
 impl ProviderError {
+    /// An error of `provider` of `kind`, with the answer's HTTP status if
+    /// there was one, counted as one attempt.
+    pub fn new(
+        provider: Provider,
+        kind: ProviderErrorKind,
+        http_status: Option<u16>,
+        message: impl Into<String>,
+    ) -> ProviderError {
+        ProviderError {
+            provider,
+            kind,
+            http_status,
+            message: message.into(),
+            provider_request_id: None,
+            retry_after: None,
+            attempts: 1,
+            answered_id: None,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         self.kind.is_retryable()
     }
