@@ -10,64 +10,17 @@ mod providers_support;
 
 use std::sync::Arc;
 
-use insights_enricher::config::{InputEncoding, OutputEncoding, Settings};
-use insights_enricher::core::tiers::DelayTiers;
-use insights_enricher::core::Policies;
-use insights_enricher::events::{InputDecoder, OutputEncoder};
+use insights_enricher::config::OutputEncoding;
+use insights_enricher::events::OutputEncoder;
 use insights_enricher::metrics::Metrics;
-use insights_enricher::pipeline::parked::ParkedCalls;
-use insights_enricher::pipeline::record::{Incoming, Job, OutKind, OutRecord, SourceKind};
-use insights_enricher::pipeline::worker::{now_ms, OutputTopics, Worker};
+use insights_enricher::pipeline::record::{Job, OutKind, OutRecord, SourceKind};
+use insights_enricher::pipeline::worker::{now_ms, Worker};
 use insights_enricher::simulator::{
     CredeauScenario, Faults, FinboxScenario, ScriptedAnswer, UserScenario,
 };
 use insights_enricher::task::Task;
 use providers_support::*;
 use serde_json::{json, Value};
-
-async fn worker(settings: &Settings, metrics: Arc<Metrics>) -> Worker {
-    let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
-    Worker {
-        finbox: Arc::new(finbox(settings, metrics.clone()).client),
-        credeau: Arc::new(credeau(settings, metrics.clone()).client),
-        decoder: Arc::new(InputDecoder::new(InputEncoding::Json, None)),
-        encoder: Arc::new(
-            OutputEncoder::new(OutputEncoding::Json, None, &settings.topics)
-                .await
-                .unwrap(),
-        ),
-        policies: Policies {
-            finbox: settings.finbox.poll_policy(),
-            credeau: settings.credeau.poll_policy(),
-        },
-        topics: OutputTopics {
-            finbox_predictors: "out.finbox".into(),
-            sms_extraction: "out.sms".into(),
-            combined: "out.ready".into(),
-            dead_letter: "out.dlq".into(),
-            tiers: tiers.topics("delay"),
-        },
-        tiers,
-        max_message_bytes: 8 << 20,
-        record_budget: settings.schedule.record_budget,
-        straggler_wait: settings.schedule.straggler_wait,
-        parked: ParkedCalls::new(settings.schedule.max_in_flight),
-        metrics,
-    }
-}
-
-fn record(kind: SourceKind, value: Vec<u8>) -> Incoming {
-    Incoming {
-        kind,
-        topic: "in".into(),
-        partition: 0,
-        offset: 0,
-        timestamp: None,
-        key: None,
-        value: Some(value),
-        headers: vec![],
-    }
-}
 
 /// An onboarding event an hour old, so both first polls are due at once.
 fn onboarded(user: &str) -> Vec<u8> {

@@ -7,8 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use insights_enricher::config::Settings;
+use insights_enricher::config::{InputEncoding, OutputEncoding, Settings};
+use insights_enricher::core::tiers::DelayTiers;
+use insights_enricher::core::Policies;
+use insights_enricher::events::{InputDecoder, OutputEncoder};
 use insights_enricher::metrics::Metrics;
+use insights_enricher::pipeline::parked::ParkedCalls;
+use insights_enricher::pipeline::record::{Incoming, SourceKind};
+use insights_enricher::pipeline::worker::{OutputTopics, Worker};
 use insights_enricher::providers::{
     CredeauClient, FinboxClient, Provider, ProviderError, RateLimiter,
 };
@@ -181,4 +187,51 @@ pub fn healthy(metrics: &Metrics, provider: &str) -> i64 {
 
 pub fn ms(d: u64) -> Duration {
     Duration::from_millis(d)
+}
+
+/// The pipeline's worker over the two real provider clients of
+/// `settings` (JSON in and out, no schema registry).
+pub async fn worker(settings: &Settings, metrics: Arc<Metrics>) -> Worker {
+    let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
+    Worker {
+        finbox: Arc::new(finbox(settings, metrics.clone()).client),
+        credeau: Arc::new(credeau(settings, metrics.clone()).client),
+        decoder: Arc::new(InputDecoder::new(InputEncoding::Json, None)),
+        encoder: Arc::new(
+            OutputEncoder::new(OutputEncoding::Json, None, &settings.topics)
+                .await
+                .unwrap(),
+        ),
+        policies: Policies {
+            finbox: settings.finbox.poll_policy(),
+            credeau: settings.credeau.poll_policy(),
+        },
+        topics: OutputTopics {
+            finbox_predictors: "out.finbox".into(),
+            sms_extraction: "out.sms".into(),
+            combined: "out.ready".into(),
+            dead_letter: "out.dlq".into(),
+            tiers: tiers.topics("delay"),
+        },
+        tiers,
+        max_message_bytes: 8 << 20,
+        record_budget: settings.schedule.record_budget,
+        straggler_wait: settings.schedule.straggler_wait,
+        parked: ParkedCalls::new(settings.schedule.max_in_flight),
+        metrics,
+    }
+}
+
+/// A consumed record of `kind` holding `value`.
+pub fn record(kind: SourceKind, value: Vec<u8>) -> Incoming {
+    Incoming {
+        kind,
+        topic: "in".into(),
+        partition: 0,
+        offset: 0,
+        timestamp: None,
+        key: None,
+        value: Some(value),
+        headers: vec![],
+    }
 }
