@@ -351,7 +351,7 @@ async fn a_body_that_really_is_unreadable_says_why() {
     let w = worker(&s, Arc::new(Metrics::new())).await;
     for (user, why) in [
         ("u-latin1", "invalid UTF-8 at byte 38"),
-        ("u-gzip", "gzip stream"),
+        ("u-gzip", "gzip body not decodable"),
     ] {
         let r = run(&w, user, 1).await;
         let err = &r.tasks[0].finbox.last_error.as_ref().unwrap().message;
