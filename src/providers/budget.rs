@@ -1,6 +1,6 @@
 //! The time one record may spend on provider calls, seen from both sides:
 //! the pipeline sets the record's budget and may cut a straggler short;
-//! the retry loop (`http::with_retries`) marks when the record is waiting
+//! the retry loop (`retry::with_retries`) marks when the record is waiting
 //! on a provider (an attempt in flight or a retry's sleep, not a
 //! rate-limit permit, not an answer's body arriving) and stops retrying
 //! once the budget is spent or the record is cut. How one call ends then

@@ -10,7 +10,14 @@
 //! so no client comes back before the time the provider asked for, and
 //! clients told the same time do not all come back at once.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use super::budget;
+use super::call;
+use super::ratelimit::RateLimiter;
+use super::{Provider, ProviderError, ProviderErrorKind};
+use crate::metrics::Metrics;
 
 /// How many retries a call may make, and how long to wait before each.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +126,175 @@ pub fn apply_jitter(delay: Duration, jitter: f64) -> Duration {
 pub fn random_jitter() -> f64 {
     use rand::Rng as _;
     rand::rng().random_range(-1.0..=1.0)
+}
+
+// ---- The retry loop: every attempt of one provider call
+
+/// One HTTP attempt's result, with the status it came with (for metrics).
+pub(crate) struct Attempt<T> {
+    pub http_status: Option<u16>,
+    pub result: Result<T, ProviderError>,
+}
+
+/// What the retry loop needs to label an answer in metrics.
+pub(crate) trait AnswerOutcome {
+    fn outcome(&self) -> &'static str;
+}
+
+/// The only place a retry waits, so the policy's delays are all there is.
+pub(crate) async fn sleep_before_retry(delay: Duration) {
+    tokio::time::sleep(delay).await;
+}
+
+/// The parts of a client the retry loop uses.
+pub(crate) struct RetryContext<'a> {
+    pub provider: Provider,
+    pub policy: &'a RetryPolicy,
+    pub limiter: &'a RateLimiter,
+    pub metrics: &'a Metrics,
+}
+
+/// Runs `attempt` (numbered from 1) until it succeeds, fails for good, or
+/// the policy's retries are used up. Every attempt takes a rate-limit
+/// permit; a 429 also slows the limiter down.
+pub(crate) async fn with_retries<T, F, Fut>(
+    ctx: RetryContext<'_>,
+    mut attempt: F,
+) -> Result<T, ProviderError>
+where
+    T: AnswerOutcome,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let mut retry = 0u32;
+    loop {
+        let number = retry + 1;
+        ctx.limiter.acquire().await;
+        call::note_sent();
+        // From here until the answer (or the end of a retry's sleep) the
+        // record waits on the provider: the time a straggler is cut for.
+        let clock = budget::current();
+        let waiting = clock.as_ref().map(|c| c.waiting());
+        let started = Instant::now();
+        let Attempt {
+            http_status,
+            result,
+        } = attempt(number).await;
+        observe(&ctx, number, http_status, &result, started.elapsed());
+        let mut err = match result {
+            Ok(answer) => {
+                ctx.metrics
+                    .provider_healthy
+                    .with_label_values(&[ctx.provider.as_str()])
+                    .set(1);
+                return Ok(answer);
+            }
+            Err(e) => e,
+        };
+        err.attempts = number;
+        note_failure(&ctx, &err, http_status);
+        let Some(delay) = retry_delay(&ctx, retry, &err) else {
+            return Err(err);
+        };
+        // A record cut short meanwhile does not end the call: the call is
+        // parked for the user's next poll (`pipeline::parked`), and its
+        // retries go on as documented.
+        sleep_before_retry(delay).await;
+        drop(waiting);
+        retry += 1;
+    }
+}
+
+/// Counts and logs one attempt: `provider_requests` by outcome and status,
+/// its latency.
+fn observe<T: AnswerOutcome>(
+    ctx: &RetryContext<'_>,
+    number: u32,
+    http_status: Option<u16>,
+    result: &Result<T, ProviderError>,
+    latency: Duration,
+) {
+    let provider = ctx.provider.as_str();
+    let status_label = http_status.map_or_else(|| "none".to_string(), |s| s.to_string());
+    let outcome = match result {
+        Ok(answer) => answer.outcome(),
+        Err(e) => e.kind.as_str(),
+    };
+    ctx.metrics
+        .provider_requests
+        .with_label_values(&[provider, outcome, &status_label])
+        .inc();
+    ctx.metrics
+        .provider_request_duration
+        .with_label_values(&[provider])
+        .observe(latency.as_secs_f64());
+    tracing::debug!(
+        provider,
+        status = %status_label,
+        outcome,
+        attempt = number,
+        latency_ms = latency.as_millis() as u64,
+        "provider request"
+    );
+}
+
+/// What a failed attempt tells beyond itself: the call's last answer (for
+/// a cut at the record budget), our credentials or address rejected (the
+/// provider marked unhealthy), a 429 (the limiter slows down).
+fn note_failure(ctx: &RetryContext<'_>, err: &ProviderError, http_status: Option<u16>) {
+    let provider = ctx.provider.as_str();
+    call::note_failed(err);
+    if err.kind.is_credential_problem() {
+        ctx.metrics
+            .provider_healthy
+            .with_label_values(&[provider])
+            .set(0);
+        tracing::warn!(
+            provider,
+            status = %http_status.map_or_else(|| "none".to_string(), |s| s.to_string()),
+            provider_request_id = err.provider_request_id.as_deref().unwrap_or("none"),
+            error = %err,
+            "provider rejected our credentials or address"
+        );
+    }
+    if err.kind == ProviderErrorKind::RateLimited {
+        ctx.limiter.note_rate_limited();
+    }
+}
+
+/// The wait before retry `retry` after `err`, when one is due and fits in
+/// the record budget (counted in `provider_retries`); `None`: the call
+/// ends with `err`.
+fn retry_delay(ctx: &RetryContext<'_>, retry: u32, err: &ProviderError) -> Option<Duration> {
+    let provider = ctx.provider.as_str();
+    let reason = err.kind.as_str();
+    if !err.is_retryable() {
+        return None;
+    }
+    let delay = ctx
+        .policy
+        .delay_with_retry_after(retry, random_jitter(), err.retry_after)?;
+    if !budget::retry_fits(delay) {
+        tracing::debug!(
+            provider,
+            reason,
+            attempt = err.attempts,
+            "retry would pass the record budget; polled again when due"
+        );
+        return None;
+    }
+    ctx.metrics
+        .provider_retries
+        .with_label_values(&[provider, reason])
+        .inc();
+    tracing::debug!(
+        provider,
+        reason,
+        attempt = err.attempts,
+        delay_ms = delay.as_millis() as u64,
+        "retrying provider request"
+    );
+    Some(delay)
 }
 
 #[cfg(test)]
