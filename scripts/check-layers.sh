@@ -19,7 +19,7 @@ failed=0
 # rule NAME DIR PATTERN: no line of a .rs file under DIR matches PATTERN
 # (an extended regular expression), comments excepted.
 rule() {
-    local name="$1" dir="$2" pattern="$3" hits
+    local name="$1" dir="$2" pattern="$3" hits line
     hits=$(grep -rnE --include='*.rs' "$pattern" "$dir" | grep -vE '^[^:]+:[0-9]+:[[:space:]]*//' || true)
     if [[ -z "$hits" ]]; then
         passed=$((passed + 1))
@@ -27,7 +27,9 @@ rule() {
     else
         failed=$((failed + 1))
         echo "  FAIL $name"
-        sed 's/^/    /' <<<"$hits"
+        while IFS= read -r line; do
+            echo "    $line"
+        done <<<"$hits"
     fi
 }
 

@@ -6,7 +6,8 @@
 #
 # Stages: cargo fmt --check, cargo clippy -D warnings, tools + broker,
 # cargo build --all-targets, cargo test --all-targets, the broker-restart
-# tests, tests/pipeline_crash.rs again (ignored ones included) on a Kafka 3.9
+# tests on a fresh Kafka 4 broker of their own, tests/pipeline_crash.rs again
+# (ignored ones included) on a Kafka 3.9
 # broker of its own, pytest tests/python,
 # scripts/asyncapi-check.sh, scripts/lint-shell.sh (shellcheck),
 # scripts/check-layers.sh (import rules),
@@ -116,20 +117,24 @@ count_summary() {
     TESTS_FAILED=$((TESTS_FAILED + ${f:-0} + ${e:-0}))
 }
 
-# The transaction, crash and broker-restart tests (tests/pipeline_crash.rs,
-# ignored ones included) once more on the last 3.x line, with a broker of
-# their own: clusters not yet on Kafka 4 run the same service.
-kafka3_stage() {
-    local start=$SECONDS bootstrap
-    banner "kafka-3.9: a Kafka 3.9 broker for tests/pipeline_crash.rs"
-    KAFKA3_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-kafka3.XXXXXX")"
-    if ! bootstrap="$(scripts/kafka.sh start --kafka 3.9 --dir "$KAFKA3_DIR")"; then
-        record kafka-3.9 1 $((SECONDS - start))
+# own_broker_stage NAME KAFKA_LINE TEST_ARGS...: tests/pipeline_crash.rs
+# with TEST_ARGS against a broker of its own of KAFKA_LINE (4 or 3.9),
+# started fresh for the stage and stopped after it. The broker-restart
+# tests stop and start their broker: a fresh one restarts in seconds,
+# where the run's shared broker, holding every other test's partitions,
+# takes minutes.
+own_broker_stage() {
+    local name="$1" line="$2" start=$SECONDS bootstrap
+    shift 2
+    banner "$name: a Kafka $line broker of its own for tests/pipeline_crash.rs"
+    KAFKA3_DIR="$(mktemp -d "${TMPDIR:-/tmp}/insights-kafka-own.XXXXXX")"
+    if ! bootstrap="$(scripts/kafka.sh start --kafka "$line" --dir "$KAFKA3_DIR")"; then
+        record "$name" 1 $((SECONDS - start))
         return
     fi
     KAFKA_BOOTSTRAP="$bootstrap" KAFKA_DIR="$KAFKA3_DIR" \
-        run_stage kafka-3.9 cargo test --test pipeline_crash -- --include-ignored --test-threads=1
-    count_cargo "$LOGS/kafka-3.9.log"
+        run_stage "$name" cargo test --test pipeline_crash -- "$@" --test-threads=1
+    count_cargo "$LOGS/$name.log"
     scripts/kafka.sh stop --dir "$KAFKA3_DIR" >/dev/null 2>&1 || true
     rm -rf "$KAFKA3_DIR"
     KAFKA3_DIR=""
@@ -190,11 +195,12 @@ run_stage build cargo build --all-targets && build_ok=1
 if ((build_ok && broker_ok)); then
     run_stage cargo-test cargo test --all-targets --no-fail-fast -- --test-threads="$TEST_THREADS"
     count_cargo "$LOGS/cargo-test.log"
-    # Tests that restart the shared broker are #[ignore]d by the run above
-    # and run here alone, after the rest.
-    run_stage broker-restart cargo test --test pipeline_crash -- --ignored --test-threads=1
-    count_cargo "$LOGS/broker-restart.log"
-    kafka3_stage
+    # Tests that restart their broker are #[ignore]d by the run above and
+    # run here alone, after the rest, on a fresh Kafka 4 broker; then the
+    # transaction, crash and broker-restart tests once more on the last 3.x
+    # line (clusters not yet on Kafka 4 run the same service).
+    own_broker_stage broker-restart 4 --ignored
+    own_broker_stage kafka-3.9 3.9 --include-ignored
 else
     skip cargo-test "needs a build and a broker"
 fi

@@ -347,7 +347,7 @@ async fn sigterm_with_hanging_calls_exits_within_the_charts_grace_period() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the shared broker: scripts/test.sh runs it alone with --ignored"]
+#[ignore = "restarts its broker: scripts/test.sh runs it with --ignored against a broker of its own"]
 async fn a_broker_restart_mid_run_loses_and_duplicates_nothing() {
     let Ok(kafka_dir) = std::env::var("KAFKA_DIR") else {
         panic!("KAFKA_DIR is not set: run the tests with ./scripts/test.sh");
@@ -416,7 +416,7 @@ async fn resumed_after(topics: &Topics, back_ms: i64, service: &Service) -> f64 
 /// transactions are in flight: the service stays up, keeps its group, and
 /// resumes within seconds of each return, losing and duplicating nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stops the shared broker: scripts/test.sh runs it alone with --ignored"]
+#[ignore = "stops its broker: scripts/test.sh runs it with --ignored against a broker of its own"]
 async fn broker_outages_of_9_s_and_60_s_are_ridden_out() {
     let Ok(kafka_dir) = std::env::var("KAFKA_DIR") else {
         panic!("KAFKA_DIR is not set: run the tests with ./scripts/test.sh");
