@@ -18,7 +18,7 @@ pass() { passed=$((passed + 1)); echo "PASS $1"; }
 fail() { failed=$((failed + 1)); echo "FAIL $1"; }
 
 validate() {
-    node "$TOOL/validate.js" "$1" --avro-dir "$2" --dlq-headers src/pipeline/deadletter.rs
+    node "$TOOL/validate.js" "$1" --avro-dir "$2" --dlq-headers src/events/dead_letter.rs
 }
 
 # The document as committed.

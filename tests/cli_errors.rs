@@ -155,7 +155,7 @@ const EADDRINUSE: i32 = 98;
 
 const VECTOR_CUSTOMER: &str = "1234ABCD4567";
 const VECTOR_HASH: &str = "XYZ";
-/// providers.md's algorithm, computed independently (see src/salt.rs).
+/// providers.md's algorithm, computed independently (see src/providers/salt.rs).
 const VECTOR_SALT: &str = "yWWWSsgT7HQ8xSyZ/YP+O+vRyyAcMCLPSLvnkdQBRmU=";
 
 fn salt(config: Option<&std::path::Path>, env: &[(&str, &str)]) -> Output {
