@@ -147,6 +147,11 @@ impl Service {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Option<Service>> {
         let metrics = Arc::new(Metrics::new());
+        metrics.export_dead_letter_labels(
+            crate::core::dead_letter::label_pairs()
+                .into_iter()
+                .map(|(stage, reason)| (stage.as_str(), reason.as_str())),
+        );
         let health = Arc::new(Health::new(settings.server.stall_timeout));
         let server = Server::start(&settings, &metrics, &health).await?;
         let tiers = DelayTiers::new(&settings.schedule.delay_tiers);

@@ -268,46 +268,92 @@ pub fn provider_failed(provider: Provider, kind: ProviderErrorKind) -> (Stage, R
     }
 }
 
+/// Every provider error kind.
+const KINDS: [ProviderErrorKind; 14] = [
+    ProviderErrorKind::BadRequest,
+    ProviderErrorKind::Unauthorized,
+    ProviderErrorKind::Forbidden,
+    ProviderErrorKind::Unprocessable,
+    ProviderErrorKind::UnexpectedStatus,
+    ProviderErrorKind::RateLimited,
+    ProviderErrorKind::ServerError,
+    ProviderErrorKind::Timeout,
+    ProviderErrorKind::Connection,
+    ProviderErrorKind::InvalidBody,
+    ProviderErrorKind::TooLarge,
+    ProviderErrorKind::OutputTooLarge,
+    ProviderErrorKind::OutputUnencodable,
+    ProviderErrorKind::IdentityMismatch,
+];
+
+/// Fails to compile when a kind is added without being listed above.
+#[allow(dead_code)]
+fn kinds_are_all_listed(k: ProviderErrorKind) {
+    match k {
+        ProviderErrorKind::BadRequest
+        | ProviderErrorKind::Unauthorized
+        | ProviderErrorKind::Forbidden
+        | ProviderErrorKind::Unprocessable
+        | ProviderErrorKind::UnexpectedStatus
+        | ProviderErrorKind::RateLimited
+        | ProviderErrorKind::ServerError
+        | ProviderErrorKind::Timeout
+        | ProviderErrorKind::Connection
+        | ProviderErrorKind::InvalidBody
+        | ProviderErrorKind::TooLarge
+        | ProviderErrorKind::OutputTooLarge
+        | ProviderErrorKind::OutputUnencodable
+        | ProviderErrorKind::IdentityMismatch => {}
+    }
+}
+
+/// Every (stage, reason) pair a dead letter can carry: the decode
+/// failures of an input event, a task record that does not decode, and
+/// what [`provider_failed`] gives for each provider and error kind. The
+/// metrics export each at 0 from the start, so the first dead letter of a
+/// kind is an increase the alerts can see.
+pub fn label_pairs() -> Vec<(Stage, Reason)> {
+    let decode = [
+        Reason::Empty,
+        Reason::NotUtf8,
+        Reason::MalformedJson,
+        Reason::InvalidAvro,
+        Reason::UnknownSchemaId,
+        Reason::InvalidField,
+    ];
+    let mut pairs: Vec<(Stage, Reason)> = decode.map(|r| (Stage::Decode, r)).to_vec();
+    pairs.push((Stage::TaskDecode, Reason::InvalidTask));
+    for provider in Provider::ALL {
+        for kind in KINDS {
+            let pair = provider_failed(provider, kind);
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
+        }
+    }
+    pairs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const KINDS: [ProviderErrorKind; 14] = [
-        ProviderErrorKind::BadRequest,
-        ProviderErrorKind::Unauthorized,
-        ProviderErrorKind::Forbidden,
-        ProviderErrorKind::Unprocessable,
-        ProviderErrorKind::UnexpectedStatus,
-        ProviderErrorKind::RateLimited,
-        ProviderErrorKind::ServerError,
-        ProviderErrorKind::Timeout,
-        ProviderErrorKind::Connection,
-        ProviderErrorKind::InvalidBody,
-        ProviderErrorKind::TooLarge,
-        ProviderErrorKind::OutputTooLarge,
-        ProviderErrorKind::OutputUnencodable,
-        ProviderErrorKind::IdentityMismatch,
-    ];
-
-    /// Fails to compile when a kind is added without being listed above.
-    #[allow(dead_code)]
-    fn kinds_are_all_listed(k: ProviderErrorKind) {
-        match k {
-            ProviderErrorKind::BadRequest
-            | ProviderErrorKind::Unauthorized
-            | ProviderErrorKind::Forbidden
-            | ProviderErrorKind::Unprocessable
-            | ProviderErrorKind::UnexpectedStatus
-            | ProviderErrorKind::RateLimited
-            | ProviderErrorKind::ServerError
-            | ProviderErrorKind::Timeout
-            | ProviderErrorKind::Connection
-            | ProviderErrorKind::InvalidBody
-            | ProviderErrorKind::TooLarge
-            | ProviderErrorKind::OutputTooLarge
-            | ProviderErrorKind::OutputUnencodable
-            | ProviderErrorKind::IdentityMismatch => {}
+    #[test]
+    fn the_label_pairs_cover_every_reason_once_per_stage() {
+        let pairs = label_pairs();
+        for r in Reason::ALL {
+            assert!(pairs.iter().any(|(_, pr)| *pr == r), "{r} in no pair");
         }
+        let mut sorted: Vec<_> = pairs
+            .iter()
+            .map(|(s, r)| (s.as_str(), r.as_str()))
+            .collect();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), pairs.len(), "a pair twice");
+        assert!(pairs.contains(&(Stage::Poll(Provider::Credeau), Reason::Forbidden)));
+        assert!(pairs.contains(&(Stage::Publish, Reason::EncodeFailed)));
+        assert!(!pairs.contains(&(Stage::Decode, Reason::Exhausted)));
     }
 
     #[test]

@@ -218,8 +218,29 @@ impl Metrics {
             m.provider_unexpected_data.with_label_values(&[p]);
             m.provider_identity_mismatch.with_label_values(&[p]);
             m.provider_partial_answers.with_label_values(&[p]);
+            // The answers the auth alert divides by.
+            m.provider_requests
+                .with_label_values(&[p, "unauthorized", "401"]);
+            m.provider_requests
+                .with_label_values(&[p, "forbidden", "403"]);
+        }
+        for result in ["committed", "aborted"] {
+            m.transactions.with_label_values(&[result]);
         }
         m
+    }
+
+    /// Exports `insights_dead_letters_total` at 0 for each (stage, reason)
+    /// pair, so the first dead letter of a kind is an increase that
+    /// `rate()` and `increase()` see (a series that first appears at 1
+    /// shows none).
+    pub fn export_dead_letter_labels<'a>(
+        &self,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        for (stage, reason) in pairs {
+            self.dead_letters.with_label_values(&[stage, reason]);
+        }
     }
 
     /// The registry in Prometheus text exposition format.
@@ -244,6 +265,22 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_series_alerts_watch_are_exported_at_zero_from_the_start() {
+        let m = Metrics::new();
+        m.export_dead_letter_labels([("poll_credeau", "forbidden"), ("decode", "empty")]);
+        let text = m.render();
+        for line in [
+            "insights_dead_letters_total{reason=\"forbidden\",stage=\"poll_credeau\"} 0",
+            "insights_dead_letters_total{reason=\"empty\",stage=\"decode\"} 0",
+            "insights_provider_requests_total{http_status=\"403\",outcome=\"forbidden\",provider=\"finbox\"} 0",
+            "insights_provider_requests_total{http_status=\"401\",outcome=\"unauthorized\",provider=\"credeau\"} 0",
+            "insights_transactions_total{result=\"aborted\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn renders_prefixed_metrics() {
