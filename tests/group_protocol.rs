@@ -235,3 +235,225 @@ async fn restart_to_first_output_by_protocol_and_membership() {
     eprintln!("{}", figures.join("\n"));
     let _ = sim.shutdown().await;
 }
+
+/// This process's `insights_assigned_partitions`, from its /metrics page
+/// (None while it has no metrics server yet or does not answer).
+async fn assigned_partitions(service: &Service) -> Option<i64> {
+    let port = metrics_port(&service.log_text())?;
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix("insights_assigned_partitions "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until each service holds exactly the partitions in `want`;
+/// returns how long that took.
+async fn until_assigned(services: &[&Service], want: &[i64]) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let mut held = Vec::new();
+        for s in services {
+            held.push(assigned_partitions(s).await.unwrap_or(-1));
+        }
+        if held == want {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Onboards one user every `every` until `stop` is set; returns the users.
+fn trickle(
+    topic: String,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let p = producer();
+        let mut users = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let user = unique("t");
+            produce(
+                &p,
+                &topic,
+                Some(user.as_bytes()),
+                Some(&onboarded_json(&format!("ev-{user}"), &user)),
+            )
+            .await;
+            users.push(user);
+            tokio::time::sleep(every).await;
+        }
+        users
+    })
+}
+
+/// Percentile `q` of sorted `xs` (nearest rank).
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1;
+    xs[i]
+}
+
+/// Rebalance times when scaling 1 → 3 → 1 instances, for both group
+/// protocols with and without static membership (the figures in
+/// docs/benchmarks.md). Users are onboarded at 10/s throughout; the three
+/// instances run on 6 input partitions. Scale-out starts two processes,
+/// scale-in stops them with SIGTERM (as Kubernetes does); each figure is
+/// the time from that step until every instance's
+/// `insights_assigned_partitions` shows the new split, and the onboarding
+/// to combined-event latency of the users onboarded from 2 s before the
+/// step to 2 s before the next (their worst and p95) against the steady
+/// state before the first.
+/// Every user must come out exactly once. Not part of the suite: `cargo
+/// test --test group_protocol -- --ignored --nocapture` against a Kafka 4
+/// broker from scripts/kafka.sh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/benchmarks.md, not a check"]
+async fn scale_one_to_three_to_one_by_protocol_and_membership() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let sim = simulator::spawn(SimulatorConfig::default())
+        .await
+        .expect("simulator");
+    sim_admin(
+        &sim.base_url(),
+        "/admin/scenarios",
+        &json!({"default": {"finbox": {"predictors": 2}, "credeau": {"sms_count": 1}}}),
+    )
+    .await;
+    let only: Option<String> = std::env::var("SCALE_ONLY").ok();
+    let mut figures = Vec::new();
+    for (protocol, static_membership) in [
+        ("classic", false),
+        ("classic", true),
+        ("consumer", false),
+        ("consumer", true),
+    ] {
+        let name = format!(
+            "{protocol}{}",
+            if static_membership { "-static" } else { "" }
+        );
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let topics = Topics::new("scale");
+        create_topic(&topics.input, 6).await;
+        let dir = tempfile::tempdir().unwrap();
+        let env = service_env(&topics, &unique("g"), &sim.base_url());
+        let member = |pod: &str| {
+            let mut env = env.clone();
+            env.extend(
+                [
+                    ("INSIGHTS__KAFKA__GROUP_PROTOCOL", protocol),
+                    ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
+                    ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
+                    ("INSIGHTS__TOPICS__PARTITIONS", "6"),
+                    (
+                        "INSIGHTS__KAFKA__STATIC_MEMBERSHIP",
+                        if static_membership { "true" } else { "false" },
+                    ),
+                    ("POD_NAME", pod),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+            Service::start(&env, &dir.path().join(format!("{pod}.log")))
+        };
+        let a = member("scale-0");
+        until_assigned(&[&a], &[6]).await.expect("first member");
+        let stop = Arc::new(AtomicBool::new(false));
+        let producing = trickle(
+            topics.input.clone(),
+            Duration::from_millis(100),
+            stop.clone(),
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+
+        let out_at = chrono::Utc::now().timestamp_millis();
+        let mut b = member("scale-1");
+        let mut c = member("scale-2");
+        let out = until_assigned(&[&a, &b, &c], &[2, 2, 2]).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+
+        let in_at = chrono::Utc::now().timestamp_millis();
+        let (tb, tc) = tokio::join!(
+            tokio::task::spawn_blocking(move || {
+                let t = b.terminate(Duration::from_secs(60));
+                (b, t)
+            }),
+            tokio::task::spawn_blocking(move || {
+                let t = c.terminate(Duration::from_secs(60));
+                (c, t)
+            }),
+        );
+        let ((b, b_stop), (c, c_stop)) = (tb.unwrap(), tc.unwrap());
+        let back = until_assigned(&[&a], &[6]).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        stop.store(true, Ordering::Relaxed);
+        let users = producing.await.unwrap();
+
+        let combined = read_topic(&topics.combined, Some(users.len()), Duration::from_secs(60));
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut latency: Vec<(i64, f64)> = Vec::new();
+        for r in &combined {
+            let user = r.value["user_id"].as_str().unwrap_or("?").to_string();
+            *seen.entry(user).or_default() += 1;
+            let onboarded = r.value["onboarded_at"].as_i64().unwrap_or(0);
+            let at = r.timestamp.unwrap_or(0);
+            latency.push((onboarded, (at - onboarded) as f64 / 1000.0));
+        }
+        let dups = seen.values().filter(|n| **n > 1).count();
+        let missing = users.iter().filter(|u| !seen.contains_key(*u)).count();
+        let window = |from: i64, to: i64| {
+            let mut xs: Vec<f64> = latency
+                .iter()
+                .filter(|(o, _)| *o >= from - 2_000 && *o < to - 2_000)
+                .map(|(_, l)| *l)
+                .collect();
+            xs.sort_by(f64::total_cmp);
+            (
+                percentile(&xs, 0.95),
+                xs.last().copied().unwrap_or(f64::NAN),
+            )
+        };
+        let mut steady: Vec<f64> = latency
+            .iter()
+            .filter(|(o, _)| *o < out_at - 2_000)
+            .map(|(_, l)| *l)
+            .collect();
+        steady.sort_by(f64::total_cmp);
+        let secs =
+            |d: Option<Duration>| d.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let (out_p95, out_max) = window(out_at, in_at);
+        let (in_p95, in_max) = window(in_at, i64::MAX);
+        figures.push(format!(
+            "{name:<16} 1→3 split {:>7}, users p95/max {out_p95:.1}/{out_max:.1} s | \
+             3→1 SIGTERM took {}/{}, all back {:>7}, users p95/max {in_p95:.1}/{in_max:.1} s | \
+             steady p50/p95 {:.1}/{:.1} s | {} users, {missing} missing, {dups} duplicated",
+            secs(out),
+            secs(b_stop),
+            secs(c_stop),
+            secs(back),
+            percentile(&steady, 0.5),
+            percentile(&steady, 0.95),
+            users.len(),
+        ));
+        eprintln!("{}", figures.last().unwrap());
+        if missing > 0 || dups > 0 || out.is_none() || back.is_none() {
+            for s in [&a, &b, &c] {
+                eprintln!("---- {}:\n{}", s.log.display(), s.log_excerpt(60));
+            }
+        }
+        drop((a, b, c));
+    }
+    eprintln!("{}", figures.join("\n"));
+    let _ = sim.shutdown().await;
+}

@@ -188,6 +188,9 @@ pub struct ReadRecord {
     #[serde(default)]
     pub headers: HashMap<String, Option<String>>,
     pub value: serde_json::Value,
+    /// The record's timestamp (epoch milliseconds), when it has one.
+    #[serde(default)]
+    pub timestamp: Option<i64>,
 }
 
 /// Reads a whole topic with Python's confluent-kafka (read_committed),
