@@ -99,8 +99,9 @@ fn real_main() -> Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "pipeline bench: {} mode, scenarios {}, logs in {}",
+        "pipeline bench: {} mode, {} answers, scenarios {}, logs in {}",
         if smoke { "smoke" } else { "full" },
+        support::answers::answers().name(),
         chosen.join(","),
         logs.display()
     );
@@ -132,6 +133,7 @@ fn real_main() -> Result<()> {
     }
     let doc = json!({
         "mode": if smoke { "smoke" } else { "full" },
+        "answers": support::answers::answers().name(),
         "at": chrono::Utc::now().to_rfc3339(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "service_bin": support::procs::service_bin().display().to_string(),

@@ -12,7 +12,9 @@
 #   --perf FILE  `perf record -g` the service during the throughput run
 #                into FILE (then: perf report --stdio -i FILE)
 # Sizes can be changed with BENCH_* variables (docs/benchmarks.md), e.g.
-# BENCH_MEMORY_USERS=1000,100000. Child logs go to BENCH_LOG_DIR (default: a
+# BENCH_MEMORY_USERS=1000,100000; BENCH_ANSWERS=realistic gives the throughput
+# and backlog runs realistic answers (200 predictors, 200 to 5,000 SMS a
+# user; benches/support/answers.rs). Child logs go to BENCH_LOG_DIR (default: a
 # fresh directory under /tmp, printed at start). Exits non-zero when a
 # scenario produced wrong counts or failed to run; goals not met are listed
 # but do not fail the run.
@@ -35,7 +37,7 @@ while (($#)); do
         shift
         ;;
     -h | --help)
-        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     -*)

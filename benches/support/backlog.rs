@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::answers::answers;
 use super::kafka::{self, Names, Reader};
 use super::procs::{Service, Simulator};
-use super::throughput::small_ready_scenarios;
 use super::{round, secs, Ctx, Report};
 
 /// The peak the issue allows while a backlog is worked off.
@@ -32,6 +32,8 @@ struct Run {
     cpu_at_first: Duration,
     cpu: Duration,
     hwm: u64,
+    /// Bytes of the providers' answer bodies (both providers).
+    answer_bytes: u64,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
@@ -61,6 +63,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             cpu_at_first,
             cpu,
             hwm,
+            answer_bytes,
         } = one(ctx, n, &format!("backlog-{n}")).await?;
         let per_user = |d: Duration| round(d.as_secs_f64() * 1000.0 / n as f64, 3);
         let mb = |b: u64| round(b as f64 / 1048576.0, 1);
@@ -83,6 +86,11 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             per_user(cpu.saturating_sub(cpu_at_first)),
         );
         r.fig(&format!("users_{n}_hwm_mb"), mb(hwm));
+        r.fig(&format!("users_{n}_answers_mb"), mb(answer_bytes));
+        r.fig(
+            &format!("users_{n}_answer_mb_per_cpu_s"),
+            round(mb(answer_bytes) / cpu.as_secs_f64().max(1e-9), 1),
+        );
         peaks.push(hwm);
         cpus.push(cpu.as_secs_f64() * 1000.0 / n as f64);
     }
@@ -102,7 +110,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
 /// Produces `n` ready users, starts the service on them and measures it
 /// until each has its one combined event (and each provider one call).
 async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
-    let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
+    let sim = Simulator::start(&answers().ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("backlog");
     kafka::create_run_topics(&names).await?;
@@ -150,6 +158,7 @@ async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
     if fb != n || cr != n {
         bail!("backlog {n}: provider calls finbox={fb} credeau={cr} (one each expected)");
     }
+    let answer_bytes = stats.body_bytes("finbox") + stats.body_bytes("credeau");
     svc.proc.kill();
     Ok(Run {
         first: first.saturating_duration_since(spawned),
@@ -157,5 +166,6 @@ async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
         cpu_at_first,
         cpu,
         hwm,
+        answer_bytes,
     })
 }

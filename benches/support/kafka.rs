@@ -160,7 +160,8 @@ pub async fn create_topics(names: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Produces `n` users onboarded now (ids `{prefix}-0`, `{prefix}-1`, ...)
+/// Produces `n` users onboarded now (ids `{prefix}-0`, `{prefix}-1`, ...,
+/// with the answer mix's class in front: `super::answers`)
 /// to `topic`, off the runtime, and waits until all are acknowledged.
 pub async fn produce_users(topic: &str, prefix: &'static str, n: u64) -> Result<u64> {
     let topic = topic.to_string();
@@ -169,7 +170,7 @@ pub async fn produce_users(topic: &str, prefix: &'static str, n: u64) -> Result<
         produce_all(
             &topic,
             (0..n).map(|i| {
-                let id = format!("{prefix}-{i}");
+                let id = super::answers::answers().user_id(prefix, i);
                 let v = onboarded(&id, at);
                 (id, v)
             }),

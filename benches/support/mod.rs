@@ -1,6 +1,7 @@
 //! Shared machinery of the pipeline bench: the run context, the report of a
 //! scenario (figures and goals), and the child processes and Kafka helpers.
 
+pub mod answers;
 pub mod backlog;
 pub mod brownout;
 pub mod kafka;

@@ -327,6 +327,11 @@ impl Stats {
         self.0[provider]["requests"].as_u64().unwrap_or(0)
     }
 
+    /// Bytes of the provider's answer bodies, as sent.
+    pub fn body_bytes(&self, provider: &str) -> u64 {
+        self.0[provider]["body_bytes"].as_u64().unwrap_or(0)
+    }
+
     pub fn status(&self, provider: &str, status: &str) -> u64 {
         self.0[provider]["by_status"][status].as_u64().unwrap_or(0)
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 
+use super::answers::answers;
 use super::kafka::{self, Names, Reader};
 use super::procs::{series_sum, Service, Simulator};
 use super::{round, secs, Ctx, Report};
@@ -17,12 +17,10 @@ use super::{round, secs, Ctx, Report};
 const MAX_BATCH: usize = 500;
 const LINGER: Duration = Duration::from_millis(100);
 
-/// Everyone ready at once, small answers.
+/// Everyone ready at once, small answers (the scenarios that measure
+/// something other than the cost of an answer).
 pub fn small_ready_scenarios() -> serde_json::Value {
-    json!({"default": {
-        "finbox": {"ready_after": "0s", "predictors": 5},
-        "credeau": {"ready_after": "0s", "sms_count": 2}
-    }})
+    super::answers::Answers::Small.ready_scenarios()
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
@@ -37,7 +35,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     );
     r.fig("baseline_s", secs(base));
 
-    let sim = Simulator::start(&small_ready_scenarios(), &ctx.logs).await?;
+    let sim = Simulator::start(&answers().ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("tput");
     kafka::create_run_topics(&names).await?;

@@ -260,7 +260,11 @@ impl Sim {
     /// Counts an answer in the statistics and hands it back.
     pub(crate) fn finish(&self, channel: Channel, resp: Response) -> Response {
         let dropped = resp.extensions().get::<Dropped>().is_some();
-        self.stats.count(channel, resp.status().as_u16(), dropped);
+        let body_bytes = axum::body::HttpBody::size_hint(resp.body())
+            .exact()
+            .unwrap_or(0);
+        self.stats
+            .count(channel, resp.status().as_u16(), dropped, body_bytes);
         resp
     }
 }

@@ -19,6 +19,8 @@ pub enum Channel {
 struct Counters {
     requests: AtomicU64,
     dropped: AtomicU64,
+    /// Bytes of the answers' bodies (as sent, before any compression).
+    body_bytes: AtomicU64,
     /// Indexed by HTTP status; fixed-size so counting never allocates or locks.
     by_status: Box<[AtomicU64]>,
 }
@@ -28,14 +30,16 @@ impl Default for Counters {
         Self {
             requests: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
             by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
 
 impl Counters {
-    fn count(&self, status: u16, dropped: bool) {
+    fn count(&self, status: u16, dropped: bool, body_bytes: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.body_bytes.fetch_add(body_bytes, Ordering::Relaxed);
         if dropped {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -48,6 +52,7 @@ impl Counters {
         ChannelStats {
             requests: self.requests.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+            body_bytes: self.body_bytes.load(Ordering::Relaxed),
             by_status: self
                 .by_status
                 .iter()
@@ -63,6 +68,7 @@ impl Counters {
     fn reset(&self) {
         self.requests.store(0, Ordering::Relaxed);
         self.dropped.store(0, Ordering::Relaxed);
+        self.body_bytes.store(0, Ordering::Relaxed);
         for c in self.by_status.iter() {
             c.store(0, Ordering::Relaxed);
         }
@@ -84,6 +90,9 @@ pub struct ChannelStats {
     /// Answers whose connection was closed mid-response on purpose (their
     /// status is counted too).
     pub dropped: u64,
+    /// Bytes of the answers' bodies whose size was known when they were
+    /// sent (every whole answer; not the streamed or cut ones).
+    pub body_bytes: u64,
 }
 
 /// `GET /admin/stats`.
@@ -105,8 +114,8 @@ impl Stats {
         }
     }
 
-    pub fn count(&self, channel: Channel, status: u16, dropped: bool) {
-        self.counters(channel).count(status, dropped);
+    pub fn count(&self, channel: Channel, status: u16, dropped: bool, body_bytes: u64) {
+        self.counters(channel).count(status, dropped, body_bytes);
     }
 
     pub fn report(&self, users: usize) -> StatsReport {
@@ -132,13 +141,14 @@ mod tests {
     #[test]
     fn counts_by_status_and_resets() {
         let stats = Stats::default();
-        stats.count(Channel::Finbox, 202, false);
-        stats.count(Channel::Finbox, 202, false);
-        stats.count(Channel::Finbox, 200, true);
+        stats.count(Channel::Finbox, 202, false, 10);
+        stats.count(Channel::Finbox, 202, false, 10);
+        stats.count(Channel::Finbox, 200, true, 0);
         let r = stats.report(3);
         assert_eq!(r.finbox.requests, 3);
         assert_eq!(r.finbox.by_status["202"], 2);
         assert_eq!(r.finbox.dropped, 1);
+        assert_eq!(r.finbox.body_bytes, 20);
         assert_eq!(r.credeau.requests, 0);
         stats.reset();
         assert_eq!(stats.report(0).finbox.requests, 0);
