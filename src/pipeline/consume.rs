@@ -46,11 +46,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::pipeline::batch::{peer_leash, rewind_points, Batch, RunningGuard, Work};
+use crate::pipeline::gate::StartGate;
 use crate::pipeline::guard::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
 use crate::pipeline::record::{
-    record_size, BatchOffsets, Epoch, HeldBytes, Job, Processed, SourceKind, TopicPartition,
+    record_size, BatchOffsets, Epoch, Job, Processed, SourceKind, TopicPartition,
 };
 use crate::pipeline::share::RateShare;
 use crate::pipeline::transaction;
@@ -125,6 +126,10 @@ const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How many batches' worth of records may be read and not yet committed.
 const READ_AHEAD_BATCHES: usize = 6;
 
+/// What a record is assumed to output, for the read-ahead, before any
+/// record has finished (the start gate assumes more: `pipeline::gate`).
+const READ_AHEAD_PRIOR: f64 = 65_536.0;
+
 /// The most batches one transaction takes (finished ones waiting behind
 /// the transaction before it).
 const MERGED_BATCHES: usize = 4;
@@ -177,9 +182,10 @@ pub struct ConsumeLoop {
     running: Arc<AtomicUsize>,
     /// Woken whenever a record's work ends.
     job_done: Arc<Notify>,
-    /// Bytes of the outputs of records done and not yet handed to the
-    /// producer (`Processed::held`).
-    held_bytes: Arc<AtomicUsize>,
+    /// The byte budget at a record's start; it also counts the outputs of
+    /// records done and not yet handed to the producer
+    /// (`Processed::held`).
+    gate: Arc<StartGate>,
     cooldown_until: Option<Instant>,
     /// When the straggler cut and the liveness report last ran: they look
     /// at every record and partition, so they run at most every
@@ -191,6 +197,7 @@ pub struct ConsumeLoop {
 impl ConsumeLoop {
     pub fn new(parts: LoopParts) -> ConsumeLoop {
         let in_flight = Arc::new(Semaphore::new(parts.settings.max_in_flight.max(1)));
+        let gate = StartGate::new(parts.settings.max_in_flight_bytes);
         ConsumeLoop {
             parts,
             assigned: HashMap::new(),
@@ -204,7 +211,7 @@ impl ConsumeLoop {
             in_flight,
             running: Arc::new(AtomicUsize::new(0)),
             job_done: Arc::new(Notify::new()),
-            held_bytes: Arc::new(AtomicUsize::new(0)),
+            gate,
             cooldown_until: None,
             housekeeping_at: None,
             state_logged_at: None,
@@ -409,7 +416,7 @@ impl ConsumeLoop {
     fn outstanding_bytes(&self) -> usize {
         self.collecting.bytes
             + self.queued.iter().map(|b| b.bytes).sum::<usize>()
-            + self.held_bytes.load(Ordering::Relaxed)
+            + self.gate.held()
     }
 
     /// The most records read and not yet committed, finished or not: a
@@ -421,8 +428,18 @@ impl ConsumeLoop {
     /// others one leash per two batches of backlog); and a backlog keeps
     /// the providers busy while a transaction of up to
     /// [`MERGED_BATCHES`] batches commits.
+    ///
+    /// Fewer when records output more: as many as `max_in_flight_bytes`
+    /// holds at what records output lately (at least one). Pausing at the
+    /// byte budget alone came too late: every record read before it was
+    /// started, and with answers of a megabyte a read-ahead of 2,400
+    /// records held gigabytes of outputs.
     fn max_outstanding(&self) -> usize {
-        self.parts.settings.max_batch.max(1) * READ_AHEAD_BATCHES
+        let by_count = self.parts.settings.max_batch.max(1) * READ_AHEAD_BATCHES;
+        let budget = self.parts.settings.max_in_flight_bytes.max(1) as f64;
+        let mean = self.gate.mean_output_or(READ_AHEAD_PRIOR).max(1.0);
+        let by_bytes = (budget / mean).floor() as usize;
+        by_count.min(by_bytes.max(1))
     }
 
     /// Pauses every partition when as many records are being worked on as
@@ -593,20 +610,25 @@ impl ConsumeLoop {
         let record_clock = clock.clone();
         let in_flight = self.in_flight.clone();
         let done = self.job_done.clone();
-        let held = self.held_bytes.clone();
+        let gate = self.gate.clone();
+        let mut ticket = self.gate.ticket();
         let running = RunningGuard::new(self.running.clone());
         let running = tokio::spawn(async move {
             // Counted until the work ends or is cancelled.
             let _running = running;
-            // The semaphore is never closed, so acquiring only waits.
+            // The byte budget first: a record waiting for it holds no
+            // permit. Then the call permit (the semaphore is never closed,
+            // so acquiring only waits).
+            ticket.pass().await;
             let _permit = in_flight.acquire_owned().await;
             // Boxed: a task's size is its future's largest state, and the
             // provider calls' state is several kilobytes, which every record
             // read ahead would take while it only waits for a permit.
             let mut r = Box::pin(worker.process(job, record_clock)).await;
             if let Ok(p) = &mut r {
-                p.held = Some(HeldBytes::new(p.output_bytes(), held));
+                p.held = Some(gate.hold(p.output_bytes()));
             }
+            drop(ticket);
             done.notify_one();
             r
         });

@@ -12,11 +12,13 @@
 //! - [`ports`]: the two Kafka clients as the loop sees them;
 //! - [`transaction`]: one batch's transaction protocol;
 //! - [`share`]: this instance's share of the provider rate limits;
+//! - [`gate`]: the byte budget at the start of a record's work;
 //! - [`guard`]: the dead-letter guard;
 //! - [`health`]: liveness, readiness and the metrics endpoint.
 
 mod batch;
 pub mod consume;
+pub mod gate;
 pub mod guard;
 pub mod health;
 pub mod parked;

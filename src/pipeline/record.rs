@@ -5,11 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use crate::core::dead_letter::{Reason, Stage};
 use crate::metrics::events::Committed;
+use crate::pipeline::gate::HeldBytes;
 use crate::task::{Millis, Task, TaskDecodeError};
 
 /// One partition of one topic.
@@ -183,26 +182,6 @@ pub fn record_size(
             .iter()
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
-}
-
-/// Bytes counted in a shared total for as long as this lives.
-#[derive(Debug)]
-pub struct HeldBytes {
-    bytes: usize,
-    total: Arc<AtomicUsize>,
-}
-
-impl HeldBytes {
-    pub fn new(bytes: usize, total: Arc<AtomicUsize>) -> HeldBytes {
-        total.fetch_add(bytes, Ordering::Relaxed);
-        HeldBytes { bytes, total }
-    }
-}
-
-impl Drop for HeldBytes {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
 }
 
 impl Processed {

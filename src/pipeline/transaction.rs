@@ -59,7 +59,8 @@ async fn steps(
             // transaction in flight keeps in memory.
             o.release_payload();
         }
-        p.held = None;
+        // `p.held` stays counted until the transaction ends: the
+        // producer's copy is in memory until then.
     }
     let Some(group) = consumer.group_token() else {
         return Err(CommitError::Abortable("no consumer group metadata".into()));

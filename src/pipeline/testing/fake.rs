@@ -712,6 +712,9 @@ pub struct FakeProvider {
     /// awaiting an answer) before its error comes back.
     pub retry_sleeps: Duration,
     pub calls: AtomicUsize,
+    /// Calls answering now, and the most there ever were at once.
+    in_call: AtomicUsize,
+    pub peak_in_call: AtomicUsize,
 }
 
 impl FakeProvider {
@@ -724,6 +727,8 @@ impl FakeProvider {
             sms_bytes: 4,
             retry_sleeps: Duration::ZERO,
             calls: AtomicUsize::new(0),
+            in_call: AtomicUsize::new(0),
+            peak_in_call: AtomicUsize::new(0),
         }
     }
 
@@ -756,7 +761,10 @@ impl FakeProvider {
         let clock = crate::providers::budget::current();
         let _waiting = clock.as_ref().map(|c| c.waiting());
         let awaiting = clock.as_ref().map(|c| c.awaiting_answer());
+        let now = self.in_call.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_call.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(latency).await;
+        self.in_call.fetch_sub(1, Ordering::SeqCst);
         drop(awaiting);
         let failing = {
             let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());

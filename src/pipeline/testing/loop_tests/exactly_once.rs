@@ -353,6 +353,39 @@ async fn reading_pauses_at_the_byte_budget_of_records_not_yet_committed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn records_read_ahead_follow_the_size_of_what_records_output() {
+    // The same backlog, once with small SMS answers and once with answers
+    // of 256 KiB: with the large ones, as many records are read ahead as
+    // the byte budget (4 MiB) holds at that size, so far fewer calls run
+    // at once and far fewer outputs wait for their transactions.
+    let mut peaks = Vec::new();
+    for sms_bytes in [16, 256 << 10] {
+        let broker = broker(Duration::from_secs(30));
+        let users = onboard(&broker, "sized", 600);
+        let mut ls = loop_settings();
+        ls.max_in_flight_bytes = 4 << 20;
+        let finbox = quick(10);
+        // 10,000 calls a second: the rate limit bounds nothing here.
+        let mut credeau = FakeProvider::new(600_000, Duration::from_millis(500));
+        credeau.sms_bytes = sms_bytes;
+        let h = start(broker, finbox, Arc::new(credeau), ls).await;
+        finish(&h, &users, Duration::from_secs(600)).await;
+        assert_exactly_once(&h, &users);
+        peaks.push(
+            h.credeau
+                .peak_in_call
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
+    }
+    let (small, large) = (peaks[0], peaks[1]);
+    // Small outputs: the record limits (256 running) bound it.
+    assert!(small >= 200, "{small} calls at once with small answers");
+    // Large: 4 MiB / 256 KiB = 16 (the first ones under the prior, 4 MiB /
+    // 1 MiB = 4).
+    assert!(large <= 20, "{large} calls at once with 256 KiB answers");
+}
+
+#[tokio::test(start_paused = true)]
 async fn batches_that_finish_during_a_slow_commit_go_into_the_next_transaction_together() {
     // Commits take 200 ms and a batch of 50 quick users far less: the
     // batches that finish meanwhile commit together (up to four), in read
