@@ -16,6 +16,7 @@
 # with a summary and exits non-zero when anything failed.
 #
 # Environment read: TEST_THREADS (cargo test threads, default 2),
+# TEST_LANES (test binaries run at once, default 3),
 # KAFKA_START_TIMEOUT (seconds, default 90). Exported to the tests:
 # KAFKA_BOOTSTRAP, KAFKA_DIR, TEST_SCHEMA_REGISTRY (the registry's Confluent
 # API URL), INSIGHTS_PYTHON, HELM, PROMTOOL, PROMETHEUS.
@@ -27,10 +28,11 @@ scripts/prereqs.sh test || exit 1
 
 CACHE="${INSIGHTS_CACHE:-$HOME/.cache/insights-enricher}"
 mkdir -p "$CACHE"
-# Two test binaries' worth of Kafka clients and service instances is what a
-# 2-core machine sustains; tests use unique topics and groups, so they may
-# overlap.
+# Tests of one binary run two at a time; tests use unique topics and
+# groups, so they may overlap.
 TEST_THREADS="${TEST_THREADS:-2}"
+# Test binaries run at once (cargo_test_in_lanes).
+TEST_LANES="${TEST_LANES:-3}"
 # Python must not leave bytecode in the repository.
 export PYTHONPYCACHEPREFIX="$CACHE/pycache"
 
@@ -140,6 +142,51 @@ own_broker_stage() {
     KAFKA3_DIR=""
 }
 
+# cargo_test_in_lanes: `cargo test --all-targets`, with the test binaries
+# run TEST_LANES at a time instead of one after the other; each still runs
+# its own tests TEST_THREADS at a time. Most tests wait on the broker, the
+# simulator or a timer, not on the CPU: one binary at a time left this
+# 2-core machine at a load under 1. The longest binaries start first (as
+# the last run on this machine timed them, kept in the cache); each
+# binary's output is printed whole once it is done, with its time.
+# shellcheck disable=SC2329 # run by run_stage
+cargo_test_in_lanes() {
+    local list="$LOGS/test-binaries" bins="$LOGS/bins" times="$CACHE/test-times" rc=0
+    mkdir -p "$bins"
+    cargo test --all-targets --no-run --message-format=json >"$list.json" || return 1
+    # What `cargo test` would run: every artifact built as a test.
+    python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])
+' "$list.json" >"$list.paths" || return 1
+    # Longest first: seconds from the last run, 0 for a binary not yet timed.
+    local exe name
+    while read -r exe; do
+        name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
+        printf '%s %s\n' "$(awk -v n="$name" '$1 == n { print $2 }' "$times" 2>/dev/null | tail -n1 | grep . || echo 0)" "$exe"
+    done <"$list.paths" | sort -rn | cut -d' ' -f2- >"$list.order"
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    xargs -P "$TEST_LANES" -I{} bash -c '
+        exe="$1"; name="$(basename "$exe" | sed "s/-[0-9a-f]*\$//")"; start=$SECONDS
+        "$exe" --test-threads="$2" >"$3/$(basename "$exe").log" 2>&1
+        echo "$name $? $((SECONDS - start)) $(basename "$exe")" >>"$3/status"
+    ' _ {} "$TEST_THREADS" "$bins" <"$list.order" || rc=1
+    local status secs base
+    while read -r name status secs base; do
+        printf '\n     Running %s (%s s, exit %s)\n' "$name" "$secs" "$status"
+        cat "$bins/$base.log"
+        ((status == 0)) || rc=1
+    done <"$bins/status"
+    awk '{ print $1, $3 }' "$bins/status" >"$times.new" && mv "$times.new" "$times"
+    return "$rc"
+}
+
 TOTAL_START=$SECONDS
 
 run_stage fmt cargo fmt --all -- --check
@@ -193,7 +240,7 @@ fi
 build_ok=0
 run_stage build cargo build --all-targets && build_ok=1
 if ((build_ok && broker_ok)); then
-    run_stage cargo-test cargo test --all-targets --no-fail-fast -- --test-threads="$TEST_THREADS"
+    run_stage cargo-test cargo_test_in_lanes
     count_cargo "$LOGS/cargo-test.log"
     # Tests that restart their broker are #[ignore]d by the run above and
     # run here alone, after the rest, on a fresh Kafka 4 broker; then the
