@@ -155,15 +155,34 @@ async fn the_consumer_group_protocol_is_exactly_once_across_a_kill_a_restart_and
     let _ = sim.shutdown().await;
 }
 
-/// Restart-to-first-output after a SIGKILL, for both group protocols with
-/// and without static membership (the figures in docs/benchmarks.md). The
-/// classic protocol runs with a 10 s session timeout, the same as the test
-/// broker's group.consumer.session.timeout.ms for the consumer protocol.
-/// Not part of the suite: `cargo test --test group_protocol -- --ignored
-/// --nocapture` against a Kafka 4 broker from scripts/kafka.sh.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement for docs/benchmarks.md, not a check"]
-async fn restart_to_first_output_by_protocol_and_membership() {
+/// Both group protocols, without and with static membership.
+const PROTOCOLS: [(&str, bool); 4] = [
+    ("classic", false),
+    ("classic", true),
+    ("consumer", false),
+    ("consumer", true),
+];
+
+/// The settings of one member for the measurements: the protocol, 10 s
+/// sessions for the classic one (as the test broker's
+/// group.consumer.session.timeout.ms for the other), and its pod name.
+fn membership_env(protocol: &str, static_membership: bool, pod: &str) -> Vec<(String, String)> {
+    [
+        ("INSIGHTS__KAFKA__GROUP_PROTOCOL", protocol),
+        ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
+        ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
+        (
+            "INSIGHTS__KAFKA__STATIC_MEMBERSHIP",
+            if static_membership { "true" } else { "false" },
+        ),
+        ("POD_NAME", pod),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
+
+/// A simulator whose users are all ready at once with tiny answers.
+async fn tiny_answers_simulator() -> simulator::RunningSimulator {
     let sim = simulator::spawn(SimulatorConfig::default())
         .await
         .expect("simulator");
@@ -173,30 +192,26 @@ async fn restart_to_first_output_by_protocol_and_membership() {
         &json!({"default": {"finbox": {"predictors": 2}, "credeau": {"sms_count": 1}}}),
     )
     .await;
+    sim
+}
+
+/// Restart-to-first-output after a SIGKILL, for both group protocols with
+/// and without static membership (the figures in docs/benchmarks.md). The
+/// classic protocol runs with a 10 s session timeout, the same as the test
+/// broker's group.consumer.session.timeout.ms for the consumer protocol.
+/// Not part of the suite: `cargo test --test group_protocol -- --ignored
+/// --nocapture` against a Kafka 4 broker from scripts/kafka.sh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/benchmarks.md, not a check"]
+async fn restart_to_first_output_by_protocol_and_membership() {
+    let sim = tiny_answers_simulator().await;
     let mut figures = Vec::new();
-    for (protocol, static_membership) in [
-        ("classic", false),
-        ("classic", true),
-        ("consumer", false),
-        ("consumer", true),
-    ] {
+    for (protocol, static_membership) in PROTOCOLS {
         let topics = Topics::new("restart");
         create_topic(&topics.input, 3).await;
         let dir = tempfile::tempdir().unwrap();
         let mut env = service_env(&topics, &unique("g"), &sim.base_url());
-        env.extend(
-            [
-                ("INSIGHTS__KAFKA__GROUP_PROTOCOL", protocol),
-                ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
-                ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
-                (
-                    "INSIGHTS__KAFKA__STATIC_MEMBERSHIP",
-                    if static_membership { "true" } else { "false" },
-                ),
-                ("POD_NAME", "bench-0"),
-            ]
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
+        env.extend(membership_env(protocol, static_membership, "bench-0"));
         let log = dir.path().join("service.log");
         let mut service = Service::start(&env, &log);
         produce_users(&topics.input, "before-", 20).await;
@@ -321,50 +336,21 @@ async fn scale_one_to_three_to_one_by_protocol_and_membership() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let sim = simulator::spawn(SimulatorConfig::default())
-        .await
-        .expect("simulator");
-    sim_admin(
-        &sim.base_url(),
-        "/admin/scenarios",
-        &json!({"default": {"finbox": {"predictors": 2}, "credeau": {"sms_count": 1}}}),
-    )
-    .await;
-    let only: Option<String> = std::env::var("SCALE_ONLY").ok();
+    let sim = tiny_answers_simulator().await;
     let mut figures = Vec::new();
-    for (protocol, static_membership) in [
-        ("classic", false),
-        ("classic", true),
-        ("consumer", false),
-        ("consumer", true),
-    ] {
+    for (protocol, static_membership) in PROTOCOLS {
         let name = format!(
             "{protocol}{}",
             if static_membership { "-static" } else { "" }
         );
-        if only.as_deref().is_some_and(|o| o != name) {
-            continue;
-        }
         let topics = Topics::new("scale");
         create_topic(&topics.input, 6).await;
         let dir = tempfile::tempdir().unwrap();
         let env = service_env(&topics, &unique("g"), &sim.base_url());
         let member = |pod: &str| {
             let mut env = env.clone();
-            env.extend(
-                [
-                    ("INSIGHTS__KAFKA__GROUP_PROTOCOL", protocol),
-                    ("INSIGHTS__KAFKA__SESSION_TIMEOUT", "10s"),
-                    ("INSIGHTS__KAFKA__MAX_POLL_INTERVAL", "15s"),
-                    ("INSIGHTS__TOPICS__PARTITIONS", "6"),
-                    (
-                        "INSIGHTS__KAFKA__STATIC_MEMBERSHIP",
-                        if static_membership { "true" } else { "false" },
-                    ),
-                    ("POD_NAME", pod),
-                ]
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-            );
+            env.extend(membership_env(protocol, static_membership, pod));
+            env.push(("INSIGHTS__TOPICS__PARTITIONS".into(), "6".into()));
             Service::start(&env, &dir.path().join(format!("{pod}.log")))
         };
         let a = member("scale-0");
