@@ -282,4 +282,28 @@ impl LoopConsumer for KafkaConsumer {
     fn transaction_gate(&self) -> &TransactionGate {
         &self.consumer.context().transaction
     }
+
+    async fn committed(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, String> {
+        let tpl = Self::tpl(partitions);
+        let consumer = self.consumer.clone();
+        // A read_committed consumer asks for stable offsets (KIP-447): the
+        // coordinator answers once no transaction's offsets are pending.
+        let got = tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| format!("committed offsets task failed: {e}"))?
+        .map_err(|e| format!("committed offsets: {e}"))?;
+        Ok(got
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(n) => Some((TopicPartition::new(e.topic(), e.partition()), n)),
+                _ => None,
+            })
+            .collect())
+    }
 }

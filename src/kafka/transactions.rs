@@ -67,7 +67,7 @@ impl KafkaTransactions {
         let fresh = (self.make)().map_err(|e| CommitError::Fatal(e.to_string()))?;
         let p = fresh.clone();
         let timeout = self.timeout;
-        blocking(timeout, move || p.init_transactions(timeout)).await?;
+        blocking(timeout, fresh.clone(), move || p.init_transactions(timeout)).await?;
         let old = std::mem::replace(
             &mut *self.producer.write().unwrap_or_else(|p| p.into_inner()),
             fresh,
@@ -110,7 +110,7 @@ impl KafkaTransactions {
 impl TxnProducer for KafkaTransactions {
     async fn begin(&self) -> Result<(), CommitError> {
         let p = self.producer();
-        blocking(self.timeout, move || p.begin_transaction()).await
+        blocking(self.timeout, p.clone(), move || p.begin_transaction()).await
     }
 
     async fn send(&self, o: &OutRecord) -> Result<(), CommitError> {
@@ -170,7 +170,7 @@ impl TxnProducer for KafkaTransactions {
         };
         let p = self.producer();
         let timeout = self.timeout;
-        blocking(timeout, move || {
+        blocking(timeout, p.clone(), move || {
             p.send_offsets_to_transaction(&tpl, &cgm, timeout)
         })
         .await
@@ -179,7 +179,7 @@ impl TxnProducer for KafkaTransactions {
     async fn commit(&self) -> Result<(), CommitError> {
         let p = self.producer();
         let timeout = self.timeout;
-        let r = blocking(timeout, move || p.commit_transaction(timeout)).await;
+        let r = blocking(timeout, p.clone(), move || p.commit_transaction(timeout)).await;
         // A commit fails abortably when records failed delivery.
         if matches!(r, Err(CommitError::Abortable(_))) {
             self.delivery_failed
@@ -191,7 +191,7 @@ impl TxnProducer for KafkaTransactions {
     async fn abort(&self) -> Result<(), CommitError> {
         let p = self.producer();
         let timeout = self.timeout;
-        blocking(timeout, move || p.abort_transaction(timeout)).await?;
+        blocking(timeout, p.clone(), move || p.abort_transaction(timeout)).await?;
         if self
             .delivery_failed
             .swap(false, std::sync::atomic::Ordering::Relaxed)
@@ -233,7 +233,14 @@ impl TxnProducer for KafkaTransactions {
 /// lasts. The loop goes on polling meanwhile; once the brokers are back
 /// the call completes, or fails abortably if the coordinator aborted the
 /// transaction after `transaction.timeout.ms`, and the batch is read again.
-async fn blocking<F>(timeout: Duration, f: F) -> Result<(), CommitError>
+///
+/// A call still running past its timeout is waited for while the brokers
+/// are unreachable (`probe`'s metadata request fails). Once they answer,
+/// it gets [`HUNG_GRACE`] more; a call still running then is given up on
+/// (`Abandoned`): after a broker restart a call can wait for good on a
+/// coordinator that is gone (librdkafka issue 5511), and only a new
+/// producer settles its transaction.
+async fn blocking<F>(timeout: Duration, probe: FutureProducer, f: F) -> Result<(), CommitError>
 where
     F: Fn() -> Result<(), KafkaError> + Send + Sync + 'static,
 {
@@ -243,21 +250,33 @@ where
     loop {
         let call = f.clone();
         let mut handle = tokio::task::spawn_blocking(move || call());
-        // librdkafka does not always return at the call's timeout while the
-        // brokers are unreachable; the call is waited for however long it
-        // takes (the loop polls meanwhile, and liveness catches a call that
-        // hangs while the brokers are up).
-        let mut waited = Duration::ZERO;
+        let started = std::time::Instant::now();
+        let mut brokers_back: Option<Duration> = None;
+        let mut warned = false;
         let result = loop {
-            match tokio::time::timeout(patience, &mut handle).await {
-                Ok(r) => break r,
-                Err(_) => {
-                    waited += patience;
-                    tracing::warn!(
-                        waited_s = waited.as_secs(),
-                        "kafka transaction call still running (brokers unreachable?); waiting for it"
-                    );
-                }
+            let wait = patience.saturating_sub(started.elapsed()).max(PROBE_EVERY);
+            if let Ok(r) = tokio::time::timeout(wait, &mut handle).await {
+                break r;
+            }
+            if !warned {
+                warned = true;
+                tracing::warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "kafka transaction call still running (brokers unreachable?); waiting for it"
+                );
+            }
+            if !brokers_answer(&probe).await {
+                brokers_back = None;
+                continue;
+            }
+            let waited = started.elapsed();
+            let back = *brokers_back.get_or_insert(waited);
+            if waited >= back + HUNG_GRACE {
+                return Err(CommitError::Abandoned(format!(
+                    "a kafka transaction call still running after {} s, {} s of them with the brokers answering",
+                    waited.as_secs(),
+                    (waited - back).as_secs()
+                )));
             }
         };
         let e = match result {
@@ -285,6 +304,26 @@ where
         );
         tokio::time::sleep(RETRY_PAUSE).await;
     }
+}
+
+/// How often the brokers are asked for metadata while a transactional
+/// call runs past its timeout.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a transactional call may still run once the brokers answer
+/// again before it is given up on.
+const HUNG_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a broker answers a metadata request of `producer`'s client
+/// within a few seconds.
+async fn brokers_answer(producer: &FutureProducer) -> bool {
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        p.client()
+            .fetch_metadata(None, Duration::from_secs(3))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Between two tries of a transactional call that failed retriably.

@@ -60,6 +60,13 @@ pub trait LoopConsumer: Send + Sync + 'static {
     /// Open while a transaction with consumed offsets is; a revocation
     /// waits for it.
     fn transaction_gate(&self) -> &TransactionGate;
+    /// The group's committed offsets of `partitions` (the next offset to
+    /// read), as the coordinator has them now, stable (no transaction's
+    /// offsets pending); a partition without any is left out.
+    async fn committed(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, String>;
 }
 
 /// The consumer's group membership at one moment, as it is sent with a
@@ -158,6 +165,19 @@ pub enum CommitError {
     Abortable(String),
     /// The producer cannot go on (fenced, invalid state): stop the process.
     Fatal(String),
+    /// A call was given up on: it hung while the brokers answered (a
+    /// librdkafka transaction call can wait on a coordinator that is gone
+    /// after a broker restart). Whether the transaction committed is not
+    /// known until the producer is replaced.
+    Abandoned(String),
+    /// After `Abandoned`: the producer was replaced, which settled the
+    /// transaction one way or the other, and these are the group's
+    /// committed offsets of the batch's partitions now (the next offset to
+    /// read), which tell which.
+    Settled {
+        reason: String,
+        committed: HashMap<TopicPartition, i64>,
+    },
 }
 
 /// The transactional producer: the steps of one transaction. The protocol

@@ -22,12 +22,48 @@ pub async fn run(
     match steps(producer, consumer, processed, offsets).await {
         Err(CommitError::Abortable(reason)) => match producer.abort().await {
             Ok(()) => Err(CommitError::Abortable(reason)),
-            Err(CommitError::Abortable(e)) | Err(CommitError::Fatal(e)) => {
-                renewed(producer, format!("abort failed: {e}")).await
-            }
+            // Aborting, the transaction cannot have committed.
+            Err(e) => renewed(producer, format!("abort failed: {}", reason_of(&e))).await,
         },
         Err(CommitError::Fatal(e)) => renewed(producer, e).await,
+        Err(CommitError::Abandoned(e)) => settled(producer, consumer, offsets, e).await,
         other => other,
+    }
+}
+
+fn reason_of(e: &CommitError) -> &str {
+    match e {
+        CommitError::Abortable(r) | CommitError::Fatal(r) | CommitError::Abandoned(r) => r,
+        CommitError::Settled { reason, .. } => reason,
+    }
+}
+
+/// After a call was given up on: a new producer under the same
+/// transactional id settles the old one's transaction (its start waits
+/// until the coordinator has committed or aborted it), and the group's
+/// committed offsets then say which (`Settled`). `Fatal` when either
+/// fails: a restart reads from the committed offsets too.
+async fn settled(
+    producer: &dyn TxnProducer,
+    consumer: &dyn LoopConsumer,
+    offsets: &BatchOffsets,
+    reason: String,
+) -> Result<(), CommitError> {
+    if let Err(e) = producer.renew(&reason).await {
+        return Err(CommitError::Fatal(format!(
+            "{reason}; replacing the producer failed: {}",
+            reason_of(&e)
+        )));
+    }
+    let partitions: Vec<_> = offsets.keys().cloned().collect();
+    match consumer.committed(&partitions).await {
+        Ok(committed) => Err(CommitError::Settled {
+            reason: format!("{reason} (the transactional producer was replaced)"),
+            committed,
+        }),
+        Err(e) => Err(CommitError::Fatal(format!(
+            "{reason}; the producer was replaced, but the committed offsets could not be read: {e}"
+        ))),
     }
 }
 
@@ -39,9 +75,10 @@ async fn renewed(producer: &dyn TxnProducer, reason: String) -> Result<(), Commi
         Ok(()) => Err(CommitError::Abortable(format!(
             "{reason} (the transactional producer was replaced)"
         ))),
-        Err(CommitError::Fatal(e)) | Err(CommitError::Abortable(e)) => Err(CommitError::Fatal(
-            format!("{reason}; replacing the producer failed: {e}"),
-        )),
+        Err(e) => Err(CommitError::Fatal(format!(
+            "{reason}; replacing the producer failed: {}",
+            reason_of(&e)
+        ))),
     }
 }
 

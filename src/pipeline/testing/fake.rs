@@ -74,6 +74,9 @@ struct State {
     /// How long every commit takes (a broker's round trips).
     commit_latency: Duration,
     fatal_commits: Vec<u32>,
+    /// Commits whose call is given up on (`CommitError::Abandoned`), and
+    /// whether the broker had applied them.
+    abandoned_commits: Vec<(u32, bool)>,
     renewals: u32,
     disruptions: Vec<(u32, Disruption)>,
     lost_pending: bool,
@@ -135,6 +138,7 @@ impl FakeBroker {
                 fail_commits: vec![],
                 commit_latency: Duration::ZERO,
                 fatal_commits: vec![],
+                abandoned_commits: vec![],
                 renewals: 0,
                 disruptions: vec![],
                 lost_pending: false,
@@ -226,6 +230,14 @@ impl FakeBroker {
         let mut s = self.lock();
         let at = s.commits + s.aborts + n;
         s.fatal_commits.push(at);
+    }
+
+    /// Makes the `n`th commit from now hang until it is given up on
+    /// (`Abandoned`), after the broker applied it (`applied`) or before.
+    pub fn abandon_commit(&self, n: u32, applied: bool) {
+        let mut s = self.lock();
+        let at = s.commits + s.aborts + n;
+        s.abandoned_commits.push((at, applied));
     }
 
     /// How many times the producer was replaced.
@@ -502,6 +514,17 @@ impl LoopConsumer for FakeBroker {
     fn transaction_gate(&self) -> &TransactionGate {
         &self.gate
     }
+
+    async fn committed(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, String> {
+        let s = self.lock();
+        Ok(partitions
+            .iter()
+            .filter_map(|tp| s.committed.get(tp).map(|n| (tp.clone(), *n)))
+            .collect())
+    }
 }
 
 impl FakeBroker {
@@ -614,6 +637,20 @@ impl TxnProducer for FakeBroker {
                 "Failed to end transaction: Broker: Producer attempted a transactional operation in an invalid state".into(),
             ));
         }
+        let abandoned = s
+            .abandoned_commits
+            .iter()
+            .position(|(at, _)| *at == n)
+            .map(|i| s.abandoned_commits.remove(i).1);
+        if abandoned == Some(false) {
+            // The new producer's start aborts it.
+            s.staged = None;
+            s.staged_offsets.clear();
+            s.aborts += 1;
+            return Err(CommitError::Abandoned(
+                "injected: hung before the broker applied it".into(),
+            ));
+        }
         let staged = s.staged.take().unwrap_or_default();
         for (tp, rec) in staged {
             s.logs.entry(tp).or_default().push(rec);
@@ -628,6 +665,11 @@ impl TxnProducer for FakeBroker {
             s.committed.insert(tp, next);
         }
         s.commits += 1;
+        if abandoned == Some(true) {
+            return Err(CommitError::Abandoned(
+                "injected: hung after the broker applied it".into(),
+            ));
+        }
         Ok(())
     }
 

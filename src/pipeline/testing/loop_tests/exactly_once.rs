@@ -98,6 +98,31 @@ async fn a_producer_that_fails_fatally_is_replaced_and_its_batch_read_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_commit_given_up_on_is_settled_by_a_new_producer_and_never_duplicated() {
+    // A commit call that hangs once the brokers are back (librdkafka issue
+    // 5511) is given up on, the producer replaced, and the group's
+    // committed offsets say whether it went through: once after the broker
+    // applied it (the batch must not be processed again), once before (it
+    // must be).
+    for applied in [true, false] {
+        let broker = broker(Duration::from_secs(30));
+        let users = onboard(&broker, if applied { "applied" } else { "unapplied" }, 400);
+        broker.abandon_commit(2, applied);
+        let mut ls = loop_settings();
+        ls.max_batch = 50;
+        let h = start(broker, quick(200), quick(300), ls).await;
+        finish(&h, &users, Duration::from_secs(120)).await;
+        assert_exactly_once(&h, &users);
+        assert_eq!(h.broker.renewals(), 1, "applied: {applied}");
+        assert_eq!(h.broker.violations(), Vec::<String>::new());
+        // Every user called once: the committed batch was not read again.
+        if applied {
+            assert_eq!(h.finbox.calls(), users.len());
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_producer_that_keeps_failing_fatally_stops_the_loop() {
     let broker = broker(Duration::from_secs(30));
     onboard(&broker, "fatal", 400);
