@@ -581,14 +581,25 @@ async fn debug_and_warn_logs_never_hold_secrets_or_salts() {
             Ok(())
         }
     }
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .finish();
-    // Thread-local: the test runtime runs every task on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // The process's subscriber, not a thread-local one: with tests running
+    // side by side, a callsite first reached on another thread (without a
+    // subscriber) could be cached as never enabled, and this test's events
+    // went missing. Other tests of this file log into the same buffer too;
+    // they must not log secrets either.
+    static LOGS: std::sync::OnceLock<Buffer> = std::sync::OnceLock::new();
+    let buffer = LOGS
+        .get_or_init(|| {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other subscriber in this test binary");
+            buffer
+        })
+        .clone();
 
     let sim = simulator(&[(
         "u-log",
