@@ -320,17 +320,12 @@ async fn users_whose_finbox_calls_fail_do_not_hold_the_others_or_the_group() {
 /// One instance's `insights_rate_limit_per_minute{provider="finbox"}`;
 /// `None` before it has one (no share yet) or when it cannot be read.
 async fn finbox_share(service: &Service) -> Option<u64> {
-    let port = metrics_port(&service.log_text())?;
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(r#"insights_rate_limit_per_minute{provider="finbox"}"#))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse::<u64>().ok())
+    metric(
+        service,
+        r#"insights_rate_limit_per_minute{provider="finbox"}"#,
+    )
+    .await
+    .map(|v| v as u64)
 }
 
 /// The live instances' FinBox shares added up, as at one instant.

@@ -251,21 +251,6 @@ async fn restart_to_first_output_by_protocol_and_membership() {
     let _ = sim.shutdown().await;
 }
 
-/// This process's `insights_assigned_partitions`, from its /metrics page
-/// (None while it has no metrics server yet or does not answer).
-async fn assigned_partitions(service: &Service) -> Option<i64> {
-    let port = metrics_port(&service.log_text())?;
-    let page = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    page.lines()
-        .find_map(|l| l.strip_prefix("insights_assigned_partitions "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Waits until each service holds exactly the partitions in `want`;
 /// returns how long that took.
 async fn until_assigned(services: &[&Service], want: &[i64]) -> Option<Duration> {
@@ -273,7 +258,11 @@ async fn until_assigned(services: &[&Service], want: &[i64]) -> Option<Duration>
     while started.elapsed() < Duration::from_secs(120) {
         let mut held = Vec::new();
         for s in services {
-            held.push(assigned_partitions(s).await.unwrap_or(-1));
+            held.push(
+                metric(s, "insights_assigned_partitions")
+                    .await
+                    .map_or(-1, |v| v as i64),
+            );
         }
         if held == want {
             return Some(started.elapsed());

@@ -31,17 +31,12 @@ async fn stats(sim: &RunningSimulator) -> serde_json::Value {
 
 /// One instance's `insights_rate_limit_per_minute{provider="credeau"}`.
 async fn credeau_rate(service: &Service) -> Option<u32> {
-    let port = metrics_port(&service.log_text())?;
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(r#"insights_rate_limit_per_minute{provider="credeau"}"#))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
+    metric(
+        service,
+        r#"insights_rate_limit_per_minute{provider="credeau"}"#,
+    )
+    .await
+    .map(|v| v as u32)
 }
 
 /// The share the loop logged with its last "assignment changed" line.

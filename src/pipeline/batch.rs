@@ -226,6 +226,30 @@ impl Drop for RunningGuard {
     }
 }
 
+/// Whether a batch whose transaction was settled by a new producer had
+/// committed (`Some(true)`: the group's offsets are at the batch's end on
+/// every partition), had not (`Some(false)`: at its start, or none), or
+/// neither (`None`: nothing this side can tell).
+pub(super) fn settled_as(
+    offsets: &BatchOffsets,
+    committed: &HashMap<TopicPartition, i64>,
+) -> Option<bool> {
+    let at = |tp: &TopicPartition| committed.get(tp).copied();
+    if offsets
+        .iter()
+        .all(|(tp, read)| at(tp) == Some(read.range.next()))
+    {
+        Some(true)
+    } else if offsets
+        .iter()
+        .all(|(tp, read)| at(tp).is_none_or(|c| c <= read.range.first))
+    {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

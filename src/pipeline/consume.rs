@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pipeline::batch::{peer_leash, rewind_points, Batch, RunningGuard, Work};
+use crate::pipeline::batch::{peer_leash, rewind_points, settled_as, Batch, RunningGuard, Work};
 use crate::pipeline::gate::StartGate;
 use crate::pipeline::guard::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
@@ -823,6 +823,25 @@ impl ConsumeLoop {
             offsets,
             snapshot,
         } = prepared;
+        // A transaction settled by a new producer after a call was given
+        // up on: the committed offsets say whether it had committed.
+        let result = match result {
+            Err(CommitError::Settled { reason, committed }) => {
+                match settled_as(&offsets, &committed) {
+                    Some(true) => {
+                        tracing::warn!(error = %reason, "a transaction call was given up on, and the transaction had committed");
+                        Ok(())
+                    }
+                    Some(false) => Err(CommitError::Abortable(reason)),
+                    None => {
+                        return Err(LoopError::Fatal(format!(
+                            "{reason}; the group's committed offsets {committed:?} match neither the start nor the end of the batch"
+                        )))
+                    }
+                }
+            }
+            other => other,
+        };
         let m = &self.parts.metrics;
         match result {
             Ok(()) => {
@@ -843,33 +862,11 @@ impl ConsumeLoop {
                 self.hand_back(&offsets);
                 Ok(())
             }
-            Err(CommitError::Settled { reason, committed }) => {
-                match settled_as(&offsets, &committed) {
-                    Some(true) => {
-                        tracing::warn!(error = %reason, "a transaction call was given up on, and the transaction had committed");
-                        self.finish_commit(Ok((
-                            Prepared {
-                                processed,
-                                offsets,
-                                snapshot,
-                            },
-                            Ok(()),
-                        )))
-                    }
-                    Some(false) => self.finish_commit(Ok((
-                        Prepared {
-                            processed,
-                            offsets,
-                            snapshot,
-                        },
-                        Err(CommitError::Abortable(reason)),
-                    ))),
-                    None => Err(LoopError::Fatal(format!(
-                        "{reason}; the group's committed offsets {committed:?} match neither the start nor the end of the batch"
-                    ))),
-                }
-            }
-            Err(CommitError::Fatal(e) | CommitError::Abandoned(e)) => Err(LoopError::Fatal(e)),
+            Err(
+                CommitError::Fatal(e)
+                | CommitError::Abandoned(e)
+                | CommitError::Settled { reason: e, .. },
+            ) => Err(LoopError::Fatal(e)),
         }
     }
 
@@ -901,27 +898,6 @@ impl ConsumeLoop {
             }
         }
         self.parts.consumer.resume(&resume);
-    }
-}
-
-/// Whether a batch whose transaction was settled by a new producer had
-/// committed (`Some(true)`: the group's offsets are at the batch's end on
-/// every partition), had not (`Some(false)`: at its start, or none), or
-/// neither (`None`: nothing this side can tell).
-fn settled_as(offsets: &BatchOffsets, committed: &HashMap<TopicPartition, i64>) -> Option<bool> {
-    let at = |tp: &TopicPartition| committed.get(tp).copied();
-    if offsets
-        .iter()
-        .all(|(tp, read)| at(tp) == Some(read.range.next()))
-    {
-        Some(true)
-    } else if offsets
-        .iter()
-        .all(|(tp, read)| at(tp).is_none_or(|c| c <= read.range.first))
-    {
-        Some(false)
-    } else {
-        None
     }
 }
 

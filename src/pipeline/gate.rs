@@ -29,11 +29,18 @@ const GATE_PRIOR: f64 = 1_048_576.0;
 
 /// The mean bytes of output of the records finished lately (weight 1/16
 /// on each new record; the first record's size at first).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OutputSizes {
-    /// The mean's `f64` bits; `u64::MAX` (a NaN) until a record finished.
+    /// The mean's `f64` bits; NaN until a record finished.
     bits: AtomicU64,
-    observed: std::sync::atomic::AtomicBool,
+}
+
+impl Default for OutputSizes {
+    fn default() -> Self {
+        OutputSizes {
+            bits: AtomicU64::new(f64::NAN.to_bits()),
+        }
+    }
 }
 
 impl OutputSizes {
@@ -41,24 +48,26 @@ impl OutputSizes {
 
     pub fn observe(&self, bytes: usize) {
         let bytes = bytes as f64;
-        if !self.observed.swap(true, Ordering::Relaxed) {
-            self.bits.store(bytes.to_bits(), Ordering::Relaxed);
-            return;
-        }
         let _ = self
             .bits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 let old = f64::from_bits(old);
-                Some((old + (bytes - old) * Self::WEIGHT).to_bits())
+                let new = if old.is_nan() {
+                    bytes
+                } else {
+                    old + (bytes - old) * Self::WEIGHT
+                };
+                Some(new.to_bits())
             });
     }
 
     /// The mean, or `prior` before any record finished.
     pub fn mean_or(&self, prior: f64) -> f64 {
-        if self.observed.load(Ordering::Relaxed) {
-            f64::from_bits(self.bits.load(Ordering::Relaxed))
-        } else {
+        let mean = f64::from_bits(self.bits.load(Ordering::Relaxed));
+        if mean.is_nan() {
             prior
+        } else {
+            mean
         }
     }
 }

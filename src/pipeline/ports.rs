@@ -180,6 +180,16 @@ pub enum CommitError {
     },
 }
 
+impl CommitError {
+    /// What went wrong, whatever the kind.
+    pub fn reason(&self) -> &str {
+        match self {
+            CommitError::Abortable(r) | CommitError::Fatal(r) | CommitError::Abandoned(r) => r,
+            CommitError::Settled { reason, .. } => reason,
+        }
+    }
+}
+
 /// The transactional producer: the steps of one transaction. The protocol
 /// (the order of the steps, the fence, the abort) is `transaction::run`,
 /// the same for every implementation.

@@ -23,18 +23,11 @@ pub async fn run(
         Err(CommitError::Abortable(reason)) => match producer.abort().await {
             Ok(()) => Err(CommitError::Abortable(reason)),
             // Aborting, the transaction cannot have committed.
-            Err(e) => renewed(producer, format!("abort failed: {}", reason_of(&e))).await,
+            Err(e) => renewed(producer, format!("abort failed: {}", e.reason())).await,
         },
         Err(CommitError::Fatal(e)) => renewed(producer, e).await,
         Err(CommitError::Abandoned(e)) => settled(producer, consumer, offsets, e).await,
         other => other,
-    }
-}
-
-fn reason_of(e: &CommitError) -> &str {
-    match e {
-        CommitError::Abortable(r) | CommitError::Fatal(r) | CommitError::Abandoned(r) => r,
-        CommitError::Settled { reason, .. } => reason,
     }
 }
 
@@ -52,7 +45,7 @@ async fn settled(
     if let Err(e) = producer.renew(&reason).await {
         return Err(CommitError::Fatal(format!(
             "{reason}; replacing the producer failed: {}",
-            reason_of(&e)
+            e.reason()
         )));
     }
     let partitions: Vec<_> = offsets.keys().cloned().collect();
@@ -77,7 +70,7 @@ async fn renewed(producer: &dyn TxnProducer, reason: String) -> Result<(), Commi
         ))),
         Err(e) => Err(CommitError::Fatal(format!(
             "{reason}; replacing the producer failed: {}",
-            reason_of(&e)
+            e.reason()
         ))),
     }
 }

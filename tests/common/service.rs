@@ -239,3 +239,20 @@ pub async fn metrics_page(log: &str) -> String {
         .await
         .expect("metrics text")
 }
+
+/// The value of one series on the /metrics page of `service`, written as
+/// the page writes it (`insights_assigned_partitions`, or with its labels:
+/// `insights_rate_limit_per_minute{provider="finbox"}`); `None` while the
+/// service has no metrics server, does not answer, or has no such series.
+pub async fn metric(service: &Service, series: &str) -> Option<f64> {
+    let port = metrics_port(&service.log_text())?;
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
