@@ -57,6 +57,7 @@ enum Command {
 /// partly used pages that no trim returns; jemalloc's size classes and
 /// decay give them back, and its allocation is cheaper on the hot path
 /// (docs/benchmarks.md).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -73,6 +74,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// 10,000-user backlog peaked at 55-61 MB instead of 57-68 MB on this
 /// 2-core machine, at the same CPU per user (per-thread caches take most
 /// allocations without touching the arena's lock).
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[export_name = "malloc_conf"]
 pub static malloc_conf: &[u8; 69] =
