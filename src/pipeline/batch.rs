@@ -29,6 +29,9 @@ const PEER_PERCENTILE: f64 = 0.9;
 pub(super) struct Work {
     pub(super) running: Running,
     pub(super) clock: Arc<RecordClock>,
+    /// The consumed record's offset, and its bytes (key, value, headers).
+    pub(super) offset: i64,
+    pub(super) bytes: usize,
 }
 
 /// Records read in one stretch, their work already running, in read order.
@@ -43,15 +46,9 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    pub(super) fn take(
-        &mut self,
-        tp: &TopicPartition,
-        offset: i64,
-        epoch: Epoch,
-        job: Work,
-        bytes: usize,
-    ) {
-        self.bytes += bytes;
+    pub(super) fn take(&mut self, tp: &TopicPartition, epoch: Epoch, job: Work) {
+        let offset = job.offset;
+        self.bytes += job.bytes;
         self.offsets
             .entry(tp.clone())
             .and_modify(|r| r.range.last = offset)
@@ -96,6 +93,57 @@ impl Batch {
             (a, b) => a.or(b),
         };
         Ok(())
+    }
+
+    /// Splits off the records done at the head of the batch, in read
+    /// order, as a batch of their own that can commit now; `None` when the
+    /// first record is still running or every record is done. Each
+    /// partition's records are taken in offset order, so the head holds
+    /// the first records of every partition it touches: committing it
+    /// commits each of those partitions up to its last record there, and
+    /// the rest of the batch reads on from the next offset.
+    pub(super) fn split_done_head(&mut self) -> Option<Batch> {
+        let done = self
+            .jobs
+            .iter()
+            .take_while(|(_, w)| w.running.is_finished())
+            .count();
+        if done == 0 || done == self.jobs.len() {
+            return None;
+        }
+        let jobs: Vec<(TopicPartition, Work)> = self.jobs.drain(..done).collect();
+        let mut head = Batch {
+            started: self.started,
+            ..Batch::default()
+        };
+        for (tp, work) in &jobs {
+            let Some(read) = self.offsets.get(tp) else {
+                continue;
+            };
+            head.offsets
+                .entry(tp.clone())
+                .and_modify(|r| r.range.last = work.offset)
+                .or_insert(PartitionRead {
+                    range: OffsetRange {
+                        first: read.range.first,
+                        last: work.offset,
+                    },
+                    epoch: read.epoch,
+                });
+            head.bytes += work.bytes;
+        }
+        self.bytes = self.bytes.saturating_sub(head.bytes);
+        for (tp, read) in &head.offsets {
+            if self.jobs.iter().any(|(t, _)| t == tp) {
+                if let Some(rest) = self.offsets.get_mut(tp) {
+                    rest.range.first = read.range.last + 1;
+                }
+            } else {
+                self.offsets.remove(tp);
+            }
+        }
+        head.jobs = jobs;
+        Some(head)
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -302,5 +350,84 @@ mod tests {
             read(&tp, 5, 9, 1),
         ];
         assert_eq!(rewind_points(batches, &assigned), HashMap::from([(tp, 40)]));
+    }
+
+    fn work(offset: i64, done: bool) -> Work {
+        let running = if done {
+            tokio::spawn(async { Ok(Processed::default()) })
+        } else {
+            tokio::spawn(std::future::pending())
+        };
+        Work {
+            running,
+            clock: RecordClock::new(),
+            offset,
+            bytes: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_done_head_of_a_batch_splits_off_with_offsets_that_commit_only_it() {
+        let a = TopicPartition::new("in", 0);
+        let b = TopicPartition::new("in", 1);
+        let mut batch = Batch::default();
+        // Read order: a@5 (done), b@7 (done), a@6 (done), a@8 (running),
+        // b@9 (done, behind the running one).
+        for (tp, offset, done) in [
+            (&a, 5, true),
+            (&b, 7, true),
+            (&a, 6, true),
+            (&a, 8, false),
+            (&b, 9, true),
+        ] {
+            batch.take(tp, 3, work(offset, done));
+        }
+        for _ in 0..100 {
+            if batch
+                .jobs
+                .iter()
+                .filter(|(_, w)| w.running.is_finished())
+                .count()
+                == 4
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let head = batch.split_done_head().expect("a done head");
+        assert_eq!(head.len(), 3);
+        assert_eq!(head.bytes, 30);
+        assert_eq!(head.offsets[&a].range, OffsetRange { first: 5, last: 6 });
+        assert_eq!(head.offsets[&b].range, OffsetRange { first: 7, last: 7 });
+        assert!(head.offsets.values().all(|r| r.epoch == 3));
+        // The rest reads on from the next offset of each partition.
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.bytes, 20);
+        assert_eq!(batch.offsets[&a].range, OffsetRange { first: 7, last: 8 });
+        assert_eq!(batch.offsets[&b].range, OffsetRange { first: 8, last: 9 });
+        // Its head is running: nothing more splits off.
+        assert!(batch.split_done_head().is_none());
+        batch.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_partition_done_in_the_head_leaves_the_rest_of_the_batch() {
+        let a = TopicPartition::new("in", 0);
+        let b = TopicPartition::new("in", 1);
+        let mut batch = Batch::default();
+        batch.take(&a, 1, work(40, true));
+        batch.take(&b, 1, work(3, false));
+        for _ in 0..100 {
+            if batch.jobs[0].1.running.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let head = batch.split_done_head().expect("a done head");
+        assert_eq!(head.offsets.len(), 1);
+        assert_eq!(head.offsets[&a].range.next(), 41);
+        assert!(!batch.offsets.contains_key(&a));
+        assert_eq!(batch.offsets[&b].range, OffsetRange { first: 3, last: 3 });
+        batch.cancel();
     }
 }

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::pipeline::batch::{peer_leash, rewind_points, settled_as, Batch, RunningGuard, Work};
-use crate::pipeline::gate::StartGate;
+use crate::pipeline::gate::{InTransaction, StartGate};
 use crate::pipeline::guard::{DeadLetterGuard, GuardSnapshot, GuardTripped};
 use crate::pipeline::health::Health;
 use crate::pipeline::ports::{CommitError, LoopConsumer, Polled, TxnProducer};
@@ -140,6 +140,9 @@ struct Prepared {
     processed: Vec<Processed>,
     offsets: BatchOffsets,
     snapshot: GuardSnapshot,
+    /// Tells the gate a transaction is in flight until it ends (dropped
+    /// with the rest when the loop has handled its end).
+    _in_flight: InTransaction,
 }
 
 type Committing = JoinHandle<(Prepared, Result<(), CommitError>)>;
@@ -597,14 +600,14 @@ impl ConsumeLoop {
                 }
             }
         };
-        let running = self.start(job);
-        self.collecting.take(&tp, offset, epoch, running, bytes);
+        let running = self.start(job, offset, bytes);
+        self.collecting.take(&tp, epoch, running);
         self.cut_batch(false);
     }
 
     /// Starts a record's work on the runtime, at most `max_in_flight` at a
     /// time.
-    fn start(&self, job: Job) -> Work {
+    fn start(&self, job: Job, offset: i64, bytes: usize) -> Work {
         let worker = self.parts.worker.clone();
         let clock = RecordClock::new();
         let record_clock = clock.clone();
@@ -632,7 +635,12 @@ impl ConsumeLoop {
             done.notify_one();
             r
         });
-        Work { running, clock }
+        Work {
+            running,
+            clock,
+            offset,
+            bytes,
+        }
     }
 
     /// Pauses a partition and rewinds it to `offset`, to be resumed at
@@ -683,6 +691,7 @@ impl ConsumeLoop {
         if self.committing.is_some() {
             return Ok(());
         }
+        self.split_when_held_outgrows_budget();
         while self.queued.front().is_some_and(Batch::is_finished) {
             let Some(mut batch) = self.queued.pop_front() else {
                 break;
@@ -703,6 +712,35 @@ impl ConsumeLoop {
             }
         }
         Ok(())
+    }
+
+    /// When the outputs held for transactions reach half the byte budget
+    /// and the oldest batch is not done, its records done so far (at its
+    /// head, in read order) commit on their own. Over the budget only the
+    /// oldest unfinished record starts (`pipeline::gate`), one after
+    /// another: without this split each would add its outputs to a batch
+    /// that cannot commit until its last record is done, and a batch read
+    /// before the records' sizes were known (hundreds of records, each
+    /// answered with megabytes) held its whole output at once.
+    fn split_when_held_outgrows_budget(&mut self) {
+        let budget = self.parts.settings.max_in_flight_bytes.max(1);
+        if self.gate.held().saturating_mul(2) < budget {
+            return;
+        }
+        if self.queued.is_empty() && !self.collecting.is_finished() {
+            // The batch being read is the oldest: cut it, so its head can
+            // split off below.
+            self.cut_batch(true);
+        }
+        let Some(front) = self.queued.front_mut() else {
+            return;
+        };
+        if front.is_finished() {
+            return;
+        }
+        if let Some(head) = front.split_done_head() {
+            self.queued.push_front(head);
+        }
     }
 
     /// A transaction's cost is mostly fixed (the commit's round trips to
@@ -764,6 +802,7 @@ impl ConsumeLoop {
             }
         }
         Ok(Some(Prepared {
+            _in_flight: self.gate.transaction(),
             processed,
             offsets,
             snapshot,
@@ -822,6 +861,7 @@ impl ConsumeLoop {
             processed,
             offsets,
             snapshot,
+            _in_flight,
         } = prepared;
         // A transaction settled by a new producer after a call was given
         // up on: the committed offsets say whether it had committed.

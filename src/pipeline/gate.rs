@@ -1,20 +1,24 @@
 //! The byte budget (`schedule.max_in_flight_bytes`) at the start of a
 //! record's work. A record's answers, decoded answers and outputs live from
 //! its start until its batch's transaction takes the outputs, so the loop
-//! lets a record start only while the outputs held for a transaction, plus
-//! what the records already started are expected to output, fit the
+//! lets a record start only while what the outputs held for a transaction
+//! cost, plus what the records running are expected to hold, fit the
 //! budget. Pausing the partitions at the budget alone came too late: every
 //! record read before the pause was started, and with answers of a
 //! megabyte a read-ahead of hundreds of records held hundreds of
 //! megabytes.
 //!
-//! What a started record will output is not known until it ends, so it is
-//! expected to output what records output lately ([`OutputSizes`]).
+//! What a running record will hold is not known until it ends, so it is
+//! expected to hold [`RUNNING_COST`] times what records output lately
+//! ([`OutputSizes`]); outputs held cost [`HELD_COST`] times their size.
 //!
-//! The oldest record not yet finished always starts, budget or not: the
-//! outputs held wait for their batch to commit, and their batch may wait
-//! for just that record. So the gate never deadlocks, and at most one
-//! record runs beyond the budget at a time.
+//! Records start in read order. The oldest record not yet finished starts
+//! budget or not when no transaction is in flight: the outputs held wait
+//! for their batch to commit, and their batch may wait for just that
+//! record (the loop commits the done head of a batch on its own when the
+//! outputs held reach half the budget). So the gate never deadlocks, and
+//! at most one record runs beyond the budget at a time: an answer larger
+//! than the budget is worked on alone.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,18 +31,43 @@ use tokio::sync::Notify;
 /// small outputs bring the mean down within a few dozen records.
 const GATE_PRIOR: f64 = 1_048_576.0;
 
+/// What a running record holds at its peak, in multiples of what it will
+/// output: its answer's body, the entries decoded from it, and the
+/// encoded output, each about the output's size (Credeau's SMS pass
+/// through as JSON text).
+const RUNNING_COST: f64 = 3.0;
+
+/// What outputs held for a transaction cost, in multiples of their size:
+/// ours until they are produced, then librdkafka's copy, with the batches
+/// it compresses them into and the pages of ours freed moments before
+/// (jemalloc purges them within a quarter of a second).
+const HELD_COST: f64 = 1.5;
+
 /// The mean bytes of output of the records finished lately (weight 1/16
-/// on each new record; the first record's size at first).
+/// on each new record), twice: one that starts at the first record's size,
+/// for the read-ahead, and one for the gate that counts [`GATE_PRIOR`] as
+/// a first record (weight 1/(n+1) on the n-th record, until that is 1/16).
+/// The gate's keeps the prior in because the first records to finish are
+/// not a fair sample: with answers of every size the small ones finish
+/// first, and a mean from the first alone let fifty records of a megabyte
+/// start at once. It does not keep it long: records that wait for a rate
+/// limit hold little, and a prior that lingered kept them from starting.
 #[derive(Debug)]
 pub struct OutputSizes {
-    /// The mean's `f64` bits; NaN until a record finished.
+    /// The read-ahead's mean's `f64` bits; NaN until a record finished.
     bits: AtomicU64,
+    /// The gate's mean's `f64` bits.
+    gate_bits: AtomicU64,
+    /// Records observed.
+    observed: AtomicU64,
 }
 
 impl Default for OutputSizes {
     fn default() -> Self {
         OutputSizes {
             bits: AtomicU64::new(f64::NAN.to_bits()),
+            gate_bits: AtomicU64::new(GATE_PRIOR.to_bits()),
+            observed: AtomicU64::new(0),
         }
     }
 }
@@ -48,17 +77,25 @@ impl OutputSizes {
 
     pub fn observe(&self, bytes: usize) {
         let bytes = bytes as f64;
-        let _ = self
-            .bits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+        let step = |weight: f64| {
+            move |old: u64| {
                 let old = f64::from_bits(old);
                 let new = if old.is_nan() {
                     bytes
                 } else {
-                    old + (bytes - old) * Self::WEIGHT
+                    old + (bytes - old) * weight
                 };
                 Some(new.to_bits())
-            });
+            }
+        };
+        let _ = self
+            .bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step(Self::WEIGHT));
+        let n = self.observed.fetch_add(1, Ordering::Relaxed) + 1;
+        let weight = (1.0 / (n as f64 + 1.0)).max(Self::WEIGHT);
+        let _ = self
+            .gate_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step(weight));
     }
 
     /// The mean, or `prior` before any record finished.
@@ -70,6 +107,11 @@ impl OutputSizes {
             mean
         }
     }
+
+    /// The gate's mean: from [`GATE_PRIOR`] towards what records output.
+    pub fn gate_mean(&self) -> f64 {
+        f64::from_bits(self.gate_bits.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +119,8 @@ struct State {
     next: u64,
     /// Tickets not yet dropped, by read order.
     unfinished: BTreeSet<u64>,
+    /// Tickets not yet past the gate, by read order: they pass in it.
+    waiting: BTreeSet<u64>,
     /// Tickets past the gate and not yet dropped.
     started: usize,
 }
@@ -89,6 +133,8 @@ pub struct StartGate {
     sizes: OutputSizes,
     state: Mutex<State>,
     changed: Notify,
+    /// Transactions in flight (0 or 1).
+    transactions: AtomicUsize,
 }
 
 impl StartGate {
@@ -99,6 +145,7 @@ impl StartGate {
             sizes: OutputSizes::default(),
             state: Mutex::new(State::default()),
             changed: Notify::new(),
+            transactions: AtomicUsize::new(0),
         })
     }
 
@@ -109,6 +156,7 @@ impl StartGate {
             let seq = st.next;
             st.next += 1;
             st.unfinished.insert(seq);
+            st.waiting.insert(seq);
             seq
         };
         Ticket {
@@ -122,11 +170,20 @@ impl StartGate {
     /// is dropped (when the transaction takes them), and in the mean.
     pub fn hold(self: &Arc<Self>, bytes: usize) -> HeldBytes {
         self.sizes.observe(bytes);
+        let bytes = (bytes as f64 * HELD_COST) as usize;
         self.held.fetch_add(bytes, Ordering::Relaxed);
         HeldBytes {
             bytes,
             gate: self.clone(),
         }
+    }
+
+    /// Counts a transaction as in flight until the returned value is
+    /// dropped: meanwhile the oldest record waits for the budget like the
+    /// others, as the transaction's end frees what it held.
+    pub fn transaction(self: &Arc<Self>) -> InTransaction {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        InTransaction { gate: self.clone() }
     }
 
     /// Bytes of outputs held for a transaction now.
@@ -145,10 +202,19 @@ impl StartGate {
 
     fn try_start(&self, seq: u64) -> bool {
         let mut st = self.lock();
-        let oldest = st.unfinished.first() == Some(&seq);
-        let expected = (st.started + 1) as f64 * self.sizes.mean_or(GATE_PRIOR);
+        if st.waiting.first() != Some(&seq) {
+            // Records start in read order: one started ahead of an older
+            // one would hold its outputs while its batch waits for the
+            // older, and the budget would fill with outputs nothing can
+            // commit.
+            return false;
+        }
+        let oldest =
+            st.unfinished.first() == Some(&seq) && self.transactions.load(Ordering::Relaxed) == 0;
+        let expected = (st.started + 1) as f64 * self.sizes.gate_mean() * RUNNING_COST;
         if oldest || self.held() as f64 + expected <= self.budget as f64 {
             st.started += 1;
+            st.waiting.remove(&seq);
             true
         } else {
             false
@@ -176,6 +242,8 @@ impl Ticket {
             notified.as_mut().enable();
             if self.gate.try_start(self.seq) {
                 self.started = true;
+                // The next in line may fit too.
+                self.gate.changed.notify_waiters();
                 return;
             }
             notified.await;
@@ -188,6 +256,7 @@ impl Drop for Ticket {
         {
             let mut st = self.gate.lock();
             st.unfinished.remove(&self.seq);
+            st.waiting.remove(&self.seq);
             if self.started {
                 st.started -= 1;
             }
@@ -210,6 +279,19 @@ impl Drop for HeldBytes {
     }
 }
 
+/// A transaction in flight, counted at the gate while this lives.
+#[derive(Debug)]
+pub struct InTransaction {
+    gate: Arc<StartGate>,
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        self.gate.transactions.fetch_sub(1, Ordering::Relaxed);
+        self.gate.changed.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,22 +301,35 @@ mod tests {
     fn the_mean_starts_at_the_first_record_and_follows_later_ones() {
         let s = OutputSizes::default();
         assert_eq!(s.mean_or(7.0), 7.0);
+        assert_eq!(s.gate_mean(), GATE_PRIOR);
         s.observe(1600);
         assert_eq!(s.mean_or(7.0), 1600.0);
+        // The gate's mean counts its prior as a first record.
+        assert_eq!(s.gate_mean(), (GATE_PRIOR + 1600.0) / 2.0);
         s.observe(0);
         assert_eq!(s.mean_or(7.0), 1500.0);
     }
 
+    /// A gate whose records output about 1,000 bytes lately, so a running
+    /// record is expected to hold about 3,000 (`RUNNING_COST`).
+    fn gate_of_1000_byte_outputs(budget: usize) -> Arc<StartGate> {
+        let gate = StartGate::new(budget);
+        for _ in 0..300 {
+            drop(gate.hold(1000));
+        }
+        let mean = gate.sizes.gate_mean();
+        assert!((1000.0..1001.0).contains(&mean), "{mean}");
+        gate
+    }
+
     #[tokio::test(start_paused = true)]
     async fn records_start_while_their_expected_outputs_fit_and_the_oldest_always_starts() {
-        let gate = StartGate::new(3000);
-        // Records output 1,000 bytes lately.
-        drop(gate.hold(1000));
+        let gate = gate_of_1000_byte_outputs(9100);
         let mut tickets: Vec<Ticket> = (0..5).map(|_| gate.ticket()).collect();
         for t in tickets.iter_mut().take(3) {
             t.pass().await;
         }
-        // A fourth would expect 4,000 bytes: it waits.
+        // A fourth would make 12,000 bytes expected: it waits.
         let mut fourth = tickets.remove(3);
         let waiting = tokio::spawn(async move {
             fourth.pass().await;
@@ -242,8 +337,8 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!waiting.is_finished());
-        // The first finishes and holds 1,000 bytes of outputs: 1,000 held
-        // plus 3 × 1,000 expected is still over.
+        // The first finishes and holds 1,000 bytes of outputs: 1,500 held
+        // (`HELD_COST`) plus 3 × 3,000 expected is still over.
         let held = gate.hold(1000);
         drop(tickets.remove(0));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -270,5 +365,51 @@ mod tests {
                 .is_err(),
             "a younger one waits"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_start_in_read_order() {
+        let gate = gate_of_1000_byte_outputs(1 << 20);
+        let mut older = gate.ticket();
+        let mut younger = gate.ticket();
+        // The younger fits, but the older has not started.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), younger.pass())
+                .await
+                .is_err(),
+            "started ahead of an older record"
+        );
+        let waiting = tokio::spawn(async move {
+            younger.pass().await;
+            younger
+        });
+        older.pass().await;
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the younger starts once the older has")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_budget_the_oldest_waits_for_a_transaction_in_flight() {
+        let gate = gate_of_1000_byte_outputs(9100);
+        let _held = gate.hold(100_000);
+        let transaction = gate.transaction();
+        let mut oldest = gate.ticket();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), oldest.pass())
+                .await
+                .is_err(),
+            "the transaction's end frees what it held: the oldest waits for it"
+        );
+        let waiting = tokio::spawn(async move {
+            oldest.pass().await;
+            oldest
+        });
+        drop(transaction);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("with no transaction in flight the oldest starts over the budget")
+            .unwrap();
     }
 }
