@@ -20,11 +20,10 @@
 //! at most one record runs beyond the budget at a time: an answer larger
 //! than the budget is worked on alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-use tokio::sync::Notify;
+use std::task::{Poll, Waker};
 
 /// What a record is assumed to output at the gate before any record has
 /// finished: a backlog of large answers must not all start at once, and
@@ -125,6 +124,10 @@ struct State {
     waiting: BTreeSet<u64>,
     /// Tickets past the gate and not yet dropped.
     started: usize,
+    /// How to wake each ticket waiting to pass. Only the first in line can
+    /// pass, so only it is woken: waking every waiter on every change cost
+    /// each start a pass over all the records read ahead.
+    wakers: HashMap<u64, Waker>,
 }
 
 /// See the module documentation.
@@ -134,7 +137,6 @@ pub struct StartGate {
     held: AtomicUsize,
     sizes: OutputSizes,
     state: Mutex<State>,
-    changed: Notify,
     /// Transactions in flight (0 or 1).
     transactions: AtomicUsize,
 }
@@ -146,7 +148,6 @@ impl StartGate {
             held: AtomicUsize::new(0),
             sizes: OutputSizes::default(),
             state: Mutex::new(State::default()),
-            changed: Notify::new(),
             transactions: AtomicUsize::new(0),
         })
     }
@@ -202,8 +203,22 @@ impl StartGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_start(&self, seq: u64) -> bool {
-        let mut st = self.lock();
+    /// Wakes the first ticket in line, if it waits: what changed may let
+    /// it pass.
+    fn wake_first(&self) {
+        let waker = {
+            let st = self.lock();
+            st.waiting
+                .first()
+                .and_then(|seq| st.wakers.get(seq))
+                .cloned()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn try_start(&self, st: &mut State, seq: u64) -> bool {
         if st.waiting.first() != Some(&seq) {
             // Records start in read order: one started ahead of an older
             // one would hold its outputs while its batch waits for the
@@ -217,6 +232,7 @@ impl StartGate {
         if oldest || self.held() as f64 + expected <= self.budget as f64 {
             st.started += 1;
             st.waiting.remove(&seq);
+            st.wakers.remove(&seq);
             true
         } else {
             false
@@ -238,18 +254,21 @@ impl Ticket {
         if self.started {
             return;
         }
-        loop {
-            let notified = self.gate.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.gate.try_start(self.seq) {
-                self.started = true;
+        let (gate, seq) = (&self.gate, self.seq);
+        std::future::poll_fn(|cx| {
+            let mut st = gate.lock();
+            if gate.try_start(&mut st, seq) {
+                drop(st);
                 // The next in line may fit too.
-                self.gate.changed.notify_waiters();
-                return;
+                gate.wake_first();
+                Poll::Ready(())
+            } else {
+                st.wakers.insert(seq, cx.waker().clone());
+                Poll::Pending
             }
-            notified.await;
-        }
+        })
+        .await;
+        self.started = true;
     }
 }
 
@@ -259,11 +278,12 @@ impl Drop for Ticket {
             let mut st = self.gate.lock();
             st.unfinished.remove(&self.seq);
             st.waiting.remove(&self.seq);
+            st.wakers.remove(&self.seq);
             if self.started {
                 st.started -= 1;
             }
         }
-        self.gate.changed.notify_waiters();
+        self.gate.wake_first();
     }
 }
 
@@ -277,7 +297,7 @@ pub struct HeldBytes {
 impl Drop for HeldBytes {
     fn drop(&mut self) {
         self.gate.held.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.gate.changed.notify_waiters();
+        self.gate.wake_first();
     }
 }
 
@@ -290,7 +310,7 @@ pub struct InTransaction {
 impl Drop for InTransaction {
     fn drop(&mut self) {
         self.gate.transactions.fetch_sub(1, Ordering::Relaxed);
-        self.gate.changed.notify_waiters();
+        self.gate.wake_first();
     }
 }
 
