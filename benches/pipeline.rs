@@ -1,6 +1,7 @@
 //! The pipeline benchmark: runs the service binary against a local broker and
 //! the provider simulator (both child processes) through seven scenarios
-//! (throughput, backlog, memory, rate limit, timeliness, recovery, brown-out) and prints their
+//! (throughput, backlog, memory, rate limit, timeliness, recovery, brown-out),
+//! plus a decode-speed one without them (parse), and prints their
 //! figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
 //! figures.
 //!
@@ -20,7 +21,7 @@ use serde_json::{json, Value};
 
 use support::{Ctx, Report};
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "throughput",
     "backlog",
     "memory",
@@ -28,6 +29,7 @@ const SCENARIOS: [&str; 7] = [
     "timeliness",
     "recovery",
     "brownout",
+    "parse",
 ];
 
 async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
@@ -39,6 +41,7 @@ async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
         "timeliness" => support::timeliness::run(ctx).await,
         "recovery" => support::recovery::run(ctx).await,
         "brownout" => support::brownout::run(ctx).await,
+        "parse" => support::parse::run(ctx).await,
         other => bail!("unknown scenario {other} (known: {})", SCENARIOS.join(", ")),
     }
 }

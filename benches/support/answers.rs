@@ -67,6 +67,15 @@ impl Answers {
         }
     }
 
+    /// The SMS count the simulator answers user `i` with.
+    pub fn sms_count(self, i: u64) -> usize {
+        match self {
+            Answers::Small => 2,
+            Answers::Realistic if i % 20 == 19 => LARGE_SMS as usize,
+            Answers::Realistic => SMS_COUNTS[(i % 5) as usize] as usize,
+        }
+    }
+
     /// The id of user `i` of a run whose users are named after `prefix`.
     pub fn user_id(self, prefix: &str, i: u64) -> String {
         match self {

@@ -6,6 +6,7 @@ pub mod backlog;
 pub mod brownout;
 pub mod kafka;
 pub mod memory;
+pub mod parse;
 pub mod procs;
 pub mod ratelimit;
 pub mod recovery;
