@@ -13,12 +13,7 @@ use insights_enricher::simulator::{self, SimulatorConfig};
 use serde_json::json;
 
 async fn users_waiting(port: u16) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = try_metrics_page(port).await?;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).ok()?;
     scrape
         .samples

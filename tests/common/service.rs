@@ -229,6 +229,16 @@ pub async fn wait_ready(service: &Service) {
     panic!("service not ready:\n{}", service.log_text());
 }
 
+/// The /metrics page served on `port`; `None` while nothing answers.
+pub async fn try_metrics_page(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
 /// The whole /metrics page of the service that wrote `log`.
 pub async fn metrics_page(log: &str) -> String {
     let port = metrics_port(log).expect("metrics port in the log");
@@ -246,12 +256,7 @@ pub async fn metrics_page(log: &str) -> String {
 /// service has no metrics server, does not answer, or has no such series.
 pub async fn metric(service: &Service, series: &str) -> Option<f64> {
     let port = metrics_port(&service.log_text())?;
-    let page = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let page = try_metrics_page(port).await?;
     page.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
