@@ -1,8 +1,8 @@
 //! The pipeline benchmark: runs the service binary against a local broker and
 //! the provider simulator (both child processes) through seven scenarios
 //! (throughput, backlog, memory, rate limit, timeliness, recovery, brown-out),
-//! plus a decode-speed one without them (parse), and prints their
-//! figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
+//! plus a decode-speed one without them (parse) and the service beside a
+//! Python program doing the same work (peer), and prints their figures. `scripts/bench.sh` is the way in; docs/benchmarks.md explains the
 //! figures.
 //!
 //! Usage: `pipeline [--full|--smoke] [--out FILE] [scenario...]`, with
@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use support::{Ctx, Report};
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "throughput",
     "backlog",
     "memory",
@@ -30,6 +30,7 @@ const SCENARIOS: [&str; 8] = [
     "recovery",
     "brownout",
     "parse",
+    "peer",
 ];
 
 async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
@@ -42,6 +43,7 @@ async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
         "recovery" => support::recovery::run(ctx).await,
         "brownout" => support::brownout::run(ctx).await,
         "parse" => support::parse::run(ctx).await,
+        "peer" => support::peer::run(ctx).await,
         other => bail!("unknown scenario {other} (known: {})", SCENARIOS.join(", ")),
     }
 }

@@ -6,14 +6,17 @@
 #   scripts/bench.sh [--smoke] [--out FILE] [--perf FILE] [scenario...]
 #
 # Scenarios: throughput backlog memory ratelimit timeliness recovery brownout
-# (default: all).
+# parse peer (default: all). peer alternates the service with a Python
+# program doing the same work (benches/peer/peer.py, run by the venv of
+# scripts/tools.sh python): BENCH_PEER_USERS users (default 10,000),
+# BENCH_PEER_PAIRS pairs (default 3).
 #   --smoke      tiny sizes, no timing goals (what the test suite runs)
 #   --out FILE   also write the figures as JSON to FILE
 #   --perf FILE  `perf record -g` the service during the throughput run
 #                into FILE (then: perf report --stdio -i FILE)
 # Sizes can be changed with BENCH_* variables (docs/benchmarks.md), e.g.
-# BENCH_MEMORY_USERS=1000,100000; BENCH_ANSWERS=realistic gives the throughput
-# and backlog runs realistic answers (200 predictors, 200 to 5,000 SMS a
+# BENCH_MEMORY_USERS=1000,100000; BENCH_ANSWERS=realistic gives the throughput,
+# backlog and peer runs realistic answers (200 predictors, 200 to 5,000 SMS a
 # user; benches/support/answers.rs). Child logs go to BENCH_LOG_DIR (default: a
 # fresh directory under /tmp, printed at start). Exits non-zero when a
 # scenario produced wrong counts or failed to run; goals not met are listed
@@ -37,7 +40,7 @@ while (($#)); do
         shift
         ;;
     -h | --help)
-        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     -*)
@@ -69,6 +72,13 @@ export KAFKA_BOOTSTRAP
 export BENCH_SERVICE_BIN="${BENCH_SERVICE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/insights-enricher}"
 if [[ -n "$perf" ]]; then
     export BENCH_PERF_DATA="$perf"
+fi
+# The peer scenario's Python (the test venv, built on first use).
+if ((${#scenarios[@]} == 0)) || [[ " ${scenarios[*]} " == *" peer "* ]]; then
+    if [[ -z "${BENCH_PEER_PYTHON:-}" ]]; then
+        BENCH_PEER_PYTHON="$(scripts/tools.sh python)" || BENCH_PEER_PYTHON=""
+    fi
+    export BENCH_PEER_PYTHON
 fi
 
 echo "bench.sh: broker $KAFKA_BOOTSTRAP; machine: $(nproc) cores; $(uptime)" >&2

@@ -30,6 +30,8 @@ PY_REQUIREMENTS=(
     "confluent-kafka[schemaregistry]==2.15.0"
     "fastavro==1.13.1"
     "requests==2.34.2"
+    # The Python peer of the bench (benches/peer/peer.py).
+    "httpx==0.29.0"
     "pytest==9.2.0"
     "kubernetes-validate==1.37.0"
     # The shellcheck binary, shipped inside the wheel (scripts/lint-shell.sh).

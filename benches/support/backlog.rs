@@ -23,17 +23,17 @@ const PEAK_GOAL_BYTES: u64 = 64 * 1048576;
 const CPU_GOAL_MS: f64 = 0.15;
 
 /// One service process working off one backlog, as measured.
-struct Run {
+pub(crate) struct Run {
     /// Spawn to the first combined event.
-    first: Duration,
+    pub(crate) first: Duration,
     /// Spawn to the last combined event.
-    whole: Duration,
+    pub(crate) whole: Duration,
     /// Service CPU at the first combined event, and at the last.
-    cpu_at_first: Duration,
-    cpu: Duration,
-    hwm: u64,
+    pub(crate) cpu_at_first: Duration,
+    pub(crate) cpu: Duration,
+    pub(crate) hwm: u64,
     /// Bytes of the providers' answer bodies (both providers).
-    answer_bytes: u64,
+    pub(crate) answer_bytes: u64,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
@@ -109,7 +109,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
 
 /// Produces `n` ready users, starts the service on them and measures it
 /// until each has its one combined event (and each provider one call).
-async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
+pub(crate) async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
     let sim = Simulator::start(&answers().ready_scenarios(), &ctx.logs).await?;
     sim.limits(0, 0).await?;
     let names = Names::new("backlog");

@@ -7,6 +7,7 @@ pub mod brownout;
 pub mod kafka;
 pub mod memory;
 pub mod parse;
+pub mod peer;
 pub mod procs;
 pub mod ratelimit;
 pub mod recovery;

@@ -26,12 +26,23 @@ pub fn free_port() -> Result<u16> {
 }
 
 fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Result<Child> {
+    spawn_program(&service_bin(), args, env, log)
+}
+
+/// Starts `program` with `args`, an environment of only PATH, NO_COLOR and
+/// `env`, and its output appended to `log`.
+pub fn spawn_program(
+    program: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<Child> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
-    let mut cmd = Command::new(service_bin());
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -42,7 +53,8 @@ fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Result<Child> {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().context("spawn insights-enricher")
+    cmd.spawn()
+        .with_context(|| format!("spawn {}", program.display()))
 }
 
 /// A child process that is SIGKILLed when dropped.
