@@ -30,8 +30,11 @@ PY_REQUIREMENTS=(
     "confluent-kafka[schemaregistry]==2.15.0"
     "fastavro==1.13.1"
     "requests==2.34.2"
-    # The Python peer of the bench (benches/peer/peer.py).
+    # The Python peer of the bench (benches/peer/peer.py). httpcore looks
+    # for sniffio on every lock it takes, and a failed import is not
+    # cached: without it each request paid for a search of sys.path.
     "httpx==0.29.0"
+    "sniffio==1.3.1"
     "pytest==9.2.0"
     "kubernetes-validate==1.37.0"
     # The shellcheck binary, shipped inside the wheel (scripts/lint-shell.sh).

@@ -162,18 +162,21 @@ def predictor_value(v):
 class Peer:
     def __init__(self, a):
         self.a = a
-        self.finbox_url = a.finbox_url.rstrip("/") + "/v2/risk/predictors"
-        self.credeau_url = a.credeau_url.rstrip("/") + "/api/fetch_extracted_data"
-        self.finbox_headers = {"x-api-key": a.finbox_api_key}
-        self.credeau_headers = {
-            "x-client-id": a.credeau_client_id,
-            "x-auth-token": a.credeau_auth_token,
-        }
-        limits = httpx.Limits(
-            max_connections=2 * a.concurrency, max_keepalive_connections=2 * a.concurrency
-        )
-        self.http = httpx.AsyncClient(
-            limits=limits, timeout=httpx.Timeout(30.0, connect=5.0), http2=False
+        # One client (a pool of connections) per provider, as they are two
+        # hosts in production; each user holds at most one connection of
+        # each at a time.
+        def client(base_url, headers):
+            return httpx.AsyncClient(
+                base_url=base_url.rstrip("/"),
+                headers=headers,
+                limits=httpx.Limits(max_connections=a.concurrency, max_keepalive_connections=a.concurrency),
+                timeout=httpx.Timeout(30.0, connect=5.0),
+            )
+
+        self.finbox_http = client(a.finbox_url, {"x-api-key": a.finbox_api_key})
+        self.credeau_http = client(
+            a.credeau_url,
+            {"x-client-id": a.credeau_client_id, "x-auth-token": a.credeau_auth_token},
         )
         self.consumer = Consumer(
             {
@@ -218,7 +221,7 @@ class Peer:
             if t["first_poll_at"] is None:
                 t["first_poll_at"] = now_ms()
             try:
-                resp = await self.http.post(self.finbox_url, json=body, headers=self.finbox_headers)
+                resp = await self.finbox_http.post("/v2/risk/predictors", json=body)
             except httpx.HTTPError as e:
                 resp, err = None, f"{type(e).__name__}: {e}"
             if resp is not None and resp.status_code in (200, 202):
@@ -315,7 +318,7 @@ class Peer:
             if t["first_poll_at"] is None:
                 t["first_poll_at"] = now_ms()
             try:
-                resp = await self.http.post(self.credeau_url, json=body, headers=self.credeau_headers)
+                resp = await self.credeau_http.post("/api/fetch_extracted_data", json=body)
             except httpx.HTTPError as e:
                 resp, err = None, f"{type(e).__name__}: {e}"
             if resp is not None and resp.status_code == 200:
@@ -531,7 +534,8 @@ class Peer:
         await self.consume_loop()
         await committer
         reporter.cancel()
-        await self.http.aclose()
+        await self.finbox_http.aclose()
+        await self.credeau_http.aclose()
         self.producer.flush(30)
         self.consumer.close()
         log(f"stopped: counts {self.counts}")
