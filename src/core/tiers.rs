@@ -88,14 +88,43 @@ impl DelayTiers {
         (0..self.len()).map(|i| self.topic(prefix, i)).collect()
     }
 
-    /// The tier for a wait of `wait_ms`: the largest tier not longer than the
-    /// wait, or the smallest when the wait is shorter than every tier (the
-    /// record is then held until due, see [`DelayTiers::on_read`]).
+    /// The tier for a wait of `wait_ms`: the shortest tier at least as long
+    /// as the wait when it is longer by no more than the smallest tier (the
+    /// record's wait is then counted from earlier than its writing, see
+    /// [`DelayTiers::since`], so it comes back when due); otherwise the
+    /// largest tier not longer than the wait, or the smallest when the wait
+    /// is shorter than every tier (the record is then held until due, see
+    /// [`DelayTiers::on_read`]).
+    ///
+    /// Without the first rule a wait just short of a tier went to the tier
+    /// below and was forwarded again and again: 4.9 s took four hops of
+    /// 1 s, each one more record to read, write and commit, and under a
+    /// burst of due users each hop's commit came later.
     pub fn route(&self, wait_ms: i64) -> usize {
+        let up = self.tiers_ms.iter().position(|t| *t >= wait_ms);
+        if let Some(up) = up {
+            if self.tiers_ms[up] - wait_ms <= self.tiers_ms[0] {
+                return up;
+            }
+        }
         self.tiers_ms
             .iter()
             .rposition(|t| *t <= wait_ms)
             .unwrap_or(0)
+    }
+
+    /// The timestamp of a task record written to `tier` at `now` for a
+    /// task due at `due_at`: `now`, or, when the tier is longer than the
+    /// wait ([`DelayTiers::route`]), that much earlier, so that its tier
+    /// time is its due time.
+    ///
+    /// Records of one tier partition then no longer come due strictly in
+    /// the order they were written: a record can wait behind one written
+    /// before it whose tier time is later by at most the smallest tier
+    /// (the most a wait is counted from earlier), as a held record already
+    /// holds the records behind it by less than the smallest tier.
+    pub fn since(&self, tier: usize, due_at: Millis, now: Millis) -> Millis {
+        now.min(due_at.saturating_sub(self.tier_ms(tier)))
     }
 
     /// Decides about a record of tier `tier` written at `record_ts` for a
@@ -261,8 +290,25 @@ mod tests {
         let t = tiers();
         assert_eq!(t.route(10_000), 2);
         assert_eq!(t.route(14_999), 2);
-        assert_eq!(t.route(500), 0);
         assert_eq!(t.route(10 * 3_600_000), 8);
+        assert_eq!(t.route(3_999), 0);
+    }
+
+    #[test]
+    fn a_wait_just_short_of_a_tier_goes_to_it_counted_from_earlier() {
+        let t = tiers();
+        // 4.9 s: the 5 s tier, counted from 0.1 s before now (not four
+        // hops of 1 s).
+        assert_eq!(t.route(4_900), 1);
+        assert_eq!(t.since(1, 10_000 + 4_900, 10_000), 9_900);
+        assert_eq!(t.route(4_000), 1);
+        assert_eq!(t.route(29_000), 3);
+        assert_eq!(t.route(28_999), 2);
+        // Shorter than the smallest tier: that tier, due on its tier time.
+        assert_eq!(t.route(500), 0);
+        assert_eq!(t.since(0, 10_500, 10_000), 9_500);
+        // A tier not longer than the wait: counted from now.
+        assert_eq!(t.since(2, 10_000 + 14_999, 10_000), 10_000);
     }
 
     proptest! {
@@ -279,7 +325,9 @@ mod tests {
             let due = start + wait;
             let mut now = start;
             let mut tier = t.route(due - now);
-            let mut written = now;
+            let mut written = t.since(tier, due, now);
+            prop_assert!(written <= now);
+            prop_assert!(now - written <= t.tier_ms(0));
             let mut hops = 1;
             loop {
                 match t.on_read(tier, written, due, now) {
@@ -293,9 +341,11 @@ mod tests {
                         now = resume_at;
                     }
                     ReadAction::Forward { tier: next } => {
-                        prop_assert!(t.tier_ms(next) <= due - now);
+                        let since = t.since(next, due, now);
+                        prop_assert!(since + t.tier_ms(next) <= due);
+                        prop_assert!(now - since <= t.tier_ms(0));
                         tier = next;
-                        written = now;
+                        written = since;
                         hops += 1;
                     }
                     ReadAction::Process => break,
@@ -306,6 +356,10 @@ mod tests {
             // from the routing itself: there is none.
             prop_assert_eq!(now, due);
             prop_assert!(hops <= 30, "{} hops", hops);
+            // A wait just short of a tier takes that tier alone.
+            if t.tiers_ms.iter().any(|x| *x >= wait && *x - wait <= 1_000) {
+                prop_assert_eq!(hops, 1);
+            }
         }
     }
 }

@@ -131,6 +131,9 @@ impl TxnProducer for KafkaTransactions {
             if let Some(v) = &o.value {
                 record = record.payload(v.as_slice());
             }
+            if let Some(ts) = o.timestamp {
+                record = record.timestamp(ts);
+            }
             match producer.send_result(record) {
                 // Delivery is confirmed by commit_transaction, which fails if
                 // any record of the transaction failed.

@@ -55,6 +55,7 @@ use crate::pipeline::record::{
 };
 use crate::pipeline::share::RateShare;
 use crate::pipeline::transaction;
+use crate::pipeline::waiting::{Waiter, Waiting, WAIT_AHEAD_MS};
 use crate::pipeline::worker::{classify_tier_record, now_ms, TierDecision, Worker};
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
@@ -123,6 +124,10 @@ const COMMIT_GRACE: Duration = Duration::from_secs(1);
 /// How often the loop's state is logged (at debug level).
 const STATE_LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// How soon a tier partition is read again, at the earliest, after it was
+/// paused because what waits in memory reached its bound.
+const FULL_RETRY_MS: Millis = 50;
+
 /// How many batches' worth of records may be read and not yet committed.
 const READ_AHEAD_BATCHES: usize = 6;
 
@@ -170,8 +175,11 @@ pub struct ConsumeLoop {
     parts: LoopParts,
     assigned: HashMap<TopicPartition, Epoch>,
     generation_seen: u64,
-    /// Partitions paused because their head record is not due yet.
+    /// Partitions paused because their head record is not due yet, until
+    /// when.
     held: HashMap<TopicPartition, Millis>,
+    /// Tier records read shortly before they are due, in read order.
+    waiting: Waiting,
     /// Partitions paused for back-pressure.
     throttled: HashSet<TopicPartition>,
     collecting: Batch,
@@ -206,6 +214,7 @@ impl ConsumeLoop {
             assigned: HashMap::new(),
             generation_seen: 0,
             held: HashMap::new(),
+            waiting: Waiting::default(),
             throttled: HashSet::new(),
             collecting: Batch::default(),
             queued: VecDeque::new(),
@@ -240,6 +249,7 @@ impl ConsumeLoop {
             self.parts.metrics.loop_iterations.inc();
             self.sync_assignment();
             self.resume_due_partitions();
+            self.start_waiting();
             self.cut_batch(false);
             let housekeeping = self
                 .housekeeping_at
@@ -351,6 +361,7 @@ impl ConsumeLoop {
             self.queued.retain(|b| !b.jobs.is_empty());
             self.held.retain(|tp, _| !revoked.contains(tp));
             self.throttled.retain(|tp| !revoked.contains(tp));
+            self.waiting.retain(|tp, _| !revoked.contains(tp));
         }
         if self.parts.consumer.assignment_changes() != self.generation_seen {
             let (generation, assigned) = self.parts.consumer.assignment();
@@ -368,6 +379,11 @@ impl ConsumeLoop {
             // only hold partitions still assigned.
             self.held.retain(|tp, _| self.assigned.contains_key(tp));
             self.throttled.retain(|tp| self.assigned.contains_key(tp));
+            // Records read under an earlier assignment of a partition are
+            // read again from its committed offset.
+            let assigned = &self.assigned;
+            self.waiting
+                .retain(|tp, epoch| assigned.get(tp) == Some(&epoch));
         }
         let (joined, broker_up) = self.parts.consumer.connection();
         self.parts.health.set_connection(joined, broker_up);
@@ -552,8 +568,16 @@ impl ConsumeLoop {
             let end = started + self.parts.settings.batch_linger;
             wait = wait.min(end.saturating_duration_since(Instant::now()));
         }
-        if let Some(at) = self.held.values().min() {
-            let ms = (*at - now_ms()).clamp(0, POLL_WAIT.as_millis() as i64);
+        let next = self
+            .held
+            .values()
+            .copied()
+            .chain(self.waiting.next_at())
+            .min();
+        if let Some(at) = next {
+            let ms = at
+                .saturating_sub(now_ms())
+                .clamp(0, POLL_WAIT.as_millis() as i64);
             wait = wait.min(Duration::from_millis(ms as u64));
         }
         wait
@@ -590,11 +614,30 @@ impl ConsumeLoop {
         let bytes = record_bytes(&rec);
         let job = match rec.kind {
             SourceKind::Input => Job::Input(rec),
+            SourceKind::Tier(tier) if self.waiting.has(&tp) => {
+                // Behind records still waiting: looked at once they are gone.
+                let w = Waiter {
+                    rec,
+                    tier,
+                    offset,
+                    bytes,
+                    at: Millis::MIN,
+                };
+                self.wait_or_hold(&tp, epoch, w);
+                return;
+            }
             SourceKind::Tier(tier) => {
                 match classify_tier_record(&self.parts.worker.tiers, tier, rec, now_ms()) {
                     TierDecision::Job(job) => *job,
-                    TierDecision::Hold { resume_at } => {
-                        self.hold(&tp, offset, resume_at);
+                    TierDecision::Hold { rec, resume_at } => {
+                        let w = Waiter {
+                            rec,
+                            tier,
+                            offset,
+                            bytes,
+                            at: resume_at,
+                        };
+                        self.wait_or_hold(&tp, epoch, w);
                         return;
                     }
                 }
@@ -640,6 +683,70 @@ impl ConsumeLoop {
             clock,
             offset,
             bytes,
+        }
+    }
+
+    /// A tier record that is not due yet waits in memory when it is due
+    /// within [`WAIT_AHEAD_MS`] and what waits there fits its bound (an
+    /// eighth of `max_in_flight_bytes`); otherwise its partition is paused
+    /// and rewound to it, and read again [`WAIT_AHEAD_MS`] before it is due
+    /// (or, behind records waiting, when the first of them is due).
+    fn wait_or_hold(&mut self, tp: &TopicPartition, epoch: Epoch, w: Waiter) {
+        let now = now_ms();
+        let bound = self.parts.settings.max_in_flight_bytes / 8;
+        let soon = w.at <= now.saturating_add(WAIT_AHEAD_MS);
+        if soon && self.waiting.bytes() + w.bytes <= bound.max(w.bytes) {
+            self.waiting.push(tp, epoch, w);
+            return;
+        }
+        let resume_at = match self.waiting.head_at(tp) {
+            Some(head) => head,
+            None if !soon => w.at.saturating_sub(WAIT_AHEAD_MS),
+            // The bound is reached: read it again once the first record
+            // waiting is due (and so leaves), or it is.
+            None => self.waiting.next_at().unwrap_or(w.at).min(w.at),
+        };
+        // Never read it again at once while the bound is full.
+        self.hold(tp, w.offset, resume_at.max(now + FULL_RETRY_MS));
+    }
+
+    /// Starts the records waiting in memory that are due now, each
+    /// partition's in read order; one that turns out not to be due yet
+    /// (its tier time has come, the task's own due time not) goes back to
+    /// the head of its partition. Nothing starts while the partitions are
+    /// paused for back-pressure.
+    fn start_waiting(&mut self) {
+        if self.waiting.is_empty() || !self.throttled.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        for (tp, epoch) in self.waiting.due(now) {
+            while let Some(w) = self.waiting.pop_due(&tp, now) {
+                let Waiter {
+                    rec,
+                    tier,
+                    offset,
+                    bytes,
+                    ..
+                } = w;
+                match classify_tier_record(&self.parts.worker.tiers, tier, rec, now) {
+                    TierDecision::Job(job) => {
+                        let running = self.start(*job, offset, bytes);
+                        self.collecting.take(&tp, epoch, running);
+                    }
+                    TierDecision::Hold { rec, resume_at } => {
+                        let w = Waiter {
+                            rec,
+                            tier,
+                            offset,
+                            bytes,
+                            at: resume_at,
+                        };
+                        self.waiting.push_front(&tp, epoch, w);
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -933,6 +1040,8 @@ impl ConsumeLoop {
         for (tp, first) in rewind {
             tracing::debug!(partition = %tp, offset = first, "reading again from");
             self.parts.consumer.seek(&tp, first);
+            // Records waiting in memory were read after `first`.
+            self.waiting.retain(|t, _| t != &tp);
             if self.held.remove(&tp).is_some() && !self.throttled.contains(&tp) {
                 resume.push(tp);
             }

@@ -28,4 +28,5 @@ pub mod share;
 #[cfg(test)]
 mod testing;
 pub mod transaction;
+pub mod waiting;
 pub mod worker;

@@ -129,6 +129,11 @@ pub struct OutRecord {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp: for a task record, when its wait began (a
+    /// delay tier counts its wait from the timestamp), so that the time
+    /// it then waits for its transaction is not added to the wait; `None`
+    /// for the producer's clock.
+    pub timestamp: Option<Millis>,
 }
 
 impl OutRecord {

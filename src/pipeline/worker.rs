@@ -125,7 +125,8 @@ impl Worker {
                     from: Source::Delay,
                     fate: Fate::Forwarded,
                 });
-                out.outputs.push(self.delay_record(&task, tier));
+                let since = self.tiers.since(tier, task.due_at, now_ms());
+                out.outputs.push(self.delay_record(&task, tier, since));
             }
             Job::PoisonTask(rec, e) => {
                 out.count(Committed::Consumed {
@@ -266,7 +267,8 @@ impl Worker {
             out.count(Committed::TaskScheduled {
                 tier: self.tiers.label(tier),
             });
-            out.outputs.push(self.delay_record(&task, tier));
+            let since = self.tiers.since(tier, task.due_at, decided_at);
+            out.outputs.push(self.delay_record(&task, tier, since));
         }
     }
 
@@ -462,16 +464,19 @@ impl Worker {
             key: dl.key.clone(),
             headers: dl.headers(),
             value: dl.value,
+            timestamp: None,
         });
     }
 
-    fn delay_record(&self, task: &Task, tier: usize) -> OutRecord {
+    /// A task record for tier `tier`, its wait counted from `since`.
+    fn delay_record(&self, task: &Task, tier: usize, since: Millis) -> OutRecord {
         OutRecord {
             kind: OutKind::Delay(tier),
             topic: self.topics.tiers[tier.min(self.topics.tiers.len() - 1)].clone(),
             key: Some(task.user.user_id.as_bytes().to_vec()),
             value: Some(task.encode()),
             headers: vec![],
+            timestamp: Some(since),
         }
     }
 
@@ -497,6 +502,7 @@ impl Worker {
             key: Some(task.user.user_id.as_bytes().to_vec()),
             value: Some(value),
             headers,
+            timestamp: None,
         }
     }
 }
@@ -555,9 +561,10 @@ fn task_dead_letter(
 }
 
 /// Decides what to do with a record from a delay tier (synchronously, in the
-/// consume loop): hold its partition, forward it, or process it.
+/// consume loop): wait for it to be due (the record is handed back), forward
+/// it, or process it.
 pub enum TierDecision {
-    Hold { resume_at: Millis },
+    Hold { rec: Incoming, resume_at: Millis },
     Job(Box<Job>),
 }
 
@@ -571,7 +578,7 @@ pub fn classify_tier_record(
         TierRead::Poison(e) => Job::PoisonTask(rec, e),
         TierRead::Due(task) => Job::Due(rec, task),
         TierRead::Forward(task, tier) => Job::Forward(rec, task, tier),
-        TierRead::Hold { resume_at } => return TierDecision::Hold { resume_at },
+        TierRead::Hold { resume_at } => return TierDecision::Hold { rec, resume_at },
     };
     TierDecision::Job(Box::new(job))
 }
