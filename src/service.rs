@@ -154,7 +154,8 @@ impl Service {
         );
         let health = Arc::new(Health::new(settings.server.stall_timeout));
         let server = Server::start(&settings, &metrics, &health).await?;
-        let tiers = DelayTiers::new(&settings.schedule.delay_tiers);
+        let tiers = DelayTiers::new(&settings.schedule.delay_tiers)
+            .holding(crate::pipeline::waiting::WAIT_AHEAD_MS);
 
         let Some(brokers) = Self::check_brokers(&settings, &tiers, &shutdown).await? else {
             server.stop().await;

@@ -45,6 +45,10 @@ pub enum TierRead {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DelayTiers {
     tiers_ms: Vec<i64>,
+    /// A rest shorter than this is waited out where the record is read
+    /// (held), not forwarded: the smallest tier, or longer
+    /// ([`DelayTiers::holding`]).
+    hold_ms: i64,
 }
 
 impl DelayTiers {
@@ -56,7 +60,18 @@ impl DelayTiers {
         if tiers_ms.is_empty() {
             tiers_ms.push(1_000);
         }
-        DelayTiers { tiers_ms }
+        let hold_ms = tiers_ms[0];
+        DelayTiers { tiers_ms, hold_ms }
+    }
+
+    /// Holds a record whose rest is shorter than `ms` (when that is longer
+    /// than the smallest tier) instead of forwarding it: a reader that
+    /// keeps records due within `ms` in memory waits them out there,
+    /// which saves a hop through the smallest tier (a record to write,
+    /// commit and read again) per wait.
+    pub fn holding(mut self, ms: i64) -> DelayTiers {
+        self.hold_ms = ms.max(self.tiers_ms[0]);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -119,10 +134,11 @@ impl DelayTiers {
     /// time is its due time.
     ///
     /// Records of one tier partition then no longer come due strictly in
-    /// the order they were written: a record can wait behind one written
-    /// before it whose tier time is later by at most the smallest tier
-    /// (the most a wait is counted from earlier), as a held record already
-    /// holds the records behind it by less than the smallest tier.
+    /// the order they were written: a record can be due before one written
+    /// ahead of it, by at most the smallest tier (the most a wait is
+    /// counted from earlier). The consume loop starts each record's work
+    /// at its own due time all the same (`pipeline::waiting`), and
+    /// commits in read order.
     pub fn since(&self, tier: usize, due_at: Millis, now: Millis) -> Millis {
         now.min(due_at.saturating_sub(self.tier_ms(tier)))
     }
@@ -150,7 +166,7 @@ impl DelayTiers {
             };
         }
         let rest = due_at - now;
-        if rest < self.tiers_ms[0] {
+        if rest < self.hold_ms {
             ReadAction::Hold { resume_at: due_at }
         } else {
             ReadAction::Forward {
@@ -309,6 +325,31 @@ mod tests {
         assert_eq!(t.since(0, 10_500, 10_000), 9_500);
         // A tier not longer than the wait: counted from now.
         assert_eq!(t.since(2, 10_000 + 14_999, 10_000), 10_000);
+    }
+
+    #[test]
+    fn a_reader_holding_longer_than_the_smallest_tier_holds_rests_under_it() {
+        let t = tiers();
+        let held = tiers().holding(2_000);
+        // Read from the 5 s tier at its time with 1.5 s left: forwarded to
+        // the 1 s tier by default, held by a reader that waits 2 s ahead.
+        let (ts, due, now) = (0, 6_500, 5_000);
+        assert_eq!(t.on_read(1, ts, due, now), ReadAction::Forward { tier: 0 });
+        assert_eq!(
+            held.on_read(1, ts, due, now),
+            ReadAction::Hold { resume_at: due }
+        );
+        // 2 s or more left: forwarded either way.
+        assert_eq!(
+            held.on_read(1, 0, 7_000, 5_000),
+            ReadAction::Forward { tier: 0 }
+        );
+        // Never shorter than the smallest tier.
+        let short = tiers().holding(10);
+        assert_eq!(
+            short.on_read(1, 0, 5_900, 5_000),
+            ReadAction::Hold { resume_at: 5_900 }
+        );
     }
 
     proptest! {

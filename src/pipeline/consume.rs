@@ -55,7 +55,7 @@ use crate::pipeline::record::{
 };
 use crate::pipeline::share::RateShare;
 use crate::pipeline::transaction;
-use crate::pipeline::waiting::{Waiter, Waiting, WAIT_AHEAD_MS};
+use crate::pipeline::waiting::{Entry, Waiting, WAIT_AHEAD_MS};
 use crate::pipeline::worker::{classify_tier_record, now_ms, TierDecision, Worker};
 use crate::providers::budget::RecordClock;
 use crate::task::Millis;
@@ -179,7 +179,7 @@ pub struct ConsumeLoop {
     /// when.
     held: HashMap<TopicPartition, Millis>,
     /// Tier records read shortly before they are due, in read order.
-    waiting: Waiting,
+    waiting: Waiting<Work>,
     /// Partitions paused for back-pressure.
     throttled: HashSet<TopicPartition>,
     collecting: Batch,
@@ -361,7 +361,8 @@ impl ConsumeLoop {
             self.queued.retain(|b| !b.jobs.is_empty());
             self.held.retain(|tp, _| !revoked.contains(tp));
             self.throttled.retain(|tp| !revoked.contains(tp));
-            self.waiting.retain(|tp, _| !revoked.contains(tp));
+            self.waiting
+                .retain(|tp, _| !revoked.contains(tp), |w| w.running.abort());
         }
         if self.parts.consumer.assignment_changes() != self.generation_seen {
             let (generation, assigned) = self.parts.consumer.assignment();
@@ -382,8 +383,10 @@ impl ConsumeLoop {
             // Records read under an earlier assignment of a partition are
             // read again from its committed offset.
             let assigned = &self.assigned;
-            self.waiting
-                .retain(|tp, epoch| assigned.get(tp) == Some(&epoch));
+            self.waiting.retain(
+                |tp, epoch| assigned.get(tp) == Some(&epoch),
+                |w| w.running.abort(),
+            );
         }
         let (joined, broker_up) = self.parts.consumer.connection();
         self.parts.health.set_connection(joined, broker_up);
@@ -614,30 +617,24 @@ impl ConsumeLoop {
         let bytes = record_bytes(&rec);
         let job = match rec.kind {
             SourceKind::Input => Job::Input(rec),
-            SourceKind::Tier(tier) if self.waiting.has(&tp) => {
-                // Behind records still waiting: looked at once they are gone.
-                let w = Waiter {
-                    rec,
-                    tier,
-                    offset,
-                    bytes,
-                    at: Millis::MIN,
-                };
-                self.wait_or_hold(&tp, epoch, w);
-                return;
-            }
             SourceKind::Tier(tier) => {
                 match classify_tier_record(&self.parts.worker.tiers, tier, rec, now_ms()) {
+                    TierDecision::Job(job) if self.waiting.has(&tp) => {
+                        // Due behind records that are not: it starts now
+                        // and joins a batch behind them.
+                        let running = self.start(*job, offset, bytes);
+                        self.waiting
+                            .push(&tp, epoch, offset, bytes, Entry::Started(running));
+                        return;
+                    }
                     TierDecision::Job(job) => *job,
                     TierDecision::Hold { rec, resume_at } => {
-                        let w = Waiter {
+                        let entry = Entry::Waiting {
                             rec,
                             tier,
-                            offset,
-                            bytes,
                             at: resume_at,
                         };
-                        self.wait_or_hold(&tp, epoch, w);
+                        self.wait_or_hold(&tp, epoch, offset, bytes, entry, resume_at);
                         return;
                     }
                 }
@@ -690,62 +687,61 @@ impl ConsumeLoop {
     /// within [`WAIT_AHEAD_MS`] and what waits there fits its bound (an
     /// eighth of `max_in_flight_bytes`); otherwise its partition is paused
     /// and rewound to it, and read again [`WAIT_AHEAD_MS`] before it is due
-    /// (or, behind records waiting, when the first of them is due).
-    fn wait_or_hold(&mut self, tp: &TopicPartition, epoch: Epoch, w: Waiter) {
+    /// (or, when the bound is full, once the first record waiting is due).
+    fn wait_or_hold(
+        &mut self,
+        tp: &TopicPartition,
+        epoch: Epoch,
+        offset: i64,
+        bytes: usize,
+        entry: Entry<Work>,
+        at: Millis,
+    ) {
         let now = now_ms();
         let bound = self.parts.settings.max_in_flight_bytes / 8;
-        let soon = w.at <= now.saturating_add(WAIT_AHEAD_MS);
-        if soon && self.waiting.bytes() + w.bytes <= bound.max(w.bytes) {
-            self.waiting.push(tp, epoch, w);
+        let soon = at <= now.saturating_add(WAIT_AHEAD_MS);
+        if soon && self.waiting.bytes() + bytes <= bound.max(bytes) {
+            self.waiting.push(tp, epoch, offset, bytes, entry);
             return;
         }
-        let resume_at = match self.waiting.head_at(tp) {
-            Some(head) => head,
-            None if !soon => w.at.saturating_sub(WAIT_AHEAD_MS),
-            // The bound is reached: read it again once the first record
-            // waiting is due (and so leaves), or it is.
-            None => self.waiting.next_at().unwrap_or(w.at).min(w.at),
+        let resume_at = if soon {
+            self.waiting.next_at().unwrap_or(at).min(at)
+        } else {
+            at.saturating_sub(WAIT_AHEAD_MS)
         };
         // Never read it again at once while the bound is full.
-        self.hold(tp, w.offset, resume_at.max(now + FULL_RETRY_MS));
+        self.hold(tp, offset, resume_at.max(now + FULL_RETRY_MS));
     }
 
-    /// Starts the records waiting in memory that are due now, each
-    /// partition's in read order; one that turns out not to be due yet
-    /// (its tier time has come, the task's own due time not) goes back to
-    /// the head of its partition. Nothing starts while the partitions are
-    /// paused for back-pressure.
+    /// Starts the records waiting in memory that are due now, whatever
+    /// waits ahead of them; one that turns out not to be due yet (its
+    /// tier's time has come, the task's own due time not) waits on. Work
+    /// started joins the batch being collected in read order, once every
+    /// record ahead of it in its partition has started. Nothing starts
+    /// while the partitions are paused for back-pressure.
     fn start_waiting(&mut self) {
         if self.waiting.is_empty() || !self.throttled.is_empty() {
             return;
         }
         let now = now_ms();
-        for (tp, epoch) in self.waiting.due(now) {
-            while let Some(w) = self.waiting.pop_due(&tp, now) {
-                let Waiter {
+        let mut touched: Vec<TopicPartition> = Vec::new();
+        for d in self.waiting.take_due(now) {
+            let entry = match classify_tier_record(&self.parts.worker.tiers, d.tier, d.rec, now) {
+                TierDecision::Job(job) => Entry::Started(self.start(*job, d.offset, d.bytes)),
+                TierDecision::Hold { rec, resume_at } => Entry::Waiting {
                     rec,
-                    tier,
-                    offset,
-                    bytes,
-                    ..
-                } = w;
-                match classify_tier_record(&self.parts.worker.tiers, tier, rec, now) {
-                    TierDecision::Job(job) => {
-                        let running = self.start(*job, offset, bytes);
-                        self.collecting.take(&tp, epoch, running);
-                    }
-                    TierDecision::Hold { rec, resume_at } => {
-                        let w = Waiter {
-                            rec,
-                            tier,
-                            offset,
-                            bytes,
-                            at: resume_at,
-                        };
-                        self.waiting.push_front(&tp, epoch, w);
-                        break;
-                    }
-                }
+                    tier: d.tier,
+                    at: resume_at,
+                },
+            };
+            self.waiting.put(&d.tp, d.offset, entry);
+            if !touched.contains(&d.tp) {
+                touched.push(d.tp);
+            }
+        }
+        for tp in touched {
+            for (epoch, work) in self.waiting.pop_started(&tp) {
+                self.collecting.take(&tp, epoch, work);
             }
         }
     }
@@ -1041,7 +1037,7 @@ impl ConsumeLoop {
             tracing::debug!(partition = %tp, offset = first, "reading again from");
             self.parts.consumer.seek(&tp, first);
             // Records waiting in memory were read after `first`.
-            self.waiting.retain(|t, _| t != &tp);
+            self.waiting.retain(|t, _| t != &tp, |w| w.running.abort());
             if self.held.remove(&tp).is_some() && !self.throttled.contains(&tp) {
                 resume.push(tp);
             }
