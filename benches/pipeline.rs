@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use support::{Ctx, Report};
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: &[&str] = &[
     "throughput",
     "backlog",
     "memory",
@@ -30,6 +30,7 @@ const SCENARIOS: [&str; 9] = [
     "recovery",
     "brownout",
     "parse",
+    "burst",
     "peer",
 ];
 
@@ -43,6 +44,7 @@ async fn run_one(ctx: &Ctx, name: &str) -> Result<Report> {
         "recovery" => support::recovery::run(ctx).await,
         "brownout" => support::brownout::run(ctx).await,
         "parse" => support::parse::run(ctx).await,
+        "burst" => support::burst::run(ctx).await,
         "peer" => support::peer::run(ctx).await,
         other => bail!("unknown scenario {other} (known: {})", SCENARIOS.join(", ")),
     }

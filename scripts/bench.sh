@@ -6,7 +6,9 @@
 #   scripts/bench.sh [--smoke] [--out FILE] [--perf FILE] [scenario...]
 #
 # Scenarios: throughput backlog memory ratelimit timeliness recovery brownout
-# parse peer (default: all). peer alternates the service with a Python
+# parse burst peer (default: all). burst has BENCH_BURST_USERS users (default
+# 20,000) fall due within BENCH_BURST_SPREAD_S seconds (default 3) and
+# measures how late their repolls run. peer alternates the service with a Python
 # program doing the same work (benches/peer/peer.py, run by the venv of
 # scripts/tools.sh python): BENCH_PEER_USERS users (default 10,000),
 # BENCH_PEER_PAIRS pairs (default 3).

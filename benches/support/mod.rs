@@ -4,6 +4,7 @@
 pub mod answers;
 pub mod backlog;
 pub mod brownout;
+pub mod burst;
 pub mod kafka;
 pub mod memory;
 pub mod parse;
