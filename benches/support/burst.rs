@@ -24,7 +24,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::kafka::{self, set_env, Names, Reader};
-use super::procs::{Service, Simulator};
+use super::procs::{request_times, Service, Simulator};
 use super::{quantile, round, Ctx, Report};
 
 const INITIAL_DELAY_MS: i64 = 120_000;
@@ -180,17 +180,10 @@ async fn one(ctx: &Ctx, shape: &str, credeau_later_ms: i64, r: &mut Report) -> R
                 &mut credeau,
             ),
         ] {
-            let p = &h[provider];
-            let polls: Vec<i64> = p["last_requests"]
-                .as_array()
-                .with_context(|| format!("{id}: no {provider} requests"))?
-                .iter()
-                .filter_map(|x| x["at_ms"].as_i64())
-                .collect();
-            let count = p["requests"].as_i64().unwrap_or(0);
-            if polls.len() as i64 != count || count < 2 {
+            let polls = request_times(&h, provider, id)?;
+            if polls.len() < 2 {
                 bail!(
-                    "{id}: {count} {provider} requests, {} logged (2 or more expected)",
+                    "{id}: {} {provider} request (2 or more expected)",
                     polls.len()
                 );
             }

@@ -330,6 +330,24 @@ impl Simulator {
     }
 }
 
+/// The arrival times (ms) of the requests a user's history (from
+/// [`Simulator::user`]) logged for `provider` ("finbox", "credeau"), all of
+/// them: an error when the log kept fewer than the simulator counted.
+pub fn request_times(history: &Value, provider: &str, id: &str) -> Result<Vec<i64>> {
+    let p = &history[provider];
+    let polls: Vec<i64> = p["last_requests"]
+        .as_array()
+        .with_context(|| format!("{id}: no {provider} requests"))?
+        .iter()
+        .filter_map(|x| x["at_ms"].as_i64())
+        .collect();
+    let count = p["requests"].as_i64().unwrap_or(0);
+    if polls.is_empty() || polls.len() as i64 != count {
+        bail!("{id}: {count} {provider} requests, {} logged", polls.len());
+    }
+    Ok(polls)
+}
+
 /// The simulator's counters (GET /admin/stats).
 #[derive(Debug, Clone)]
 pub struct Stats(pub Value);

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::kafka::{self, set_env, Names, Reader};
-use super::procs::{Service, Simulator};
+use super::procs::{request_times, Service, Simulator};
 use super::{quantile, Ctx, Report};
 
 const INITIAL_DELAY_MS: i64 = 120_000;
@@ -93,17 +93,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let mut over_one = 0u64;
     for ((id, onboarded_at, ready_after), h) in picked.iter().zip(histories) {
         let h = h?.with_context(|| format!("simulator never saw {id}"))?;
-        let fb = &h["finbox"];
-        let polls: Vec<i64> = fb["last_requests"]
-            .as_array()
-            .with_context(|| format!("{id}: no FinBox requests"))?
-            .iter()
-            .filter_map(|x| x["at_ms"].as_i64())
-            .collect();
-        let count = fb["requests"].as_i64().unwrap_or(0);
-        if polls.is_empty() || polls.len() as i64 != count {
-            bail!("{id}: {count} FinBox requests, {} logged", polls.len());
-        }
+        let polls = request_times(&h, "finbox", id)?;
+        let count = polls.len() as i64;
         let mut due = onboarded_at + INITIAL_DELAY_MS;
         for (i, at) in polls.iter().enumerate() {
             let l = at - due;
