@@ -116,7 +116,14 @@ pub(crate) async fn one(ctx: &Ctx, n: u64, log_name: &str) -> Result<Run> {
     kafka::create_run_topics(&names).await?;
     kafka::produce_users(&names.input, "b", n).await?;
     let reader = Reader::start(&names.combined)?;
-    let env = names.service_env(&sim.url)?;
+    let mut env = names.service_env(&sim.url)?;
+    if let Some(threshold) = answers().sms_threshold() {
+        super::kafka::set_env(
+            &mut env,
+            "INSIGHTS__CREDEAU__CNT_SMS_THRESHOLD",
+            &threshold.to_string(),
+        );
+    }
     let spawned = Instant::now();
     let mut svc = Service::start(&env, &ctx.log(log_name))?;
     // Start-up ends with the first combined event: everything before it
