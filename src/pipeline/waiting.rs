@@ -110,16 +110,6 @@ impl<W> Waiting<W> {
         self.queues.contains_key(tp)
     }
 
-    /// When the first record of `tp` not yet started is due.
-    pub fn first_at(&self, tp: &TopicPartition) -> Option<Millis> {
-        self.queues.get(tp).and_then(|q| {
-            q.slots.iter().find_map(|s| match &s.entry {
-                Entry::Waiting { at, .. } => Some(*at),
-                _ => None,
-            })
-        })
-    }
-
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -320,7 +310,6 @@ mod tests {
         // and wait there.
         assert_eq!(start_due(&mut w, 700), vec![6, 7]);
         assert!(leave(&mut w, &tp).is_empty());
-        assert_eq!(w.first_at(&tp), Some(1_000));
         assert_eq!(w.next_at(), Some(1_000));
         assert_eq!(start_due(&mut w, 1_000), vec![5]);
         assert_eq!(leave(&mut w, &tp), vec![5, 6, 7]);

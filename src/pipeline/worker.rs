@@ -125,8 +125,7 @@ impl Worker {
                     from: Source::Delay,
                     fate: Fate::Forwarded,
                 });
-                let since = self.tiers.since(tier, task.due_at, now_ms());
-                out.outputs.push(self.delay_record(&task, tier, since));
+                out.outputs.push(self.delay_record(&task, tier, now_ms()));
             }
             Job::PoisonTask(rec, e) => {
                 out.count(Committed::Consumed {
@@ -267,8 +266,7 @@ impl Worker {
             out.count(Committed::TaskScheduled {
                 tier: self.tiers.label(tier),
             });
-            let since = self.tiers.since(tier, task.due_at, decided_at);
-            out.outputs.push(self.delay_record(&task, tier, since));
+            out.outputs.push(self.delay_record(&task, tier, decided_at));
         }
     }
 
@@ -468,15 +466,16 @@ impl Worker {
         });
     }
 
-    /// A task record for tier `tier`, its wait counted from `since`.
-    fn delay_record(&self, task: &Task, tier: usize, since: Millis) -> OutRecord {
+    /// A task record for tier `tier`, written for a wait that began at
+    /// `now` (its timestamp is [`DelayTiers::since`]).
+    fn delay_record(&self, task: &Task, tier: usize, now: Millis) -> OutRecord {
         OutRecord {
             kind: OutKind::Delay(tier),
             topic: self.topics.tiers[tier.min(self.topics.tiers.len() - 1)].clone(),
             key: Some(task.user.user_id.as_bytes().to_vec()),
             value: Some(task.encode()),
             headers: vec![],
-            timestamp: Some(since),
+            timestamp: Some(self.tiers.since(tier, task.due_at, now)),
         }
     }
 
