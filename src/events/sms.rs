@@ -3,10 +3,11 @@
 //! JSON text, never dropped), and splitting the entries into numbered parts
 //! so every encoded value fits the producer's size limit.
 //!
-//! Each entry is encoded once into one shared buffer; a part is then the
-//! header plus a contiguous run of those bytes. The header is sized with
-//! its integers at their widest, so a part never exceeds the limit whatever
-//! numbers it ends up carrying.
+//! Each entry is encoded once (as JSON it is Credeau's text as sent),
+//! straight into its part: parts are filled greedily in order, and a part
+//! is its header, a run of entries and its trailer. The header is sized
+//! with its integers at their widest, so a part never exceeds the limit
+//! whatever numbers it ends up carrying.
 
 use serde_json::{Map, Value};
 
@@ -176,49 +177,53 @@ fn put_entry<'e>(
     Ok(())
 }
 
-/// Entries encoded back to back, with the end offset of each.
-struct EncodedEntries {
-    bytes: Vec<u8>,
-    ends: Vec<usize>,
-}
-
-impl EncodedEntries {
-    fn range(&self, i: usize) -> std::ops::Range<usize> {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        start..self.ends[i]
-    }
-}
-
-/// Groups entries into parts of at most `budget` bytes each, given the
-/// per-entry cost (`sep` extra bytes per entry for separators). Returns the
-/// index ranges of the parts.
-fn plan_parts(
-    enc: &EncodedEntries,
-    sep: usize,
+/// Groups entries into parts of at most `budget` bytes each, in order and
+/// greedily, given each entry's cost as it comes (its encoded bytes plus
+/// any separator).
+struct Packer {
     budget: usize,
     max: usize,
-) -> Result<Vec<std::ops::Range<usize>>, EncodeError> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut used = 0;
-    for i in 0..enc.ends.len() {
-        let size = enc.range(i).len() + sep;
-        if size > budget {
+    start: usize,
+    used: usize,
+    parts: Vec<std::ops::Range<usize>>,
+}
+
+impl Packer {
+    fn new(budget: usize, max: usize) -> Packer {
+        Packer {
+            budget,
+            max,
+            start: 0,
+            used: 0,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Adds entry `i` of `size` bytes; true when it begins a new part.
+    fn add(&mut self, i: usize, size: usize) -> Result<bool, EncodeError> {
+        if size > self.budget {
             return Err(EncodeError::TooLarge {
                 entry: Some(i),
                 size,
-                max,
+                max: self.max,
             });
         }
-        if used + size > budget {
-            parts.push(start..i);
-            start = i;
-            used = 0;
+        let new_part = self.used + size > self.budget;
+        if new_part {
+            self.parts.push(self.start..i);
+            self.start = i;
+            self.used = 0;
         }
-        used += size;
+        self.used += size;
+        Ok(new_part)
     }
-    parts.push(start..enc.ends.len());
-    Ok(parts)
+
+    /// The index ranges of the parts of `n` entries (one empty part for
+    /// none).
+    fn finish(mut self, n: usize) -> Vec<std::ops::Range<usize>> {
+        self.parts.push(self.start..n);
+        self.parts
+    }
 }
 
 fn budget(overhead: usize, max: usize) -> Result<usize, EncodeError> {
@@ -245,17 +250,6 @@ pub(crate) fn encode_avro(
     schema_id: u32,
     max: usize,
 ) -> Result<Vec<Vec<u8>>, EncodeError> {
-    let mut enc = EncodedEntries {
-        bytes: Vec::with_capacity(entries.len() * 1024),
-        ends: Vec::with_capacity(entries.len()),
-    };
-    let mut scratch = Vec::new();
-    for e in entries {
-        let fields = entry_fields(e.get())?;
-        let mut extras = Vec::new();
-        put_entry(&mut enc.bytes, &fields, &mut extras, &mut scratch)?;
-        enc.ends.push(enc.bytes.len());
-    }
     let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {
         avro::put_wire_header(buf, schema_id);
         put_str(buf, h.event_id);
@@ -278,18 +272,37 @@ pub(crate) fn encode_avro(
     put_trailer(&mut widest);
     // Plus the array's block count and its terminating zero.
     let overhead = widest.len() + avro::MAX_LONG_LEN + 1;
-    let plan = plan_parts(&enc, 0, budget(overhead, max)?, max)?;
+    // Each entry is encoded once, straight into its part's run of entry
+    // bytes; a part is then its header, that run and its trailer. So an
+    // answer is held twice at most (its entries and the parts), not a
+    // third time as one buffer of every encoded entry.
+    let mut packer = Packer::new(budget(overhead, max)?, max);
+    let mut runs: Vec<Vec<u8>> = Vec::new();
+    let mut run = Vec::new();
+    let mut scratch = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let fields = entry_fields(e.get())?;
+        let mut extras = Vec::new();
+        let at = run.len();
+        put_entry(&mut run, &fields, &mut extras, &mut scratch)?;
+        if packer.add(i, run.len() - at)? {
+            let this = run.split_off(at);
+            runs.push(std::mem::replace(&mut run, this));
+        }
+    }
+    runs.push(run);
+    let plan = packer.finish(entries.len());
     let parts = count_i32(plan.len());
     let total = count_i32(entries.len());
     let mut out = Vec::with_capacity(plan.len());
-    for (n, range) in plan.into_iter().enumerate() {
-        let bytes = span(&enc, &range);
+    for (n, (range, bytes)) in plan.into_iter().zip(runs).enumerate() {
         let mut buf = Vec::with_capacity(overhead + bytes.len());
         put_header(&mut buf, count_i32(n + 1), parts, total);
         if !range.is_empty() {
             put_long(&mut buf, avro::len_i64(range.len()));
-            buf.extend_from_slice(bytes);
+            buf.extend_from_slice(&bytes);
         }
+        drop(bytes);
         put_long(&mut buf, 0);
         put_trailer(&mut buf);
         out.push(buf);
@@ -302,15 +315,6 @@ pub(crate) fn encode_json(
     entries: &[SmsEntry],
     max: usize,
 ) -> Result<Vec<Vec<u8>>, EncodeError> {
-    let mut enc = EncodedEntries {
-        bytes: Vec::with_capacity(entries.iter().map(|e| e.get().len()).sum()),
-        ends: Vec::with_capacity(entries.len()),
-    };
-    // Each entry as Credeau sent it: a JSON object already.
-    for e in entries {
-        enc.bytes.extend_from_slice(e.get().as_bytes());
-        enc.ends.push(enc.bytes.len());
-    }
     let put_header = |buf: &mut Vec<u8>, part: i32, parts: i32, total: i32| {
         // Field by field rather than through a struct, so the entries can
         // be appended afterwards as already-encoded bytes.
@@ -345,32 +349,31 @@ pub(crate) fn encode_json(
     let mut widest = Vec::new();
     put_header(&mut widest, i32::MAX, i32::MAX, i32::MAX);
     let overhead = widest.len() + trailer.len();
-    // Each entry costs its bytes plus at most one separating comma.
-    let plan = plan_parts(&enc, 1, budget(overhead, max)?, max)?;
+    // Each entry goes into its part as Credeau sent it (a JSON object
+    // already), and costs its bytes plus at most one separating comma.
+    let mut packer = Packer::new(budget(overhead, max)?, max);
+    for (i, e) in entries.iter().enumerate() {
+        packer.add(i, e.get().len() + 1)?;
+    }
+    let plan = packer.finish(entries.len());
     let parts = count_i32(plan.len());
     let total = count_i32(entries.len());
     let mut out = Vec::with_capacity(plan.len());
     for (n, range) in plan.into_iter().enumerate() {
-        let mut buf = Vec::with_capacity(overhead + span(&enc, &range).len() + range.len());
+        let run = &entries[range];
+        let run_bytes: usize = run.iter().map(|e| e.get().len() + 1).sum();
+        let mut buf = Vec::with_capacity(overhead + run_bytes);
         put_header(&mut buf, count_i32(n + 1), parts, total);
-        for (k, i) in range.enumerate() {
+        for (k, e) in run.iter().enumerate() {
             if k > 0 {
                 buf.push(b',');
             }
-            buf.extend_from_slice(&enc.bytes[enc.range(i)]);
+            buf.extend_from_slice(e.get().as_bytes());
         }
         buf.extend_from_slice(trailer.as_bytes());
         out.push(buf);
     }
     Ok(out)
-}
-
-/// The encoded bytes of a contiguous run of entries.
-fn span<'b>(enc: &'b EncodedEntries, range: &std::ops::Range<usize>) -> &'b [u8] {
-    if range.is_empty() {
-        return &[];
-    }
-    &enc.bytes[enc.range(range.start).start..enc.ends[range.end - 1]]
 }
 
 /// The two kinds of header value, written as JSON without a fallible
@@ -401,17 +404,16 @@ mod erased {
 mod tests {
     use super::*;
 
-    fn enc_of(sizes: &[usize]) -> EncodedEntries {
-        let mut ends = Vec::new();
-        let mut at = 0;
-        for s in sizes {
-            at += s;
-            ends.push(at);
+    fn plan_parts(
+        sizes: &[usize],
+        budget: usize,
+        max: usize,
+    ) -> Result<Vec<std::ops::Range<usize>>, EncodeError> {
+        let mut packer = Packer::new(budget, max);
+        for (i, size) in sizes.iter().enumerate() {
+            packer.add(i, *size)?;
         }
-        EncodedEntries {
-            bytes: vec![0; at],
-            ends,
-        }
+        Ok(packer.finish(sizes.len()))
     }
 
     #[test]
@@ -424,13 +426,13 @@ mod tests {
 
     #[test]
     fn parts_are_filled_greedily_in_order() {
-        let plan = plan_parts(&enc_of(&[4, 4, 4, 9, 1]), 0, 10, 100).unwrap();
+        let plan = plan_parts(&[4, 4, 4, 9, 1], 10, 100).unwrap();
         assert_eq!(plan, vec![0..2, 2..3, 3..5]);
     }
 
     #[test]
     fn an_entry_larger_than_the_budget_is_too_large() {
-        let err = plan_parts(&enc_of(&[4, 11]), 0, 10, 100).unwrap_err();
+        let err = plan_parts(&[4, 11], 10, 100).unwrap_err();
         assert!(matches!(
             err,
             EncodeError::TooLarge {
@@ -443,7 +445,7 @@ mod tests {
 
     #[test]
     fn no_entries_give_one_empty_part() {
-        assert_eq!(plan_parts(&enc_of(&[]), 1, 10, 100).unwrap(), vec![0..0]);
+        assert_eq!(plan_parts(&[], 10, 100).unwrap(), vec![0..0]);
     }
 
     #[test]
