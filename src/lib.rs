@@ -9,6 +9,7 @@ pub mod events;
 pub mod journey;
 pub mod kafka;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod printable;

@@ -57,7 +57,6 @@ use crate::pipeline::share::RateShare;
 use crate::pipeline::transaction;
 use crate::pipeline::waiting::{Entry, Waiting, WAIT_AHEAD_MS};
 use crate::pipeline::worker::{classify_tier_record, now_ms, TierDecision, Worker};
-use crate::providers::budget::RecordClock;
 use crate::task::Millis;
 
 #[derive(Debug, thiserror::Error)]
@@ -649,12 +648,12 @@ impl ConsumeLoop {
     /// time.
     fn start(&self, job: Job, offset: i64, bytes: usize) -> Work {
         let worker = self.parts.worker.clone();
-        let clock = RecordClock::new();
+        let mut ticket = self.gate.ticket();
+        let (clock, answers) = self.gate.record_clock(&ticket);
         let record_clock = clock.clone();
         let in_flight = self.in_flight.clone();
         let done = self.job_done.clone();
         let gate = self.gate.clone();
-        let mut ticket = self.gate.ticket();
         let running = RunningGuard::new(self.running.clone());
         let running = tokio::spawn(async move {
             // Counted until the work ends or is cancelled.
@@ -671,6 +670,7 @@ impl ConsumeLoop {
             if let Ok(p) = &mut r {
                 p.held = Some(gate.hold(p.output_bytes()));
             }
+            drop(answers);
             drop(ticket);
             done.notify_one();
             r

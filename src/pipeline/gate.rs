@@ -19,11 +19,23 @@
 //! outputs held reach half the budget). So the gate never deadlocks, and
 //! at most one record runs beyond the budget at a time: an answer larger
 //! than the budget is worked on alone.
+//!
+//! An answer's size is known only once it comes, so the records running
+//! also count the answer bytes they read ([`ANSWER_COST`] times them, when
+//! that is more than the mean expects): one large answer stops further
+//! starts from its first bytes. An answer that announces (Content-Length)
+//! a large part of the budget ([`LARGE_SHARE`]) waits unread in its
+//! connection until the budget has room for it or its record is the
+//! oldest unfinished (at most its provider's `body_stall_timeout`), and
+//! the allocator's freed pages are given back before it is read and after
+//! its record ends (`crate::memory`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
+
+use crate::providers::budget::{AnswerBytes, AnswerRoom, RecordClock};
 
 /// What a record is assumed to output at the gate before any record has
 /// finished: a backlog of large answers must not all start at once, and
@@ -35,6 +47,18 @@ const GATE_PRIOR: f64 = 1_048_576.0;
 /// encoded output, each about the output's size (Credeau's SMS pass
 /// through as JSON text).
 const RUNNING_COST: f64 = 3.0;
+
+/// What a running record holds at its peak, in multiples of the answer
+/// bytes it has read: the body and the entries decoded from it, then the
+/// entries and the encoded output. Counted as the bytes arrive, so an
+/// answer far larger than the mean stops further starts while it is being
+/// read, not after its record has ended.
+const ANSWER_COST: f64 = 2.0;
+
+/// An answer whose cost ([`ANSWER_COST`] times its announced length) is
+/// over this share of the budget waits, before it is read, until the
+/// budget has room for it: with 64 MiB, answers over 8 MiB.
+const LARGE_SHARE: f64 = 0.25;
 
 /// What outputs held for a transaction cost, in multiples of their size:
 /// ours until they are produced; then librdkafka's copy, the batches it
@@ -135,10 +159,14 @@ struct State {
 pub struct StartGate {
     budget: usize,
     held: AtomicUsize,
+    /// The answer bytes the running records have read.
+    answers: Arc<AnswerBytes>,
     sizes: OutputSizes,
     state: Mutex<State>,
     /// Transactions in flight (0 or 1).
     transactions: AtomicUsize,
+    /// Told of every change that may make room for a large answer.
+    room_changed: tokio::sync::Notify,
 }
 
 impl StartGate {
@@ -146,9 +174,11 @@ impl StartGate {
         Arc::new(StartGate {
             budget: budget.max(1),
             held: AtomicUsize::new(0),
+            answers: Arc::default(),
             sizes: OutputSizes::default(),
             state: Mutex::new(State::default()),
             transactions: AtomicUsize::new(0),
+            room_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -189,6 +219,23 @@ impl StartGate {
         InTransaction { gate: self.clone() }
     }
 
+    /// A clock for the provider calls of `ticket`'s record that counts the
+    /// answer bytes they read at the gate until the returned guard is
+    /// dropped, and makes a large answer wait for room
+    /// ([`StartGate::has_room`]).
+    pub fn record_clock(self: &Arc<Self>, ticket: &Ticket) -> (Arc<RecordClock>, CountedAnswers) {
+        let room = Arc::new(RoomAtGate {
+            gate: self.clone(),
+            seq: ticket.seq,
+        });
+        let clock = RecordClock::metered(self.answers.clone(), room);
+        let counted = CountedAnswers {
+            clock: clock.clone(),
+            gate: self.clone(),
+        };
+        (clock, counted)
+    }
+
     /// Bytes of outputs held for a transaction now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
@@ -206,6 +253,7 @@ impl StartGate {
     /// Wakes the first ticket in line, if it waits: what changed may let
     /// it pass.
     fn wake_first(&self) {
+        self.room_changed.notify_waiters();
         let waker = {
             let st = self.lock();
             st.waiting
@@ -218,6 +266,36 @@ impl StartGate {
         }
     }
 
+    /// Whether record `seq` may read an answer of `bytes` (counted among
+    /// the answers already): yes when the answer is no large part of the
+    /// budget (under [`LARGE_SHARE`] of it), when the budget has room for
+    /// it beside what is held and running, when the record is the oldest
+    /// unfinished and no transaction is in flight (what younger records
+    /// hold waits for it), or when the record has ended (a call of a cut
+    /// record, parked, reads on uncounted).
+    fn has_room(&self, seq: u64, bytes: u64) -> bool {
+        if !self.is_large(bytes) {
+            return true;
+        }
+        let budget = self.budget as f64;
+        let st = self.lock();
+        if !st.unfinished.contains(&seq) {
+            return true;
+        }
+        if st.unfinished.first() == Some(&seq) && self.transactions.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let one = self.sizes.gate_mean() * RUNNING_COST;
+        let running = (st.started as f64 * one).max(self.answers.get() as f64 * ANSWER_COST);
+        self.held() as f64 + running <= budget
+    }
+
+    /// Whether answers of `bytes` are a large part of the budget
+    /// ([`LARGE_SHARE`]).
+    fn is_large(&self, bytes: u64) -> bool {
+        bytes as f64 * ANSWER_COST > self.budget as f64 * LARGE_SHARE
+    }
+
     fn try_start(&self, st: &mut State, seq: u64) -> bool {
         if st.waiting.first() != Some(&seq) {
             // Records start in read order: one started ahead of an older
@@ -228,7 +306,12 @@ impl StartGate {
         }
         let oldest =
             st.unfinished.first() == Some(&seq) && self.transactions.load(Ordering::Relaxed) == 0;
-        let expected = (st.started + 1) as f64 * self.sizes.gate_mean() * RUNNING_COST;
+        // The records running hold what records hold on average, or more
+        // when the answers they have read say so; the one starting, the
+        // average.
+        let one = self.sizes.gate_mean() * RUNNING_COST;
+        let running = (st.started as f64 * one).max(self.answers.get() as f64 * ANSWER_COST);
+        let expected = running + one;
         if oldest || self.held() as f64 + expected <= self.budget as f64 {
             st.started += 1;
             st.waiting.remove(&seq);
@@ -282,6 +365,54 @@ impl Drop for Ticket {
             if self.started {
                 st.started -= 1;
             }
+        }
+        self.gate.wake_first();
+    }
+}
+
+/// Where a record's large answer waits for room (see
+/// [`StartGate::has_room`]).
+#[derive(Debug)]
+struct RoomAtGate {
+    gate: Arc<StartGate>,
+    seq: u64,
+}
+
+impl AnswerRoom for RoomAtGate {
+    fn wait(&self, bytes: u64) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                let changed = self.gate.room_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.gate.has_room(self.seq, bytes) {
+                    if self.gate.is_large(bytes) {
+                        // Freed pages of the records before it go back
+                        // first, not on top of it.
+                        crate::memory::return_freed();
+                    }
+                    return;
+                }
+                changed.await;
+            }
+        })
+    }
+}
+
+/// A record's answer bytes, counted at the gate while this lives.
+#[derive(Debug)]
+pub struct CountedAnswers {
+    clock: Arc<RecordClock>,
+    gate: Arc<StartGate>,
+}
+
+impl Drop for CountedAnswers {
+    fn drop(&mut self) {
+        let bytes = self.clock.let_go_of_answers();
+        if self.gate.is_large(bytes) {
+            // The record's answers and their entries are freed now: their
+            // pages go back at once rather than lie freed beside the next.
+            crate::memory::return_freed();
         }
         self.gate.wake_first();
     }
@@ -429,5 +560,105 @@ mod tests {
             .await
             .expect("with no transaction in flight the oldest starts over the budget")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_answer_stops_starts_as_it_arrives_until_its_record_lets_go() {
+        let gate = gate_of_1000_byte_outputs(9100);
+        let mut first = gate.ticket();
+        first.pass().await;
+        let (clock, counted) = gate.record_clock(&first);
+        // 3,000 expected for the first, 3,000 for a second: it would fit.
+        // But the first's answer is arriving, 10,000 bytes so far.
+        clock.answer_arrived(10_000);
+        let mut second = gate.ticket();
+        assert!(
+            still_waits(&mut second).await,
+            "started while a large answer was arriving"
+        );
+        let waiting = passing(second);
+        // The record ends and lets go of its answer (its outputs, if any,
+        // are counted as held from then on).
+        drop(counted);
+        let mut second = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("started once the large answer was let go of")
+            .unwrap();
+        // Bytes read afterwards by a call still going count no more.
+        clock.answer_arrived(50_000);
+        assert_eq!(gate.answers.get(), 0);
+        second.pass().await;
+        drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_answer_waits_for_room_or_until_its_record_is_the_oldest() {
+        // 64 KiB: an answer waits when twice its length is over 16 KiB.
+        let gate = gate_of_1000_byte_outputs(64 << 10);
+        let mut older = gate.ticket();
+        older.pass().await;
+        let mut large = gate.ticket();
+        large.pass().await;
+        let (clock, _counted) = gate.record_clock(&large);
+        // Small answers never wait.
+        tokio::time::timeout(
+            Duration::from_millis(1),
+            clock.make_room(8 << 10, Duration::from_secs(60)),
+        )
+        .await
+        .expect("a small answer waited");
+        // 40 KiB announced, with 50 KiB of outputs held: over the budget.
+        let held = gate.hold(25 << 10);
+        let mut reading = Box::pin(clock.make_room(40 << 10, Duration::from_secs(60)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut reading)
+                .await
+                .is_err(),
+            "read a large answer over the budget"
+        );
+        // Meanwhile no other record starts.
+        let mut younger = gate.ticket();
+        assert!(
+            still_waits(&mut younger).await,
+            "started beside a large answer waiting"
+        );
+        // The older record ends: the large one is the oldest, and reads.
+        drop(older);
+        tokio::time::timeout(Duration::from_secs(1), &mut reading)
+            .await
+            .expect("the oldest record read its large answer");
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_answer_reads_once_the_budget_has_room() {
+        let gate = gate_of_1000_byte_outputs(64 << 10);
+        let mut older = gate.ticket();
+        older.pass().await;
+        let mut large = gate.ticket();
+        large.pass().await;
+        let (clock, _counted) = gate.record_clock(&large);
+        let held = gate.hold(25 << 10);
+        let mut reading = Box::pin(clock.make_room(20 << 10, Duration::from_secs(60)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut reading)
+                .await
+                .is_err()
+        );
+        // The held outputs' transaction ends: 40 KiB for the answer and
+        // 3,000 for the older record fit 64 KiB.
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(1), &mut reading)
+            .await
+            .expect("read once the budget had room");
+        // And it waits no longer than its cap, whatever the budget.
+        let _held = gate.hold(1 << 20);
+        tokio::time::timeout(
+            Duration::from_secs(11),
+            clock.make_room(30 << 10, Duration::from_secs(10)),
+        )
+        .await
+        .expect("waited beyond its cap");
+        drop(older);
     }
 }

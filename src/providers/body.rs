@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_ENCODING};
+use hyper::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH};
 use tokio::time::Instant;
 
 /// When a body is cut.
@@ -52,8 +52,18 @@ pub(crate) async fn read(
     headers: &HeaderMap,
     mut body: Incoming,
     limits: BodyLimits,
+    mut counted: impl FnMut(usize),
 ) -> Result<Bytes, BodyError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // Where the body gathers: a body that comes in one frame is kept as
+    // that frame, without a copy; a longer one is copied frame by frame
+    // into one buffer sized from its Content-Length, so a 30 MB answer is
+    // held once while it arrives, not as its frames and then their copy.
+    let announced = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(|len| len.min(limits.max_bytes));
+    let mut body_so_far = Gathered::Empty;
     let mut total = 0usize;
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
@@ -76,7 +86,8 @@ pub(crate) async fn read(
             }
             window_bytes += data.len() as u64;
             if !data.is_empty() {
-                chunks.push(data);
+                counted(data.len());
+                body_so_far.push(data, announced.unwrap_or(0));
             }
         }
         let spent = window_start.elapsed();
@@ -92,22 +103,47 @@ pub(crate) async fn read(
             window_bytes = 0;
         }
     }
-    let raw = match chunks.len() {
-        0 => Bytes::new(),
-        // A body that came in one piece is handed back without a copy.
-        1 => chunks.swap_remove(0),
-        _ => {
-            let mut whole = Vec::with_capacity(total);
-            for c in &chunks {
-                whole.extend_from_slice(c);
-            }
-            Bytes::from(whole)
-        }
-    };
+    let raw = body_so_far.into_bytes();
     if is_gzip(headers, &raw) {
-        gunzip(&raw, limits.max_bytes)
+        let decoded = gunzip(&raw, limits.max_bytes)?;
+        counted(decoded.len().saturating_sub(raw.len()));
+        Ok(decoded)
     } else {
         Ok(raw)
+    }
+}
+
+/// A body's bytes as they arrive.
+enum Gathered {
+    Empty,
+    /// The first frame, uncopied.
+    One(Bytes),
+    /// Two frames or more, copied into one buffer.
+    Many(Vec<u8>),
+}
+
+impl Gathered {
+    /// Adds a frame; `announced` is the Content-Length (0: none), the
+    /// buffer's size when a second frame comes.
+    fn push(&mut self, data: Bytes, announced: usize) {
+        match self {
+            Gathered::Empty => *self = Gathered::One(data),
+            Gathered::One(first) => {
+                let mut whole = Vec::with_capacity(announced.max(first.len() + data.len()));
+                whole.extend_from_slice(first);
+                whole.extend_from_slice(&data);
+                *self = Gathered::Many(whole);
+            }
+            Gathered::Many(whole) => whole.extend_from_slice(&data),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Gathered::Empty => Bytes::new(),
+            Gathered::One(b) => b,
+            Gathered::Many(v) => Bytes::from(v),
+        }
     }
 }
 
@@ -157,6 +193,25 @@ mod tests {
         assert!(is_gzip(&h, &gzip(b"{}")));
         h.insert(CONTENT_ENCODING, "identity, GZIP".parse().unwrap());
         assert!(is_gzip(&h, b"whatever"));
+    }
+
+    #[test]
+    fn one_frame_is_kept_uncopied_and_more_are_gathered_into_one_buffer() {
+        let frame = Bytes::from_static(b"{\"a\":1}");
+        let mut one = Gathered::Empty;
+        one.push(frame.clone(), 0);
+        let kept = one.into_bytes();
+        assert_eq!(kept.as_ptr(), frame.as_ptr(), "the single frame was copied");
+
+        let mut many = Gathered::Empty;
+        for part in [&b"{\"a\""[..], b":", b"1}"] {
+            many.push(Bytes::copy_from_slice(part), 100);
+        }
+        match &many {
+            Gathered::Many(v) => assert!(v.capacity() >= 100, "{}", v.capacity()),
+            _ => panic!("three frames not gathered into one buffer"),
+        }
+        assert_eq!(&many.into_bytes()[..], b"{\"a\":1}");
     }
 
     #[test]

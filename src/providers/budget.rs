@@ -35,7 +35,32 @@ pub struct RecordClock {
     /// Answer bodies being read now: a record receiving one is not a
     /// straggler.
     bodies: AtomicU32,
+    /// The bytes of this record's answer bodies read so far, counted in
+    /// `meter` too until the record lets them go (`u64::MAX`: let go).
+    answer_bytes: AtomicU64,
+    meter: Option<Arc<AnswerBytes>>,
+    room: Option<Arc<dyn AnswerRoom>>,
     cut: CancellationToken,
+}
+
+/// Where a record whose answer has announced a large size waits, before
+/// reading it, until the pipeline's byte budget has room for it (the
+/// pipeline's gate decides).
+pub trait AnswerRoom: Send + Sync + std::fmt::Debug {
+    /// Resolves once the record may read an answer of `bytes` (already
+    /// counted among its answer bytes).
+    fn wait(&self, bytes: u64) -> futures::future::BoxFuture<'_, ()>;
+}
+
+/// The bytes of answer bodies that the running records have read, for the
+/// pipeline's byte budget: an answer's size is known only as it arrives.
+#[derive(Debug, Default)]
+pub struct AnswerBytes(AtomicU64);
+
+impl AnswerBytes {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for RecordClock {
@@ -48,6 +73,9 @@ impl Default for RecordClock {
             awaiting: Stretch::default(),
             longest_await_ms: AtomicU64::new(0),
             bodies: AtomicU32::new(0),
+            answer_bytes: AtomicU64::new(0),
+            meter: None,
+            room: None,
             cut: CancellationToken::new(),
         }
     }
@@ -56,6 +84,56 @@ impl Default for RecordClock {
 impl RecordClock {
     pub fn new() -> Arc<RecordClock> {
         Arc::new(RecordClock::default())
+    }
+
+    /// A clock that counts the record's answer bytes in `meter` too, until
+    /// [`RecordClock::let_go_of_answers`], and makes a large answer wait in
+    /// `room` before it is read.
+    pub fn metered(meter: Arc<AnswerBytes>, room: Arc<dyn AnswerRoom>) -> Arc<RecordClock> {
+        Arc::new(RecordClock {
+            meter: Some(meter),
+            room: Some(room),
+            ..RecordClock::default()
+        })
+    }
+
+    /// Counts an answer that has announced `len` bytes, then waits, at
+    /// most `cap`, until the byte budget has room for it. Meanwhile the
+    /// answer waits in the connection, unread (the provider's sending
+    /// blocks), so it holds no memory of ours.
+    pub(crate) async fn make_room(&self, len: usize, cap: Duration) {
+        self.answer_arrived(len);
+        if let Some(room) = &self.room {
+            let _ = tokio::time::timeout(cap, room.wait(len as u64)).await;
+        }
+    }
+
+    /// Counts `n` more bytes of an answer's body of this record (nothing
+    /// once the record has let go of its answers: a call parked by a cut
+    /// may still be reading one).
+    pub(crate) fn answer_arrived(&self, n: usize) {
+        let n = n as u64;
+        let counted = self
+            .answer_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b != u64::MAX).then(|| b.saturating_add(n).min(u64::MAX - 1))
+            });
+        if let (Ok(_), Some(meter)) = (counted, &self.meter) {
+            meter.0.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The record's work is over: its answer bytes no longer count.
+    /// Returns how many there were (0 the second time).
+    pub fn let_go_of_answers(&self) -> u64 {
+        let counted = self.answer_bytes.swap(u64::MAX, Ordering::AcqRel);
+        if counted == u64::MAX {
+            return 0;
+        }
+        if let Some(meter) = &self.meter {
+            meter.0.fetch_sub(counted, Ordering::Relaxed);
+        }
+        counted
     }
 
     fn now_ms(&self) -> u64 {

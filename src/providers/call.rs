@@ -96,6 +96,24 @@ pub struct BodyGuard {
     clock: Option<Arc<RecordClock>>,
 }
 
+impl BodyGuard {
+    /// Counts an answer announced `len` bytes long against the record's
+    /// answers, and waits (at most `cap`) until the budget has room for it
+    /// ([`RecordClock::make_room`]).
+    pub(crate) async fn make_room(&self, len: usize, cap: std::time::Duration) {
+        if let Some(clock) = &self.clock {
+            clock.make_room(len, cap).await;
+        }
+    }
+
+    /// Counts `n` more bytes of the body against the record's answers.
+    pub(crate) fn arrived(&self, n: usize) {
+        if let Some(clock) = &self.clock {
+            clock.answer_arrived(n);
+        }
+    }
+}
+
 impl Drop for BodyGuard {
     fn drop(&mut self) {
         if let Some(clock) = &self.clock {

@@ -384,13 +384,34 @@ pub(crate) async fn read_capped(
     }
     // The answer has begun: the loop's cut and the record budget let it
     // finish; only a stall cuts it.
-    let _arriving = call::body_arriving();
+    // Its bytes count against the record's answers: the announced length
+    // before a byte is read (a large answer waits for the byte budget to
+    // have room for it), then what arrives beyond it.
+    let arriving = call::body_arriving();
+    let prepaid = match (announced, &arriving) {
+        (Some(len), Some(guard)) => {
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            guard.make_room(len, answer.body_stall_timeout).await;
+            len
+        }
+        _ => 0,
+    };
+    let mut seen = 0usize;
+    let counted = |n: usize| {
+        let before = seen;
+        let after = before.saturating_add(n);
+        seen = after;
+        let beyond = after.saturating_sub(prepaid) - before.saturating_sub(prepaid);
+        if let (true, Some(guard)) = (beyond > 0, &arriving) {
+            guard.arrived(beyond);
+        }
+    };
     let limits = BodyLimits {
         max_bytes,
         stall_timeout: answer.body_stall_timeout,
         min_bytes_per_second: answer.min_body_bytes_per_second,
     };
-    match body::read(&answer.head.headers, answer.body, limits).await {
+    match body::read(&answer.head.headers, answer.body, limits, counted).await {
         Ok(bytes) => Ok(bytes),
         Err(BodyError::TooLarge { decoded }) => Err(too_large(decoded)),
         Err(BodyError::Stalled(why)) => {
