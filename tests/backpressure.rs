@@ -124,6 +124,81 @@ async fn a_backlog_beyond_the_credeau_limit_is_worked_off_once_without_a_missed_
     let _ = sim.shutdown().await;
 }
 
+/// A budget of 4 MiB with answers of 2,000 SMS (about 1.8 MB) every tenth
+/// user: each such answer is over a quarter of the budget, so it waits
+/// unread until the budget has room or its record is the oldest
+/// unfinished. None may be lost, held for good or published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_large_against_the_byte_budget_wait_their_turn_and_every_user_is_published_once() {
+    let sim = simulator_with(json!({
+        "default": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2}},
+        "prefixes": {"big-": {"finbox": {"predictors": 3}, "credeau": {"sms_count": 2000}}}
+    }))
+    .await;
+    let topics = Topics::new("large");
+    create_topic(&topics.input, 3).await;
+    let users: Vec<String> = (0..200)
+        .map(|i| {
+            let kind = if i % 10 == 3 { "big" } else { "small" };
+            format!("{kind}-{i}-{}", unique("u"))
+        })
+        .collect();
+    produce_users(&topics.input, &users).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("service.log");
+    let mut env = service_env(&topics, &unique("g"), &sim.base_url());
+    env.extend(
+        [
+            ("INSIGHTS__SCHEDULE__MAX_IN_FLIGHT_BYTES", "4194304"),
+            ("INSIGHTS__CREDEAU__CNT_SMS_THRESHOLD", "2000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let service = Service::start(&env, &log);
+    let by_user = combined_by_user(&topics, users.len(), Duration::from_secs(60));
+    let sms = read_topic(&topics.sms, None, Duration::from_secs(3));
+    let text = service.log_text();
+    let port = metrics_port(&text).expect("metrics port");
+    let page = try_metrics_page(port).await.expect("/metrics");
+    drop(service);
+    assert_each_once(&by_user, &users, &text);
+    // Every big answer went through the wait for room, and no other did.
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text");
+    let large: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "insights_large_answers_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    let big = users.iter().filter(|u| u.starts_with("big-")).count();
+    assert_eq!(large, big as f64, "large answers counted:\n{page}");
+    let mut entries: HashMap<String, (usize, Vec<i64>)> = HashMap::new();
+    for r in &sms {
+        let user = r.value["user_id"].as_str().unwrap_or("?").to_string();
+        assert_eq!(
+            r.value["total_sms"],
+            if user.starts_with("big-") { 2000 } else { 2 }
+        );
+        let e = entries.entry(user).or_default();
+        e.0 += r.value["entries"].as_array().map_or(0, Vec::len);
+        e.1.push(r.value["part"].as_i64().unwrap_or(0));
+    }
+    for u in &users {
+        let (n, mut parts) = entries.get(u).cloned().unwrap_or_default();
+        let want = if u.starts_with("big-") { 2000 } else { 2 };
+        assert_eq!(n, want, "{u}: SMS entries published across its parts");
+        parts.sort_unstable();
+        let expected: Vec<i64> = (1..=parts.len() as i64).collect();
+        assert_eq!(parts, expected, "{u}: each part once");
+    }
+    let _ = sim.shutdown().await;
+}
+
 /// Which users misbehave in a brown-out run.
 #[derive(Clone, Copy)]
 enum Brownout {

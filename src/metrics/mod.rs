@@ -183,6 +183,9 @@ metrics! {
     onboarding_to_combined: Histogram = ("onboarding_to_combined_seconds",
         "Time from the onboarding timestamp to the combined insights event.",
         [], &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0, 86400.0]);
+    large_answers: IntCounterVec = ("large_answers_total",
+        "Provider answers that announced over a quarter of schedule.max_in_flight_bytes (at twice their size), by whether they waited unread for the budget to have room (true) or had it at once (false).",
+        ["waited"]);
     assigned_partitions: IntGauge = ("assigned_partitions",
         "Partitions of the input topic assigned to this process.",
         []);

@@ -208,6 +208,7 @@ impl ConsumeLoop {
     pub fn new(parts: LoopParts) -> ConsumeLoop {
         let in_flight = Arc::new(Semaphore::new(parts.settings.max_in_flight.max(1)));
         let gate = StartGate::new(parts.settings.max_in_flight_bytes);
+        gate.count_large_answers(parts.metrics.large_answers.clone());
         ConsumeLoop {
             parts,
             assigned: HashMap::new(),

@@ -167,6 +167,8 @@ pub struct StartGate {
     transactions: AtomicUsize,
     /// Told of every change that may make room for a large answer.
     room_changed: tokio::sync::Notify,
+    /// Large answers, by whether they waited (`StartGate::count_large_answers`).
+    large_answers: std::sync::OnceLock<prometheus::IntCounterVec>,
 }
 
 impl StartGate {
@@ -179,6 +181,7 @@ impl StartGate {
             state: Mutex::new(State::default()),
             transactions: AtomicUsize::new(0),
             room_changed: tokio::sync::Notify::new(),
+            large_answers: std::sync::OnceLock::new(),
         })
     }
 
@@ -290,6 +293,13 @@ impl StartGate {
         self.held() as f64 + running <= budget
     }
 
+    /// Counts large answers in `counter`, by a `waited` label: `false`
+    /// (room at once), `true` (waited for it), `capped` (read after
+    /// waiting as long as the provider's `body_stall_timeout`).
+    pub fn count_large_answers(&self, counter: prometheus::IntCounterVec) {
+        let _ = self.large_answers.set(counter);
+    }
+
     /// Whether answers of `bytes` are a large part of the budget
     /// ([`LARGE_SHARE`]).
     fn is_large(&self, bytes: u64) -> bool {
@@ -379,21 +389,30 @@ struct RoomAtGate {
 }
 
 impl AnswerRoom for RoomAtGate {
-    fn wait(&self, bytes: u64) -> futures::future::BoxFuture<'_, ()> {
+    fn wait(&self, bytes: u64, cap: std::time::Duration) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
+            let until = tokio::time::Instant::now() + cap;
+            let mut waited = "false";
             loop {
                 let changed = self.gate.room_changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
                 if self.gate.has_room(self.seq, bytes) {
-                    if self.gate.is_large(bytes) {
-                        // Freed pages of the records before it go back
-                        // first, not on top of it.
-                        crate::memory::return_freed();
-                    }
-                    return;
+                    break;
                 }
-                changed.await;
+                waited = "true";
+                if tokio::time::timeout_at(until, changed).await.is_err() {
+                    waited = "capped";
+                    break;
+                }
+            }
+            if self.gate.is_large(bytes) {
+                if let Some(c) = self.gate.large_answers.get() {
+                    c.with_label_values(&[waited]).inc();
+                }
+                // Freed pages of the records before it go back first, not
+                // on top of it.
+                crate::memory::return_freed();
             }
         })
     }

@@ -48,8 +48,8 @@ pub struct RecordClock {
 /// pipeline's gate decides).
 pub trait AnswerRoom: Send + Sync + std::fmt::Debug {
     /// Resolves once the record may read an answer of `bytes` (already
-    /// counted among its answer bytes).
-    fn wait(&self, bytes: u64) -> futures::future::BoxFuture<'_, ()>;
+    /// counted among its answer bytes), or after `cap` at most.
+    fn wait(&self, bytes: u64, cap: Duration) -> futures::future::BoxFuture<'_, ()>;
 }
 
 /// The bytes of answer bodies that the running records have read, for the
@@ -104,7 +104,7 @@ impl RecordClock {
     pub(crate) async fn make_room(&self, len: usize, cap: Duration) {
         self.answer_arrived(len);
         if let Some(room) = &self.room {
-            let _ = tokio::time::timeout(cap, room.wait(len as u64)).await;
+            room.wait(len as u64, cap).await;
         }
     }
 
