@@ -610,15 +610,28 @@ mod tests {
         drop(first);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_large_answer_waits_for_room_or_until_its_record_is_the_oldest() {
-        // 64 KiB: an answer waits when twice its length is over 16 KiB.
+    /// A 64 KiB budget (an answer waits when twice its length is over
+    /// 16 KiB) with two records running: an older one, and one whose clock
+    /// reads a large answer.
+    async fn older_and_large() -> (
+        Arc<StartGate>,
+        Ticket,
+        Ticket,
+        Arc<RecordClock>,
+        CountedAnswers,
+    ) {
         let gate = gate_of_1000_byte_outputs(64 << 10);
         let mut older = gate.ticket();
         older.pass().await;
         let mut large = gate.ticket();
         large.pass().await;
-        let (clock, _counted) = gate.record_clock(&large);
+        let (clock, counted) = gate.record_clock(&large);
+        (gate, older, large, clock, counted)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_answer_waits_for_room_or_until_its_record_is_the_oldest() {
+        let (gate, older, _large, clock, _counted) = older_and_large().await;
         // Small answers never wait.
         tokio::time::timeout(
             Duration::from_millis(1),
@@ -651,12 +664,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_large_answer_reads_once_the_budget_has_room() {
-        let gate = gate_of_1000_byte_outputs(64 << 10);
-        let mut older = gate.ticket();
-        older.pass().await;
-        let mut large = gate.ticket();
-        large.pass().await;
-        let (clock, _counted) = gate.record_clock(&large);
+        let (gate, older, _large, clock, _counted) = older_and_large().await;
         let held = gate.hold(25 << 10);
         let mut reading = Box::pin(clock.make_room(20 << 10, Duration::from_secs(60)));
         assert!(
