@@ -279,7 +279,8 @@ pub fn entry_user_id(text: &str) -> Option<std::borrow::Cow<'_, str>> {
         i = skip_ws(b, i + 1);
         let value_end = value_end(b, i)?;
         let is_user_id = key == "\"user_id\""
-            || (key.contains('\\') && serde_json::from_str::<String>(key).is_ok_and(|k| k == "user_id"));
+            || (key.contains('\\')
+                && serde_json::from_str::<String>(key).is_ok_and(|k| k == "user_id"));
         if is_user_id {
             return serde_json::from_str::<std::borrow::Cow<'_, str>>(&text[i..value_end]).ok();
         }
@@ -292,7 +293,10 @@ pub fn entry_user_id(text: &str) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while b.get(i).is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r')) {
+    while b
+        .get(i)
+        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+    {
         i += 1;
     }
     i
