@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
-use crate::providers::budget::{AnswerBytes, AnswerRoom, RecordClock};
+use crate::providers::budget::{AnswerLedger, RecordClock};
 
 /// What a record is assumed to output at the gate before any record has
 /// finished: a backlog of large answers must not all start at once, and
@@ -160,7 +160,7 @@ pub struct StartGate {
     budget: usize,
     held: AtomicUsize,
     /// The answer bytes the running records have read.
-    answers: Arc<AnswerBytes>,
+    answers: AtomicU64,
     sizes: OutputSizes,
     state: Mutex<State>,
     /// Transactions in flight (0 or 1).
@@ -176,7 +176,7 @@ impl StartGate {
         Arc::new(StartGate {
             budget: budget.max(1),
             held: AtomicUsize::new(0),
-            answers: Arc::default(),
+            answers: AtomicU64::new(0),
             sizes: OutputSizes::default(),
             state: Mutex::new(State::default()),
             transactions: AtomicUsize::new(0),
@@ -227,11 +227,10 @@ impl StartGate {
     /// dropped, and makes a large answer wait for room
     /// ([`StartGate::has_room`]).
     pub fn record_clock(self: &Arc<Self>, ticket: &Ticket) -> (Arc<RecordClock>, CountedAnswers) {
-        let room = Arc::new(RoomAtGate {
+        let clock = RecordClock::metered(Arc::new(RecordLedger {
             gate: self.clone(),
             seq: ticket.seq,
-        });
-        let clock = RecordClock::metered(self.answers.clone(), room);
+        }));
         let counted = CountedAnswers {
             clock: clock.clone(),
             gate: self.clone(),
@@ -269,18 +268,13 @@ impl StartGate {
         }
     }
 
-    /// Whether record `seq` may read an answer of `bytes` (counted among
-    /// the answers already): yes when the answer is no large part of the
-    /// budget (under [`LARGE_SHARE`] of it), when the budget has room for
-    /// it beside what is held and running, when the record is the oldest
-    /// unfinished and no transaction is in flight (what younger records
-    /// hold waits for it), or when the record has ended (a call of a cut
-    /// record, parked, reads on uncounted).
-    fn has_room(&self, seq: u64, bytes: u64) -> bool {
-        if !self.is_large(bytes) {
-            return true;
-        }
-        let budget = self.budget as f64;
+    /// Whether record `seq` may read a large answer ([`LARGE_SHARE`];
+    /// counted among the answers already): yes when the budget has room
+    /// for it beside what is held and running, when the record is the
+    /// oldest unfinished and no transaction is in flight (what younger
+    /// records hold waits for it), or when the record has ended (a call of
+    /// a cut record, parked, reads on uncounted).
+    fn has_room(&self, seq: u64) -> bool {
         let st = self.lock();
         if !st.unfinished.contains(&seq) {
             return true;
@@ -288,9 +282,19 @@ impl StartGate {
         if st.unfinished.first() == Some(&seq) && self.transactions.load(Ordering::Relaxed) == 0 {
             return true;
         }
-        let one = self.sizes.gate_mean() * RUNNING_COST;
-        let running = (st.started as f64 * one).max(self.answers.get() as f64 * ANSWER_COST);
-        self.held() as f64 + running <= budget
+        self.held() as f64 + self.running_cost(&st) <= self.budget as f64
+    }
+
+    /// What a record is expected to hold while it runs.
+    fn one_running(&self) -> f64 {
+        self.sizes.gate_mean() * RUNNING_COST
+    }
+
+    /// What the records running are expected to hold: what records hold on
+    /// average, or more when the answers they have read say so.
+    fn running_cost(&self, st: &State) -> f64 {
+        let answers = self.answers.load(Ordering::Relaxed) as f64;
+        (st.started as f64 * self.one_running()).max(answers * ANSWER_COST)
     }
 
     /// Counts large answers in `counter`, by a `waited` label: `false`
@@ -316,12 +320,9 @@ impl StartGate {
         }
         let oldest =
             st.unfinished.first() == Some(&seq) && self.transactions.load(Ordering::Relaxed) == 0;
-        // The records running hold what records hold on average, or more
-        // when the answers they have read say so; the one starting, the
+        // The one starting is expected to hold what records hold on
         // average.
-        let one = self.sizes.gate_mean() * RUNNING_COST;
-        let running = (st.started as f64 * one).max(self.answers.get() as f64 * ANSWER_COST);
-        let expected = running + one;
+        let expected = self.running_cost(st) + self.one_running();
         if oldest || self.held() as f64 + expected <= self.budget as f64 {
             st.started += 1;
             st.waiting.remove(&seq);
@@ -380,24 +381,39 @@ impl Drop for Ticket {
     }
 }
 
-/// Where a record's large answer waits for room (see
-/// [`StartGate::has_room`]).
+/// One record's answer bytes at the gate, and where its large answers wait
+/// for room (see [`StartGate::has_room`]).
 #[derive(Debug)]
-struct RoomAtGate {
+struct RecordLedger {
     gate: Arc<StartGate>,
     seq: u64,
 }
 
-impl AnswerRoom for RoomAtGate {
-    fn wait(&self, bytes: u64, cap: std::time::Duration) -> futures::future::BoxFuture<'_, ()> {
-        Box::pin(async move {
+impl AnswerLedger for RecordLedger {
+    fn add(&self, n: u64) {
+        self.gate.answers.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn remove(&self, n: u64) {
+        self.gate.answers.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn room_for(
+        &self,
+        bytes: u64,
+        cap: std::time::Duration,
+    ) -> Option<futures::future::BoxFuture<'_, ()>> {
+        if !self.gate.is_large(bytes) {
+            return None;
+        }
+        Some(Box::pin(async move {
             let until = tokio::time::Instant::now() + cap;
             let mut waited = "false";
             loop {
                 let changed = self.gate.room_changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
-                if self.gate.has_room(self.seq, bytes) {
+                if self.gate.has_room(self.seq) {
                     break;
                 }
                 waited = "true";
@@ -406,15 +422,13 @@ impl AnswerRoom for RoomAtGate {
                     break;
                 }
             }
-            if self.gate.is_large(bytes) {
-                if let Some(c) = self.gate.large_answers.get() {
-                    c.with_label_values(&[waited]).inc();
-                }
-                // Freed pages of the records before it go back first, not
-                // on top of it.
-                crate::memory::return_freed();
+            if let Some(c) = self.gate.large_answers.get() {
+                c.with_label_values(&[waited]).inc();
             }
-        })
+            // Freed pages of the records before it go back first, not on
+            // top of it.
+            crate::memory::return_freed();
+        }))
     }
 }
 
@@ -605,7 +619,7 @@ mod tests {
             .unwrap();
         // Bytes read afterwards by a call still going count no more.
         clock.answer_arrived(50_000);
-        assert_eq!(gate.answers.get(), 0);
+        assert_eq!(gate.answers.load(Ordering::Relaxed), 0);
         second.pass().await;
         drop(first);
     }

@@ -36,31 +36,25 @@ pub struct RecordClock {
     /// straggler.
     bodies: AtomicU32,
     /// The bytes of this record's answer bodies read so far, counted in
-    /// `meter` too until the record lets them go (`u64::MAX`: let go).
+    /// `ledger` too until the record lets them go (`u64::MAX`: let go).
     answer_bytes: AtomicU64,
-    meter: Option<Arc<AnswerBytes>>,
-    room: Option<Arc<dyn AnswerRoom>>,
+    ledger: Option<Arc<dyn AnswerLedger>>,
     cut: CancellationToken,
 }
 
-/// Where a record whose answer has announced a large size waits, before
-/// reading it, until the pipeline's byte budget has room for it (the
-/// pipeline's gate decides).
-pub trait AnswerRoom: Send + Sync + std::fmt::Debug {
-    /// Resolves once the record may read an answer of `bytes` (already
-    /// counted among its answer bytes), or after `cap` at most.
-    fn wait(&self, bytes: u64, cap: Duration) -> futures::future::BoxFuture<'_, ()>;
-}
-
-/// The bytes of answer bodies that the running records have read, for the
-/// pipeline's byte budget: an answer's size is known only as it arrives.
-#[derive(Debug, Default)]
-pub struct AnswerBytes(AtomicU64);
-
-impl AnswerBytes {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+/// Where a record's answer bytes count for the pipeline's byte budget
+/// (the pipeline's gate keeps it): an answer's size is known only as it
+/// arrives, and one that announces a large size waits there, unread,
+/// until the budget has room for it.
+pub trait AnswerLedger: Send + Sync + std::fmt::Debug {
+    /// Counts `n` more bytes read.
+    fn add(&self, n: u64);
+    /// Lets go of `n` bytes counted.
+    fn remove(&self, n: u64);
+    /// For an answer of `bytes` (already counted) that must wait for room,
+    /// the wait: it resolves once the record may read it, or after `cap`
+    /// at most. `None`: the answer is read at once.
+    fn room_for(&self, bytes: u64, cap: Duration) -> Option<futures::future::BoxFuture<'_, ()>>;
 }
 
 impl Default for RecordClock {
@@ -74,8 +68,7 @@ impl Default for RecordClock {
             longest_await_ms: AtomicU64::new(0),
             bodies: AtomicU32::new(0),
             answer_bytes: AtomicU64::new(0),
-            meter: None,
-            room: None,
+            ledger: None,
             cut: CancellationToken::new(),
         }
     }
@@ -86,13 +79,12 @@ impl RecordClock {
         Arc::new(RecordClock::default())
     }
 
-    /// A clock that counts the record's answer bytes in `meter` too, until
-    /// [`RecordClock::let_go_of_answers`], and makes a large answer wait in
-    /// `room` before it is read.
-    pub fn metered(meter: Arc<AnswerBytes>, room: Arc<dyn AnswerRoom>) -> Arc<RecordClock> {
+    /// A clock that counts the record's answer bytes in `ledger` too,
+    /// until [`RecordClock::let_go_of_answers`], and makes a large answer
+    /// wait there before it is read.
+    pub fn metered(ledger: Arc<dyn AnswerLedger>) -> Arc<RecordClock> {
         Arc::new(RecordClock {
-            meter: Some(meter),
-            room: Some(room),
+            ledger: Some(ledger),
             ..RecordClock::default()
         })
     }
@@ -103,8 +95,12 @@ impl RecordClock {
     /// blocks), so it holds no memory of ours.
     pub(crate) async fn make_room(&self, len: usize, cap: Duration) {
         self.answer_arrived(len);
-        if let Some(room) = &self.room {
-            room.wait(len as u64, cap).await;
+        if let Some(wait) = self
+            .ledger
+            .as_ref()
+            .and_then(|l| l.room_for(len as u64, cap))
+        {
+            wait.await;
         }
     }
 
@@ -118,8 +114,8 @@ impl RecordClock {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 (b != u64::MAX).then(|| b.saturating_add(n).min(u64::MAX - 1))
             });
-        if let (Ok(_), Some(meter)) = (counted, &self.meter) {
-            meter.0.fetch_add(n, Ordering::Relaxed);
+        if let (Ok(_), Some(ledger)) = (counted, &self.ledger) {
+            ledger.add(n);
         }
     }
 
@@ -130,8 +126,8 @@ impl RecordClock {
         if counted == u64::MAX {
             return 0;
         }
-        if let Some(meter) = &self.meter {
-            meter.0.fetch_sub(counted, Ordering::Relaxed);
+        if let Some(ledger) = &self.ledger {
+            ledger.remove(counted);
         }
         counted
     }
