@@ -621,7 +621,7 @@ const ODD_ENTRY: &str = r#"{"_id": "odd-1", "user_id": "u-1", "sms_id": "77", "s
 #[tokio::test]
 async fn an_sms_entry_avro_cannot_hold_as_sent_keeps_its_text_in_extra_and_the_rest_typed() {
     let (_reg, client, enc) = avro_encoder().await;
-    let odd = serde_json::value::RawValue::from_string(ODD_ENTRY.to_string()).unwrap();
+    let odd = SmsEntry::from_json(ODD_ENTRY.to_string()).unwrap();
     let sms = SmsExtraction {
         entries: vec![as_entry(seed_entry(1)), odd],
         cnt_sms_threshold: Some(5000),
@@ -705,7 +705,7 @@ fn seed_entry(i: usize) -> Map<String, Value> {
 
 /// An entry as the Credeau client keeps it: the JSON text of the object.
 fn as_entry(m: Map<String, Value>) -> SmsEntry {
-    serde_json::value::to_raw_value(&m).unwrap()
+    SmsEntry::from_json(Value::Object(m).to_string()).unwrap()
 }
 
 #[tokio::test]

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::budget;
@@ -127,7 +129,7 @@ impl CredeauClient {
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
         let content_type = response.content_type();
         let result = match read_capped(PROVIDER, response, self.max_response_bytes).await {
-            Ok(bytes) => map_response(status, content_type.as_deref(), &bytes),
+            Ok(bytes) => map_answer(status, content_type.as_deref(), &bytes),
             Err(e) => Err(e),
         };
         let secrets = [self.auth_token_secret.expose()];
@@ -260,30 +262,50 @@ struct SuccessBody {
     rest: Map<String, Value>,
 }
 
-impl<'de> Deserialize<'de> for SuccessBody {
+/// A 2xx body as read from `body`: the entries are slices of it.
+struct Borrowed<'a> {
+    extracted_sms_data: Vec<&'a RawValue>,
+    rest: Map<String, Value>,
+}
+
+impl Borrowed<'_> {
+    /// Its entries as slices of `whole`, the bytes it was read from.
+    fn within(self, whole: &Bytes) -> SuccessBody {
+        SuccessBody {
+            extracted_sms_data: self
+                .extracted_sms_data
+                .into_iter()
+                .map(|e| SmsEntry::within(whole, e.get()))
+                .collect(),
+            rest: self.rest,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Borrowed<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit;
         impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = SuccessBody;
+            type Value = Borrowed<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object with extracted_sms_data")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<SuccessBody, A::Error> {
+            ) -> Result<Borrowed<'de>, A::Error> {
                 let mut entries = None;
                 let mut rest = Map::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if key == "extracted_sms_data" {
-                        entries = Some(map.next_value::<Vec<SmsEntry>>()?);
+                        entries = Some(map.next_value::<Vec<&'de RawValue>>()?);
                     } else {
                         rest.insert(key, map.next_value::<Value>()?);
                     }
                 }
                 let entries =
                     entries.ok_or_else(|| serde::de::Error::missing_field("extracted_sms_data"))?;
-                Ok(SuccessBody {
+                Ok(Borrowed {
                     extracted_sms_data: entries,
                     rest,
                 })
@@ -326,16 +348,21 @@ enum SuccessRead {
 /// The 2xx body, strictly or else leniently read (see [`lenient_json`]):
 /// Credeau answers the same way every time, so a repairable body is
 /// repaired, not retried.
-fn read_success(body: &[u8]) -> Result<(SuccessBody, Option<lenient_json::Repaired>), SuccessRead> {
-    let strict = match serde_json::from_slice::<SuccessBody>(body) {
-        Ok(parsed) => return Ok((parsed, None)),
+fn read_success(
+    body: &Bytes,
+) -> Result<(SuccessBody, Option<lenient_json::Repaired>), SuccessRead> {
+    let strict = match serde_json::from_slice::<Borrowed<'_>>(body) {
+        Ok(parsed) => return Ok((parsed.within(body), None)),
         Err(e) => e,
     };
     match lenient_json::repair(body) {
-        Ok(r) if !r.notes.is_empty() => match serde_json::from_str::<SuccessBody>(&r.text) {
-            Ok(parsed) => Ok((parsed, Some(r))),
-            Err(_) => Err(SuccessRead::Malformed(strict)),
-        },
+        Ok(mut r) if !r.notes.is_empty() => {
+            let text = Bytes::from(std::mem::take(&mut r.text));
+            match serde_json::from_slice::<Borrowed<'_>>(&text) {
+                Ok(parsed) => Ok((parsed.within(&text), Some(r))),
+                Err(_) => Err(SuccessRead::Malformed(strict)),
+            }
+        }
         Ok(_) => Err(SuccessRead::Malformed(strict)),
         Err(u) => Err(SuccessRead::Unreadable(u)),
     }
@@ -344,10 +371,23 @@ fn read_success(body: &[u8]) -> Result<(SuccessBody, Option<lenient_json::Repair
 /// Maps one Credeau response (status, content type, body) to an answer or
 /// an error, as the table in `providers.md` says. Pure, so every row is unit
 /// tested. Error text never quotes SMS data or echoed request input.
+///
+/// The answer's entries are copied out of `body` once, together; the client
+/// reads its bodies with [`map_answer`], whose entries are the body itself.
 pub fn map_response(
     status: u16,
     content_type: Option<&str>,
     body: &[u8],
+) -> Result<CredeauAnswer, ProviderError> {
+    map_answer(status, content_type, &Bytes::copy_from_slice(body))
+}
+
+/// [`map_response`] over a body the answer's entries slice (no copy): the
+/// body stays in memory while any entry does.
+pub fn map_answer(
+    status: u16,
+    content_type: Option<&str>,
+    body: &Bytes,
 ) -> Result<CredeauAnswer, ProviderError> {
     if (200..300).contains(&status) {
         let (parsed, repaired) = match read_success(body) {
@@ -495,6 +535,27 @@ mod tests {
             Some("application/json"),
             body.to_string().as_bytes(),
         )
+    }
+
+    #[test]
+    fn entries_are_slices_of_the_body_they_came_in() {
+        let body = Bytes::from_static(
+            br#"{"extracted_sms_data": [{"_id": "a", "user_id": "u"}, {"_id": "b"}], "total": 2}"#,
+        );
+        let Ok(CredeauAnswer::Data(sms)) = map_answer(200, Some("application/json"), &body) else {
+            panic!("a 200 with entries is data");
+        };
+        let within = body.as_ptr_range();
+        for e in &sms.entries {
+            assert!(within.contains(&e.get().as_ptr()), "an entry was copied");
+        }
+        assert_eq!(sms.entries[1].get(), r#"{"_id": "b"}"#);
+        // A body read leniently: the entries are slices of the repaired text.
+        let odd = br#"{"extracted_sms_data": [{"_id": "c", "transaction": NaN}]}"#;
+        let Ok(CredeauAnswer::Data(sms)) = map_response(200, None, odd) else {
+            panic!("a repairable body is data");
+        };
+        assert_eq!(sms.entries[0].get(), r#"{"_id": "c", "transaction": null}"#);
     }
 
     #[test]

@@ -158,7 +158,49 @@ impl FinboxAnswer {
 /// One extracted SMS: a JSON object, kept as the text Credeau sent (unknown
 /// fields too). JSON events carry it over byte for byte, so it is neither
 /// parsed into a map nor encoded again; the Avro encoder reads its fields.
-pub type SmsEntry = Box<serde_json::value::RawValue>;
+///
+/// The text is a slice of the answer's body, not a copy: a 30 MB answer's
+/// entries are the body itself, held once, rather than the body and then
+/// each entry again beside it while the answer is read.
+#[derive(Clone)]
+pub struct SmsEntry(bytes::Bytes);
+
+impl SmsEntry {
+    /// The entry's JSON text.
+    pub fn get(&self) -> &str {
+        // SAFETY: every constructor takes its bytes from a `&str` (or a
+        // `String`), so they are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+
+    /// The entry `text`, which lies within `whole`, as a slice of `whole`
+    /// (no copy). Panics when it does not lie within it.
+    pub(crate) fn within(whole: &bytes::Bytes, text: &str) -> SmsEntry {
+        SmsEntry(whole.slice_ref(text.as_bytes()))
+    }
+
+    /// An entry of its own from JSON text, which must be one JSON value.
+    pub fn from_json(text: String) -> Result<SmsEntry, serde_json::Error> {
+        serde_json::from_str::<&serde_json::value::RawValue>(&text)?;
+        Ok(SmsEntry(bytes::Bytes::from(text)))
+    }
+}
+
+/// Written as the JSON value it is (through a copy: not for the hot path).
+impl serde::Serialize for SmsEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::value::RawValue::from_string(self.get().to_owned())
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
+
+/// Its length only: an entry holds an SMS body.
+impl std::fmt::Debug for SmsEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SmsEntry({} bytes)", self.0.len())
+    }
+}
 
 /// Credeau's extracted SMS. Each entry is kept whole (unknown fields too).
 /// Holds SMS bodies: never log it, never put it in an error.

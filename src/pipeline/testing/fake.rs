@@ -843,7 +843,9 @@ impl CredeauApi for FakeProvider {
         let mut entry = serde_json::Map::new();
         entry.insert("sender".into(), serde_json::json!("BANK"));
         entry.insert("body".into(), serde_json::json!("x".repeat(self.sms_bytes)));
-        let entry = serde_json::value::to_raw_value(&entry).expect("a map encodes");
+        let entry =
+            crate::providers::SmsEntry::from_json(serde_json::Value::Object(entry).to_string())
+                .expect("a map encodes");
         Ok(CredeauAnswer::Data(SmsExtraction {
             entries: vec![entry],
             cnt_sms_threshold: Some(5000),
