@@ -268,18 +268,17 @@ struct Borrowed<'a> {
     rest: Map<String, Value>,
 }
 
-impl Borrowed<'_> {
-    /// Its entries as slices of `whole`, the bytes it was read from.
-    fn within(self, whole: &Bytes) -> SuccessBody {
-        SuccessBody {
-            extracted_sms_data: self
-                .extracted_sms_data
-                .into_iter()
-                .map(|e| SmsEntry::within(whole, e.get()))
-                .collect(),
-            rest: self.rest,
-        }
-    }
+/// `whole` read as a 2xx body, its entries slices of it.
+fn read_within(whole: &Bytes) -> serde_json::Result<SuccessBody> {
+    let read = serde_json::from_slice::<Borrowed<'_>>(whole)?;
+    Ok(SuccessBody {
+        extracted_sms_data: read
+            .extracted_sms_data
+            .into_iter()
+            .map(|e| SmsEntry::within(whole, e.get()))
+            .collect(),
+        rest: read.rest,
+    })
 }
 
 impl<'de> Deserialize<'de> for Borrowed<'de> {
@@ -351,15 +350,14 @@ enum SuccessRead {
 fn read_success(
     body: &Bytes,
 ) -> Result<(SuccessBody, Option<lenient_json::Repaired>), SuccessRead> {
-    let strict = match serde_json::from_slice::<Borrowed<'_>>(body) {
-        Ok(parsed) => return Ok((parsed.within(body), None)),
+    let strict = match read_within(body) {
+        Ok(parsed) => return Ok((parsed, None)),
         Err(e) => e,
     };
     match lenient_json::repair(body) {
         Ok(mut r) if !r.notes.is_empty() => {
-            let text = Bytes::from(std::mem::take(&mut r.text));
-            match serde_json::from_slice::<Borrowed<'_>>(&text) {
-                Ok(parsed) => Ok((parsed.within(&text), Some(r))),
+            match read_within(&Bytes::from(std::mem::take(&mut r.text))) {
+                Ok(parsed) => Ok((parsed, Some(r))),
                 Err(_) => Err(SuccessRead::Malformed(strict)),
             }
         }
