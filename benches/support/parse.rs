@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use insights_enricher::config::{OutputEncoding, TopicSettings};
+use insights_enricher::config::{OutputEncoding, Settings, TopicSettings};
 use insights_enricher::events::output::OutputEncoder;
 use insights_enricher::providers::{credeau, CredeauAnswer};
 use insights_enricher::simulator::sms::{self, SmsEntry, SmsRequest};
@@ -119,9 +119,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     );
 
     // The SmsExtraction values the service publishes for these answers.
-    let encoder = OutputEncoder::new(OutputEncoding::Json, None, &topics()).await?;
+    let topics = topics()?;
+    let encoder = OutputEncoder::new(OutputEncoding::Json, None, &topics).await?;
     let task = task();
-    let max_bytes = topics().max_message_bytes;
+    let max_bytes = topics.max_message_bytes;
     let answers = shared
         .iter()
         .map(
@@ -237,19 +238,20 @@ fn lz4_frame(src: &[u8], dst: &mut Vec<u8>) -> usize {
     }
 }
 
-fn topics() -> TopicSettings {
-    TopicSettings {
-        input: "users.onboarded".into(),
-        finbox_predictors: "insights.finbox.predictors".into(),
-        sms_extraction: "insights.credeau.sms".into(),
-        combined: "insights.ready".into(),
-        dead_letter: "dlq".into(),
-        delay_prefix: "delay".into(),
-        create: false,
-        partitions: 1,
-        replication_factor: 1,
-        max_message_bytes: 8 * 1024 * 1024,
-    }
+/// The service's default topic settings (the credentials are only there
+/// because a configuration without them does not load).
+fn topics() -> Result<TopicSettings> {
+    let env = [
+        ("INSIGHTS__FINBOX__API_KEY", "bench"),
+        ("INSIGHTS__FINBOX__SERVER_HASH", "bench"),
+        ("INSIGHTS__CREDEAU__CLIENT_ID", "bench"),
+        ("INSIGHTS__CREDEAU__AUTH_TOKEN", "bench"),
+    ];
+    let settings = Settings::load_from(
+        None,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )?;
+    Ok(settings.topics)
 }
 
 fn task() -> Task {
