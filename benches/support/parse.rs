@@ -59,19 +59,19 @@ fn bodies() -> Vec<Vec<u8>> {
 
 /// Runs `decode` over every item, again and again for at least `span`:
 /// megabytes (`bytes` a pass) per CPU-second of this process.
-fn rate<B>(
-    bodies: &[B],
+fn rate<T>(
+    items: &[T],
     bytes: usize,
     span: Duration,
-    mut decode: impl FnMut(&B) -> bool,
+    mut decode: impl FnMut(&T) -> bool,
 ) -> Result<f64> {
     let pid = std::process::id();
     let began = Instant::now();
     let cpu0 = cpu_of(pid)?;
     let mut passes = 0u64;
     while passes == 0 || began.elapsed() < span {
-        for b in bodies {
-            if !decode(b) {
+        for item in items {
+            if !decode(item) {
                 bail!("an item of the mix failed");
             }
         }

@@ -346,18 +346,18 @@ enum SuccessRead {
 
 /// The 2xx body, strictly or else leniently read (see [`lenient_json`]):
 /// Credeau answers the same way every time, so a repairable body is
-/// repaired, not retried.
-fn read_success(
-    body: &Bytes,
-) -> Result<(SuccessBody, Option<lenient_json::Repaired>), SuccessRead> {
+/// repaired, not retried. With the body, what was repaired (`None` when
+/// nothing was).
+fn read_success(body: &Bytes) -> Result<(SuccessBody, Option<String>), SuccessRead> {
     let strict = match read_within(body) {
         Ok(parsed) => return Ok((parsed, None)),
         Err(e) => e,
     };
     match lenient_json::repair(body) {
-        Ok(mut r) if !r.notes.is_empty() => {
-            match read_within(&Bytes::from(std::mem::take(&mut r.text))) {
-                Ok(parsed) => Ok((parsed, Some(r))),
+        Ok(r) if !r.notes.is_empty() => {
+            let summary = r.summary();
+            match read_within(&Bytes::from(r.text)) {
+                Ok(parsed) => Ok((parsed, summary)),
                 Err(_) => Err(SuccessRead::Malformed(strict)),
             }
         }
@@ -426,11 +426,7 @@ pub fn map_answer(
         let (response_json, envelope_problem) = super::envelope_json(&parsed.rest);
         return Ok(CredeauAnswer::Data(SmsExtraction {
             partial: incomplete.is_some(),
-            data_problem: super::join_problems([
-                repaired.and_then(|r| r.summary()),
-                incomplete,
-                envelope_problem,
-            ]),
+            data_problem: super::join_problems([repaired, incomplete, envelope_problem]),
             response_json,
             entries: parsed.extracted_sms_data,
             cnt_sms_threshold: None,
